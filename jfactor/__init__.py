@@ -1,0 +1,32 @@
+"""jfactor: fold linear convolution stacks exactly, and factorize large kernels into small ones.
+
+Importing jfactor switches on ``jax_enable_x64``: exactness is certified in float64.
+jfactor keeps the dtype you give it, so float32 weights and inputs stay float32.
+"""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+from jfactor.errors import ConfigError, FoldError, JFactorError, StackError  # noqa: E402
+from jfactor.fold import Canonical, Certificate, Folded, fold  # noqa: E402
+from jfactor.layers import (  # noqa: E402
+    AvgPool,
+    BatchNorm,
+    Branches,
+    Conv,
+    Identity,
+    Layer,
+    Residual,
+    Subsample,
+    SumPool,
+)
+from jfactor.stack import Stack, apply  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AvgPool", "BatchNorm", "Branches", "Canonical", "Certificate", "ConfigError", "Conv",
+    "FoldError", "Folded", "Identity", "JFactorError", "Layer", "Residual", "Stack",
+    "StackError", "Subsample", "SumPool", "apply", "fold",
+]

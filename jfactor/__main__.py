@@ -1,0 +1,3 @@
+from jfactor.cli import app
+
+app(prog_name="jfactor")

@@ -1,0 +1,159 @@
+"""Validation and normalisation of user-given sizes, paddings and arrays.
+
+Every function takes ``where``, the name of the thing being checked (a layer path
+such as ``layers[2] (conv)``), and raises :class:`~jfactor.errors.StackError` with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfactor.errors import StackError
+
+Padding = str | tuple[tuple[int, int], ...]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def positive_ints(value, name: str, where: str) -> int | tuple[int, ...]:
+    """An int >= 1, or a non-empty sequence of them (returned as a tuple)."""
+    if _is_int(value):
+        if value < 1:
+            raise StackError(f"{where}: {name} must be a positive integer, got {value!r}")
+        return int(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0:
+        if all(_is_int(v) and v >= 1 for v in value):
+            return tuple(int(v) for v in value)
+    raise StackError(
+        f"{where}: {name} must be a positive integer or a list of them, got {value!r}"
+    )
+
+
+def expand(value: int | tuple[int, ...], ndim: int, name: str, where: str) -> tuple[int, ...]:
+    """Broadcast an int to ``ndim`` entries; check a tuple has exactly ``ndim``."""
+    if isinstance(value, int):
+        return (value,) * ndim
+    if len(value) != ndim:
+        raise StackError(
+            f"{where}: {name} {list(value)} has {len(value)} entries for a {ndim}-D input"
+        )
+    return tuple(value)
+
+
+def padding_spec(value, where: str):
+    """Normalise a padding spec: 'valid', 'same', an int, or per-dim ints / (lo, hi) pairs."""
+    if isinstance(value, str):
+        if value.lower() in ("valid", "same"):
+            return value.lower()
+        raise StackError(f"{where}: padding must be 'valid', 'same', an int or per-dim pairs, got {value!r}")
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, Sequence) and len(value) > 0:
+        entries = []
+        for entry in value:
+            if _is_int(entry):
+                entries.append((int(entry), int(entry)))
+            elif (isinstance(entry, Sequence) and len(entry) == 2
+                  and all(_is_int(v) for v in entry)):
+                entries.append((int(entry[0]), int(entry[1])))
+            else:
+                break
+        else:
+            return tuple(entries)
+    raise StackError(
+        f"{where}: padding must be 'valid', 'same', an int, or a list of ints or "
+        f"[low, high] pairs per spatial dim, got {value!r}"
+    )
+
+
+def resolve_padding(
+    padding, in_spatial: tuple[int, ...], extent: tuple[int, ...], strides: tuple[int, ...], where: str
+) -> tuple[tuple[int, int], ...]:
+    """Explicit (low, high) pads per dim; 'same' follows TF/Keras (extra pad goes high)."""
+    ndim = len(in_spatial)
+    if padding == "valid":
+        return ((0, 0),) * ndim
+    if padding == "same":
+        pads = []
+        for n, e, s in zip(in_spatial, extent, strides):
+            total = max((-(-n // s) - 1) * s + e - n, 0)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+    if isinstance(padding, int):
+        return ((padding, padding),) * ndim
+    if len(padding) != ndim:
+        raise StackError(
+            f"{where}: padding {[list(p) for p in padding]} has {len(padding)} entries for a {ndim}-D input"
+        )
+    return tuple(padding)
+
+
+def window_out_spatial(
+    in_spatial: tuple[int, ...],
+    extent: tuple[int, ...],
+    strides: tuple[int, ...],
+    pads: tuple[tuple[int, int], ...],
+    where: str,
+    what: str = "kernel",
+) -> tuple[int, ...]:
+    """Output size of a valid window of ``extent`` sliding with ``strides`` over padded input."""
+    out = []
+    for dim, (n, e, s, (lo, hi)) in enumerate(zip(in_spatial, extent, strides, pads)):
+        padded = n + lo + hi
+        if e > padded:
+            raise StackError(
+                f"{where}: {what} extent {e} is larger than its (padded) input {padded} in "
+                f"spatial dim {dim}; the input is too small for the stack up to this layer"
+            )
+        out.append((padded - e) // s + 1)
+    return tuple(out)
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def as_weight(value, name: str, where: str, ndim: int | None = None) -> jax.Array:
+    """A floating jax array; integer/bool input becomes float64.  Concrete values must be finite."""
+    if value is None:
+        raise StackError(f"{where}: {name} is missing")
+    if isinstance(value, (str, bytes)):
+        raise StackError(f"{where}: {name} must be an array, got the string {value!r}; load files with jfactor.weights.load")
+    try:
+        array = jnp.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise StackError(f"{where}: {name} is not an array: {exc}") from exc
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        if jnp.issubdtype(array.dtype, jnp.complexfloating):
+            raise StackError(f"{where}: {name} is complex; jfactor works with real kernels")
+        array = array.astype(jnp.float64)
+    if ndim is not None and array.ndim != ndim:
+        raise StackError(f"{where}: {name} must have {ndim} dims, got shape {tuple(array.shape)}")
+    if array.size == 0:
+        raise StackError(f"{where}: {name} is empty (shape {tuple(array.shape)})")
+    if is_concrete(array) and not bool(np.isfinite(np.asarray(array)).all()):
+        bad = int((~np.isfinite(np.asarray(array))).sum())
+        raise StackError(f"{where}: {name} has {bad} non-finite value(s) (NaN or inf)")
+    return array
+
+
+def input_shape(value, where: str = "input_shape") -> tuple[int, ...]:
+    """(*spatial, channels) with 1-3+ spatial dims, all positive."""
+    shape = positive_ints(value, "input_shape", where)
+    if isinstance(shape, int) or len(shape) < 2:
+        raise StackError(
+            f"{where}: input_shape must list the spatial sizes then the channels, "
+            f"e.g. [28, 28, 1]; got {value!r}"
+        )
+    return shape
+
+
+def prod(values) -> int:
+    return math.prod(values)

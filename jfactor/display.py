@@ -1,0 +1,59 @@
+"""Terminal summaries (rich tables) of folds."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from jfactor.fold import Folded
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def fold_summary(folded: Folded, console: Console, title: str = "stack") -> None:
+    """Print the layer table, the folded conv, its canonical form, costs and certificate."""
+    table = Table(title=f"{title}: {_shape(folded.input_shape)} -> {_shape(folded.output_shape)}")
+    for column in ("#", "layer", "settings", "in", "out", "params", "MACs"):
+        table.add_column(column, justify="right" if column in ("#", "params", "MACs") else "left")
+    for row in folded.layers:
+        table.add_row(str(row["index"]), row["kind"], row["description"], _shape(row["in_shape"]),
+                      _shape(row["out_shape"]), _count(row["params"]), _count(row["macs"]))
+    console.print(table)
+
+    conv, cert = folded.conv, folded.certificate
+    padding = ", ".join(f"({lo},{hi})" for lo, hi in conv.padding)
+    console.print(
+        f"[bold]folded[/bold]: one conv {_shape(conv.size)}, {conv.in_channels}->{conv.out_channels} channels, "
+        f"stride {_shape(conv.strides)}, padding {padding}, groups {conv.groups}"
+        + (", bias" if conv.bias is not None else "")
+    )
+    console.print(f"receptive field {_shape(folded.receptive_field)}, effective stride {_shape(folded.stride)}, "
+                  f"offset {tuple(folded.offset)}")
+    console.print(f"canonical form: {folded.canonical.describe()} "
+                  f"(max abs diff to the folded conv {folded.canonical.max_abs_diff:.2e})")
+    if folded.exact_region is None:
+        console.print("exact on the whole output")
+    else:
+        box = " x ".join(f"[{a}, {b})" for a, b in folded.exact_region)
+        console.print(
+            f"[yellow]exact only on output region {box}[/yellow]: zero padding between layers makes "
+            f"the folded conv differ outside it (measured max abs diff there "
+            f"{cert.outside_max_abs_diff:.3g})"
+        )
+
+    costs = Table(title="cost per example")
+    for column in ("form", "params", "MACs"):
+        costs.add_column(column, justify="left" if column == "form" else "right")
+    for form in ("stack", "folded", "canonical"):
+        costs.add_row(form, _count(folded.params[form]), _count(folded.macs[form]))
+    console.print(costs)
+    console.print(
+        f"certificate ({cert.dtype}, probe {_shape(cert.probe_shape)}, {cert.positions_checked:,} values): "
+        f"max abs diff {cert.max_abs_diff:.3e}, relative {cert.rel_diff:.3e}"
+    )

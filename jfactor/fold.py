@@ -1,0 +1,334 @@
+"""Fold a stack into one convolution, certify it, and give its canonical form.
+
+``fold(stack)`` returns a :class:`Folded` holding
+
+- ``conv``: one :class:`~jfactor.layers.Conv` (kernel, bias, stride, explicit padding,
+  groups where they survive) with ``Stack([conv]) == stack`` on ``exact_region``;
+- ``exact_region``: None when exact everywhere, else the half-open output box outside
+  which zero padding between layers makes the two differ;
+- ``certificate``: the difference measured in float64 on a random probe;
+- ``canonical``: the same map as stride-1 convolutions dilated by the accumulated
+  stride, then one AvgPool(S) (when every stride comes from a non-overlapping average
+  pool) or Subsample(S);
+- costs: receptive field, stride, offset, params and multiply-adds of all three forms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfactor import analysis
+from jfactor.layers import AvgPool, Conv, Identity, Parallel, Subsample
+from jfactor.ops import Affine, affine_from_conv, compose, concat, pads_for, parallel_sum, regroup
+from jfactor.stack import Stack, apply
+
+
+def fold_program(program, where: str = "layers") -> Affine:
+    """The single affine map of a lowered program (see :mod:`jfactor.layers`)."""
+    result = None
+    for item in program:
+        if isinstance(item, Parallel):
+            parts = [fold_program(branch, where) for branch in item.branches]
+            affine = parallel_sum(parts, where) if item.merge == "sum" else concat(parts, where)
+        else:
+            affine = affine_from_conv(item.kernel, item.bias, strides=item.strides,
+                                      dilation=item.dilation, pads=item.padding, groups=item.groups)
+        result = affine if result is None else compose(result, affine)
+    return result
+
+
+def fold_affine(stack: Stack, dtype=None) -> Affine:
+    """The infinite-grid map of ``stack``, computed in ``dtype`` (default: the stack's).
+
+    One jitted computation per stack structure: repeated folds of one structure with
+    other weights do not compile again.
+    """
+    return _fold_affine(stack, jnp.dtype(dtype or stack.dtype or jnp.float64))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fold_affine(stack: Stack, dtype) -> Affine:
+    result = None
+    for i, (layer, (shape, _)) in enumerate(zip(stack.layers, stack.shapes())):
+        affine = fold_program(layer.lower(shape, dtype), f"layers[{i}] ({layer.kind})")
+        result = affine if result is None else compose(result, affine)
+    return result
+
+
+def conv_from_affine(affine: Affine, in_shape, out_shape, *, bias: bool = True) -> Conv:
+    """The padded, strided, grouped conv equal to ``affine`` between these shapes.
+
+    ``bias=False`` drops the bias (for stacks with no bias anywhere, where it is zero).
+    """
+    pads = pads_for(affine, tuple(in_shape[:-1]), tuple(out_shape[:-1]))
+    kernel = regroup(affine.kernel, affine.groups)
+    return Conv(kernel, affine.bias if bias else None, affine.stride, 1, pads, affine.groups)
+
+
+def has_bias(program) -> bool:
+    """Whether any convolution of a lowered program adds a bias."""
+    for item in program:
+        if isinstance(item, Parallel):
+            if any(has_bias(branch) for branch in item.branches):
+                return True
+        elif item.bias is not None:
+            return True
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """Stack vs folded conv on a random float64 probe of shape ``probe_shape``.
+
+    ``max_abs_diff`` and ``rel_diff`` (max abs diff / max abs output) are measured on
+    the exact region; ``outside_max_abs_diff`` on the rest (None when there is none).
+    """
+
+    max_abs_diff: float
+    rel_diff: float
+    dtype: str
+    probe_shape: tuple[int, ...]
+    positions_checked: int
+    outside_max_abs_diff: float | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Canonical:
+    """Stride-1 convs dilated by the accumulated stride, then ``final`` (AvgPool/Subsample).
+
+    ``stack`` applies it (the first conv carries the folded padding); ``max_abs_diff`` is
+    its measured difference from the folded conv on the certificate's probe.
+    """
+
+    stack: Stack
+    final: str | None
+    stride: tuple[int, ...]
+    max_abs_diff: float
+
+    @property
+    def chain(self) -> tuple[Conv, ...]:
+        return tuple(layer for layer in self.stack.layers if isinstance(layer, Conv))
+
+    def describe(self) -> str:
+        parts = [
+            "x".join(map(str, c.size)) + (f" d{_fmt(c.dilation)}" if any(d > 1 for d in c.dilation) else "")
+            for c in self.chain
+        ]
+        if self.final:
+            parts.append(f"{'AvgPool' if self.final == 'avg_pool' else 'Subsample'}({_fmt(self.stride)})")
+        return " -> ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "chain": [
+                {"kernel_size": list(c.size), "dilation": list(c.dilation), "in_channels": c.in_channels,
+                 "out_channels": c.out_channels, "groups": c.groups}
+                for c in self.chain
+            ],
+            "final": self.final,
+            "stride": list(self.stride),
+            "description": self.describe(),
+            "max_abs_diff": self.max_abs_diff,
+        }
+
+
+def _fmt(values) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Folded:
+    """Result of :func:`fold`; see the module docstring."""
+
+    conv: Conv
+    affine: Affine
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    exact_region: tuple[tuple[int, int], ...] | None
+    certificate: Certificate
+    canonical: Canonical
+    params: dict
+    macs: dict
+    layers: list
+
+    @property
+    def receptive_field(self) -> tuple[int, ...]:
+        return self.affine.size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.affine.stride
+
+    @property
+    def offset(self) -> tuple[int, ...]:
+        """Input position of the kernel's first tap for output 0 (minus the low padding)."""
+        return self.affine.offset
+
+    @property
+    def exact(self) -> bool:
+        return self.exact_region is None
+
+    def to_dict(self) -> dict:
+        conv = self.conv
+        return {
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "kernel_shape": list(conv.kernel.shape),
+            "stride": list(conv.strides),
+            "padding": [list(p) for p in conv.padding],
+            "groups": conv.groups,
+            "receptive_field": list(self.receptive_field),
+            "offset": list(self.offset),
+            "exact_region": None if self.exact_region is None else [list(r) for r in self.exact_region],
+            "exact_everywhere": self.exact,
+            "certificate": self.certificate.to_dict(),
+            "canonical": self.canonical.to_dict(),
+            "params": self.params,
+            "macs": self.macs,
+            "layers": self.layers,
+        }
+
+
+def _probe(shape, seed: int):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float64)
+
+
+def _region_mask(region, out_shape):
+    mask = np.ones(out_shape, bool)
+    if region is not None:
+        mask[...] = False
+        mask[tuple(slice(a, b) for a, b in region) + (slice(None),)] = True
+    return mask
+
+
+@jax.jit
+def _outputs(stacks, x):
+    """Each stack of ``stacks`` applied to ``x`` in float64, in one compiled call."""
+    return [apply(stack.astype(jnp.float64), x) for stack in stacks]
+
+
+def _certificate(y_stack, y_conv, region, probe_shape) -> Certificate:
+    diff = np.abs(y_stack - y_conv)
+    mask = np.broadcast_to(_region_mask(region, y_stack.shape[1:]), y_stack.shape)
+    inside = diff[mask]
+    max_abs = float(inside.max()) if inside.size else 0.0
+    scale = float(np.abs(y_stack[mask]).max()) if inside.size else 0.0
+    outside = diff[~mask]
+    return Certificate(
+        max_abs_diff=max_abs,
+        rel_diff=max_abs / scale if scale > 0 else max_abs,
+        dtype="float64",
+        probe_shape=probe_shape,
+        positions_checked=int(inside.size),
+        outside_max_abs_diff=float(outside.max()) if region is not None and outside.size else None,
+    )
+
+
+def _is_block_pool(layer, ndim: int) -> bool:
+    """A non-overlapping average pool: strides equal to the pool size."""
+    if type(layer) is not AvgPool:
+        return False
+    expand = lambda v: (v,) * ndim if isinstance(v, int) else tuple(v)  # noqa: E731
+    return expand(layer.strides) == expand(layer.pool_size)
+
+
+def _gathers_into_avg_pool(stack: Stack, strides: list[tuple[int, ...]]) -> bool:
+    """True when every stride comes from a non-overlapping average pool (and there is one)."""
+    strided = [layer for layer, stride in zip(stack.layers, strides) if any(s != 1 for s in stride)]
+    return bool(strided) and all(_is_block_pool(layer, stack.ndim) for layer in strided)
+
+
+def canonical_form(stack: Stack, pads, dtype) -> tuple[list, str | None, tuple[int, ...]]:
+    """Elements of the dilated stride-1 chain, the final op and the total stride."""
+    ndim = stack.ndim
+    accumulated = (1,) * ndim
+    elements, strides = [], []
+    for layer, (shape, _) in zip(stack.layers, stack.shapes()):
+        program = layer.lower(shape, dtype)
+        if len(program) == 1 and not isinstance(program[0], Parallel):
+            c = program[0]
+            stride = c.strides
+            dilation = tuple(d * a for d, a in zip(c.dilation, accumulated))
+            element = Conv(c.kernel, c.bias, 1, dilation, "valid", c.groups)
+        else:
+            affine = fold_affine(Stack([layer], shape), dtype)
+            stride = affine.stride
+            element = Conv(regroup(affine.kernel, affine.groups), affine.bias, 1, accumulated, "valid",
+                           affine.groups)
+        strides.append(stride)
+        if not isinstance(layer, (Identity, Subsample)):
+            elements.append((layer, element))
+        accumulated = tuple(a * s for a, s in zip(accumulated, stride))
+    gather = _gathers_into_avg_pool(stack, strides)
+    chain = [c for layer, c in elements if not (gather and _is_block_pool(layer, ndim))]
+    if chain:
+        first = chain[0]
+        chain[0] = Conv(first.kernel, first.bias, 1, first.dilation, pads, first.groups)
+    final = None
+    if gather:
+        final = "avg_pool"
+        chain.append(AvgPool(accumulated))
+    elif any(a != 1 for a in accumulated):
+        final = "subsample"
+        chain.append(Subsample(accumulated))
+    return chain or [Identity()], final, accumulated
+
+
+def _layer_rows(stack: Stack, dtype) -> list[dict]:
+    rows = []
+    for i, (layer, (shape, out)) in enumerate(zip(stack.layers, stack.shapes())):
+        rows.append({
+            "index": i,
+            "kind": layer.kind,
+            "description": layer.describe(),
+            "in_shape": list(shape),
+            "out_shape": list(out),
+            "params": layer.num_params(shape),
+            "macs": analysis.program_macs(layer.lower(shape, dtype), shape[:-1]),
+        })
+    return rows
+
+
+def fold(stack: Stack, *, seed: int = 0, probe_batch: int = 2) -> Folded:
+    """Fold ``stack`` into one convolution; see the module docstring for what comes back.
+
+    The fold runs in the stack's dtype; the certificate re-applies both in float64, so a
+    float32 fold is certified to float32 rounding.
+    """
+    dtype = stack.dtype or jnp.float64
+    affine = fold_affine(stack, dtype)
+    program = stack.lower(dtype)
+    conv = conv_from_affine(affine, stack.input_shape, stack.output_shape, bias=has_bias(program))
+    region = analysis.exact_region(program, stack.input_shape[:-1])
+    chain, final, stride = canonical_form(stack, conv.padding, dtype)
+    canonical_stack = Stack(chain, stack.input_shape)
+    folded_stack = Stack([conv], stack.input_shape)
+    x = _probe((probe_batch,) + stack.input_shape, seed)
+    y_stack, y_conv, y_canonical = map(np.asarray, _outputs([stack, folded_stack, canonical_stack], x))
+    certificate = _certificate(y_stack, y_conv, region, tuple(x.shape))
+    canonical = Canonical(canonical_stack, final, stride, float(np.abs(y_canonical - y_conv).max()))
+
+    spatial = stack.input_shape[:-1]
+    params = {
+        "stack": stack.num_params(),
+        "folded": folded_stack.num_params(),
+        "canonical": canonical_stack.num_params(),
+    }
+    macs = {
+        "stack": analysis.program_macs(program, spatial),
+        "folded": analysis.program_macs(folded_stack.lower(dtype), spatial),
+        "canonical": analysis.program_macs(canonical_stack.lower(dtype), spatial),
+    }
+    return Folded(conv, affine, stack.input_shape, stack.output_shape, region, certificate,
+                  canonical, params, macs, _layer_rows(stack, dtype))
+
+
+__all__ = ["fold", "fold_affine", "fold_program", "Folded", "Certificate", "Canonical"]

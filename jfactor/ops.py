@@ -1,0 +1,191 @@
+"""Convolution on arrays, and the algebra of shift-invariant affine maps.
+
+Conventions (channels-last, cross-correlation, like flax and Keras):
+inputs ``(N, *spatial, C)``, kernels ``(*k, C_in // groups, C_out)``.
+
+An :class:`Affine` is a convolution on the *infinite* grid,
+
+    y[j] = bias + sum_t kernel[t]^T x[stride * j + offset + t],
+
+with a dense ``(*k, C_in, C_out)`` kernel whose dilation is already spelled out.  On
+infinite grids such maps are closed under composition, sums and channel concatenation;
+borders (zero padding between layers) are handled separately in :mod:`jfactor.analysis`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from jfactor._pytree import pytree_dataclass, static
+from jfactor.errors import FoldError
+
+Pads = tuple[tuple[int, int], ...]
+
+
+def dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
+    """Channels-last numbering for ``ndim`` spatial dims: (N, *S, C), (*S, I, O), (N, *S, C)."""
+    spatial = tuple(range(1, ndim + 1))
+    lhs = (0, ndim + 1) + spatial
+    rhs = (ndim + 1, ndim) + tuple(range(ndim))
+    return lax.ConvDimensionNumbers(lhs, rhs, lhs)
+
+
+def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
+    """Apply one convolution: ``x`` (N, *S, C_in), ``kernel`` (*k, C_in/g, C_out) -> (N, *S', C_out)."""
+    ndim = kernel.ndim - 2
+    y = lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=tuple(strides),
+        padding=tuple(pads),
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=dimension_numbers(ndim),
+        feature_group_count=groups,
+        precision=lax.Precision.HIGHEST,
+    )
+    return y if bias is None else y + bias
+
+
+def dilate(kernel, dilation: tuple[int, ...]):
+    """Insert ``d - 1`` zeros between taps along each spatial axis: (*k, I, O) -> (*((k-1)d+1), I, O).
+
+    Uses interior padding; a stride-1 scatter followed by a reverse aborts XLA (DESIGN.md 5).
+    """
+    config = [(0, 0, d - 1) for d in dilation] + [(0, 0, 0), (0, 0, 0)]
+    return lax.pad(kernel, jnp.zeros((), kernel.dtype), config)
+
+
+def ungroup(kernel, groups: int):
+    """Grouped kernel (*k, C_in/g, C_out) -> block-diagonal dense kernel (*k, C_in, C_out)."""
+    if groups == 1:
+        return kernel
+    *k, cin_g, cout = kernel.shape
+    cout_g = cout // groups
+    blocks = kernel.reshape(*k, cin_g, groups, cout_g)
+    eye = jnp.eye(groups, dtype=kernel.dtype)
+    dense = jnp.einsum("...igo,hg->...higo", blocks, eye)
+    return dense.reshape(*k, groups * cin_g, cout)
+
+
+def regroup(dense, groups: int):
+    """Diagonal blocks of a dense kernel (*k, C_in, C_out) -> grouped kernel (*k, C_in/g, C_out)."""
+    if groups == 1:
+        return dense
+    *k, cin, cout = dense.shape
+    nd = len(k)
+    blocks = dense.reshape(*k, groups, cin // groups, groups, cout // groups)
+    diagonal = jnp.diagonal(blocks, axis1=nd, axis2=nd + 2)  # (*k, ci, co, g)
+    return jnp.moveaxis(diagonal, -1, -2).reshape(*k, cin // groups, cout)
+
+
+def full_conv(a, b, step: tuple[int, ...]):
+    """Kernel of "apply ``a`` then ``b``" when ``a`` has stride ``step``.
+
+    ``a`` (*ka, I, M), ``b`` (*kb, M, O) -> (*(ka + step (kb - 1)), I, O) with
+    ``out[u] = sum_{ta + step * tb = u} a[ta] @ b[tb]`` (full convolution, ``b`` dilated).
+    """
+    ndim = a.ndim - 2
+    lhs = jnp.moveaxis(a, -2, 0)  # (I, *ka, M): batch I, features M
+    rhs = lax.rev(b, tuple(range(ndim)))
+    pads = tuple((s * (kb - 1), s * (kb - 1)) for s, kb in zip(step, b.shape[:ndim]))
+    out = conv(lhs, rhs, strides=(1,) * ndim, dilation=step, pads=pads, groups=1)
+    return jnp.moveaxis(out, 0, -2)
+
+
+@pytree_dataclass
+class Affine:
+    """``y[j] = bias + sum_t kernel[t]^T x[stride * j + offset + t]`` on the infinite grid.
+
+    Attributes:
+      kernel: dense (*k, C_in, C_out), dilation spelled out.
+      bias: (C_out,).
+      stride, offset: per spatial dim (offset is minus the low padding).
+      groups: block-diagonal structure the kernel is known to have, by construction.
+    """
+
+    kernel: jnp.ndarray
+    bias: jnp.ndarray
+    stride: tuple[int, ...] = static()
+    offset: tuple[int, ...] = static()
+    groups: int = static(default=1)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.stride)
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return tuple(self.kernel.shape[: self.ndim])
+
+
+def affine_from_conv(kernel, bias, *, strides, dilation, pads: Pads, groups: int) -> Affine:
+    """The infinite-grid map of one padded, strided, dilated, grouped convolution."""
+    dense = ungroup(dilate(kernel, tuple(dilation)), groups)
+    if bias is None:
+        bias = jnp.zeros(dense.shape[-1], dense.dtype)
+    return Affine(dense, bias, tuple(strides), tuple(-lo for lo, _ in pads), groups)
+
+
+def compose(first: Affine, second: Affine) -> Affine:
+    """The single map equal to applying ``first`` then ``second``."""
+    step = first.stride
+    kernel = full_conv(first.kernel, second.kernel, step)
+    taps = tuple(range(second.ndim))
+    bias = second.bias + jnp.einsum("mo,m->o", second.kernel.sum(axis=taps), first.bias)
+    stride = tuple(a * b for a, b in zip(first.stride, second.stride))
+    offset = tuple(o1 + s1 * o2 for o1, s1, o2 in zip(first.offset, first.stride, second.offset))
+    return Affine(kernel, bias, stride, offset, math.gcd(first.groups, second.groups))
+
+
+def _aligned_kernels(affines: list[Affine], where: str):
+    """Pad kernels onto a common window; returns (kernels, offset)."""
+    strides = {a.stride for a in affines}
+    if len(strides) > 1:
+        raise FoldError(
+            f"{where}: the branches have different effective strides {sorted(strides)}; "
+            "their merge is not shift-invariant, so it is not one convolution"
+        )
+    ndim = affines[0].ndim
+    start = tuple(min(a.offset[d] for a in affines) for d in range(ndim))
+    stop = tuple(max(a.offset[d] + a.size[d] for a in affines) for d in range(ndim))
+    kernels = []
+    for a in affines:
+        pads = [(a.offset[d] - start[d], stop[d] - a.offset[d] - a.size[d]) for d in range(ndim)]
+        kernels.append(jnp.pad(a.kernel, pads + [(0, 0), (0, 0)]))
+    return kernels, start
+
+
+def parallel_sum(affines: list[Affine], where: str = "branches") -> Affine:
+    """The map ``x -> sum_i affines[i](x)``; all must share stride and channels."""
+    kernels, offset = _aligned_kernels(affines, where)
+    bias = sum(a.bias for a in affines[1:]) + affines[0].bias
+    groups = math.gcd(*(a.groups for a in affines))
+    return Affine(sum(kernels[1:]) + kernels[0], bias, affines[0].stride, offset, groups)
+
+
+def concat(affines: list[Affine], where: str = "branches") -> Affine:
+    """The map ``x -> concat_i affines[i](x)`` along output channels."""
+    kernels, offset = _aligned_kernels(affines, where)
+    groups = affines[0].groups if len(affines) == 1 else 1
+    return Affine(
+        jnp.concatenate(kernels, axis=-1),
+        jnp.concatenate([a.bias for a in affines]),
+        affines[0].stride,
+        offset,
+        groups,
+    )
+
+
+def pads_for(affine: Affine, in_spatial: tuple[int, ...], out_spatial: tuple[int, ...]) -> Pads:
+    """(low, high) pads that make ``affine`` produce exactly ``out_spatial`` from ``in_spatial``."""
+    pads = []
+    for n, m, k, s, o in zip(in_spatial, out_spatial, affine.size, affine.stride, affine.offset):
+        low = -o
+        high = (m - 1) * s + k - n - low  # smallest high pad giving m outputs
+        if high < 0 <= high + s - 1:
+            high = 0
+        pads.append((low, high))
+    return tuple(pads)

@@ -1,0 +1,88 @@
+"""Output directories that are never overwritten, and files written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jfactor.errors import ConfigError
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+
+
+def writable_dir(path) -> Path:
+    """Create ``path`` (and parents); a clear :class:`ConfigError` if that is impossible."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise ConfigError(f"{path}: output directory is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+def new_run_dir(root, name: str) -> Path:
+    """A fresh ``root/<YYYYmmdd-HHMMSS>-<name>[-k]`` directory; existing ones are never reused."""
+    root = writable_dir(root)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(name)}"
+    for k in range(1, 10_000):
+        path = root / (stem if k == 1 else f"{stem}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{root}: cannot find a free run directory name for {stem}")
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temp file + rename)."""
+    return _atomic(path, lambda h: h.write(text.encode()))
+
+
+def write_json(path, data) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_npy(path, array) -> Path:
+    return _atomic(path, lambda h: np.save(h, np.asarray(array), allow_pickle=False))
+
+
+def write_npz(path, **arrays) -> Path:
+    return _atomic(path, lambda h: np.savez(h, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (np.ndarray,)):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

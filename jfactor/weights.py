@@ -1,0 +1,59 @@
+"""Weights from files and seeded initialisers (numpy, float64).
+
+``randint`` follows numpy's ``integers(low, high)`` (high exclusive), so the seed's
+``np.random.randint(0, 2, ...)`` and ``randint(-4, 5, ...)`` are
+``initialize("randint", shape, low=0, high=2)`` and ``low=-4, high=5``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from jfactor.errors import ConfigError
+
+INITS = ("normal", "uniform", "randint", "zeros", "ones")
+
+
+def initialize(init: str, shape, *, seed: int = 0, mean: float = 0.0, std: float = 1.0,
+               low: float | None = None, high: float | None = None) -> np.ndarray:
+    """A float64 array of ``shape`` drawn by ``init`` from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    if init == "normal":
+        return rng.normal(mean, std, shape)
+    if init == "uniform":
+        return rng.uniform(-1.0 if low is None else low, 1.0 if high is None else high, shape)
+    if init == "randint":
+        low, high = (0 if low is None else int(low)), (2 if high is None else int(high))
+        if high <= low:
+            raise ConfigError(f"randint needs high > low, got low={low}, high={high}")
+        return rng.integers(low, high, shape).astype(np.float64)
+    if init == "zeros":
+        return np.zeros(shape)
+    if init == "ones":
+        return np.ones(shape)
+    raise ConfigError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
+
+
+def load(path, key: str | None = None) -> np.ndarray:
+    """An array from ``.npy``, or from ``.npz`` (``key`` required when it holds several)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: weight file not found")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read as .npy/.npz: {exc}") from exc
+    if isinstance(data, np.lib.npyio.NpzFile):
+        names = list(data.files)
+        if key is None and len(names) == 1:
+            key = names[0]
+        if key not in names:
+            raise ConfigError(f"{path}: needs a key, one of {names}" if key is None
+                              else f"{path}: has no array {key!r}; it holds {names}")
+        return np.asarray(data[key])
+    if key is not None:
+        raise ConfigError(f"{path}: a .npy file holds one array; drop key {key!r}")
+    return np.asarray(data)

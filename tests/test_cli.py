@@ -1,0 +1,72 @@
+"""`jfactor fold`: files, JSON contract and errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+import jfactor as jf
+from jfactor.cli import app
+from jfactor.stack_config import load_stack
+
+ROOT = Path(__file__).parent.parent
+runner = CliRunner()
+
+
+def test_fold_writes_kernel_bias_and_summary(tmp_path):
+    config = ROOT / "configs" / "seed" / "section5_conv_pool_conv.yaml"
+    result = runner.invoke(app, ["fold", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "folded: one conv 8x8" in result.output and "3x3 -> 3x3 d2 -> AvgPool(2)" in result.output
+    out = tmp_path / "out"
+    kernel = np.load(out / "kernel.npy")
+    expected = jf.fold(load_stack(config)).conv.kernel
+    np.testing.assert_array_equal(kernel, expected)
+    assert np.load(out / "bias.npy").shape == (1,)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("kernel_shape", "stride", "padding", "groups", "receptive_field", "exact_region", "certificate"):
+        assert key in summary
+    assert summary["kernel_shape"] == [8, 8, 1, 1] and summary["stride"] == [2, 2]
+    assert summary["exact_region"] is None
+    assert set(summary["certificate"]) >= {"max_abs_diff", "rel_diff", "dtype"}
+    assert summary["certificate"]["dtype"] == "float64"
+
+
+def test_fold_json_prints_the_same_json(tmp_path):
+    config = ROOT / "configs" / "seed" / "section4_avgpool.yaml"
+    result = runner.invoke(app, ["fold", str(config), "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_fold_reports_the_exact_region(tmp_path):
+    config = tmp_path / "padded.yaml"
+    config.write_text("input_shape: [10, 10, 1]\nlayers:\n"
+                      "  - conv: {kernel_size: 3, filters: 1, padding: same}\n"
+                      "  - conv: {kernel_size: 3, filters: 1, padding: same}\n")
+    result = runner.invoke(app, ["fold", str(config), "--out", str(tmp_path / "o"), "--json"])
+    summary = json.loads(result.stdout)
+    assert summary["exact_region"] == [[1, 9], [1, 9]]
+    assert summary["certificate"]["outside_max_abs_diff"] > 0
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("input_shape: [8, 8, 1]\nlayers:\n  - conv: {kernal_size: 3}\n")
+    result = subprocess.run([sys.executable, "-m", "jfactor", "fold", str(config), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "did you mean 'kernel_size'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = ROOT / "configs" / "seed" / "section4_avgpool.yaml"
+    result = runner.invoke(app, ["fold", str(config), "--out", str(blocker / "sub")])
+    assert result.exit_code == 2

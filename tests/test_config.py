@@ -1,0 +1,96 @@
+"""Stack configs: files relative to the config, initialisers, nested layers."""
+
+import numpy as np
+import pytest
+import yaml
+
+import jfactor as jf
+from jfactor import weights
+from jfactor.stack_config import load_stack
+from tests import reference
+
+
+def _write(tmp_path, config, name="stack.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_weights_from_npy_and_npz_relative_to_the_config(tmp_path):
+    rng = np.random.default_rng(0)
+    k1, k2, b2 = rng.normal(size=(3, 3, 2, 4)), rng.normal(size=(2, 2, 4, 1)), rng.normal(size=1)
+    (tmp_path / "w").mkdir()
+    np.save(tmp_path / "w" / "k1.npy", k1)
+    np.savez(tmp_path / "w" / "more.npz", kernel=k2, bias=b2)
+    path = _write(tmp_path, {
+        "input_shape": [9, 9, 2],
+        "layers": [
+            {"conv": {"weights": "w/k1.npy", "kernel_size": 3, "filters": 4}},
+            {"avg_pool": {"pool_size": 2}},
+            {"conv": {"weights": {"file": "w/more.npz", "key": "kernel"},
+                      "bias": {"file": "w/more.npz", "key": "bias"}}},
+        ],
+    })
+    stack = load_stack(path)
+    np.testing.assert_array_equal(stack.layers[0].kernel, k1)
+    np.testing.assert_array_equal(stack.layers[2].bias, b2)
+    x = rng.normal(size=(1, 9, 9, 2))
+    np.testing.assert_allclose(stack(x), reference.apply_stack(stack, x), rtol=1e-12)
+
+
+def test_initialisers_are_seeded_and_follow_numpy():
+    a = weights.initialize("randint", (3, 3), seed=7, low=-4, high=5)
+    assert a.min() >= -4 and a.max() <= 4 and a.dtype == np.float64
+    np.testing.assert_array_equal(a, np.random.default_rng(7).integers(-4, 5, (3, 3)))
+    np.testing.assert_array_equal(weights.initialize("normal", (4,), seed=1, std=2.0),
+                                  np.random.default_rng(1).normal(0.0, 2.0, (4,)))
+    u = weights.initialize("uniform", (1000,), seed=2, low=0.0, high=0.5)
+    assert 0 <= u.min() and u.max() < 0.5
+
+
+def test_config_dtype_nesting_and_defaults(tmp_path):
+    path = _write(tmp_path, {
+        "input_shape": [12, 12, 2],
+        "dtype": "float32",
+        "layers": [
+            {"conv": {"kernel_size": [3, 2], "filters": 2, "padding": "same", "use_bias": True}},
+            "identity",
+            {"residual": {"layers": [{"conv": {"kernel_size": 3, "filters": 2, "padding": "same", "groups": 2}},
+                                     {"batch_norm": {"var": [2.0, 3.0], "epsilon": 0.0}}]}},
+            {"branches": {"merge": "concat", "layers": [[{"sum_pool": {"pool_size": 2}}],
+                                                        [{"subsample": {"strides": 2}}]]}},
+        ],
+    })
+    stack = load_stack(path)
+    assert stack.dtype == np.float32
+    assert stack.output_shape == (6, 6, 4)
+    np.testing.assert_array_equal(stack.layers[0].bias, [0.0, 0.0])
+    assert stack.layers[2].layers[1].epsilon == 0.0
+    again = load_stack(path)
+    np.testing.assert_array_equal(again.layers[0].kernel, stack.layers[0].kernel)  # seeded defaults
+    assert not np.array_equal(stack.layers[0].kernel, stack.layers[2].layers[0].kernel[..., :1, :])
+
+
+def test_spatial_only_kernels_are_single_channel(tmp_path):
+    path = _write(tmp_path, {"input_shape": [5, 1], "layers": [{"conv": {"weights": [1, 2, 3]}}]})
+    stack = load_stack(path)
+    assert stack.layers[0].kernel.shape == (3, 1, 1)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(jf.ConfigError, match=r"nope\.yaml: config file not found"):
+        load_stack(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layers: [conv: {")
+    with pytest.raises(jf.ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_stack(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- conv: {}")
+    with pytest.raises(jf.ConfigError, match=r"list\.yaml: the top level must be a mapping"):
+        load_stack(listing)
+    np.savez(tmp_path / "two.npz", a=np.ones(1), b=np.ones(1))
+    with pytest.raises(jf.ConfigError, match=r"two\.npz: needs a key, one of \['a', 'b'\]"):
+        weights.load(tmp_path / "two.npz")
+    (tmp_path / "junk.npy").write_text("not an array")
+    with pytest.raises(jf.ConfigError, match=r"junk\.npy: cannot read"):
+        weights.load(tmp_path / "junk.npy")

@@ -1,0 +1,138 @@
+"""Folding is exact against an independent numpy reference, over random stacks."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+import jfactor as jf
+from tests import reference
+from tests.strategies import stacks
+
+
+def _probe(stack, seed=1):
+    return np.random.default_rng(seed).standard_normal((2,) + stack.input_shape)
+
+
+def _region_mask(region, shape):
+    if region is None:
+        return np.ones(shape, bool)
+    mask = np.zeros(shape, bool)
+    mask[tuple(slice(a, b) for a, b in region)] = True
+    return mask
+
+
+def _folded_reference(folded, x):
+    c = folded.conv
+    return reference.conv(x, np.asarray(c.kernel), None if c.bias is None else np.asarray(c.bias),
+                          c.strides, c.dilation, c.padding, c.groups)
+
+
+@given(stacks())
+def test_fold_and_canonical_form_equal_the_stack_on_the_exact_region(stack):
+    folded = jf.fold(stack)
+    x = _probe(stack)
+    y_stack = reference.apply_stack(stack, x)
+    y_fold = _folded_reference(folded, x)
+    assert y_fold.shape == y_stack.shape == (2,) + stack.output_shape
+    mask = _region_mask(folded.exact_region, y_stack.shape[1:-1])
+    inside = np.abs(y_fold - y_stack)[:, mask]
+    scale = max(np.abs(y_stack).max(), 1.0)
+    assert inside.size == 0 or inside.max() <= 1e-10 * scale
+    assert folded.certificate.rel_diff <= 1e-10
+    assert folded.certificate.positions_checked == 2 * mask.sum() * stack.output_shape[-1]
+
+    canonical = folded.canonical
+    y_canonical = reference.apply_stack(canonical.stack, x)
+    assert np.abs(y_canonical - y_fold).max() <= 1e-10 * max(np.abs(y_fold).max(), 1.0)
+    assert all(conv.strides == (1,) * stack.ndim for conv in canonical.chain)
+    assert canonical.stride == folded.stride
+
+
+@given(stacks(padding_kinds=("valid", "same")))
+def test_exact_region_is_tight_for_valid_and_same_padding(stack):
+    """Outside the reported box, every position really differs (random weights)."""
+    folded = jf.fold(stack)
+    if folded.exact_region is None:
+        return
+    x = _probe(stack)
+    diff = np.abs(_folded_reference(folded, x) - reference.apply_stack(stack, x)).max(axis=(0, -1))
+    mask = _region_mask(folded.exact_region, diff.shape)
+    # positions whose reads of padding hit non-zero virtual values differ generically
+    outside = diff[~mask]
+    assert outside.size == 0 or outside.min() > 1e-9 * max(1.0, np.abs(diff).max()) or folded_has_holes(folded, diff)
+
+
+def folded_has_holes(folded, diff):
+    """Dilated reads can skip a bad border position, leaving exact islands outside the box."""
+    return any(c.dilation != (1,) * len(c.dilation) for c in folded.canonical.chain)
+
+
+@given(stacks(padding_kinds=("valid",), allow_nested=False))
+def test_valid_stacks_fold_exactly_everywhere(stack):
+    folded = jf.fold(stack)
+    assert folded.exact_region is None
+    assert folded.certificate.outside_max_abs_diff is None
+
+
+@given(stacks(ndims=(2,), max_layers=3))
+def test_float32_fold_is_certified_to_float32_rounding(stack):
+    folded = jf.fold(stack.astype(np.float32))
+    if stack.dtype is not None:  # a stack of pools alone has no weights to cast
+        assert folded.conv.kernel.dtype == np.float32
+    assert folded.certificate.dtype == "float64"
+    assert folded.certificate.rel_diff < 1e-4
+
+
+def test_depthwise_after_depthwise_stays_depthwise():
+    rng = np.random.default_rng(0)
+    stack = jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 4)), groups=4),
+                      jf.Conv(rng.normal(size=(5, 5, 1, 4)), groups=4, dilation=2)], (20, 20, 4))
+    folded = jf.fold(stack)
+    assert folded.conv.groups == 4
+    assert folded.conv.kernel.shape == (11, 11, 1, 4)
+
+
+def test_groups_compose_to_their_gcd():
+    rng = np.random.default_rng(0)
+    stack = jf.Stack([jf.Conv(rng.normal(size=(3, 1, 12)), groups=4),
+                      jf.Conv(rng.normal(size=(3, 2, 6)), groups=6)], (16, 4))
+    folded = jf.fold(stack)
+    assert folded.conv.groups == 2
+    x = _probe(stack)
+    np.testing.assert_allclose(_folded_reference(folded, x), reference.apply_stack(stack, x), atol=1e-12)
+
+
+def test_bias_free_stack_folds_to_bias_free_conv():
+    stack = jf.Stack([jf.Conv(np.ones((3, 3, 1, 1))), jf.AvgPool(2)], (10, 10, 1))
+    assert jf.fold(stack).conv.bias is None
+    with_bias = jf.Stack([jf.Conv(np.ones((3, 3, 1, 1)), np.ones(1)), jf.AvgPool(2)], (10, 10, 1))
+    np.testing.assert_allclose(jf.fold(with_bias).conv.bias, [1.0])
+
+
+def test_padding_between_layers_reports_region_and_difference():
+    rng = np.random.default_rng(3)
+    stack = jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 1)), padding="same"),
+                      jf.Conv(rng.normal(size=(3, 3, 1, 1)), padding="same")], (12, 12, 1))
+    folded = jf.fold(stack)
+    assert folded.exact_region == ((1, 11), (1, 11))
+    assert folded.certificate.max_abs_diff < 1e-12
+    assert folded.certificate.outside_max_abs_diff > 1e-3
+
+
+def test_padding_beyond_the_virtual_support_is_harmless():
+    """A pool's response to zero-extended input is zero left of it, so 'same' after it is exact there."""
+    rng = np.random.default_rng(4)
+    stack = jf.Stack([jf.AvgPool(2), jf.Conv(rng.normal(size=(3, 1, 1)), padding="same")], (16, 1))
+    folded = jf.fold(stack)
+    assert folded.exact_region is None  # 16 is even: the right side is zero too
+    odd = jf.fold(stack.with_input_shape((17, 1)))
+    assert odd.exact_region == ((0, 7),)
+
+
+def test_branches_with_different_strides_do_not_fold():
+    rng = np.random.default_rng(0)
+    stack = jf.Stack([jf.Branches([[jf.Conv(rng.normal(size=(2, 1, 1)), strides=2)],
+                                   [jf.Conv(rng.normal(size=(5, 1, 1)))]])], (8, 1))
+    assert stack.output_shape == (4, 1)
+    with pytest.raises(jf.FoldError, match=r"layers\[0\] \(branches\).*different effective strides"):
+        jf.fold(stack)
