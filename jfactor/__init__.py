@@ -21,12 +21,24 @@ from jfactor.layers import (  # noqa: E402
     Subsample,
     SumPool,
 )
+from jfactor.keras import load_any, parse_keras, parse_keras_blocks  # noqa: E402
 from jfactor.stack import Stack, apply  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    """``from_nnx`` and ``to_nnx`` load flax only when first used."""
+    if name in ("from_nnx", "to_nnx"):
+        from jfactor import nnx
+
+        return getattr(nnx, name)
+    raise AttributeError(f"module 'jfactor' has no attribute {name!r}")
+
+
 __all__ = [
     "AvgPool", "BatchNorm", "Branches", "Canonical", "Certificate", "ConfigError", "Conv",
     "FoldError", "Folded", "Identity", "JFactorError", "Layer", "Residual", "Stack",
-    "StackError", "Subsample", "SumPool", "apply", "fold",
+    "StackError", "Subsample", "SumPool", "apply", "fold", "from_nnx", "load_any", "parse_keras",
+    "parse_keras_blocks", "to_nnx",
 ]

@@ -29,7 +29,7 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def fold(
-    config: Annotated[Path, typer.Argument(help="stack config (YAML)")],
+    config: Annotated[Path, typer.Argument(help="stack config (YAML), or Keras lines (.txt/.py)")],
     out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON summary only")] = False,
 ) -> None:
@@ -37,7 +37,7 @@ def fold(
     from jfactor import rundir
     from jfactor.display import fold_summary
     from jfactor.fold import fold as fold_stack
-    from jfactor.stack_config import load_stack
+    from jfactor.keras import load_any as load_stack
 
     try:
         stack = load_stack(config)

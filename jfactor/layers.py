@@ -338,8 +338,9 @@ class BatchNorm(Layer):
 
     def lower(self, in_shape: Shape, dtype) -> tuple:
         ndim = len(in_shape) - 1
-        scale = (self.gamma / jnp.sqrt(self.var + self.epsilon)).astype(dtype)
-        shift = (self.beta - self.mean * scale).astype(dtype)
+        gamma, beta, mean, var = (a.astype(dtype) for a in (self.gamma, self.beta, self.mean, self.var))
+        scale = gamma / jnp.sqrt(var + self.epsilon)
+        shift = beta - mean * scale
         kernel = scale.reshape((1,) * ndim + (1, self.channels))
         return (Conv(kernel, shift, (1,) * ndim, (1,) * ndim, ((0, 0),) * ndim, self.channels),)
 
