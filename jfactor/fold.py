@@ -28,18 +28,32 @@ from jfactor.ops import Affine, affine_from_conv, compose, concat, pads_for, par
 from jfactor.stack import Stack, apply
 
 
-def fold_program(program, where: str = "layers") -> Affine:
-    """The single affine map of a lowered program (see :mod:`jfactor.layers`)."""
+def fold_program(program, where: str = "layers", *, compose_fn=compose, lift=lambda f: f) -> Affine:
+    """The single affine map of a lowered program (see :mod:`jfactor.layers`).
+
+    ``compose_fn`` and ``lift`` let :mod:`jfactor.batch` reuse this walk for weights with a
+    batch axis: ``lift=jax.vmap`` maps the per-item rules, ``compose_fn`` is a batched
+    composition.
+    """
     result = None
     for item in program:
         if isinstance(item, Parallel):
-            parts = [fold_program(branch, where) for branch in item.branches]
-            affine = parallel_sum(parts, where) if item.merge == "sum" else concat(parts, where)
+            parts = [fold_program(branch, where, compose_fn=compose_fn, lift=lift) for branch in item.branches]
+            merge = parallel_sum if item.merge == "sum" else concat
+            affine = lift(functools.partial(merge, where=where))(parts)
         else:
-            affine = affine_from_conv(item.kernel, item.bias, strides=item.strides,
-                                      dilation=item.dilation, pads=item.padding, groups=item.groups)
-        result = affine if result is None else compose(result, affine)
+            leaf = functools.partial(affine_from_conv, strides=item.strides, dilation=item.dilation,
+                                     pads=item.padding, groups=item.groups)
+            affine = lift(leaf)(item.kernel, item.bias)
+        result = affine if result is None else compose_fn(result, affine)
     return result
+
+
+def fold_layers(layers, programs, *, compose_fn=compose, lift=lambda f: f) -> Affine:
+    """Compose the folded programs of top-level ``layers``; errors name ``layers[i] (kind)``."""
+    parts = [fold_program(program, f"layers[{i}] ({layer.kind})", compose_fn=compose_fn, lift=lift)
+             for i, (layer, program) in enumerate(zip(layers, programs))]
+    return functools.reduce(compose_fn, parts)
 
 
 def fold_affine(stack: Stack, dtype=None) -> Affine:
@@ -53,11 +67,8 @@ def fold_affine(stack: Stack, dtype=None) -> Affine:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _fold_affine(stack: Stack, dtype) -> Affine:
-    result = None
-    for i, (layer, (shape, _)) in enumerate(zip(stack.layers, stack.shapes())):
-        affine = fold_program(layer.lower(shape, dtype), f"layers[{i}] ({layer.kind})")
-        result = affine if result is None else compose(result, affine)
-    return result
+    programs = [layer.lower(shape, dtype) for layer, (shape, _) in zip(stack.layers, stack.shapes())]
+    return fold_layers(stack.layers, programs)
 
 
 def conv_from_affine(affine: Affine, in_shape, out_shape, *, bias: bool = True) -> Conv:

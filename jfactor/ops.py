@@ -50,11 +50,14 @@ def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
 
 
 def dilate(kernel, dilation: tuple[int, ...]):
-    """Insert ``d - 1`` zeros between taps along each spatial axis: (*k, I, O) -> (*((k-1)d+1), I, O).
+    """Insert ``d - 1`` zeros between taps along each spatial axis.
 
-    Uses interior padding; a stride-1 scatter followed by a reverse aborts XLA (DESIGN.md 5).
+    (..., *k, I, O) -> (..., *((k-1)d+1), I, O): the ``len(dilation)`` axes before the last
+    two are spatial, any before them are batch axes.  Uses interior padding; a stride-1
+    scatter followed by a reverse aborts XLA (DESIGN.md 5).
     """
-    config = [(0, 0, d - 1) for d in dilation] + [(0, 0, 0), (0, 0, 0)]
+    batch = kernel.ndim - len(dilation) - 2
+    config = [(0, 0, 0)] * batch + [(0, 0, d - 1) for d in dilation] + [(0, 0, 0), (0, 0, 0)]
     return lax.pad(kernel, jnp.zeros((), kernel.dtype), config)
 
 
@@ -131,8 +134,15 @@ def affine_from_conv(kernel, bias, *, strides, dilation, pads: Pads, groups: int
 
 def compose(first: Affine, second: Affine) -> Affine:
     """The single map equal to applying ``first`` then ``second``."""
-    step = first.stride
-    kernel = full_conv(first.kernel, second.kernel, step)
+    return composed_affine(first, second, full_conv(first.kernel, second.kernel, first.stride))
+
+
+def composed_affine(first: Affine, second: Affine, kernel) -> Affine:
+    """``first`` then ``second``, given the composed ``kernel`` (``full_conv`` of theirs).
+
+    Lets another kernel formulation (batched, FFT; :mod:`jfactor.batch`) reuse the
+    bias, stride, offset and groups rules of :func:`compose`.
+    """
     taps = tuple(range(second.ndim))
     bias = second.bias + jnp.einsum("mo,m->o", second.kernel.sum(axis=taps), first.bias)
     stride = tuple(a * b for a, b in zip(first.stride, second.stride))

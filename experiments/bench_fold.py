@@ -1,0 +1,386 @@
+"""Benchmark batched folding (jfactor.batch.fold_batch) against the seed's scipy loop.
+
+    python experiments/bench_fold.py --n 10000             # readable table
+    python experiments/bench_fold.py --n 10000 --json      # one JSON object
+    python experiments/bench_fold.py --sweep 1000,10000,100000 --out experiments/results/bench_fold.json
+    python experiments/bench_fold.py --n 8 --tiny --json   # smoke run (a few seconds)
+    python experiments/bench_fold.py --n 10000 --devices 2  # CPU split in 2 XLA devices, batch sharded
+    python experiments/bench_fold.py --crossover           # the timings behind method="auto"
+
+Workload: configs/seed/section8_avgpool.yaml (five 3x3 convs, four 2x2 average pools ->
+one 78x78 conv, stride 16) with N sets of random normal float64 weights, folded in one
+jitted call.  Baseline, in the same run: the seed's route, a Python loop composing each
+stack's kernels with ``scipy.signal.convolve2d`` (each pool then conv becomes the conv
+kernel repeated 2x2 by ``np.repeat`` and dilated by the stride so far, divided by 4),
+timed on the first ``--baseline-n`` stacks and reported per item.
+
+Reported: warm throughput (best of ``--repeats`` calls) apart from the first call's compile
+time; the fold's peak memory (max RSS during the fold calls minus RSS before them; each
+``--sweep`` point runs in a fresh process); max abs difference to the baseline's kernels;
+and the machine bound: streaming copy bandwidth and matmul FLOP rate measured here, the
+bytes and FLOPs per item of the formulations ``method`` picks (ideal: each operand read
+once and each result written once), and the achieved fraction of that bound and of the
+one with the bytes the implementation actually streams (see ``cost``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.signal
+
+import jfactor  # noqa: F401  (float64 on)
+from jfactor import batch
+from jfactor.layers import Parallel
+from jfactor.stack_config import load_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "seed" / "section8_avgpool.yaml"
+BYTES = 8  # float64
+
+
+# -- workload and baseline --------------------------------------------------------------
+
+
+def workload(n: int, seed: int = 0):
+    """The section-8 structure and a batch of ``n`` random-weight copies (leaves (n, ...))."""
+    structure = load_stack(CONFIG)
+    rng = np.random.default_rng(seed)
+    stacks = jax.tree.map(lambda w: jnp.asarray(rng.standard_normal((n,) + w.shape)), structure)
+    return structure, stacks
+
+
+def _dilate2d(kernel: np.ndarray, step: int) -> np.ndarray:
+    out = np.zeros(((kernel.shape[0] - 1) * step + 1, (kernel.shape[1] - 1) * step + 1))
+    out[::step, ::step] = kernel
+    return out
+
+
+def seed_route(kernels: list[np.ndarray]) -> np.ndarray:
+    """The seed's composition: K <- convolve2d(K, dilate(repeat(A, 2x2), stride)) / 4."""
+    composed, stride = kernels[0], 1
+    for kernel in kernels[1:]:
+        upsampled = np.repeat(np.repeat(kernel, 2, axis=0), 2, axis=1)
+        composed = scipy.signal.convolve2d(composed, _dilate2d(upsampled, stride)) / 4
+        stride *= 2
+    return composed
+
+
+def run_baseline(stacks, count: int) -> tuple[float, np.ndarray]:
+    """Items/s of the scipy loop on the first ``count`` stacks, and its kernels (count, 78, 78)."""
+    kernels = [np.asarray(w)[:count, :, :, 0, 0] for w in jax.tree.leaves(stacks)]
+    start = time.perf_counter()
+    results = np.stack([seed_route([k[i] for k in kernels]) for i in range(count)])
+    return count / (time.perf_counter() - start), results
+
+
+# -- the fold under test ---------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc; max RSS elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return _max_rss_mb()
+
+
+def _max_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def run_fold(stacks, method: str, repeats: int, shard: bool) -> dict:
+    """First-call and best warm time of ``fold_batch``, its peak memory, and the result."""
+    before = _rss_mb()
+    start = time.perf_counter()
+    folded = jax.block_until_ready(batch.fold_batch(stacks, method=method, shard=shard))
+    first = time.perf_counter() - start
+    warm = []
+    for _ in range(repeats):
+        del folded
+        start = time.perf_counter()
+        folded = jax.block_until_ready(batch.fold_batch(stacks, method=method, shard=shard))
+        warm.append(time.perf_counter() - start)
+    return {"first_s": first, "warm_s": min(warm), "peak_mem_mb": _max_rss_mb() - before,
+            "compiled": batch._fold._cache_size(), "folded": folded}
+
+
+# -- machine bound ---------------------------------------------------------------------
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def machine(tiny: bool) -> dict:
+    """Streaming copy bandwidth (numpy, preallocated), first-touch write rate, f64 matmul rate."""
+    size = (16 if tiny else 256) * 2**20 // BYTES
+    src, dst = np.random.default_rng(0).random(size), np.empty(size)
+    copy = _best(lambda: np.copyto(dst, src), 3 if tiny else 5)
+    touch = _best(lambda: np.ones(size), 3 if tiny else 5)
+    m = 512 if tiny else 2048
+    x = jnp.asarray(np.random.default_rng(1).random((m, m)))
+    matmul = jax.jit(lambda x: x @ x)
+    flops = _best(lambda: matmul(x).block_until_ready(), 3)
+    return {"copy_gb_s": 2 * src.nbytes / copy / 1e9, "first_touch_gb_s": src.nbytes / touch / 1e9,
+            "matmul_gflop_s": 2 * m**3 / flops / 1e9}
+
+
+def stages(structure) -> list[tuple]:
+    """(ka, kb, step, I, M, O) of every composition of the (sequential) fold, in order."""
+    out, size, stride, cin = [], None, None, None
+    for conv in structure.lower():
+        assert not isinstance(conv, Parallel), "the bound model covers sequential stacks"
+        extent = conv.extent
+        if size is None:
+            size, stride, cin = extent, conv.strides, conv.in_channels
+            continue
+        out.append((size, extent, stride, cin, conv.in_channels, conv.out_channels))
+        size = batch.full_size(size, extent, stride)
+        stride = tuple(a * b for a, b in zip(stride, conv.strides))
+    return out
+
+
+def cost(stage, method: str) -> dict:
+    """Bytes and FLOPs per item of one composition with ``method``.
+
+    ``bytes``, the ideal: read both kernels, write the result once.  ``bytes_moved``: what
+    the implementation streams; for shift, the first tap writes the zero-padded result
+    and every other tap reads the copy of ``a`` and reads and writes its window of the
+    result (``dynamic_update_slice``); for fft and gather, the ideal (not modelled).
+    FLOPs: shift and gather ``2 * taps * size * I * M * O`` (taps of the smaller kernel);
+    fft three real FFTs of the full size (``2.5 n log2 n`` each) and the complex matmuls.
+    """
+    ka, kb, step, i, m, o = stage
+    full = np.prod(batch.full_size(ka, kb, step))
+    ideal = BYTES * (np.prod(ka) * i * m + np.prod(kb) * m * o + full * i * o)
+    if method == "fft":
+        flops = 2.5 * full * np.log2(full) * (i * m + m * o + i * o) + 8 * (full / 2) * i * m * o
+        return {"bytes": ideal, "bytes_moved": ideal, "flops": flops}
+    taps, other = sorted((np.prod(ka), np.prod(kb)))
+    flops = 2.0 * taps * other * i * m * o
+    if method == "gather":
+        return {"bytes": ideal, "bytes_moved": ideal, "flops": flops}
+    moved = BYTES * (full * i * o + (taps - 1) * other * (i * m + 2 * i * o))
+    return {"bytes": ideal, "bytes_moved": moved, "flops": flops}
+
+
+def bound(structure, n: int, method: str, rates: dict) -> dict:
+    """Per-item bytes and FLOPs of the formulations ``method`` picks, and the items/s they allow.
+
+    ``items_per_s``: the machine bound, ``min(bandwidth / ideal bytes, FLOP rate / FLOPs)``;
+    ``items_per_s_as_moved``: the same with the bytes the implementation streams.
+    """
+    totals = {"bytes": 0.0, "bytes_moved": 0.0, "flops": 0.0}
+    chosen = []
+    for stage in stages(structure):
+        ka, kb, step, i, m, o = stage
+        pick = method if method != "auto" else batch.choose_method((n, *ka, i, m), (n, *kb, m, o), step)
+        chosen.append(pick)
+        for key, value in cost(stage, pick).items():
+            totals[key] += value
+    bandwidth, flop_rate = rates["copy_gb_s"] * 1e9, rates["matmul_gflop_s"] * 1e9
+    compute = flop_rate / totals["flops"]
+    return {"methods": chosen, "bytes_per_item": totals["bytes"], "bytes_moved_per_item": totals["bytes_moved"],
+            "flops_per_item": totals["flops"],
+            "limited_by": "memory" if bandwidth / totals["bytes"] < compute else "compute",
+            "items_per_s": min(bandwidth / totals["bytes"], compute),
+            "items_per_s_as_moved": min(bandwidth / totals["bytes_moved"], compute)}
+
+
+# -- one run, a sweep, the crossover ---------------------------------------------------
+
+
+def device() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    d = jax.devices()[0]
+    return f"{d.platform} x{jax.device_count()} ({d.device_kind}; {cpu}, {os.cpu_count()} cores)"
+
+
+def run(n: int, method: str, tiny: bool, baseline_n: int, repeats: int) -> dict:
+    structure, stacks = workload(n)
+    fold = run_fold(stacks, method, 1 if tiny else repeats, shard=jax.device_count() > 1)
+    count = min(n, baseline_n)
+    baseline_rate, reference = run_baseline(stacks, count)
+    kernel = np.asarray(fold["folded"].kernel[:count, :, :, 0, 0])
+    rates = machine(tiny)
+    limit = bound(structure, n, method, rates)
+    items_per_s = n / fold["warm_s"]
+    return {
+        "n": n,
+        "device": device(),
+        "method": method,
+        "sharded": jax.device_count() > 1,
+        "dtype": "float64",
+        "workload": f"{CONFIG.stem}: {'x'.join(map(str, fold['folded'].size))} stride {fold['folded'].stride[0]}",
+        "items_per_s": items_per_s,
+        "warm_s": fold["warm_s"],
+        "first_call_s": fold["first_s"],
+        "compile_s": fold["first_s"] - fold["warm_s"],
+        "compiled_executables": fold["compiled"],
+        "baseline": "scipy.signal.convolve2d loop (seed route)",
+        "baseline_items_per_s": baseline_rate,
+        "baseline_n": count,
+        "speedup": items_per_s / baseline_rate,
+        "peak_mem_mb": fold["peak_mem_mb"],
+        "output_mb": fold["folded"].kernel.nbytes / 2**20,
+        "max_abs_diff": float(np.abs(kernel - reference).max()),
+        "max_abs_kernel": float(np.abs(reference).max()),
+        "machine": rates,
+        "bound": limit,
+        "bound_fraction": items_per_s / limit["items_per_s"],
+        "bound_fraction_as_moved": items_per_s / limit["items_per_s_as_moved"],
+        "load_avg_1min": os.getloadavg()[0],
+    }
+
+
+def sweep(ns: list[int], args) -> list[dict]:
+    """One fresh process per N, so each peak memory is that N's alone."""
+    results = []
+    for n in ns:
+        command = [sys.executable, __file__, "--n", str(n), "--json", "--method", args.method,
+                   "--baseline-n", str(args.baseline_n), "--repeats", str(args.repeats),
+                   "--devices", str(args.devices)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out))
+    return results
+
+
+CROSSOVER_GRID = {  # ndim: [(ka, kb)], square kernels, each with C in (1, 4) and step in (1, 2)
+    1: [(64, 5), (64, 9), (64, 17), (256, 9), (256, 33)],
+    2: [(8, 3), (8, 7), (24, 3), (24, 5), (24, 7), (24, 9), (64, 3), (64, 5), (64, 7), (64, 9)],
+    3: [(8, 3), (12, 3), (12, 5)],
+}
+
+
+def crossover(n: int) -> list[dict]:
+    """Per-item microseconds of each formulation on one composition (a (n, ka^d, C, C), b (n, kb^d, C, C))."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for (nd, pairs), channels, step in itertools.product(CROSSOVER_GRID.items(), (1, 4), (1, 2)):
+        for ka, kb in pairs:
+            a = jnp.asarray(rng.standard_normal((n,) + (ka,) * nd + (channels, channels)))
+            b = jnp.asarray(rng.standard_normal((n,) + (kb,) * nd + (channels, channels)))
+            row = {"ndim": nd, "ka": ka, "kb": kb, "channels": channels, "step": step}
+            full = np.prod(batch.full_size((ka,) * nd, (kb,) * nd, (step,) * nd))
+            for method, compose in batch.COMPOSERS.items():
+                if method == "gather" and full * kb**nd * channels**2 * n * BYTES > 2**30:
+                    row[method] = None  # would gather more than 1 GiB
+                    continue
+                fn = jax.jit(lambda a, b, compose=compose: compose(a, b, (step,) * nd))
+                row[method] = _best(lambda: fn(a, b).block_until_ready(), 3) / n * 1e6
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def table(result: dict) -> str:
+    b, m = result["bound"], result["machine"]
+    lines = [
+        f"workload        {result['workload']}, N = {result['n']:,}, float64, method {result['method']} "
+        f"({', '.join(sorted(set(b['methods'])))})",
+        f"device          {result['device']}  (1-min load {result['load_avg_1min']:.1f})",
+        f"fold_batch      {result['items_per_s']:,.0f} items/s warm ({result['warm_s'] * 1e3:.1f} ms per call); "
+        f"compile {result['compile_s']:.2f} s",
+        f"scipy loop      {result['baseline_items_per_s']:,.1f} items/s (timed on {result['baseline_n']} stacks)",
+        f"speedup         {result['speedup']:,.0f}x",
+        f"peak memory     {result['peak_mem_mb']:,.0f} MB for a {result['output_mb']:,.0f} MB result",
+        f"max abs diff    {result['max_abs_diff']:.2e} (kernel values up to {result['max_abs_kernel']:.1f})",
+        f"machine         copy {m['copy_gb_s']:.1f} GB/s, first-touch write {m['first_touch_gb_s']:.1f} GB/s, "
+        f"matmul {m['matmul_gflop_s']:.0f} GFLOP/s",
+        f"bound           {b['bytes_per_item'] / 1e3:.0f} kB and {b['flops_per_item'] / 1e3:.0f} kFLOP per item -> "
+        f"{b['items_per_s']:,.0f} items/s ({b['limited_by']}); achieved {result['bound_fraction']:.1%}",
+        f"as streamed     {b['bytes_moved_per_item'] / 1e3:.0f} kB per item -> {b['items_per_s_as_moved']:,.0f} items/s; "
+        f"achieved {result['bound_fraction_as_moved']:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict]) -> str:
+    lines = ["| N | items/s (warm) | scipy items/s | speedup | compile s | peak MB | result MB | "
+             "of bound (ideal / as streamed) | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['n']:,} | {r['items_per_s']:,.0f} | {r['baseline_items_per_s']:,.1f} | {r['speedup']:,.0f}x | "
+                     f"{r['compile_s']:.2f} | {r['peak_mem_mb']:,.0f} | {r['output_mb']:,.0f} | "
+                     f"{r['bound_fraction']:.1%} / {r['bound_fraction_as_moved']:.0%} | {r['max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def crossover_table(rows: list[dict]) -> str:
+    lines = ["| d | ka | kb | C | step | shift us | fft us | gather us | fastest | auto |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        timed = {m: r[m] for m in batch.COMPOSERS if r[m] is not None}
+        cells = " | ".join("-" if r[m] is None else f"{r[m]:.1f}" for m in batch.COMPOSERS)
+        shapes = [(1,) + (k,) * r["ndim"] + (r["channels"],) * 2 for k in (r["ka"], r["kb"])]
+        auto = batch.choose_method(*shapes, (r["step"],) * r["ndim"])
+        lines.append(f"| {r['ndim']} | {r['ka']} | {r['kb']} | {r['channels']} | {r['step']} | {cells} | "
+                     f"{min(timed, key=timed.get)} | {auto} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="stacks per batch")
+    parser.add_argument("--sweep", help="comma-separated N values, each in a fresh process")
+    parser.add_argument("--crossover", action="store_true", help="time shift / fft / gather per composition")
+    parser.add_argument("--method", default="auto", choices=batch.METHODS)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="split the CPU into this many XLA devices and shard the batch over them")
+    parser.add_argument("--baseline-n", type=int, default=200, help="stacks the scipy loop is timed on")
+    parser.add_argument("--repeats", type=int, default=3, help="warm calls; the best is reported")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: one warm call, small probes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.tiny:
+        args.baseline_n = min(args.baseline_n, 8)
+    if args.devices > 1:  # before the backend starts
+        jax.config.update("jax_num_cpu_devices", args.devices)
+
+    if args.crossover:
+        result, text = {"crossover": crossover(16 if args.tiny else 256), "device": device()}, None
+        text = crossover_table(result["crossover"])
+    elif args.sweep:
+        result = {"sweep": sweep([int(n) for n in args.sweep.split(",")], args)}
+        text = sweep_table(result["sweep"])
+    else:
+        result = run(args.n, args.method, args.tiny, args.baseline_n, args.repeats)
+        text = table(result)
+    print(json.dumps(result) if args.json else text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Batched folding: every formulation equals the one-stack fold; errors, compiles, memory, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jfactor as jf
+from jfactor import batch
+from jfactor.fold import conv_from_affine, fold_affine, has_bias
+from jfactor.stack_config import load_stack
+from tests.strategies import stacks
+
+ROOT = Path(__file__).parent.parent
+SEED = ROOT / "configs" / "seed"
+# gather materialises taps x size values per item: keep it to 1-D and 2-D stacks here
+METHODS_BY_NDIM = {1: batch.METHODS, 2: batch.METHODS, 3: ("auto", "shift", "fft")}
+
+
+def redraw(stack, seed):
+    """The same structure with new random weights (BatchNorm variances stay positive)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, w):
+        positive = jax.tree_util.keystr(path).endswith(".var")
+        return jnp.asarray(rng.uniform(0.2, 2.0, w.shape) if positive else rng.standard_normal(w.shape))
+
+    return jax.tree_util.tree_map_with_path(draw, stack)
+
+
+def assert_matches_fold_affine(folded, items):
+    for i, item in enumerate(items):
+        ref = fold_affine(item)
+        scale = max(1.0, float(jnp.abs(ref.kernel).max()), float(jnp.abs(ref.bias).max()))
+        assert folded.stride == ref.stride and folded.offset == ref.offset and folded.groups == ref.groups
+        np.testing.assert_allclose(folded.kernel[i], ref.kernel, rtol=0, atol=1e-11 * scale)
+        np.testing.assert_allclose(folded.bias[i], ref.bias, rtol=0, atol=1e-11 * scale)
+
+
+@settings(max_examples=int(os.environ.get("JFACTOR_BATCH_EXAMPLES", "12")))
+@given(stacks(max_layers=3), st.data())
+def test_every_method_equals_the_unbatched_fold(stack, data):
+    """Random stacks (branches, residuals, groups, strides, dilation, padding), 3 weight draws."""
+    if stack.dtype is None:  # pools alone: no weights to batch
+        return
+    method = data.draw(st.sampled_from(METHODS_BY_NDIM[stack.ndim]), label="method")
+    items = [redraw(stack, seed) for seed in range(3)]
+    folded = batch.fold_batch(batch.stack_batch(items), method=method)
+    assert folded.kernel.shape[0] == len(folded) == 3
+    assert_matches_fold_affine(folded, items)
+    conv = folded.conv(1)
+    ref = conv_from_affine(fold_affine(items[1]), stack.input_shape, stack.output_shape,
+                           bias=has_bias(items[1].lower()))
+    assert (conv.strides, conv.padding, conv.groups) == (ref.strides, ref.padding, ref.groups)
+    assert (conv.bias is None) == (ref.bias is None)
+
+
+def _seed_batch(name, n, seed=0):
+    structure = load_stack(SEED / f"{name}.yaml")
+    return structure, [redraw(structure, seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("method", batch.METHODS)
+def test_methods_agree_on_the_seed_section8_stack(method):
+    _, items = _seed_batch("section8_avgpool", 4)
+    folded = batch.fold_batch(batch.stack_batch(items), method=method)
+    assert folded.size == (78, 78) and folded.stride == (16, 16)
+    assert_matches_fold_affine(folded, items)
+
+
+def test_grouped_multichannel_stack_and_float32():
+    """Channel contractions through the Toeplitz reshape; float32 stays float32."""
+    rng = np.random.default_rng(0)
+    stack = jf.Stack([
+        jf.Conv(rng.normal(size=(3, 3, 1, 4)), rng.normal(size=4), padding="same"),
+        jf.Residual([jf.Conv(rng.normal(size=(3, 3, 1, 4)), groups=4, padding="same")]),
+        jf.AvgPool(2),
+        jf.Conv(rng.normal(size=(5, 5, 2, 4)), groups=2, dilation=2),
+    ], (24, 24, 1))
+    items = [redraw(stack, seed) for seed in range(2)]
+    assert_matches_fold_affine(batch.fold_batch(batch.stack_batch(items), method="gather"), items)
+    single = [item.astype(jnp.float32) for item in items]
+    folded = batch.fold_batch(batch.stack_batch(single), method="fft")
+    assert folded.kernel.dtype == jnp.float32
+    ref = fold_affine(items[0])
+    np.testing.assert_allclose(folded.kernel[0], ref.kernel, atol=1e-4 * float(jnp.abs(ref.kernel).max()))
+
+
+def test_second_call_with_other_weights_does_not_compile():
+    _, items = _seed_batch("section5_conv_pool_conv", 6)
+    batch.fold_batch(batch.stack_batch(items[:3]), method="shift")
+    compiled = batch._fold._cache_size()
+    folded = batch.fold_batch(batch.stack_batch(items[3:]), method="shift")
+    assert batch._fold._cache_size() == compiled
+    assert_matches_fold_affine(folded, items[3:])
+
+
+def test_no_conv_no_scatter_and_memory_linear_in_n():
+    """The trap (vmap over a conv's kernel) and scatters never appear; XLA's buffers scale with N."""
+    structure, _ = _seed_batch("section6_two_pools", 1)
+    sizes = {}
+    for n in (64, 256):
+        zeros = jax.tree.map(lambda w: jnp.zeros((n,) + w.shape), structure)
+        for method in ("shift", "fft", "gather"):
+            jaxpr = str(jax.make_jaxpr(lambda s: batch._fold(s, jnp.dtype("float64"), method))(zeros))
+            assert "conv_general_dilated" not in jaxpr and "scatter" not in jaxpr, method
+        memory = batch._fold.lower(zeros, dtype=jnp.dtype("float64"), method="auto").compile().memory_analysis()
+        sizes[n] = memory.temp_size_in_bytes + memory.output_size_in_bytes
+    assert 3.5 <= sizes[256] / sizes[64] <= 4.5, sizes
+
+
+def test_choose_method_crossover():
+    assert batch.choose_method((100, 64, 64, 1, 1), (100, 3, 3, 1, 1), (1, 1)) == "shift"
+    assert batch.choose_method((100, 64, 64, 1, 1), (100, 15, 15, 1, 1), (1, 1)) == "fft"
+
+
+def test_stack_batch_names_the_first_difference():
+    rng = np.random.default_rng(0)
+    a = jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 2))), jf.AvgPool(2)], (12, 12, 1))
+    strided = jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 2)), strides=2), jf.AvgPool(2)], (12, 12, 1))
+    wider = jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 3))), jf.AvgPool(2)], (12, 12, 1))
+    with pytest.raises(jf.StackError, match=r"stacks\[1\]\.layers\[0\] is Conv\(3x3, 1->2, stride 2\)"):
+        batch.stack_batch([a, strided])
+    with pytest.raises(jf.StackError, match=r"stacks\[2\]\.layers\[0\]\.kernel has shape \(3, 3, 1, 3\)"):
+        batch.stack_batch([a, a, wider])
+    with pytest.raises(jf.StackError, match="input_shape"):
+        batch.stack_batch([a, a.with_input_shape((14, 14, 1))])
+    with pytest.raises(jf.StackError, match="at least one"):
+        batch.stack_batch([])
+    with pytest.raises(jf.StackError, match=r"stacks\[1\] is a Conv"):
+        batch.stack_batch([a, a.layers[0]])
+    assert batch.stack_batch([a, a]).layers[0].kernel.shape == (2, 3, 3, 1, 2)
+
+
+def test_fold_batch_errors():
+    rng = np.random.default_rng(0)
+    stack = jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 2)), rng.normal(size=2))], (8, 8, 1))
+    with pytest.raises(jf.StackError, match="unbatched stack"):
+        batch.fold_batch(stack)
+    with pytest.raises(jf.StackError, match="one item of the batch .* N = 3.* 1-D kernel"):
+        batch.fold_batch(jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 1)))], (8, 8, 1)))
+    with pytest.raises(jf.StackError, match="no weights"):
+        batch.fold_batch(jf.Stack([jf.AvgPool(2)], (8, 8, 1)))
+    with pytest.raises(jf.StackError, match="jfactor.Stack"):
+        batch.fold_batch([stack, stack])
+    with pytest.raises(ValueError, match="method must be one of"):
+        batch.fold_batch(batch.stack_batch([stack]), method="fast")
+
+
+def _run(code, env=None):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_sharded_fold_equals_single_device_on_four_cpu_devices():
+    """XLA_FLAGS must be set before jax starts, so this runs in a fresh process."""
+    out = _run("""
+        import jax, numpy as np
+        from jfactor import batch
+        from jfactor.stack_config import load_stack
+        assert len(jax.devices()) == 4, jax.devices()
+        structure = load_stack("configs/seed/section7_strides.yaml")
+        rng = np.random.default_rng(0)
+        stacks = jax.tree.map(lambda w: rng.standard_normal((6,) + w.shape), structure)  # 6: padded to 8
+        placed = batch._pad_and_place(stacks, batch.batch_mesh())
+        assert len(placed.layers[0].kernel.sharding.device_set) == 4
+        assert placed.layers[0].kernel.shape[0] == 8
+        for method in ("shift", "fft"):
+            single = batch.fold_batch(stacks, method=method)
+            sharded = batch.fold_batch(stacks, method=method, shard=True)
+            assert len(sharded) == 6
+            np.testing.assert_array_equal(np.asarray(sharded.kernel), np.asarray(single.kernel))
+            np.testing.assert_array_equal(np.asarray(sharded.bias), np.asarray(single.bias))
+        print("ok")
+    """, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert out.strip().endswith("ok")
+
+
+def test_compilation_cache_writes_to_its_directory(tmp_path):
+    _run(f"""
+        import jax, numpy as np
+        from jfactor import batch
+        from jfactor.stack_config import load_stack
+        path = batch.enable_compilation_cache({str(tmp_path / "cache")!r})
+        structure = load_stack("configs/seed/section2_two_3x3.yaml")
+        batch.fold_batch(jax.tree.map(lambda w: np.stack([w, 2 * w]), structure))
+        assert any(path.iterdir()), "nothing cached"
+    """)
+
+
+def test_bench_fold_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_fold.py"), "--n", "8", "--tiny", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    for key in ("n", "device", "items_per_s", "baseline_items_per_s", "speedup", "compile_s", "peak_mem_mb",
+                "max_abs_diff", "bound", "bound_fraction"):
+        assert key in result, key
+    assert result["n"] == 8 and result["max_abs_diff"] < 1e-10
