@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -51,8 +50,176 @@ def fold(
     rundir.write_npy(out_dir / "bias.npy", bias)
     rundir.write_json(out_dir / "summary.json", summary)
     if as_json:
-        print(json.dumps(summary, indent=2, default=rundir._json_default))
+        print(rundir.dumps(summary))
         return
     fold_summary(folded, console, title=config.stem)
     console.print(f"wrote {out_dir}/kernel.npy, bias.npy, summary.json")
     print(out_dir)
+
+
+def _int_list(text: str | None, what: str):
+    """'3,5,9' -> [3, 5, 9]; '3x5,9' -> [[3, 5], 9] (per-dim sizes)."""
+    if text is None:
+        return None
+    items = []
+    for part in text.split(","):
+        try:
+            values = [int(v) for v in part.strip().split("x")]
+        except ValueError:
+            raise typer.BadParameter(f"{what}: {text!r} is not a comma-separated list of integers") from None
+        items.append(values[0] if len(values) == 1 else values)
+    return items
+
+
+def _factorize_config(target, family, size, params, stack, chain, dilations, strides, channels, dtype, restarts,
+                      objective, optimizer, steps, refine, refine_steps, init, baselines, seed) -> dict:
+    sources = [x for x in (target, family, stack) if x is not None]
+    if len(sources) != 1:
+        raise typer.BadParameter("give one target: --target T.npy, --family NAME --size N, or --stack S.yaml")
+    if target is not None:
+        spec = {"file": str(Path(target).resolve())}
+    elif family is not None:
+        spec = {"family": family, "size": size,
+                "params": {k: parse_value(v) for k, v in (p.split("=", 1) for p in params)}}
+    else:
+        spec = {"stack": str(Path(stack).resolve())}
+    sizes = _int_list(chain, "--chain")
+    if sizes is None:
+        raise typer.BadParameter("give the chain, e.g. --chain 3,5,9")
+    chain_spec = {"sizes": sizes, "dilations": _int_list(dilations, "--dilations"),
+                  "strides": _int_list(strides, "--strides"), "channels": channels}
+    return {
+        "name": "factorize", "target": spec, "chain": {k: v for k, v in chain_spec.items() if v is not None},
+        "dtype": dtype, "restarts": restarts, "objective": objective, "init": init, "seed": seed,
+        "solver": {"optimizer": optimizer, "steps": steps, "refine": refine, "refine_steps": refine_steps},
+        "baselines": [b for b in baselines.split(",") if b] if baselines is not None else None,
+    }
+
+
+def parse_value(text: str):
+    from jfactor.experiment.config import parse_value as parse
+
+    return parse(text)
+
+
+@app.command()
+def factorize(
+    config: Annotated[Path | None, typer.Argument(help="experiment config (YAML) instead of the flags")] = None,
+    target: Annotated[Path | None, typer.Option(help="target kernel .npy: (k, k), (k, k, C_in, C_out), 1-D, 3-D")] = None,
+    family: Annotated[str | None, typer.Option(help="target family: gaussian, log, dog, gabor, disk, box, "
+                                                    "motion_blur, random_normal, randint")] = None,
+    size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
+    param: Annotated[list[str], typer.Option(help="family parameter key=value (repeatable)")] = [],  # noqa: B006
+    stack: Annotated[Path | None, typer.Option(help="factorize the folded kernel of this stack config")] = None,
+    chain: Annotated[str | None, typer.Option(help="kernel sizes, e.g. 3,5,9 (3x5 for per-dim sizes)")] = None,
+    dilations: Annotated[str | None, typer.Option(help="per-layer dilations, e.g. 1,2,4")] = None,
+    strides: Annotated[str | None, typer.Option(help="per-layer strides, e.g. 1,2,1")] = None,
+    channels: Annotated[int, typer.Option(help="channel width between layers")] = 1,
+    dtype: Annotated[str, typer.Option(help="float64 or float32")] = "float64",
+    restarts: Annotated[int, typer.Option(help="random restarts, optimised together")] = 32,
+    objective: Annotated[str, typer.Option(help="kernel, spectral or images")] = "kernel",
+    optimizer: Annotated[str, typer.Option(help="lbfgs, adam or none")] = "lbfgs",
+    steps: Annotated[int, typer.Option(help="first-order steps")] = 200,
+    refine: Annotated[str, typer.Option(help="lm (Levenberg-Marquardt) or none")] = "lm",
+    refine_steps: Annotated[int, typer.Option(help="most LM iterations")] = 500,
+    init: Annotated[str, typer.Option(help="auto, roots, svd or random")] = "auto",
+    baselines: Annotated[str | None, typer.Option(help="comma-separated: svd,als,lstsq,wiener,"
+                                                       "unsupervised_wiener,scipy_lm")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="print result.json only")] = False,
+) -> None:
+    """Learn the best chain of small kernels for a target; compare with the baselines."""
+    from jfactor import rundir
+    from jfactor.experiment.config import ExperimentConfig, apply_overrides, load_config
+    from jfactor.experiment.run import environment, plan, write_factorization
+    from jfactor.factorize import factorize as run_factorize
+    from jfactor.experiment.config import build_solver
+    from jfactor.schema import validate
+
+    try:
+        if config is not None:
+            parsed, _, base = load_config(config, set_)
+            source = str(config)
+        else:
+            raw = _factorize_config(target, family, size, param, stack, chain, dilations, strides, channels, dtype,
+                                    restarts, objective, optimizer, steps, refine, refine_steps, init, baselines, seed)
+            raw = apply_overrides({k: v for k, v in raw.items() if v is not None}, set_)
+            parsed, base, source = validate(ExperimentConfig, raw, "command line"), Path("."), "command line"
+        if len(parsed.all_chains) != 1:
+            raise typer.BadParameter("jfactor factorize takes one chain; use jfactor run for several")
+        the_plan = plan(parsed, base, source)
+        out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", "factorize")
+        result = run_factorize(the_plan.target, the_plan.chains[0], objective=the_plan.objective,
+                               solver=build_solver(the_plan.config.solver), restarts=the_plan.config.restarts,
+                               init=the_plan.config.init, dtype=the_plan.config.dtype, seed=the_plan.config.seed,
+                               images=the_plan.images, baselines=tuple(the_plan.config.baselines),
+                               progress=not as_json)
+    except JFactorError as exc:
+        _fail(exc)
+    summary = {**result.to_dict(), "environment": environment()}
+    write_factorization(result, out_dir, plots=the_plan.config.plots)
+    rundir.write_json(out_dir / "result.json", summary)
+    if as_json:
+        print(rundir.dumps(summary))
+        return
+    from jfactor.display import factorization_summary
+
+    factorization_summary(result, console)
+    console.print(f"wrote {out_dir}/result.json, approx.npy, factors.npz, kernels.png, spectrum.png, loss.png")
+    print(out_dir)
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="experiment config (default: the built-in quickstart)")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="where run directories are created")] = Path("runs"),
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Run an experiment into a new run directory (printed last)."""
+    from jfactor.experiment.config import load_config
+    from jfactor.experiment.run import run as run_experiment
+
+    config = config or QUICKSTART
+    try:
+        parsed, _, base = load_config(config, set_)
+        directory = run_experiment(parsed, base, str(config), runs_dir, progress=not quiet)
+    except JFactorError as exc:
+        _fail(exc)
+    _print_run(directory)
+    print(directory)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="experiment config with a sweep: block")],
+    runs_dir: Annotated[Path, typer.Option(help="where the sweep directory is created")] = Path("runs"),
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Run (or resume) every cell of a sweep; write table.csv and summary.png (directory printed last)."""
+    from jfactor.experiment.config import load_config
+    from jfactor.experiment.sweep import run_sweep
+
+    try:
+        parsed, raw, base = load_config(config, set_)
+        directory = run_sweep(parsed, raw, base, str(config), runs_dir, progress=not quiet)
+    except JFactorError as exc:
+        _fail(exc)
+    console.print(f"{directory}/table.csv, summary.png")
+    print(directory)
+
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+
+
+def _print_run(directory: Path) -> None:
+    """The run's report table on the terminal."""
+    import json
+
+    payload = json.loads((directory / "results.json").read_text())
+    from jfactor.display import run_summary
+
+    run_summary(payload, console)

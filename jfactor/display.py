@@ -57,3 +57,48 @@ def fold_summary(folded: Folded, console: Console, title: str = "stack") -> None
         f"certificate ({cert.dtype}, probe {_shape(cert.probe_shape)}, {cert.positions_checked:,} values): "
         f"max abs diff {cert.max_abs_diff:.3e}, relative {cert.rel_diff:.3e}"
     )
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3e}" if value and (abs(value) < 1e-2 or abs(value) >= 1e5) else f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _chain_table(summary: dict, console: Console) -> None:
+    target = summary["target"]
+    console.print(
+        f"[bold]{summary['chain']}[/bold] for target {target['name']} {tuple(target['shape'])}"
+        f" (stride {tuple(target['stride'])}): {summary['restarts']} restarts"
+        f" ({summary['diverged']} diverged), {summary['objective']} objective, {summary['dtype']},"
+        f" {summary['time_s']:.2f} s ({summary['compile_s']:.2f} s compiling)")
+    table = Table()
+    for column in ("method", "rel. error", "max abs", "PSNR dB", "spectral", "output PSNR dB", "time s", "note"):
+        table.add_column(column, justify="left" if column in ("method", "note") else "right")
+    table.add_row("jfactor", _num(summary["rel_error"]), _num(summary["max_abs_error"]), _num(summary["psnr_db"]),
+                  _num(summary["spectral_error"]), _num(summary["output_psnr_db"]), f"{summary['time_s']:.2f}", "")
+    for name, entry in summary["baselines"].items():
+        time_s = "-" if entry["time_s"] is None else f"{entry['time_s']:.2f}"
+        table.add_row(name, _num(entry["rel_error"]), "", "", "", "", time_s, entry.get("note", ""))
+    console.print(table)
+    console.print(f"cost per output: chain {summary['params']:,} params, {summary['macs']:,} MACs; "
+                  f"dense {summary['dense_params']:,} params, {summary['dense_macs']:,} MACs")
+
+
+def factorization_summary(result, console: Console) -> None:
+    """The factorization's error next to its baselines, and the costs."""
+    _chain_table(result.to_dict(), console)
+
+
+def run_summary(payload: dict, console: Console) -> None:
+    """What `jfactor run` prints: the fold (if any), then one table per chain."""
+    for entry in payload["results"]:
+        if "fold" in entry:
+            fold = entry["fold"]
+            console.print(f"[bold]fold[/bold]: {'x'.join(map(str, fold['kernel_shape'][:-2]))} stride "
+                          f"{tuple(fold['stride'])}, canonical {fold['canonical']['description']}, certificate "
+                          f"{fold['certificate']['max_abs_diff']:.2e}")
+        else:
+            _chain_table(entry, console)

@@ -44,7 +44,8 @@ def new_run_dir(root, name: str) -> Path:
     raise ConfigError(f"{root}: cannot find a free run directory name for {stem}")
 
 
-def _atomic(path: Path, write) -> Path:
+def write_with(path: Path, write) -> Path:
+    """Write ``path`` atomically with ``write(handle)`` (temp file in the same directory + rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -61,19 +62,24 @@ def _atomic(path: Path, write) -> Path:
 
 def write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temp file + rename)."""
-    return _atomic(path, lambda h: h.write(text.encode()))
+    return write_with(path, lambda h: h.write(text.encode()))
+
+
+def dumps(data) -> str:
+    """JSON text of results (numpy scalars and arrays become numbers and lists)."""
+    return json.dumps(data, indent=2, default=_json_default)
 
 
 def write_json(path, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    return write_text(path, dumps(data) + "\n")
 
 
 def write_npy(path, array) -> Path:
-    return _atomic(path, lambda h: np.save(h, np.asarray(array), allow_pickle=False))
+    return write_with(path, lambda h: np.save(h, np.asarray(array), allow_pickle=False))
 
 
 def write_npz(path, **arrays) -> Path:
-    return _atomic(path, lambda h: np.savez(h, **{k: np.asarray(v) for k, v in arrays.items()}))
+    return write_with(path, lambda h: np.savez(h, **{k: np.asarray(v) for k, v in arrays.items()}))
 
 
 def _json_default(value):

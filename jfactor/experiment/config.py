@@ -1,0 +1,299 @@
+"""Experiment configs: what to factorize, with which chains, how, and what to report.
+
+.. code-block:: yaml
+
+    name: quickstart
+    seed: 0
+    dtype: float64
+    target: {family: gaussian, size: 15, params: {sigma: 2.5}}   # or file / values / stack
+    chains:                                  # or `chain:` for one
+      - {sizes: [3, 5, 9]}
+      - {sizes: [3, 3, 3], dilations: [1, 2, 4], channels: 2}
+    objective: kernel                        # or {name: spectral, p: 8} / {name: images, images: [camera]}
+    solver: {optimizer: lbfgs, steps: 200, refine: lm, refine_steps: 500}
+    restarts: 32
+    init: auto
+    baselines: [svd, als, lstsq, wiener, unsupervised_wiener]
+    sweep:                                   # for `jfactor sweep` only
+      grid: {chains.0.channels: [1, 2, 4]}
+      zip: {target.family: [gaussian, log], target.size: [15, 15]}
+
+A config with a ``stack`` and no chain is a fold-only run.  ``tiny: true`` (or
+``--set tiny=true``) shrinks steps, restarts and sizes for smoke tests, so every shipped
+config can be run in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from jfactor import kernels
+from jfactor.errors import ConfigError
+from jfactor.factorize import BASELINES, Chain, Objective, Solver, Target
+from jfactor.factorize.init import INITS
+from jfactor.factorize.objectives import OBJECTIVES, load_images
+from jfactor.factorize.solve import OPTIMIZERS, REFINES, SCHEDULES
+from jfactor.schema import Strict, load_yaml, unknown_key, validate
+from jfactor.stack_config import StackConfig, WeightSpec, _Builder, stack_from_dict
+
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+Sizes = Annotated[Any, Field(description="an int or one per spatial dim")]
+
+
+class TargetSpec(Strict):
+    """Exactly one of ``family`` (with ``size``), ``file``, ``values`` or ``stack``."""
+
+    family: str | None = None
+    size: PositiveInt | None = None
+    params: dict[str, Any] = {}
+    file: str | None = None
+    key: str | None = None
+    values: list | None = None
+    stack: str | StackConfig | None = None
+    spatial_dims: PositiveInt | None = None
+    stride: Sizes = 1
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("family", "file", "values", "stack") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of family, file, values or stack; got {given or 'none'}")
+        if self.family is not None:
+            if self.family not in kernels.FAMILIES:
+                raise ValueError(unknown_key(self.family, kernels.FAMILIES, "kernel family"))
+            if self.size is None:
+                raise ValueError(f"family {self.family!r} needs a size")
+        return self
+
+
+class FrozenSpec(Strict):
+    layer: Annotated[int, Field(strict=True, ge=0)]
+    weights: WeightSpec
+
+
+class ChainSpec(Strict):
+    sizes: list[Sizes] = Field(min_length=1)
+    dilations: list[Sizes] | None = None
+    strides: list[Sizes] | None = None
+    channels: PositiveInt | list[PositiveInt] = 1
+    frozen: list[FrozenSpec] = []
+    name: str | None = None
+
+
+class ObjectiveSpec(Strict):
+    name: Literal[OBJECTIVES] = "kernel"  # type: ignore[valid-type]
+    p: Annotated[float, Field(ge=2)] = 2.0
+    pad: PositiveInt = 4
+    images: list[str] = ["camera", "astronaut", "coins"]
+    image_size: PositiveInt = 96
+    crops: PositiveInt = 2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data):
+        return {"name": data} if isinstance(data, str) else data
+
+
+class SolverSpec(Strict):
+    optimizer: Literal[OPTIMIZERS] = "lbfgs"  # type: ignore[valid-type]
+    steps: Annotated[int, Field(strict=True, ge=0)] = 200
+    learning_rate: Annotated[float, Field(gt=0)] = 0.01
+    schedule: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    refine: Literal[REFINES] = "lm"  # type: ignore[valid-type]
+    refine_steps: Annotated[int, Field(strict=True, ge=0)] = 500
+    first_order_share: Annotated[float, Field(ge=0, le=1)] = 0.5
+    chunk: PositiveInt = 100
+
+
+class SweepSpec(Strict):
+    grid: dict[str, list] = {}
+    zip: dict[str, list] = {}
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        lengths = {len(v) for v in self.zip.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"every zip list needs the same length, got {sorted(lengths)}")
+        for key, values in {**self.grid, **self.zip}.items():
+            if not values:
+                raise ValueError(f"{key}: needs at least one value")
+        return self
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    description: str | None = None
+    seed: Annotated[int, Field(strict=True)] = 0
+    dtype: Literal["float32", "float64"] = "float64"
+    target: TargetSpec | None = None
+    stack: str | StackConfig | None = None
+    chain: ChainSpec | None = None
+    chains: list[ChainSpec] = []
+    objective: ObjectiveSpec = ObjectiveSpec()
+    solver: SolverSpec = SolverSpec()
+    restarts: PositiveInt = 32
+    init: Literal[INITS] = "auto"  # type: ignore[valid-type]
+    baselines: list[Literal[BASELINES]] = ["svd", "als", "lstsq", "wiener", "unsupervised_wiener"]  # type: ignore[valid-type]
+    plots: bool = True
+    tiny: bool = False
+    sweep: SweepSpec | None = None
+
+    @model_validator(mode="after")
+    def _what_to_do(self):
+        if self.chain is not None and self.chains:
+            raise ValueError("give chain (one) or chains (a list), not both")
+        if self.target is None and self.stack is None:
+            raise ValueError("give a target (to factorize) or a stack (to fold, or to factorize its folded kernel)")
+        if self.target is not None and self.stack is not None:
+            raise ValueError("give target or stack, not both (a stack's folded kernel is the target: "
+                             "target: {stack: path.yaml})")
+        if self.target is not None and not self.all_chains:
+            raise ValueError("a target needs a chain (or chains) to factorize it into")
+        return self
+
+    @property
+    def all_chains(self) -> list[ChainSpec]:
+        return [self.chain] if self.chain is not None else list(self.chains)
+
+
+# ------------------------------------------------------------------------------- loading
+
+def parse_value(text: str):
+    """A ``--set`` value: YAML scalars and flow lists (``3``, ``true``, ``[1, 2]``, ``gaussian``)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set value {text!r} is not YAML: {exc}") from None
+
+
+def set_path(data: dict, path: str, value) -> dict:
+    """A copy of ``data`` with ``value`` at the dotted ``path`` (list indices are numbers)."""
+    data = copy.deepcopy(data)
+    keys = path.split(".")
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{path}: {'.'.join(keys[:i])} has no item {key}")
+            node = node[int(key)]
+            continue
+        if key not in node or node[key] is None:
+            node[key] = [] if nxt.isdigit() else {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{path}: the list has no item {last}")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{path}: {'.'.join(keys[:-1])} is not a mapping")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides (``--set``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        path, text = item.split("=", 1)
+        data = set_path(data, path.strip(), parse_value(text))
+    return data
+
+
+def load_config(path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict, Path]:
+    """(validated config, resolved raw mapping, base directory) of a YAML file with overrides."""
+    path = Path(path)
+    raw = apply_overrides(load_yaml(path), list(overrides))
+    # chains written as `chain` shorthand stay as written; validation reports the file
+    return validate(ExperimentConfig, raw, str(path)), raw, path.parent
+
+
+def shrink(config: ExperimentConfig) -> ExperimentConfig:
+    """The tiny variant: few steps and restarts, cheap baselines, small images."""
+    solver = config.solver.model_copy(update={"steps": min(config.solver.steps, 10),
+                                              "refine_steps": min(config.solver.refine_steps, 10), "chunk": 10})
+    objective = config.objective.model_copy(update={"image_size": min(config.objective.image_size, 48),
+                                                    "crops": 1, "images": config.objective.images[:1]})
+    baselines = [b for b in config.baselines if b not in ("als", "scipy_lm", "unsupervised_wiener")]
+    return config.model_copy(update={"solver": solver, "objective": objective, "baselines": baselines,
+                                     "restarts": min(config.restarts, 2), "plots": config.plots})
+
+
+# ------------------------------------------------------------------------------- building
+
+def _stack(spec, base: Path, where: str):
+    if isinstance(spec, str):
+        from jfactor.keras import load_any
+
+        path = Path(spec) if Path(spec).is_absolute() else base / spec
+        return load_any(path)
+    return stack_from_dict(spec.model_dump(exclude_none=True), base_dir=base, source=where)
+
+
+def build_target(spec: TargetSpec, base: Path, source: str) -> Target:
+    """The :class:`Target` a spec describes (a stack's target is its folded kernel and stride)."""
+    where = f"{source}: target"
+    if spec.family is not None:
+        try:
+            array = kernels.make(spec.family, spec.size, **spec.params)
+        except TypeError as exc:
+            raise ConfigError(f"{where}.params: {exc}") from None
+        name = f"{spec.family}{spec.size}"
+    elif spec.stack is not None:
+        from jfactor.fold import fold_affine
+
+        stack = _stack(spec.stack, base, f"{source}: target.stack")
+        affine = fold_affine(stack)
+        return Target.from_array(np.asarray(affine.kernel), spatial_dims=stack.ndim, stride=affine.stride,
+                                 name=Path(spec.stack).stem if isinstance(spec.stack, str) else "stack")
+    else:
+        weight = WeightSpec(file=spec.file, key=spec.key) if spec.file else WeightSpec(values=spec.values)
+        array = _Builder(base, source).array(weight, None, "target")
+        name = Path(spec.file).stem if spec.file else "target"
+    try:
+        return Target.from_array(array, spatial_dims=spec.spatial_dims, stride=spec.stride, name=name)
+    except ConfigError:
+        raise
+    except Exception as exc:  # FactorizationError and friends carry their own message
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def build_chain(spec: ChainSpec, ndim: int, base: Path, source: str, index: int) -> Chain:
+    where = f"{source}: chains[{index}]"
+    frozen = {}
+    builder = _Builder(base, source)
+    for item in spec.frozen:
+        frozen[item.layer] = builder.array(item.weights, None, f"chains[{index}].frozen.layer {item.layer}")
+    try:
+        return Chain.build(spec.sizes, dilations=spec.dilations, strides=spec.strides, channels=spec.channels,
+                           ndim=ndim, frozen=frozen)
+    except Exception as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def build_solver(spec: SolverSpec) -> Solver:
+    return Solver(**spec.model_dump())
+
+
+def build_objective(spec: ObjectiveSpec, target: Target):
+    """(Objective, images (B, *spatial, C_in) or None for the default images)."""
+    objective = Objective(spec.name, spec.p, spec.pad, target.stride)
+    if spec.name != "images":
+        return objective, None
+    if target.ndim != 2:
+        raise ConfigError("objective images needs a 2-D target")
+    return objective, load_images(spec.images, size=spec.image_size, count=spec.crops, c_in=target.c_in)
+
+
+def load_stack_spec(config: ExperimentConfig, base: Path, source: str):
+    return _stack(config.stack, base, f"{source}: stack")

@@ -1,0 +1,223 @@
+"""One experiment -> one run directory, never overwritten.
+
+The directory holds ``config.yaml`` (the resolved config), ``results.json`` (written last:
+its presence marks a finished run), a tidy ``metrics.csv`` (one row per method and
+metric), the factors (``factors_<i>.npz``), PNG plots and ``report.md``.  Everything is
+built and checked before any compute, so a bad config fails in a second with one message.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from jfactor import rundir
+from jfactor.errors import ConfigError, JFactorError
+from jfactor.experiment.config import (
+    ExperimentConfig, build_chain, build_objective, build_solver, build_target, load_stack_spec, shrink,
+)
+from jfactor.factorize import Factorization, check_chain, factorize
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a run needs, built from a config without computing anything heavy."""
+
+    config: ExperimentConfig
+    source: str
+    target: object = None
+    chains: list = dataclasses.field(default_factory=list)
+    objective: object = None
+    images: object = None
+    stack: object = None
+
+
+def plan(config: ExperimentConfig, base: Path, source: str) -> Plan:
+    """Build and check target, chains and objective; raises ConfigError before any compute."""
+    if config.tiny:
+        config = shrink(config)
+    result = Plan(config, source)
+    try:
+        if config.stack is not None:
+            result.stack = load_stack_spec(config, base, source)
+            if config.all_chains:
+                from jfactor.experiment.config import TargetSpec
+
+                spec = config.stack if not isinstance(config.stack, str) else str(base / config.stack)
+                result.target = build_target(TargetSpec(stack=spec), base, source)
+        else:
+            result.target = build_target(config.target, base, source)
+        if result.target is not None:
+            ndim = result.target.ndim
+            result.chains = [build_chain(spec, ndim, base, source, i) for i, spec in enumerate(config.all_chains)]
+            for i, chain in enumerate(result.chains):
+                try:
+                    check_chain(chain, result.target)
+                except JFactorError as exc:
+                    raise ConfigError(f"{source}: chains[{i}]: {exc}") from None
+            result.objective, result.images = build_objective(config.objective, result.target)
+    except ConfigError:
+        raise
+    except JFactorError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return result
+
+
+def environment() -> dict:
+    """Versions and device, recorded in every run."""
+    import flax
+    import optax
+
+    return {
+        "jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "device": str(jax.devices()[0]), "platform": jax.default_backend(),
+        "device_count": jax.device_count(),
+    }
+
+
+def _rows(index: int, result: Factorization) -> list[dict]:
+    """Tidy metric rows of one chain's result: the factorizer and every baseline."""
+    summary = result.to_dict()
+    rows = []
+    for metric in ("rel_error", "max_abs_error", "psnr_db", "spectral_error", "output_psnr_db", "params", "macs",
+                   "time_s", "compile_s"):
+        rows.append({"chain_index": index, "chain": summary["chain"], "method": "jfactor", "metric": metric,
+                     "value": summary[metric]})
+    for name, entry in summary["baselines"].items():
+        for metric in ("rel_error", "time_s"):
+            rows.append({"chain_index": index, "chain": summary["chain"], "method": name, "metric": metric,
+                         "value": entry[metric]})
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def execute(the_plan: Plan, directory: Path, *, progress: bool = True) -> dict:
+    """Run a plan into ``directory``; returns the results mapping (also in results.json)."""
+    config = the_plan.config
+    started = time.time()
+    rundir.write_text(directory / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    summaries, metric_rows, plots = [], [], []
+    if the_plan.stack is not None:
+        from jfactor.fold import fold
+
+        folded = fold(the_plan.stack)
+        fold_summary = folded.to_dict()
+        rundir.write_npy(directory / "folded_kernel.npy", folded.conv.kernel)
+        summaries.append({"fold": fold_summary})
+        for metric in ("max_abs_diff", "rel_diff"):
+            metric_rows.append({"chain_index": "", "chain": "", "method": "fold", "metric": metric,
+                                "value": fold_summary["certificate"][metric]})
+    results = []
+    for i, chain in enumerate(the_plan.chains):
+        result = factorize(the_plan.target, chain, objective=the_plan.objective, solver=build_solver(config.solver),
+                           restarts=config.restarts, init=config.init, dtype=config.dtype, seed=config.seed,
+                           images=the_plan.images, baselines=tuple(config.baselines), progress=progress)
+        results.append(result)
+        summary = result.to_dict()
+        summary["name"] = config.all_chains[i].name or summary["chain"]
+        summaries.append(summary)
+        metric_rows += _rows(i, result)
+        plots += write_factorization(result, directory, f"chain{i}", plots=config.plots)
+    if config.plots and len(results) > 1:
+        from jfactor.report import plot_error_vs_cost
+
+        plots.append(plot_error_vs_cost([s for s in summaries if "chain" in s], directory / "error_vs_macs.png",
+                                        title=the_plan.target.name).name)
+    rundir.write_text(directory / "metrics.csv", _csv(metric_rows))
+    payload = {
+        "name": config.name,
+        "config": config.model_dump(mode="json"),
+        "environment": environment(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wall_s": time.time() - started,
+        "results": summaries,
+        "plots": plots,
+    }
+    rundir.write_text(directory / "report.md", _report(payload))
+    rundir.write_json(directory / "results.json", payload)
+    return payload
+
+
+def write_factorization(result: Factorization, directory: Path, stem: str = "", *, plots: bool = True) -> list[str]:
+    """``<stem>_factors.npz`` (layer0, layer1, ... in chain order), ``<stem>_approx.npy`` (the
+    folded chain in the target's layout) and, with ``plots``, the PNGs; returns the PNG names."""
+    prefix = f"{stem}_" if stem else ""
+    rundir.write_npz(directory / f"{prefix}factors.npz", **{f"layer{j}": f for j, f in enumerate(result.factors)})
+    rundir.write_npy(directory / f"{prefix}approx.npy", result.approx_like_target())
+    if not plots:
+        return []
+    from jfactor.report import factorization_plots
+
+    return [p.name for p in factorization_plots(result, directory, stem)]
+
+
+def _report(payload: dict) -> str:
+    """report.md: what was run, the table of results, the baselines, the pictures."""
+    from jfactor.report import markdown_table
+
+    config = payload["config"]
+    lines = [f"# {payload['name']}", ""]
+    if config.get("description"):
+        lines += [config["description"], ""]
+    env = payload["environment"]
+    lines += [f"Run {payload['started']} on {env['device']} (jax {env['jax']}, optax {env['optax']}, "
+              f"flax {env['flax']}, numpy {env['numpy']}), {payload['wall_s']:.1f} s.", ""]
+    for entry in payload["results"]:
+        if "fold" in entry:
+            fold = entry["fold"]
+            lines += ["## Fold", "",
+                      f"One conv {'x'.join(map(str, fold['kernel_shape'][:-2]))}, stride {fold['stride']}, "
+                      f"receptive field {fold['receptive_field']}; canonical form "
+                      f"`{fold['canonical']['description']}`; certificate max abs diff "
+                      f"{fold['certificate']['max_abs_diff']:.2e} (float64)"
+                      + ("" if fold["exact_region"] is None else f"; exact on output region {fold['exact_region']}")
+                      + ".", ""]
+    chains = [e for e in payload["results"] if "chain" in e]
+    if chains:
+        target = chains[0]["target"]
+        lines += ["## Factorization", "",
+                  f"Target `{target['name']}` {target['shape']}, stride {target['stride']}; objective "
+                  f"{chains[0]['objective']}, {chains[0]['restarts']} restarts, init {chains[0]['init']}, "
+                  f"{chains[0]['dtype']}.", ""]
+        lines.append(markdown_table(chains, ["chain", "rel_error", "max_abs_error", "psnr_db", "spectral_error",
+                                             "output_psnr_db", "params", "macs", "dense_macs", "time_s"]))
+        lines.append("")
+        for i, entry in enumerate(chains):
+            if entry["baselines"]:
+                rows = [{"method": "jfactor", "rel_error": entry["rel_error"], "time_s": entry["time_s"]}]
+                rows += [{"method": name, **value} for name, value in entry["baselines"].items()]
+                lines += [f"### Baselines, chain {entry['chain']}", "",
+                          markdown_table(rows, ["method", "rel_error", "time_s", "note"]), ""]
+            lines += [f"![kernels](chain{i}_kernels.png)", f"![spectrum](chain{i}_spectrum.png)",
+                      f"![loss](chain{i}_loss.png)", ""] if config["plots"] else []
+        if config["plots"] and len(chains) > 1:
+            lines += ["![error vs cost](error_vs_macs.png)", ""]
+    lines += ["Relative error is |approx - target|_F / |target|_F; spectral error is the worst-case "
+              "frequency-response error relative to max |T(w)|; output PSNR is measured on filtered "
+              "image crops (valid positions).", ""]
+    return "\n".join(lines)
+
+
+def run(config: ExperimentConfig, base: Path, source: str, runs_dir="runs", *, progress: bool = True) -> Path:
+    """Plan (fail fast), create a fresh run directory, execute; returns the directory."""
+    the_plan = plan(config, base, source)
+    directory = rundir.new_run_dir(runs_dir, config.name)
+    execute(the_plan, directory, progress=progress)
+    return directory

@@ -1,0 +1,201 @@
+"""Baselines reported next to every factorization, each timed in the same run.
+
+- ``svd``: rank-R truncation of a 2-D single-channel target (R = the chain's width), the
+  best sum of R separable filters; not a chain, but the classic cheap alternative;
+- ``als``: alternating least squares over the free factors from the same starts as the
+  factorizer (each factor's least-squares update is exact given the others);
+- ``lstsq``: exact least-squares deconvolution, where one factor is free and the rest frozen;
+- ``wiener`` / ``unsupervised_wiener``: the seed's route (scikit-image deconvolution of the
+  target by the known, frozen part), where one undilated factor is free in a single-channel,
+  stride-1 chain.  The target is zero-padded by the known kernel's size - 1 against
+  circular wrap-around, and the estimate is cropped to the free factor's support;
+- ``scipy_lm``: scipy ``least_squares(method='lm')`` from the same starts, in float64,
+  with a numpy residual; needs at least as many residuals as parameters.
+
+Each returns ``{"rel_error", "time_s"}`` or, where it does not apply, both None and a ``note``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import optimize, signal
+
+from jfactor.factorize.chain import Chain, chain_kernel
+from jfactor.factorize.metrics import rel_error
+
+BASELINES = ("svd", "als", "lstsq", "wiener", "unsupervised_wiener", "scipy_lm")
+DEFAULT_BASELINES = ("svd", "als", "lstsq", "wiener", "unsupervised_wiener")
+
+
+def _not_applicable(note: str) -> dict:
+    return {"rel_error": None, "time_s": None, "note": note}
+
+
+def _timed(function):
+    start = time.perf_counter()
+    error = function()
+    return {"rel_error": float(error), "time_s": time.perf_counter() - start}
+
+
+def _free_indices(chain: Chain) -> list[int]:
+    return [i for i, layer in enumerate(chain.layers) if not layer.frozen]
+
+
+def svd_truncation(target: np.ndarray, chain: Chain) -> dict:
+    if target.ndim != 4 or target.shape[-2:] != (1, 1):
+        return _not_applicable("needs a 2-D single-channel target")
+    rank = min(chain.widths or (1,))
+    sigma = np.linalg.svd(target[..., 0, 0], compute_uv=False)
+    return _timed(lambda: np.sqrt(np.sum(sigma[rank:] ** 2)) / np.linalg.norm(sigma))
+
+
+@functools.partial(jax.jit, static_argnames=("chain", "free", "sweeps"))
+def _als(chain: Chain, free: tuple[int, ...], factors, target, sweeps: int):
+    """``sweeps`` rounds of exact least-squares updates of each free factor (one start)."""
+    def update(factors, i):
+        def approx_of(w):
+            return chain_kernel([w if j == i else f for j, f in enumerate(factors)], chain).ravel()
+        matrix = jax.jacfwd(approx_of)(factors[i]).reshape(target.size, -1)
+        w = jnp.linalg.lstsq(matrix, target.ravel())[0].reshape(factors[i].shape)
+        return [w if j == i else f for j, f in enumerate(factors)]
+
+    def sweep(_, factors):
+        for i in free:
+            factors = update(factors, i)
+        return factors
+
+    factors = jax.lax.fori_loop(0, sweeps, sweep, list(factors))
+    approx = chain_kernel(factors, chain)
+    return jnp.linalg.norm(approx - target) / jnp.linalg.norm(target)
+
+
+def als(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], sweeps: int = 100) -> dict:
+    """Best relative error of ALS over ``starts`` (each a full factor list)."""
+    free = tuple(_free_indices(chain))
+
+    def run():
+        errors = [_als(chain, free, [jnp.asarray(f) for f in start], jnp.asarray(target), sweeps)
+                  for start in starts]
+        return min(float(e) for e in errors if np.isfinite(e))
+
+    _als(chain, free, [jnp.asarray(f) for f in starts[0]], jnp.asarray(target), sweeps)  # compile
+    return _timed(run)
+
+
+def lstsq(target: np.ndarray, chain: Chain, start: list[np.ndarray]) -> dict:
+    free = _free_indices(chain)
+    if len(free) != 1:
+        return _not_applicable(f"needs exactly one free factor, the chain has {len(free)}")
+    args = (chain, tuple(free), [jnp.asarray(f) for f in start], jnp.asarray(target), 1)
+    _als(*args)  # compile
+    return _timed(lambda: _als(*args))
+
+
+def _known_kernel(chain: Chain, free: int) -> np.ndarray:
+    """Full convolution of the frozen factors (2-D, single channel, stride 1)."""
+    known = np.ones((1, 1))
+    for i, (weights, dilation) in enumerate(zip(chain.weights, chain.effective_dilations)):
+        if i != free:
+            spread = np.zeros([(k - 1) * d + 1 for k, d in zip(weights.shape[:2], dilation)])
+            spread[:: dilation[0], :: dilation[1]] = weights[..., 0, 0]
+            known = signal.convolve2d(known, spread)
+    return known
+
+
+def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 0, balance: float = 0.01) -> dict:
+    from skimage import restoration
+
+    free = _free_indices(chain)
+    if len(free) != 1:
+        return _not_applicable(f"needs exactly one free factor (the rest known), the chain has {len(free)}")
+    i = free[0]
+    single_channel = target.ndim == 4 and target.shape[-2:] == (1, 1) and all(w == 1 for w in chain.widths)
+    strided = any(s > 1 for layer in chain.layers for s in layer.stride)
+    if not single_channel or strided or any(d > 1 for d in chain.effective_dilations[i]):
+        return _not_applicable("needs a 2-D single-channel, stride-1 chain with an undilated free factor")
+    known = _known_kernel(chain, i)
+    size = chain.layers[i].size
+
+    def run():
+        pad = [(k - 1, k - 1) for k in known.shape]
+        image = np.pad(target[..., 0, 0], pad)
+        if unsupervised:
+            estimate, _ = restoration.unsupervised_wiener(image, known, clip=False, rng=np.random.default_rng(seed))
+        else:
+            estimate = restoration.wiener(image, known, balance, clip=False)
+        # 'same' alignment: factor tap t sits at known's centre offset (k - 1) // 2 past the padding
+        start = [p + (k - 1) // 2 for (p, _), k in zip(pad, known.shape)]
+        factor = estimate[start[0]: start[0] + size[0], start[1]: start[1] + size[1]]
+        approx = signal.convolve2d(known, factor)
+        return rel_error(approx[..., None, None], target)
+
+    return _timed(run)
+
+
+def _numpy_chain(factors: list[np.ndarray], chain: Chain) -> np.ndarray:
+    """Folded chain kernel with scipy convolutions (for the scipy baseline)."""
+    approx = None
+    for f, dilation in zip(factors, chain.effective_dilations):
+        nd = f.ndim - 2
+        spread = np.zeros([(k - 1) * d + 1 for k, d in zip(f.shape[:nd], dilation)] + list(f.shape[-2:]))
+        spread[tuple(slice(None, None, d) for d in dilation)] = f
+        if approx is None:
+            approx = spread
+            continue
+        out = np.zeros([a + b - 1 for a, b in zip(approx.shape[:nd], spread.shape[:nd])]
+                       + [approx.shape[-2], spread.shape[-1]])
+        for i in range(approx.shape[-2]):
+            for m in range(approx.shape[-1]):
+                for o in range(spread.shape[-1]):
+                    out[..., i, o] += signal.convolve(approx[..., i, m], spread[..., m, o])
+        approx = out
+    return approx
+
+
+def scipy_lm(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]]) -> dict:
+    """scipy least_squares(method='lm') from each start (free factors optimised), best error."""
+    free = _free_indices(chain)
+    shapes = [starts[0][i].shape for i in free]
+    sizes = [int(np.prod(s)) for s in shapes]
+    if target.size < sum(sizes):
+        return _not_applicable(f"method 'lm' needs residuals >= parameters ({target.size} < {sum(sizes)})")
+
+    def factors_of(x, start):
+        pieces = np.split(x, np.cumsum(sizes)[:-1])
+        out = list(start)
+        for i, piece, shape in zip(free, pieces, shapes):
+            out[i] = piece.reshape(shape)
+        return out
+
+    def run():
+        best = np.inf
+        for start in starts:
+            x0 = np.concatenate([start[i].ravel() for i in free])
+            fun = lambda x, start=start: (_numpy_chain(factors_of(x, start), chain) - target).ravel()  # noqa: E731
+            result = optimize.least_squares(fun, x0, method="lm")
+            best = min(best, rel_error(_numpy_chain(factors_of(result.x, start), chain), target))
+        return best
+
+    return _timed(run)
+
+
+def run_baselines(names, target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], seed: int = 0) -> dict:
+    """Every baseline in ``names`` on ``target`` (*extent, C_in, C_out), float64."""
+    table = {}
+    for name in names:
+        if name == "svd":
+            table[name] = svd_truncation(target, chain)
+        elif name == "als":
+            table[name] = als(target, chain, starts)
+        elif name == "lstsq":
+            table[name] = lstsq(target, chain, starts[0])
+        elif name in ("wiener", "unsupervised_wiener"):
+            table[name] = wiener(target, chain, unsupervised=name == "unsupervised_wiener", seed=seed)
+        elif name == "scipy_lm":
+            table[name] = scipy_lm(target, chain, starts)
+    return table

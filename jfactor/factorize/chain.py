@@ -1,0 +1,340 @@
+"""Chains of small kernels, targets, and the folded kernel of a chain.
+
+A chain is L convolutions applied in order: layer i has kernel ``(*k_i, C_{i-1}, C_i)``,
+dilation ``d_i`` and stride ``s_i``; ``C_0`` and ``C_L`` are the target's channels and the
+widths between are the chain's.  Its folded kernel is the canonical form of
+:mod:`jfactor.fold`: the kernels dilated by ``d_i * S_{<i}`` (the stride accumulated before
+them) and convolved, with total stride ``S = prod s_i``.  :func:`chain_kernel` computes it
+with one FFT per factor and a per-frequency channel product, which is exact (the FFT size
+is the full extent, so nothing wraps), linear in any batch of restarts or targets, and
+differentiable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jfactor.errors import JFactorError
+from jfactor.layers import Conv
+from jfactor.ops import dilate
+from jfactor.stack import Stack
+
+
+class FactorizationError(JFactorError):
+    """A chain that cannot match its target, or a factorization that cannot be trusted."""
+
+
+def _per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
+    values = (value,) * ndim if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(values) != ndim or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in values):
+        raise FactorizationError(f"{name} must be a positive integer or {ndim} of them, got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainLayer:
+    """One layer of a chain: kernel size, dilation and stride per spatial dim."""
+
+    size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    frozen: bool = False
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        return tuple((k - 1) * d + 1 for k, d in zip(self.size, self.dilation))
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Layers and the channel widths between them (``len(widths) == len(layers) - 1``).
+
+    ``weights[i]`` holds the fixed ``(*k, C_in, C_out)`` kernel of a frozen layer (None for
+    free ones); it is left out of equality and hashing, so a chain is a static jit argument
+    and its frozen weights travel as data.
+    """
+
+    layers: tuple[ChainLayer, ...]
+    widths: tuple[int, ...]
+    weights: tuple = dataclasses.field(default=(), compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        if not self.weights:
+            object.__setattr__(self, "weights", (None,) * len(self.layers))
+        if len(self.widths) != len(self.layers) - 1 or len(self.weights) != len(self.layers):
+            raise FactorizationError(
+                f"a chain of {len(self.layers)} layers needs {len(self.layers) - 1} widths and "
+                f"{len(self.layers)} weight entries, got {len(self.widths)} and {len(self.weights)}")
+
+    @classmethod
+    def build(cls, sizes, *, dilations=None, strides=None, channels=1, ndim: int = 2,
+              frozen: dict[int, np.ndarray] | None = None) -> Chain:
+        """``Chain.build([3, 5, 9], dilations=[1, 1, 1], channels=4)``.
+
+        ``sizes``/``dilations``/``strides`` give one entry per layer (an int, or one per
+        spatial dim); ``channels`` is the width between layers (an int or a list of L - 1);
+        ``frozen`` maps a layer index to its fixed weights ``(*k, C_in, C_out)`` (or ``(*k,)``
+        for one channel in and out).
+        """
+        sizes = list(sizes)
+        if not sizes:
+            raise FactorizationError("a chain needs at least one layer")
+        n = len(sizes)
+        dilations = [1] * n if dilations is None else list(dilations)
+        strides = [1] * n if strides is None else list(strides)
+        for name, values in (("dilations", dilations), ("strides", strides)):
+            if len(values) != n:
+                raise FactorizationError(f"{name} has {len(values)} entries for a chain of {n} layers")
+        widths = [channels] * (n - 1) if isinstance(channels, (int, np.integer)) else list(channels)
+        if len(widths) != n - 1 or not all(isinstance(w, (int, np.integer)) and w >= 1 for w in widths):
+            raise FactorizationError(f"channels must be a positive int or {n - 1} of them, got {channels!r}")
+        frozen = frozen or {}
+        for index in frozen:
+            if not 0 <= index < n:
+                raise FactorizationError(f"frozen layer {index} is not in a chain of {n} layers")
+        layers, fixed = [], []
+        for i in range(n):
+            size = _per_dim(sizes[i], ndim, f"layer {i} size")
+            weights = None
+            if i in frozen:
+                weights = np.asarray(frozen[i], np.float64)
+                if weights.shape == size:
+                    weights = weights[..., None, None]
+                if weights.shape[:ndim] != size or weights.ndim != ndim + 2:
+                    raise FactorizationError(
+                        f"frozen layer {i}: weights of shape {weights.shape} do not fit size {size} "
+                        f"(expected (*{size}, C_in, C_out))")
+                if not np.isfinite(weights).all():
+                    raise FactorizationError(f"frozen layer {i}: weights are not all finite")
+            layers.append(ChainLayer(size, _per_dim(dilations[i], ndim, f"layer {i} dilation"),
+                                     _per_dim(strides[i], ndim, f"layer {i} stride"), weights is not None))
+            fixed.append(weights)
+        return cls(tuple(layers), tuple(int(w) for w in widths), tuple(fixed))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.layers[0].size)
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return tuple(math.prod(layer.stride[d] for layer in self.layers) for d in range(self.ndim))
+
+    @property
+    def effective_dilations(self) -> list[tuple[int, ...]]:
+        """Dilation of each kernel in the folded (stride-1) form: ``d_i * S_{<i}``."""
+        out, accumulated = [], (1,) * self.ndim
+        for layer in self.layers:
+            out.append(tuple(d * a for d, a in zip(layer.dilation, accumulated)))
+            accumulated = tuple(a * s for a, s in zip(accumulated, layer.stride))
+        return out
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        """Receptive field: the size of the folded kernel."""
+        return tuple(
+            1 + sum((layer.size[d] - 1) * dil[d] for layer, dil in zip(self.layers, self.effective_dilations))
+            for d in range(self.ndim)
+        )
+
+    def channels(self, c_in: int, c_out: int) -> list[int]:
+        """``[C_0, ..., C_L]`` for a target with ``c_in`` and ``c_out`` channels."""
+        return [c_in, *self.widths, c_out]
+
+    def factor_shapes(self, c_in: int, c_out: int) -> list[tuple[int, ...]]:
+        c = self.channels(c_in, c_out)
+        return [layer.size + (c[i], c[i + 1]) for i, layer in enumerate(self.layers)]
+
+    def describe(self) -> str:
+        parts = []
+        for layer in self.layers:
+            text = "x".join(map(str, layer.size))
+            if any(d > 1 for d in layer.dilation):
+                text += f" d{_fmt(layer.dilation)}"
+            if any(s > 1 for s in layer.stride):
+                text += f" s{_fmt(layer.stride)}"
+            if layer.frozen:
+                text += " (frozen)"
+            parts.append(text)
+        widths = set(self.widths)
+        suffix = "" if not self.widths else f", width {self.widths[0]}" if len(widths) == 1 else f", widths {list(self.widths)}"
+        return " -> ".join(parts) + suffix
+
+    def num_params(self, c_in: int, c_out: int) -> int:
+        """Weights of the free layers."""
+        return sum(math.prod(s) for s, layer in zip(self.factor_shapes(c_in, c_out), self.layers)
+                   if not layer.frozen)
+
+    def macs_per_output(self, c_in: int, c_out: int) -> int:
+        """Multiply-adds per output position, each layer at its own resolution (borders ignored)."""
+        total, accumulated = 0, (1,) * self.ndim
+        for shape, layer in zip(self.factor_shapes(c_in, c_out), self.layers):
+            accumulated = tuple(a * s for a, s in zip(accumulated, layer.stride))
+            rate = math.prod(S // a for S, a in zip(self.stride, accumulated))
+            total += math.prod(shape) * rate
+        return total
+
+
+def _fmt(values) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A kernel to approximate: ``kernel`` (*k, C_in, C_out), applied with ``stride``."""
+
+    kernel: np.ndarray
+    stride: tuple[int, ...]
+    name: str = "target"
+    spatial_only: bool = False
+
+    @classmethod
+    def from_array(cls, array, *, spatial_dims: int | None = None, stride=1, name: str = "target") -> Target:
+        """An array with only spatial axes (1-D, 2-D; 3 axes read as 3-D) or ``(*k, C_in, C_out)``.
+
+        Arrays of 4 or 5 axes are 2-D or 3-D with channels; pass ``spatial_dims=1`` for a
+        1-D ``(k, C_in, C_out)`` target.
+        """
+        kernel = np.asarray(array)
+        if not np.issubdtype(kernel.dtype, np.number) or np.iscomplexobj(kernel):
+            raise FactorizationError(f"{name}: the target must be a real numeric array, got {kernel.dtype}")
+        kernel = kernel.astype(np.float64)
+        if spatial_dims is None:
+            spatial_dims = kernel.ndim if kernel.ndim <= 3 else kernel.ndim - 2
+        if spatial_dims < 1 or kernel.ndim not in (spatial_dims, spatial_dims + 2):
+            raise FactorizationError(
+                f"{name}: shape {kernel.shape} is neither (*k,) nor (*k, C_in, C_out) with {spatial_dims} spatial dims")
+        spatial_only = kernel.ndim == spatial_dims
+        if spatial_only:
+            kernel = kernel[..., None, None]
+        if kernel.size == 0:
+            raise FactorizationError(f"{name}: the target is empty")
+        if not np.isfinite(kernel).all():
+            raise FactorizationError(f"{name}: the target has {int((~np.isfinite(kernel)).sum())} non-finite values")
+        if not np.any(kernel):
+            raise FactorizationError(f"{name}: the target is all zeros; there is nothing to approximate")
+        return cls(kernel, _per_dim(stride, spatial_dims, "target stride"), name, spatial_only)
+
+    @property
+    def ndim(self) -> int:
+        return self.kernel.ndim - 2
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return self.kernel.shape[: self.ndim]
+
+    @property
+    def c_in(self) -> int:
+        return self.kernel.shape[-2]
+
+    @property
+    def c_out(self) -> int:
+        return self.kernel.shape[-1]
+
+
+def check_chain(chain: Chain, target: Target) -> tuple[tuple[int, int], ...]:
+    """Raise if ``chain`` cannot produce ``target``'s shape; return the target's zero padding.
+
+    A chain whose receptive field exceeds the target approximates the target zero-padded
+    (centred, the odd pixel high); a smaller one, another stride, or frozen weights with the
+    wrong channels are errors that say what would fit.
+    """
+    if chain.ndim != target.ndim:
+        raise FactorizationError(f"the chain is {chain.ndim}-D but the target {target.size} is {target.ndim}-D")
+    if chain.stride != target.stride:
+        raise FactorizationError(
+            f"the chain's strides multiply to {chain.stride} but the target is applied with stride "
+            f"{target.stride}; give strides whose product is {target.stride}")
+    extent = chain.extent
+    if any(e < n for e, n in zip(extent, target.size)):
+        last = chain.layers[-1]
+        dil = chain.effective_dilations[-1]
+        grow = [max(0, -(-(n - e) // d)) for n, e, d in zip(target.size, extent, dil)]
+        fix = "x".join(str(k + g) for k, g in zip(last.size, grow))
+        raise FactorizationError(
+            f"chain {chain.describe()} covers {'x'.join(map(str, extent))} but the target is "
+            f"{'x'.join(map(str, target.size))}: the kernel sizes minus one, times their effective "
+            f"dilations {chain.effective_dilations}, must add up to at least the target size minus one; "
+            f"for example a last layer of size {fix}")
+    shapes = chain.factor_shapes(target.c_in, target.c_out)
+    for i, (weights, shape) in enumerate(zip(chain.weights, shapes)):
+        if weights is not None and weights.shape != shape:
+            raise FactorizationError(
+                f"frozen layer {i}: weights {weights.shape} but the chain needs {shape} here "
+                f"(channels {chain.channels(target.c_in, target.c_out)})")
+    return tuple(((e - n) // 2, e - n - (e - n) // 2) for e, n in zip(extent, target.size))
+
+
+def chain_kernel(factors, chain: Chain):
+    """Folded kernel of a chain: ``factors[i]`` (..., *k_i, C_{i-1}, C_i) -> (..., *extent, C_0, C_L).
+
+    Leading batch axes (restarts, targets) broadcast.  Exact up to FFT rounding.
+    """
+    nd = chain.ndim
+    extent = chain.extent
+    spectrum = None
+    for factor, dilation in zip(factors, chain.effective_dilations):
+        batch = factor.ndim - nd - 2
+        spread = dilate(factor, dilation)
+        spatial = tuple(range(batch, batch + nd))
+        pads = [(0, 0)] * batch + [(0, e - s) for e, s in zip(extent, spread.shape[batch:batch + nd])] + [(0, 0)] * 2
+        f = jnp.fft.rfftn(jnp.pad(spread, pads), axes=spatial)
+        spectrum = f if spectrum is None else jnp.einsum("...im,...mo->...io", spectrum, f)
+    batch = spectrum.ndim - nd - 2
+    return jnp.fft.irfftn(spectrum, s=extent, axes=tuple(range(batch, batch + nd)))
+
+
+def to_stack(factors, chain: Chain, input_shape) -> Stack:
+    """The chain as a :class:`~jfactor.Stack` of valid convolutions on ``input_shape``."""
+    layers = [Conv(np.asarray(f), None, layer.stride, layer.dilation, "valid")
+              for f, layer in zip(factors, chain.layers)]
+    return Stack(layers, tuple(input_shape))
+
+
+def chain_jacobian(factors, chain: Chain, free: tuple[int, ...]):
+    """Jacobian of the folded kernel w.r.t. the free factors: (prod(extent) C_0 C_L, n_free).
+
+    Row order is ``approx.ravel()``, column order the free factors raveled one after
+    another.  The chain kernel is linear in each factor: its derivative w.r.t. tap ``t``
+    of factor ``i`` is the product of the other factors, ``R_i = P_i (*) Q_i``, shifted by
+    ``D_i t``.  So each block is a gather from one small kernel per factor instead of one
+    forward pass per parameter.
+    """
+    nd = chain.ndim
+    extent = chain.extent
+    axes = tuple(range(nd))
+    spectra = []
+    for factor, dilation in zip(factors, chain.effective_dilations):
+        spread = dilate(factor, dilation)
+        pads = [(0, e - s) for e, s in zip(extent, spread.shape[:nd])] + [(0, 0)] * 2
+        spectra.append(jnp.fft.rfftn(jnp.pad(spread, pads), axes=axes))
+    freq_shape = spectra[0].shape[:nd]
+    blocks = []
+    for i in free:
+        before = _product(spectra[:i], freq_shape, spectra[0].shape[-2], spectra[i].dtype)
+        after = _product(spectra[i + 1:], freq_shape, spectra[i].shape[-1], spectra[i].dtype)
+        outer = jnp.einsum("...ac,...db->...abcd", before, after)  # (*freq, C_0, C_L, C_{i-1}, C_i)
+        others = jnp.fft.irfftn(outer, s=extent, axes=axes).reshape((-1,) + outer.shape[nd:])
+        size = factors[i].shape[:nd]
+        shift = np.array(chain.effective_dilations[i])
+        grid = np.stack(np.meshgrid(*[np.arange(e) for e in extent], indexing="ij"), -1).reshape(-1, nd)
+        taps = np.stack(np.meshgrid(*[np.arange(k) for k in size], indexing="ij"), -1).reshape(-1, nd)
+        source = (grid[:, None, :] - taps[None, :, :] * shift) % np.array(extent)
+        index = np.ravel_multi_index(tuple(np.moveaxis(source, -1, 0)), extent)  # (m_spatial, taps)
+        block = others[index]  # (m_spatial, taps, C_0, C_L, C_{i-1}, C_i)
+        block = jnp.transpose(block, (0, 2, 3, 1, 4, 5))
+        blocks.append(block.reshape(block.shape[0] * block.shape[1] * block.shape[2], -1))
+    return jnp.concatenate(blocks, axis=1)
+
+
+def _product(spectra, freq_shape, channels: int, dtype):
+    """Per-frequency matrix product of ``spectra`` (identity of size ``channels`` if empty)."""
+    if not spectra:
+        return jnp.broadcast_to(jnp.eye(channels, dtype=dtype), freq_shape + (channels, channels))
+    out = spectra[0]
+    for s in spectra[1:]:
+        out = jnp.einsum("...im,...mo->...io", out, s)
+    return out

@@ -1,0 +1,113 @@
+"""What "close to the target" means: residual vectors of the approximate kernel.
+
+Every objective maps ``(approx, target)``, both ``(*k, C_in, C_out)``, to a residual
+vector ``r`` normalised so that ``|r| = 1`` for ``approx = 0``; optimizers minimise
+``|r|^2 / 2`` and Levenberg-Marquardt uses ``r`` directly, so all three objectives serve
+every optimizer.
+
+- ``kernel``: ``approx - target`` (least squares on the taps; by Parseval the same as the
+  L2 error of the frequency response, so ``|r|`` is the relative Frobenius error);
+- ``spectral``: the frequency-response error on a grid ``pad`` times finer, with
+  ``r = |E(w)|^(p/2)``: ``p = 2`` is ``kernel`` again, large ``p`` approaches the worst case
+  ``sup |E(w)|``, which bounds the output error for every image;
+- ``images``: the difference of the two filters' outputs on images (valid positions,
+  the target's stride), i.e. the error weighted by the images' power spectrum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jfactor.errors import ConfigError
+from jfactor.ops import conv
+from jfactor.schema import unknown_key
+
+OBJECTIVES = ("kernel", "spectral", "images")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A hashable objective: ``residual(approx, target, images)`` -> 1-D vector.
+
+    ``images`` (B, *spatial, C_in) is used by the ``images`` objective only (None otherwise);
+    ``stride`` is the target's, ``p`` and ``pad`` are the ``spectral`` objective's.
+    """
+
+    name: str = "kernel"
+    p: float = 2.0
+    pad: int = 4
+    stride: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ConfigError(unknown_key(self.name, OBJECTIVES, "objective"))
+        if self.p < 2:
+            raise ConfigError(f"objective spectral: p must be >= 2 (got {self.p}); p = 2 is the kernel objective")
+        if self.pad < 1:
+            raise ConfigError(f"objective spectral: pad must be >= 1 (got {self.pad})")
+
+    @property
+    def label(self) -> str:
+        return f"spectral_p{self.p:g}" if self.name == "spectral" else self.name
+
+    def raw(self, approx, target, images=None):
+        """The unnormalised residual of ``approx`` (*k, C_in, C_out) against ``target``."""
+        ndim = approx.ndim - 2
+        error = approx - target
+        if self.name == "kernel":
+            return error.ravel()
+        if self.name == "spectral":
+            size = tuple(self.pad * n for n in approx.shape[:ndim])
+            spectrum = jnp.fft.rfftn(error, s=size, axes=tuple(range(ndim)))
+            power = spectrum.real**2 + spectrum.imag**2
+            return (power ** (self.p / 4)).ravel()
+        if images is None:
+            raise ConfigError("objective images needs images (B, *spatial, C_in)")
+        out = conv(images.astype(error.dtype), error, strides=self.stride, dilation=(1,) * ndim,
+                   pads=((0, 0),) * ndim, groups=1)
+        return out.ravel()
+
+    def residual(self, approx, target, images=None):
+        """``raw`` scaled so that ``|residual(0, target)| = 1``."""
+        scale = jnp.linalg.norm(self.raw(jnp.zeros_like(target), target, images))
+        return self.raw(approx, target, images) / scale
+
+
+def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, seed: int = 0) -> np.ndarray:
+    """Grey float images (count * len(names), size, size, c_in) cropped from skimage.data or files.
+
+    Names are skimage.data functions (``camera``, ``astronaut``, ``coins``, ``moon``, ...);
+    anything with a suffix is read as an image file.  Crops are random (seeded); each input
+    channel gets its own crop.
+    """
+    from skimage import color, data, io, transform, util
+
+    rng = np.random.default_rng(seed)
+    crops = []
+    for name in names_or_paths:
+        if "." in str(name):
+            try:
+                image = io.imread(name)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{name}: cannot read the image: {exc}") from None
+        elif hasattr(data, str(name)):
+            image = getattr(data, str(name))()
+        else:
+            raise ConfigError(f"unknown image {name!r}: give a skimage.data name (camera, astronaut, "
+                              "coins, moon, ...) or an image file path")
+        image = util.img_as_float(image)
+        if image.ndim == 3:
+            image = color.rgb2gray(image[..., :3])
+        if min(image.shape) < size:
+            image = transform.resize(image, (max(size, image.shape[0]), max(size, image.shape[1])))
+        for _ in range(count):
+            channels = []
+            for _ in range(c_in):
+                y = rng.integers(0, image.shape[0] - size + 1)
+                x = rng.integers(0, image.shape[1] - size + 1)
+                channels.append(image[y: y + size, x: x + size])
+            crops.append(np.stack(channels, axis=-1))
+    return np.stack(crops)

@@ -1,0 +1,157 @@
+"""Pictures and markdown for factorizations and sweeps (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jfactor.factorize import Factorization  # noqa: E402
+from jfactor.rundir import write_with  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    write_with(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=110))
+    plt.close(fig)
+    return Path(path)
+
+
+def _plane(kernel: np.ndarray) -> np.ndarray:
+    """A 2-D view of (*k, C_in, C_out): channel (0, 0); the middle slice of 3-D kernels."""
+    k = kernel[..., 0, 0]
+    while k.ndim > 2:
+        k = k[k.shape[0] // 2]
+    return k
+
+
+def _show(ax, image, title, symmetric=True):
+    if image.ndim == 1:
+        ax.plot(image, marker=".")
+        ax.set_title(title)
+        return
+    vmax = np.abs(image).max() or 1.0
+    im = ax.imshow(image, cmap="RdBu_r" if symmetric else "magma", vmin=-vmax if symmetric else 0, vmax=vmax)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    plt.colorbar(im, ax=ax, fraction=0.046)
+
+
+def plot_kernels(result: Factorization, path) -> Path:
+    """Target, approximation and residual side by side (channel 0 -> 0)."""
+    target, approx = _plane(result.target_padded), _plane(result.approx)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    _show(axes[0], target, f"target {result.target.name}")
+    _show(axes[1], approx, f"chain {result.chain.describe()}")
+    _show(axes[2], approx - target, f"residual (rel. error {result.rel_error:.2e})")
+    return _save(fig, path)
+
+
+def _spectrum(kernel: np.ndarray, pad: int = 8) -> np.ndarray:
+    k = _plane(kernel)
+    size = [pad * n for n in k.shape]
+    return np.fft.fftshift(np.abs(np.fft.fftn(k, s=size)))
+
+
+def plot_spectra(result: Factorization, path) -> Path:
+    """|frequency response| of target, approximation and their difference (8x zero-padded)."""
+    target, approx = _spectrum(result.target_padded), _spectrum(result.approx)
+    error = _spectrum(result.approx - result.target_padded)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    if target.ndim == 1:
+        freq = np.fft.fftshift(np.fft.fftfreq(target.size))
+        for ax, data, title in zip(axes, (target, approx, error), ("|T(w)|", "|chain(w)|", "|error(w)|")):
+            ax.plot(freq, data)
+            ax.set_title(title)
+    else:
+        for ax, data, title in zip(axes, (target, approx, error), ("|T(w)|", "|chain(w)|", "|error(w)|")):
+            _show(ax, data, title, symmetric=False)
+    fig.suptitle(f"worst-case response error {result.metrics['spectral_error']:.2e} of max |T(w)|")
+    return _save(fig, path)
+
+
+def plot_loss(result: Factorization, path) -> Path:
+    """Relative error per step of every restart; the kept one in colour."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    curves = np.sqrt(np.maximum(2 * result.history, 1e-32))
+    for r, curve in enumerate(curves):
+        if r != result.best:
+            ax.semilogy(curve, color="0.75", lw=0.8)
+    ax.semilogy(curves[result.best], color="C3", lw=1.6, label=f"best restart ({result.best})")
+    steps = result.settings["solver"]["steps"] if result.settings["solver"]["optimizer"] != "none" else 0
+    if 0 < steps < curves.shape[-1]:
+        ax.axvline(steps, color="k", ls=":", lw=0.8)
+        ax.text(steps, ax.get_ylim()[1], " LM", va="top")
+    ax.set_xlabel("step (first-order, then Levenberg-Marquardt iterations)")
+    ax.set_ylabel("relative error")
+    ax.legend()
+    return _save(fig, path)
+
+
+def factorization_plots(result: Factorization, directory, stem: str = "") -> list[Path]:
+    directory = Path(directory)
+    prefix = f"{stem}_" if stem else ""
+    return [plot_kernels(result, directory / f"{prefix}kernels.png"),
+            plot_spectra(result, directory / f"{prefix}spectrum.png"),
+            plot_loss(result, directory / f"{prefix}loss.png")]
+
+
+def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", title: str = "") -> Path:
+    """Relative error against multiply-adds per output, one point per row (log-log)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, row in enumerate(rows):
+        error = max(row["rel_error"], 1e-17)
+        ax.loglog(row["macs"], error, "o", color=f"C{i % 10}")
+        ax.annotate(str(row.get(label_key, i)), (row["macs"], error), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("multiply-adds per output")
+    ax.set_ylabel("relative error")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_sweep(rows: list[dict], keys: list[str], path) -> Path:
+    """Summary of a sweep: error vs MACs, and error against each swept key."""
+    panels = 1 + len(keys)
+    cols = min(panels, 3)
+    fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(5 * cols, 3.8 * math.ceil(panels / cols)),
+                             squeeze=False)
+    axes = axes.ravel()
+    errors = np.array([max(r["rel_error"], 1e-17) for r in rows])
+    axes[0].loglog([r["macs"] for r in rows], errors, "o")
+    axes[0].set_xlabel("multiply-adds per output")
+    axes[0].set_ylabel("relative error")
+    axes[0].set_title("error vs cost")
+    for ax, key in zip(axes[1:], keys):
+        labels = [str(r[key]) for r in rows]
+        order = list(dict.fromkeys(labels))
+        for i, label in enumerate(order):
+            values = errors[[j for j, x in enumerate(labels) if x == label]]
+            ax.semilogy(np.full(values.size, i), values, "o", alpha=0.7)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"error by {key}")
+    for ax in axes[panels:]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Learned factorization: exactness where it exists, honest errors, and the result's contracts."""
+
+import numpy as np
+import pytest
+import scipy.signal as sp
+
+import jfactor as jf
+from jfactor import kernels
+from jfactor.factorize import Chain, FactorizationError, Solver, Target, factorize, factorize_batch
+
+FAST = Solver(optimizer="none", refine_steps=200, chunk=50)  # LM only: one compile per geometry
+SEED_A1 = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1]], float)  # seed section 3
+SEED_A2 = np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]], float)
+
+
+@pytest.mark.parametrize("family", ["gaussian", "box"])
+def test_separable_targets_are_exact_when_sizes_add_up(family):
+    result = factorize(kernels.make(family, 15), Chain.build([3, 5, 9]), solver=FAST, restarts=4, baselines=())
+    assert result.rel_error <= 1e-10
+    assert result.metrics["max_abs_error"] <= 1e-12
+
+
+def test_factors_fold_back_to_the_reported_approximation():
+    target = kernels.make("log", 9)
+    result = factorize(target, Chain.build([3, 3, 3], dilations=[1, 1, 2]), solver=FAST, restarts=4, baselines=())
+    stack = result.to_stack((20, 20, 1))
+    folded = jf.fold(stack)
+    np.testing.assert_allclose(np.asarray(folded.conv.kernel)[..., 0, 0], result.approx_like_target(), atol=1e-12)
+    error = np.linalg.norm(np.asarray(folded.conv.kernel)[..., 0, 0] - target) / np.linalg.norm(target)
+    assert error == pytest.approx(result.rel_error, rel=1e-9)
+    assert result.rel_error < 0.2
+
+
+def test_the_seeds_known_factor_case_is_exact_and_wiener_is_not():
+    """Section 3: D1 = A1 (*) A2 with A1 known; the seed's Wiener route misses A2, least squares does not."""
+    d1 = sp.convolve2d(SEED_A1, SEED_A2)
+    chain = Chain.build([3, 3], frozen={0: SEED_A1})
+    result = factorize(d1, chain, solver=FAST, restarts=2,
+                       baselines=("lstsq", "wiener", "unsupervised_wiener", "als"))
+    assert result.rel_error < 1e-10
+    np.testing.assert_allclose(result.factors[1][..., 0, 0], SEED_A2, atol=1e-9)
+    np.testing.assert_array_equal(result.factors[0][..., 0, 0], SEED_A1)
+    assert result.baselines["lstsq"]["rel_error"] < 1e-10
+    for name in ("wiener", "unsupervised_wiener"):
+        assert result.baselines[name]["rel_error"] > 10 * max(result.rel_error, 1e-12)
+        assert result.baselines[name]["time_s"] >= 0
+
+
+def test_a_box_known_factor_of_the_seeds_upsampled_kernel():
+    """Section 5's 6x6 kernel (A2 repeated 2x) is a 2x2 box after A2 dilated by 2: learn the rest."""
+    a2 = np.array([[1, 1, 1], [0, 0, 0], [0, 0, 1]], float)
+    a3 = np.repeat(np.repeat(a2, 2, axis=0), 2, axis=1)
+    chain = Chain.build([3, 2], dilations=[2, 1], frozen={1: np.ones((2, 2))})
+    result = factorize(a3, chain, solver=FAST, restarts=2, baselines=())
+    assert result.rel_error < 1e-10
+    np.testing.assert_allclose(result.factors[0][..., 0, 0], a2, atol=1e-9)
+
+
+def test_width_equal_to_rank_is_exact():
+    rng = np.random.default_rng(0)
+    target = sum(np.outer(rng.normal(size=7), rng.normal(size=7)) for _ in range(2))
+    narrow = factorize(target, Chain.build([3, 5], channels=1), solver=FAST, restarts=4, baselines=("svd",))
+    wide = factorize(target, Chain.build([3, 5], channels=2), solver=FAST, restarts=4, baselines=("svd",))
+    assert wide.rel_error < 1e-9
+    assert narrow.rel_error > 1e-3
+    assert narrow.rel_error <= narrow.baselines["svd"]["rel_error"] * (1 + 1e-6)
+
+
+def test_multichannel_and_float32():
+    rng = np.random.default_rng(1)
+    target = rng.normal(size=(5, 5, 2, 3))
+    result = factorize(target, Chain.build([3, 3], channels=4), solver=FAST, restarts=4, dtype="float32",
+                       baselines=())
+    assert result.factors[0].shape == (3, 3, 2, 4) and result.factors[1].shape == (3, 3, 4, 3)
+    assert result.approx.shape == (5, 5, 2, 3)
+    assert result.rel_error < 0.5
+    assert np.isfinite(result.metrics["spectral_error"])
+
+
+def test_batch_of_targets_in_one_call():
+    targets = [kernels.gaussian(9, s) for s in (1.0, 1.5, 2.0)]
+    results = factorize_batch(targets, Chain.build([3, 3, 5]), solver=FAST, restarts=2)
+    assert len(results) == 3
+    for target, result in zip(targets, results):
+        assert result.rel_error < 1e-10
+        np.testing.assert_allclose(result.approx_like_target(), target, atol=1e-12)
+
+
+def test_second_call_of_one_geometry_does_not_compile():
+    chain = Chain.build([3, 3, 3])
+    factorize(kernels.make("dog", 7), chain, solver=FAST, restarts=2, baselines=())
+    again = factorize(kernels.make("dog", 7, ratio=2.0), chain, solver=FAST, restarts=2, baselines=())
+    assert again.compile_s == 0.0
+
+
+@pytest.mark.parametrize("objective", ["spectral", "images"])
+def test_other_objectives_run_and_improve_on_zero(objective):
+    from jfactor.factorize import Objective
+
+    target = kernels.make("gabor", 7)
+    chain = Chain.build([3, 5])
+    objective = Objective(objective, p=8.0) if objective == "spectral" else objective
+    result = factorize(target, chain, objective=objective, solver=FAST, restarts=2, baselines=())
+    assert result.rel_error < 0.9
+    assert result.settings["objective"] in ("spectral_p8", "images")
+
+
+def test_receptive_field_and_stride_errors_say_what_would_fit():
+    with pytest.raises(FactorizationError, match=r"covers 13x13 but the target is 15x15.*last layer of size 9x9"):
+        factorize(kernels.make("gaussian", 15), Chain.build([3, 5, 7]), baselines=())
+    with pytest.raises(FactorizationError, match=r"strides multiply to \(2, 2\).*stride \(1, 1\)"):
+        factorize(kernels.make("gaussian", 15), Chain.build([3, 5, 9], strides=[1, 2, 1]), baselines=())
+    with pytest.raises(FactorizationError, match=r"frozen layer 0: weights \(3, 3, 1, 2\) but the chain needs"):
+        factorize(np.ones((5, 5)), Chain.build([3, 3], frozen={0: np.ones((3, 3, 1, 2))}), baselines=())
+    with pytest.raises(FactorizationError, match="every layer of the chain is frozen"):
+        factorize(np.ones((5, 5)), Chain.build([3, 3], frozen={0: np.ones((3, 3)), 1: np.ones((3, 3))}))
+
+
+def test_a_larger_chain_approximates_the_zero_padded_target():
+    result = factorize(kernels.make("gaussian", 13), Chain.build([3, 5, 9]), solver=FAST, restarts=4, baselines=())
+    assert result.padding == ((1, 1), (1, 1))
+    assert result.approx.shape == (15, 15, 1, 1)
+    assert result.rel_error < 0.05
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.full((5, 5), np.nan), "non-finite"),
+    (np.zeros((5, 5)), "all zeros"),
+    (np.ones((5, 5), complex), "real numeric"),
+])
+def test_bad_targets(bad, match):
+    with pytest.raises(FactorizationError, match=match):
+        Target.from_array(bad)
+
+
+def test_divergence_is_dropped_or_reported_never_returned():
+    solver = Solver(optimizer="adam", learning_rate=1e12, steps=30, refine="none", chunk=30)
+    with pytest.raises(FactorizationError, match="all 2 restarts diverged"):
+        factorize(kernels.make("log", 7), Chain.build([3, 5]), solver=solver, restarts=2, baselines=(),
+                  dtype="float32")
+    mixed = Solver(optimizer="adam", learning_rate=1e12, steps=30, refine="lm", refine_steps=50,
+                   first_order_share=0.5, chunk=30)
+    result = factorize(kernels.make("log", 7), Chain.build([3, 5]), solver=mixed, restarts=2, baselines=(),
+                       dtype="float32")
+    assert result.to_dict()["diverged"] == 1  # the adam restart overflowed; LM carried on from its best point
+    assert np.isfinite(result.rel_error) and result.rel_error < 1
