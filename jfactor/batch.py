@@ -56,6 +56,7 @@ from jfactor._pytree import pytree_dataclass, static
 from jfactor.errors import StackError
 from jfactor.fold import conv_from_affine, fold_layers, has_bias
 from jfactor.layers import Conv
+from jfactor.sharding import batch_mesh, shard_batch
 from jfactor.stack import Stack
 
 METHODS = ("auto", "shift", "fft", "gather")
@@ -295,24 +296,6 @@ def batch_size(stacks: Stack) -> int:
     return next(iter(sizes.values()))
 
 
-def batch_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D mesh named ``"batch"`` over ``devices`` (default: all, on every host)."""
-    return jax.sharding.Mesh(np.asarray(devices if devices is not None else jax.devices()), ("batch",))
-
-
-def _pad_and_place(stacks: Stack, mesh: jax.sharding.Mesh) -> Stack:
-    """Pad N to a multiple of ``mesh.size`` (copies of item 0) and shard axis 0 over the mesh."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
-
-    def place(leaf):
-        host = np.asarray(leaf)
-        extra = -host.shape[0] % mesh.size
-        host = np.concatenate([host, np.repeat(host[:1], extra, axis=0)])
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(place, stacks)
-
-
 def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, shard: bool = False) -> BatchFolded:
     """Fold N stacks of one structure in one jitted call; see the module docstring.
 
@@ -336,7 +319,7 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
     try:
         if mesh is None:
             return _fold(stacks, dtype, method)
-        folded = _fold(_pad_and_place(stacks, mesh), dtype, method)
+        folded = _fold(shard_batch(stacks, mesh), dtype, method)
     except StackError as exc:
         raise StackError(
             f"one item of the batch (the weights without their leading axis, N = {n}) is not a "
@@ -404,7 +387,7 @@ def enable_compilation_cache(path, *, min_compile_time_s: float = 0.0) -> Path:
 
 
 __all__ = [
-    "BatchFolded", "METHODS", "batch_mesh", "batch_size", "choose_method", "compose_fft",
+    "BatchFolded", "METHODS", "batch_mesh", "batch_size", "shard_batch", "choose_method", "compose_fft",
     "compose_gather", "compose_shift", "enable_compilation_cache", "fold_batch", "full_size",
     "stack_batch",
 ]

@@ -71,18 +71,22 @@ def _int_list(text: str | None, what: str):
     return items
 
 
-def _factorize_config(target, family, size, params, stack, chain, dilations, strides, channels, dtype, restarts,
-                      objective, optimizer, steps, refine, refine_steps, init, baselines, seed) -> dict:
+def _target_spec(target, family, size, params, stack) -> dict:
+    """The ``target:`` mapping of a config from the command line's target flags."""
     sources = [x for x in (target, family, stack) if x is not None]
     if len(sources) != 1:
         raise typer.BadParameter("give one target: --target T.npy, --family NAME --size N, or --stack S.yaml")
     if target is not None:
-        spec = {"file": str(Path(target).resolve())}
-    elif family is not None:
-        spec = {"family": family, "size": size,
+        return {"file": str(Path(target).resolve())}
+    if family is not None:
+        return {"family": family, "size": size,
                 "params": {k: parse_value(v) for k, v in (p.split("=", 1) for p in params)}}
-    else:
-        spec = {"stack": str(Path(stack).resolve())}
+    return {"stack": str(Path(stack).resolve())}
+
+
+def _factorize_config(target, family, size, params, stack, chain, dilations, strides, channels, dtype, restarts,
+                      objective, optimizer, steps, refine, refine_steps, init, baselines, seed) -> dict:
+    spec = _target_spec(target, family, size, params, stack)
     sizes = _int_list(chain, "--chain")
     if sizes is None:
         raise typer.BadParameter("give the chain, e.g. --chain 3,5,9")
@@ -171,18 +175,31 @@ def factorize(
     print(out_dir)
 
 
+CompileCache = Annotated[Path | None, typer.Option(help="persistent compilation cache directory (reused "
+                                                    "across processes: later runs skip compiling)")]
+
+
+def _compile_cache(path: Path | None) -> None:
+    if path is not None:
+        from jfactor.batch import enable_compilation_cache
+
+        enable_compilation_cache(path)
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment config (default: the built-in quickstart)")] = None,
     runs_dir: Annotated[Path, typer.Option(help="where run directories are created")] = Path("runs"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    compile_cache: CompileCache = None,
 ) -> None:
     """Run an experiment into a new run directory (printed last)."""
     from jfactor.experiment.config import load_config
     from jfactor.experiment.run import run as run_experiment
 
     config = config or QUICKSTART
+    _compile_cache(compile_cache)
     try:
         parsed, _, base = load_config(config, set_)
         directory = run_experiment(parsed, base, str(config), runs_dir, progress=not quiet)
@@ -198,11 +215,13 @@ def sweep(
     runs_dir: Annotated[Path, typer.Option(help="where the sweep directory is created")] = Path("runs"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    compile_cache: CompileCache = None,
 ) -> None:
     """Run (or resume) every cell of a sweep; write table.csv and summary.png (directory printed last)."""
     from jfactor.experiment.config import load_config
     from jfactor.experiment.sweep import run_sweep
 
+    _compile_cache(compile_cache)
     try:
         parsed, raw, base = load_config(config, set_)
         directory = run_sweep(parsed, raw, base, str(config), runs_dir, progress=not quiet)
@@ -223,3 +242,62 @@ def _print_run(directory: Path) -> None:
     from jfactor.display import run_summary
 
     run_summary(payload, console)
+
+
+@app.command()
+def search(
+    target: Annotated[Path | None, typer.Option(help="target kernel .npy")] = None,
+    family: Annotated[str | None, typer.Option(help="target family (see jfactor factorize --help)")] = None,
+    size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
+    param: Annotated[list[str], typer.Option(help="family parameter key=value (repeatable)")] = [],  # noqa: B006
+    sizes: Annotated[str, typer.Option(help="candidate kernel sizes")] = "3,5,9",
+    dilations: Annotated[str, typer.Option(help="candidate dilations")] = "1",
+    widths: Annotated[str, typer.Option(help="candidate channel widths")] = "1",
+    layers: Annotated[str, typer.Option(help="candidate numbers of layers")] = "1,2,3",
+    slack: Annotated[int, typer.Option(help="how far a chain's receptive field may exceed the target")] = 2,
+    restarts: Annotated[int, typer.Option(help="restarts per candidate")] = 16,
+    optimizer: Annotated[str, typer.Option(help="lbfgs, adam or none (then LM only)")] = "lbfgs",
+    refine_steps: Annotated[int, typer.Option(help="most LM iterations")] = 500,
+    budget: Annotated[float | None, typer.Option(help="error budget: also report the cheapest chain within it")] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print front.json only")] = False,
+) -> None:
+    """The Pareto front of error vs multiply-adds over chains built from candidate sets."""
+    from rich.table import Table
+
+    from jfactor import rundir
+    from jfactor.experiment.config import TargetSpec, build_target
+    from jfactor.factorize import Solver, cheapest_under
+    from jfactor.factorize import search as run_search
+    from jfactor.report import plot_error_vs_cost
+    from jfactor.schema import validate
+
+    try:
+        spec = validate(TargetSpec, _target_spec(target, family, size, param, None), "command line")
+        the_target = build_target(spec, Path("."), "command line")
+        out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", "search")
+        found = run_search(the_target, sizes=_int_list(sizes, "--sizes"), dilations=_int_list(dilations, "--dilations"),
+                           widths=_int_list(widths, "--widths"), layers=_int_list(layers, "--layers"), slack=slack,
+                           restarts=restarts, progress=not as_json,
+                           solver=Solver(optimizer=optimizer, refine_steps=refine_steps))
+    except JFactorError as exc:
+        _fail(exc)
+    rows = [c.to_dict() for c in found]
+    pick = cheapest_under(found, budget) if budget is not None else None
+    summary = {"target": the_target.name, "dense_macs": int(the_target.kernel.size), "candidates": rows,
+               "budget": budget, "cheapest_under_budget": pick.to_dict() if pick else None}
+    rundir.write_json(out_dir / "front.json", summary)
+    plot_error_vs_cost([r for r in rows if r["on_front"]], out_dir / "pareto.png", title=f"Pareto front, {the_target.name}")
+    if as_json:
+        print(rundir.dumps(summary))
+        return
+    table = Table(title=f"{the_target.name}: {len(rows)} chains, Pareto front first (dense: {summary['dense_macs']} MACs)")
+    for column in ("chain", "rel. error", "MACs/pixel", "params", "front"):
+        table.add_column(column, justify="left" if column == "chain" else "right")
+    for r in rows:
+        table.add_row(r["chain"], f"{r['rel_error']:.3e}", f"{r['macs']:,}", f"{r['params']:,}", "*" if r["on_front"] else "")
+    console.print(table)
+    if budget is not None:
+        console.print(f"cheapest within {budget:g}: " + (f"{pick.chain.describe()} ({pick.macs} MACs, error "
+                                                          f"{pick.rel_error:.2e})" if pick else "none"))
+    print(out_dir)

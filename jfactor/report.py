@@ -16,7 +16,6 @@ from jfactor.rundir import write_with  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
     write_with(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
     return Path(path)
@@ -46,7 +45,7 @@ def _show(ax, image, title, symmetric=True):
 def plot_kernels(result: Factorization, path) -> Path:
     """Target, approximation and residual side by side (channel 0 -> 0)."""
     target, approx = _plane(result.target_padded), _plane(result.approx)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
     _show(axes[0], target, f"target {result.target.name}")
     _show(axes[1], approx, f"chain {result.chain.describe()}")
     _show(axes[2], approx - target, f"residual (rel. error {result.rel_error:.2e})")
@@ -56,14 +55,14 @@ def plot_kernels(result: Factorization, path) -> Path:
 def _spectrum(kernel: np.ndarray, pad: int = 8) -> np.ndarray:
     k = _plane(kernel)
     size = [pad * n for n in k.shape]
-    return np.fft.fftshift(np.abs(np.fft.fftn(k, s=size)))
+    return np.fft.fftshift(np.abs(np.fft.fftn(k, s=size, axes=tuple(range(k.ndim)))))
 
 
 def plot_spectra(result: Factorization, path) -> Path:
     """|frequency response| of target, approximation and their difference (8x zero-padded)."""
     target, approx = _spectrum(result.target_padded), _spectrum(result.approx)
     error = _spectrum(result.approx - result.target_padded)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
     if target.ndim == 1:
         freq = np.fft.fftshift(np.fft.fftfreq(target.size))
         for ax, data, title in zip(axes, (target, approx, error), ("|T(w)|", "|chain(w)|", "|error(w)|")):
@@ -78,7 +77,7 @@ def plot_spectra(result: Factorization, path) -> Path:
 
 def plot_loss(result: Factorization, path) -> Path:
     """Relative error per step of every restart; the kept one in colour."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
     curves = np.sqrt(np.maximum(2 * result.history, 1e-32))
     for r, curve in enumerate(curves):
         if r != result.best:
@@ -104,7 +103,7 @@ def factorization_plots(result: Factorization, directory, stem: str = "") -> lis
 
 def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", title: str = "") -> Path:
     """Relative error against multiply-adds per output, one point per row (log-log)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
     for i, row in enumerate(rows):
         error = max(row["rel_error"], 1e-17)
         ax.loglog(row["macs"], error, "o", color=f"C{i % 10}")
@@ -122,7 +121,7 @@ def plot_sweep(rows: list[dict], keys: list[str], path) -> Path:
     panels = 1 + len(keys)
     cols = min(panels, 3)
     fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(5 * cols, 3.8 * math.ceil(panels / cols)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     axes = axes.ravel()
     errors = np.array([max(r["rel_error"], 1e-17) for r in rows])
     axes[0].loglog([r["macs"] for r in rows], errors, "o")

@@ -173,7 +173,7 @@ def test_sharded_fold_equals_single_device_on_four_cpu_devices():
         structure = load_stack("configs/seed/section7_strides.yaml")
         rng = np.random.default_rng(0)
         stacks = jax.tree.map(lambda w: rng.standard_normal((6,) + w.shape), structure)  # 6: padded to 8
-        placed = batch._pad_and_place(stacks, batch.batch_mesh())
+        placed = batch.shard_batch(stacks, batch.batch_mesh())
         assert len(placed.layers[0].kernel.sharding.device_set) == 4
         assert placed.layers[0].kernel.shape[0] == 8
         for method in ("shift", "fft"):

@@ -70,3 +70,50 @@ def test_unwritable_output_dir(tmp_path):
     config = ROOT / "configs" / "seed" / "section4_avgpool.yaml"
     result = runner.invoke(app, ["fold", str(config), "--out", str(blocker / "sub")])
     assert result.exit_code == 2
+
+
+def test_factorize_writes_the_contract_files(tmp_path):
+    from jfactor import kernels
+
+    np.save(tmp_path / "t.npy", kernels.gaussian(9))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["factorize", "--target", str(tmp_path / "t.npy"), "--chain", "3,3,5",
+                                 "--restarts", "2", "--optimizer", "none", "--refine-steps", "50",
+                                 "--baselines", "svd,als", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == json.loads((out / "result.json").read_text())
+    for key in ("rel_error", "max_abs_error", "psnr_db", "spectral_error", "params", "macs", "time_s", "baselines"):
+        assert key in printed
+    assert set(printed["baselines"]) == {"svd", "als"}
+    assert all({"rel_error", "time_s"} <= set(v) for v in printed["baselines"].values())
+    assert printed["rel_error"] < 1e-10
+    approx = np.load(out / "approx.npy")
+    assert approx.shape == (9, 9)  # the target's own layout
+    factors = np.load(out / "factors.npz")
+    assert [factors[f"layer{i}"].shape for i in range(3)] == [(3, 3, 1, 1), (3, 3, 1, 1), (5, 5, 1, 1)]
+    for name in ("kernels.png", "spectrum.png", "loss.png"):
+        assert (out / name).exists()
+
+
+def test_factorize_table_and_errors(tmp_path):
+    result = runner.invoke(app, ["factorize", "--family", "log", "--size", "7", "--chain", "3,5", "--restarts", "2",
+                                 "--optimizer", "none", "--refine-steps", "20", "--baselines", "svd",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "jfactor" in result.output and "svd" in result.output
+    bad = runner.invoke(app, ["factorize", "--family", "log", "--size", "7", "--chain", "3,3"])
+    assert bad.exit_code == 2 and "covers 5x5 but the target is 7x7" in bad.output
+    none = runner.invoke(app, ["factorize", "--chain", "3,3"])
+    assert none.exit_code == 2 and "give one target" in none.output
+
+
+def test_search_prints_the_front(tmp_path):
+    result = runner.invoke(app, ["search", "--family", "gaussian", "--size", "7", "--sizes", "3,5", "--layers", "2",
+                                 "--restarts", "2", "--optimizer", "none", "--refine-steps", "30", "--budget", "1e-8", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    front = [c for c in summary["candidates"] if c["on_front"]]
+    assert front and all(c["rel_error"] < 1e-8 for c in front[:1])
+    assert summary["cheapest_under_budget"]["macs"] == min(c["macs"] for c in front if c["rel_error"] <= 1e-8)
+    assert (tmp_path / "pareto.png").exists()

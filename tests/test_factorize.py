@@ -144,3 +144,49 @@ def test_divergence_is_dropped_or_reported_never_returned():
                        dtype="float32")
     assert result.to_dict()["diverged"] == 1  # the adam restart overflowed; LM carried on from its best point
     assert np.isfinite(result.rel_error) and result.rel_error < 1
+
+
+def test_one_and_three_dimensional_targets():
+    line = kernels.gaussian(11, ndim=1)
+    result = factorize(line, Chain.build([3, 3, 7], ndim=1), solver=FAST, restarts=2, baselines=())
+    assert result.rel_error < 1e-10  # a 1-D polynomial always splits into real factors of even degree
+    cube = np.random.default_rng(0).normal(size=(5, 5, 5))
+    result = factorize(cube, Chain.build([3, 3], ndim=3, channels=2), solver=FAST, restarts=2, baselines=())
+    assert result.approx.shape == (5, 5, 5, 1, 1) and result.rel_error < 1
+
+
+def test_search_front_and_budget():
+    from jfactor.factorize import cheapest_under, search
+
+    found = search(kernels.gaussian(7), sizes=(3, 5), layers=(2,), solver=FAST, restarts=2)
+    front = [c for c in found if c.on_front]
+    assert all(not any(o.rel_error <= c.rel_error and o.macs < c.macs for o in found) for c in front)
+    pick = cheapest_under(found, 1e-8)
+    assert pick is not None and pick.rel_error <= 1e-8
+    assert pick.macs == min(c.macs for c in found if c.rel_error <= 1e-8)
+
+
+SHARDED = """
+import numpy as np, jax
+import jfactor
+from jfactor import kernels
+from jfactor.factorize import Chain, Solver, factorize_batch
+assert jax.device_count() == 4
+targets = [kernels.make("log", 7, sigma=s) for s in (0.8, 1.0, 1.2, 1.4, 1.6)]
+solver = Solver(optimizer="none", refine_steps=40, chunk=20)
+one = factorize_batch(targets, Chain.build([3, 5]), solver=solver, restarts=2)
+many = factorize_batch(targets, Chain.build([3, 5]), solver=solver, restarts=2, shard=True)
+diff = max(np.abs(a.approx - b.approx).max() for a, b in zip(one, many))
+print("diff", diff)
+assert diff < 1e-12
+"""
+
+
+def test_batched_factorization_sharded_over_devices_matches():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -219,9 +219,13 @@ def load_config(path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict
 
 
 def shrink(config: ExperimentConfig) -> ExperimentConfig:
-    """The tiny variant: few steps and restarts, cheap baselines, small images."""
-    solver = config.solver.model_copy(update={"steps": min(config.solver.steps, 10),
-                                              "refine_steps": min(config.solver.refine_steps, 10), "chunk": 10})
+    """The tiny variant: 10 LM iterations (no first-order phase), 2 restarts, cheap baselines,
+    small images.  It exercises a config end to end in seconds; its numbers mean nothing.
+
+    (Sweeps also keep only their first and last cells; see :mod:`jfactor.experiment.sweep`.)
+    """
+    solver = config.solver.model_copy(update={"optimizer": "none", "refine": "lm", "refine_steps": 10,
+                                              "chunk": 10})
     objective = config.objective.model_copy(update={"image_size": min(config.objective.image_size, 48),
                                                     "crops": 1, "images": config.objective.images[:1]})
     baselines = [b for b in config.baselines if b not in ("als", "scipy_lm", "unsupervised_wiener")]

@@ -20,11 +20,12 @@ import numpy as np
 from jfactor.errors import ConfigError
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import metrics
-from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel, check_chain, to_stack
+from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
 from jfactor.factorize.init import INITS, random_init, separable_init
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, optimise
 from jfactor.progress import ProgressBar
+from jfactor.sharding import batch_mesh, shard_batch
 from jfactor.schema import unknown_key
 
 DEFAULT_IMAGES = ("camera", "astronaut", "coins")
@@ -133,7 +134,8 @@ def _inits(target: Target, chain: Chain, init: str, restarts: int, rng: np.rando
 
 def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kernel", solver: Solver | None = None,
                     restarts: int = 16, init: str = "auto", dtype: str = "float64", seed: int = 0,
-                    images=None, baselines=(), progress: bool = False) -> list[Factorization]:
+                    images=None, baselines=(), progress: bool = False, mesh=None,
+                    shard: bool = False) -> list[Factorization]:
     """Factorize several targets of one geometry with one chain, in one batched call.
 
     Args:
@@ -148,6 +150,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
       images: (B, *spatial, C_in) for the ``images`` objective and the output-space metric
         (default: crops of skimage's camera, astronaut and coins).
       baselines: names from :data:`jfactor.factorize.baselines.BASELINES`.
+      mesh, shard: spread the targets over the devices of ``mesh`` (``shard=True``: all
+        devices), as :func:`jfactor.batch.fold_batch` does; results are the same.
     Returns:
       one :class:`Factorization` per target.
     """
@@ -175,7 +179,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         raise FactorizationError("every layer of the chain is frozen: there is nothing to learn")
     np_dtype = np.dtype(dtype)
     if images is None:
-        images = load_images(DEFAULT_IMAGES, size=max(64, 4 * max(chain.extent)), count=2, c_in=first.c_in, seed=seed)
+        images = load_images(DEFAULT_IMAGES, size=max(64 if first.ndim < 3 else 16, 4 * max(chain.extent)), count=2,
+                             c_in=first.c_in, seed=seed, ndim=first.ndim)
     images = np.asarray(images, np.float64)
     if images.ndim != first.ndim + 2 or images.shape[-1] != first.c_in:
         raise ConfigError(f"images must be (B, *spatial, {first.c_in}), got {images.shape}")
@@ -189,6 +194,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                  for i in problem.free)
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
+    if mesh is None and shard:
+        mesh = batch_mesh()
+    if mesh is not None:  # the target axis is spread; padding copies of target 0 are dropped below
+        normalised, free = shard_batch((normalised, free), mesh)
 
     compile_before = _compile_seconds[0]
     start = time.perf_counter()
@@ -209,7 +218,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                 f"{target.name}: all {restarts} restarts diverged (non-finite loss); lower the learning "
                 "rate, use optimizer lbfgs, or check the target's scale")
         best = int(np.argmin(np.where(ok, losses[b], np.inf)))
-        results.append(_result(target, chain, problem, [np.asarray(f[b, best], np.float64) for f in free],
+        results.append(_result(target, chain, problem, [np.asarray(f, np.float64)[b, best] for f in free],
                                norms[b], padded[b], padding, np.where(ok, errors[b], np.inf), diverged[b],
                                history[b], best,
                                elapsed / len(targets), compile_s / len(targets),
@@ -230,7 +239,7 @@ def _result(target, chain, problem, free, norm, padded, padding, errors, diverge
     scale = norm ** (1.0 / n_free)
     free = iter(f * scale for f in free)
     factors = [next(free) if w is None else np.asarray(w, np.float64) for w in chain.weights]
-    approx = np.asarray(chain_kernel([jnp.asarray(f, jnp.float64) for f in factors], chain))
+    approx = chain_kernel_numpy(factors, chain)
     measured = metrics.summary(approx, padded)
     measured["output_psnr_db"] = metrics.output_psnr_db(approx, padded, images, target.stride)
     table = baseline_lib.run_baselines(baseline_names, padded / norm, chain, starts, seed) if baseline_names else {}

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import optimize, signal
 
-from jfactor.factorize.chain import Chain, chain_kernel
+from jfactor.factorize.chain import Chain, chain_kernel, chain_kernel_numpy
 from jfactor.factorize.metrics import rel_error
 
 BASELINES = ("svd", "als", "lstsq", "wiener", "unsupervised_wiener", "scipy_lm")
@@ -137,26 +137,6 @@ def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 
     return _timed(run)
 
 
-def _numpy_chain(factors: list[np.ndarray], chain: Chain) -> np.ndarray:
-    """Folded chain kernel with scipy convolutions (for the scipy baseline)."""
-    approx = None
-    for f, dilation in zip(factors, chain.effective_dilations):
-        nd = f.ndim - 2
-        spread = np.zeros([(k - 1) * d + 1 for k, d in zip(f.shape[:nd], dilation)] + list(f.shape[-2:]))
-        spread[tuple(slice(None, None, d) for d in dilation)] = f
-        if approx is None:
-            approx = spread
-            continue
-        out = np.zeros([a + b - 1 for a, b in zip(approx.shape[:nd], spread.shape[:nd])]
-                       + [approx.shape[-2], spread.shape[-1]])
-        for i in range(approx.shape[-2]):
-            for m in range(approx.shape[-1]):
-                for o in range(spread.shape[-1]):
-                    out[..., i, o] += signal.convolve(approx[..., i, m], spread[..., m, o])
-        approx = out
-    return approx
-
-
 def scipy_lm(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]]) -> dict:
     """scipy least_squares(method='lm') from each start (free factors optimised), best error."""
     free = _free_indices(chain)
@@ -176,9 +156,9 @@ def scipy_lm(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]]) -
         best = np.inf
         for start in starts:
             x0 = np.concatenate([start[i].ravel() for i in free])
-            fun = lambda x, start=start: (_numpy_chain(factors_of(x, start), chain) - target).ravel()  # noqa: E731
+            fun = lambda x, start=start: (chain_kernel_numpy(factors_of(x, start), chain) - target).ravel()  # noqa: E731
             result = optimize.least_squares(fun, x0, method="lm")
-            best = min(best, rel_error(_numpy_chain(factors_of(result.x, start), chain), target))
+            best = min(best, rel_error(chain_kernel_numpy(factors_of(result.x, start), chain), target))
         return best
 
     return _timed(run)

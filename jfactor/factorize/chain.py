@@ -17,6 +17,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from scipy import signal
 
 from jfactor.errors import JFactorError
 from jfactor.layers import Conv
@@ -285,6 +286,29 @@ def chain_kernel(factors, chain: Chain):
         spectrum = f if spectrum is None else jnp.einsum("...im,...mo->...io", spectrum, f)
     batch = spectrum.ndim - nd - 2
     return jnp.fft.irfftn(spectrum, s=extent, axes=tuple(range(batch, batch + nd)))
+
+
+def chain_kernel_numpy(factors: list[np.ndarray], chain: Chain) -> np.ndarray:
+    """:func:`chain_kernel` with scipy convolutions, for single results and the scipy baseline.
+
+    A second, independent implementation: results report the approximation it computes.
+    """
+    approx = None
+    for f, dilation in zip(factors, chain.effective_dilations):
+        nd = f.ndim - 2
+        spread = np.zeros([(k - 1) * d + 1 for k, d in zip(f.shape[:nd], dilation)] + list(f.shape[-2:]))
+        spread[tuple(slice(None, None, d) for d in dilation)] = f
+        if approx is None:
+            approx = spread
+            continue
+        out = np.zeros([a + b - 1 for a, b in zip(approx.shape[:nd], spread.shape[:nd])]
+                       + [approx.shape[-2], spread.shape[-1]])
+        for i in range(approx.shape[-2]):
+            for m in range(approx.shape[-1]):
+                for o in range(spread.shape[-1]):
+                    out[..., i, o] += signal.convolve(approx[..., i, m], spread[..., m, o])
+        approx = out
+    return approx
 
 
 def to_stack(factors, chain: Chain, input_shape) -> Stack:

@@ -76,12 +76,14 @@ class Objective:
         return self.raw(approx, target, images) / scale
 
 
-def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, seed: int = 0) -> np.ndarray:
-    """Grey float images (count * len(names), size, size, c_in) cropped from skimage.data or files.
+def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, seed: int = 0,
+                ndim: int = 2) -> np.ndarray:
+    """Grey float images (count * len(names), *(size,) * ndim, c_in) from skimage.data or files.
 
     Names are skimage.data functions (``camera``, ``astronaut``, ``coins``, ``moon``, ...);
     anything with a suffix is read as an image file.  Crops are random (seeded); each input
-    channel gets its own crop.
+    channel gets its own crop.  ``ndim=1`` takes one row of each crop (a natural 1-D
+    signal); ``ndim=3`` stacks ``size`` crops shifted by one pixel (a slowly panning video).
     """
     from skimage import color, data, io, transform, util
 
@@ -103,11 +105,15 @@ def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, s
             image = color.rgb2gray(image[..., :3])
         if min(image.shape) < size:
             image = transform.resize(image, (max(size, image.shape[0]), max(size, image.shape[1])))
+        depth = size if ndim == 3 else 1
+        if min(image.shape) < size + depth:
+            image = transform.resize(image, (size + depth, size + depth))
         for _ in range(count):
             channels = []
             for _ in range(c_in):
-                y = rng.integers(0, image.shape[0] - size + 1)
-                x = rng.integers(0, image.shape[1] - size + 1)
-                channels.append(image[y: y + size, x: x + size])
+                y = rng.integers(0, image.shape[0] - size - depth + 2)
+                x = rng.integers(0, image.shape[1] - size - depth + 2)
+                frames = np.stack([image[y + t: y + t + size, x + t: x + t + size] for t in range(depth)])
+                channels.append(frames[0, size // 2] if ndim == 1 else frames[0] if ndim == 2 else frames)
             crops.append(np.stack(channels, axis=-1))
     return np.stack(crops)

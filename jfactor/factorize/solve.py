@@ -205,12 +205,13 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
         a = jac.T @ jac
         d = jnp.diag(a)
         d = jnp.maximum(d, 1e-9 * jnp.max(d) + tiny)
-        delta = -jax.scipy.linalg.solve(a + mu * jnp.diag(d), g, assume_a="pos")
+        delta = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a + mu * jnp.diag(d)), g)
         damped = mu * d * delta
     else:  # fewer residuals than parameters: the dual (m x m) system
         b = jac @ jac.T
         scale = jnp.trace(b) / m + tiny
-        delta = -jac.T @ jax.scipy.linalg.solve(b + mu * scale * jnp.eye(m, dtype=b.dtype), r, assume_a="pos")
+        damped_gram = b + mu * scale * jnp.eye(m, dtype=b.dtype)
+        delta = -jac.T @ jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(damped_gram), r)
         damped = mu * scale * delta
     new_r = fn(x + delta)
     new_cost = 0.5 * jnp.vdot(new_r, new_r)

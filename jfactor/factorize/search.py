@@ -1,0 +1,93 @@
+"""Search over chains: the Pareto front of approximation error against multiply-adds.
+
+Candidates are built from the sets a user gives: kernel sizes (e.g. 3, 5, 9), dilations,
+channel widths and a number of layers; every chain whose receptive field covers the
+target (and overshoots it by less than ``slack`` pixels) is factorized, and the ones
+no other candidate beats on both error and cost form the front, best (lowest error)
+first.  :func:`cheapest_under` then picks the cheapest chain within an error budget.
+Sizes are combined without regard to order for single-channel chains (convolution
+commutes there), in every order otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from jfactor.factorize.api import Factorization, factorize
+from jfactor.factorize.chain import Chain, FactorizationError, Target
+from jfactor.progress import ProgressBar
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One factorized chain of a search; ``on_front`` marks the Pareto-optimal ones."""
+
+    chain: Chain
+    rel_error: float
+    macs: int
+    params: int
+    result: Factorization
+    on_front: bool = False
+
+    def to_dict(self) -> dict:
+        return {"chain": self.chain.describe(), "rel_error": self.rel_error, "macs": self.macs,
+                "params": self.params, "on_front": self.on_front,
+                "spectral_error": self.result.metrics["spectral_error"]}
+
+
+def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2, 3),
+               slack: int = 2, limit: int = 200) -> list[Chain]:
+    """Chains from the given sets whose receptive field is within [size, size + slack] per dim."""
+    found = []
+    single = target.c_in == 1 and target.c_out == 1
+    for n in layers:
+        size_sets = (itertools.combinations_with_replacement(sorted(sizes), n) if single
+                     else itertools.product(sizes, repeat=n))
+        for chosen in size_sets:
+            for dilation in itertools.product(dilations, repeat=n):
+                for width in widths if n > 1 else (1,):
+                    chain = Chain.build(list(chosen), dilations=list(dilation), channels=width, ndim=target.ndim)
+                    if all(0 <= e - s <= slack for e, s in zip(chain.extent, target.size)):
+                        found.append(chain)
+    found = list(dict.fromkeys(found))
+    if not found:
+        raise FactorizationError(
+            f"no chain from sizes {list(sizes)}, dilations {list(dilations)} and {list(layers)} layers covers "
+            f"the {'x'.join(map(str, target.size))} target within {slack} pixels; add sizes, layers or slack")
+    if len(found) > limit:
+        raise FactorizationError(f"{len(found)} candidate chains (limit {limit}); narrow the sets or raise the limit")
+    return found
+
+
+def pareto(points: list[Candidate]) -> list[Candidate]:
+    """Mark the candidates no other beats on both error and MACs; front first, by error."""
+    marked = []
+    for p in points:
+        dominated = any(q.rel_error <= p.rel_error and q.macs <= p.macs
+                        and (q.rel_error < p.rel_error or q.macs < p.macs) for q in points)
+        marked.append(dataclasses.replace(p, on_front=not dominated))
+    return sorted(marked, key=lambda c: (not c.on_front, c.rel_error, c.macs))
+
+
+def search(target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2, 3), slack: int = 2,
+           limit: int = 200, progress: bool = False, **options) -> list[Candidate]:
+    """Factorize every candidate chain (``options`` go to :func:`factorize`); return all, front first."""
+    target = target if isinstance(target, Target) else Target.from_array(target)
+    chains = candidates(target, sizes=sizes, dilations=dilations, widths=widths, layers=layers, slack=slack,
+                        limit=limit)
+    options.setdefault("baselines", ())
+    results = []
+    with ProgressBar(progress, len(chains), f"searching {len(chains)} chains") as bar:
+        for chain in chains:
+            result = factorize(target, chain, **options)
+            results.append(Candidate(chain, result.rel_error, chain.macs_per_output(target.c_in, target.c_out),
+                                     chain.num_params(target.c_in, target.c_out), result))
+            bar.advance()
+    return pareto(results)
+
+
+def cheapest_under(front: list[Candidate], max_error: float) -> Candidate | None:
+    """The front's cheapest chain with ``rel_error <= max_error`` (None if none is that good)."""
+    fitting = [c for c in front if c.on_front and c.rel_error <= max_error]
+    return min(fitting, key=lambda c: c.macs) if fitting else None

@@ -1,0 +1,169 @@
+"""Experiments from configs: run directories, sweeps that survive kill -9, fail-fast configs."""
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from jfactor.cli import app
+
+ROOT = Path(__file__).parent.parent
+runner = CliRunner()
+SMALL = {
+    "name": "small", "seed": 0,
+    "target": {"family": "gaussian", "size": 7, "params": {"sigma": 1.2}},
+    "chain": {"sizes": [3, 5]},
+    "restarts": 2, "baselines": ["svd"], "plots": False,
+    "solver": {"optimizer": "none", "refine_steps": 20, "chunk": 10},
+}
+
+
+def _write(tmp_path, data, name="config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _last_line(output: str) -> Path:
+    return Path(output.strip().splitlines()[-1])
+
+
+def _rows(path: Path, drop=("time_s", "compile_s")) -> list[dict]:
+    with open(path) as handle:
+        return [{k: v for k, v in row.items() if k not in drop and not k.endswith("time_s")}
+                for row in csv.DictReader(handle)]
+
+
+CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_every_shipped_config_runs_in_its_tiny_variant(config, tmp_path):
+    data = yaml.safe_load((ROOT / config).read_text())
+    if "layers" in data:  # a stack config
+        result = runner.invoke(app, ["fold", str(ROOT / config), "--out", str(tmp_path / "fold")])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "fold" / "summary.json").exists()
+        return
+    command = "sweep" if "sweep" in data else "run"
+    result = runner.invoke(app, [command, str(ROOT / config), "--runs-dir", str(tmp_path), "--set", "tiny=true",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    directory = _last_line(result.stdout)
+    if command == "sweep":
+        assert (directory / "table.csv").exists() and (directory / "summary.png").exists()
+        assert len(_rows(directory / "table.csv")) >= 1
+    else:
+        for name in ("config.yaml", "results.json", "metrics.csv", "report.md"):
+            assert (directory / name).exists(), name
+        if data.get("plots", True):
+            assert list(directory.glob("*.png"))
+
+
+def test_run_directory_holds_everything_and_is_never_reused(tmp_path):
+    config = _write(tmp_path, {**SMALL, "plots": True})
+    first = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    second = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    a, b = _last_line(first.stdout), _last_line(second.stdout)
+    assert a != b and a.parent == b.parent
+    payload = json.loads((a / "results.json").read_text())
+    for key in ("jax", "optax", "flax", "numpy", "device"):
+        assert payload["environment"][key]
+    result = payload["results"][0]
+    assert result["rel_error"] < 1e-10  # separable Gaussian, 3 + 5 - 1 = 7
+    assert set(result["baselines"]) == {"svd"}
+    rows = list(csv.DictReader(open(a / "metrics.csv")))
+    assert {"chain_index", "chain", "method", "metric", "value"} == set(rows[0])
+    assert {r["method"] for r in rows} == {"jfactor", "svd"}
+    report = (a / "report.md").read_text()
+    assert "3x3 -> 5x5" in report and "chain0_kernels.png" in report
+    for name in ("chain0_kernels.png", "chain0_spectrum.png", "chain0_loss.png", "chain0_factors.npz",
+                 "chain0_approx.npy", "config.yaml"):
+        assert (a / name).exists(), name
+    assert yaml.safe_load((a / "config.yaml").read_text())["restarts"] == 2
+    # same config and seed, same numbers
+    again = json.loads((b / "results.json").read_text())["results"][0]
+    assert again["rel_error"] == result["rel_error"] and again["restart_errors"] == result["restart_errors"]
+
+
+def test_set_overrides_any_key(tmp_path):
+    config = _write(tmp_path, SMALL)
+    result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path), "--quiet",
+                                 "--set", "target.family=box", "--set", "target.params={}", "--set", "chain.sizes=[5, 3]",
+                                 "--set", "restarts=3"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((_last_line(result.stdout) / "results.json").read_text())
+    assert payload["config"]["target"]["family"] == "box" and payload["config"]["restarts"] == 3
+    assert payload["results"][0]["chain"].startswith("5x5 -> 3x3")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"restart": 3}, r"unknown key 'restart'; did you mean 'restarts'\?"),
+    ({"restarts": "many"}, r"restarts: Input should be a valid integer"),
+    ({"chain": {"sizes": [3, 3]}}, r"chains\[0\]: chain 3x3 -> 3x3, width 1 covers 5x5 but the target is 7x7"),
+    ({"target": {"file": "missing.npy"}}, r"missing\.npy: weight file not found"),
+    ({"target": {"family": "gausian", "size": 7}}, r"unknown kernel family 'gausian'; did you mean 'gaussian'\?"),
+    ({"solver": {"optimizer": "sgd"}}, r"solver\.optimizer: Input should be 'adam', 'lbfgs' or 'none'"),
+    ({"target": {"family": "gaussian", "size": 7, "params": {"sigmaa": 1}}}, r"did you mean 'sigma'\?"),
+])
+def test_bad_configs_fail_before_any_compute_with_one_message(change, message, tmp_path):
+    config = _write(tmp_path, {**SMALL, **change})
+    started = time.perf_counter()
+    result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    assert time.perf_counter() - started < 10
+
+
+def test_unwritable_runs_dir_fails_before_compute(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = _write(tmp_path, SMALL)
+    result = runner.invoke(app, ["run", str(config), "--runs-dir", str(blocker / "runs")])
+    assert result.exit_code == 2
+    assert "output directory is not writable" in result.output
+
+
+def _sweep_config(tmp_path) -> Path:
+    return _write(tmp_path, {**SMALL, "name": "resume", "sweep": {"grid": {"target.params.sigma": [0.8, 1.0, 1.2, 1.4,
+                                                                                                1.6, 1.8]}}},
+                  "sweep.yaml")
+
+
+def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
+    config = _sweep_config(tmp_path)
+    whole = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir",
+                            str(tmp_path / "whole"), "--quiet"], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    reference = _rows(_last_line(whole.stdout) / "table.csv")
+    assert len(reference) == 6
+
+    runs = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir", str(runs),
+                                "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(runs.glob("*/cells/001/results.json")):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = list(runs.glob("*/cells/*/results.json"))
+    assert 2 <= len(finished) < 6, "the kill should land mid-sweep"
+    before = {p: p.stat().st_mtime_ns for p in finished}
+    resumed = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir", str(runs),
+                              "--quiet"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _rows(_last_line(resumed.stdout) / "table.csv") == reference
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished cells were not rerun

@@ -1,0 +1,25 @@
+"""The experiment scripts run (tiny sizes); their numbers live in experiments/, not in tests."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def _run(*args, timeout=600):
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_seed_reproduction_prints_the_table(tmp_path):
+    out = _run("experiments/seed_reproduction.py", "--json", str(tmp_path / "seed.json"))
+    assert "| section8_avgpool | 78x78 / s16 |" in out
+    assert "3x3 -> 3x3 d2 -> 3x3 d4 -> 3x3 d8 -> 3x3 d16 -> AvgPool(16)" in out
+    assert (tmp_path / "seed.json").exists()
+
+
+def test_an_ablation_runs_tiny(tmp_path):
+    out = _run("experiments/ablation.py", "channel_width", "--tiny", "--runs-dir", str(tmp_path))
+    assert "## channel_width" in out and "| gaussian | 1 |" in out
