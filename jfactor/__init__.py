@@ -30,16 +30,20 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    """``from_nnx`` and ``to_nnx`` load flax only when first used."""
+    """``from_nnx``, ``to_nnx`` and ``FactorizedConv`` load flax only when first used."""
     if name in ("from_nnx", "to_nnx"):
         from jfactor import nnx
 
         return getattr(nnx, name)
+    if name == "FactorizedConv":
+        from jfactor.factorized_conv import FactorizedConv
+
+        return FactorizedConv
     raise AttributeError(f"module 'jfactor' has no attribute {name!r}")
 
 
 __all__ = [
-    "AvgPool", "BatchFolded", "BatchNorm", "Branches", "Canonical", "Certificate", "ConfigError", "Conv",
+    "AvgPool", "BatchFolded", "BatchNorm", "FactorizedConv", "Branches", "Canonical", "Certificate", "ConfigError", "Conv",
     "FoldError", "Folded", "Identity", "JFactorError", "Layer", "Residual", "Stack",
     "StackError", "Subsample", "SumPool", "apply", "batch", "fold", "fold_batch", "from_nnx", "load_any", "parse_keras",
     "parse_keras_blocks", "stack_batch", "to_nnx",

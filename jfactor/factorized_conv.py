@@ -238,7 +238,7 @@ def _read_conv(conv) -> Conv:
     try:
         layer = _from_conv(conv)
     except _NotFoldable as exc:
-        raise FactorizationError(f"{where}: the conv {exc}") from None
+        raise FactorizationError(f"{where}: {exc}") from None
     if layer.groups != 1:
         raise FactorizationError(
             f"{where}: feature_group_count = {layer.groups}; only ungrouped convs (1) can be replaced, "
