@@ -29,7 +29,7 @@ from jfactor.factorize.api import factorize
 from jfactor.factorize.chain import Chain, FactorizationError, Target, check_chain
 from jfactor.factorize.solve import Solver
 from jfactor.layers import Conv
-from jfactor.nnx import _from_conv, _NotFoldable
+from jfactor.nnx import conv_from_nnx
 from jfactor.ops import conv as _conv
 from jfactor.ops import dilate
 from jfactor.stack import Stack
@@ -236,9 +236,9 @@ def _read_conv(conv) -> Conv:
     if not isinstance(conv, nnx.Conv):
         raise FactorizationError(f"{where}: expected an nnx.Conv, got {type(conv).__name__}")
     try:
-        layer = _from_conv(conv)
-    except _NotFoldable as exc:
-        raise FactorizationError(f"{where}: {exc}") from None
+        layer = conv_from_nnx(conv)
+    except StackError as exc:
+        raise FactorizationError(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
     if layer.groups != 1:
         raise FactorizationError(
             f"{where}: feature_group_count = {layer.groups}; only ungrouped convs (1) can be replaced, "

@@ -154,6 +154,14 @@ def _from_avg_pool(layer: functools.partial, shape: Shape) -> Layer:
     return Conv(kernel, None, strides, 1, spec, shape[-1])
 
 
+def conv_from_nnx(layer: nnx.Conv) -> Conv:
+    """The jfactor :class:`Conv` an ``nnx.Conv`` computes; StackError if it is not one conv."""
+    try:
+        return _from_conv(layer)
+    except _NotFoldable as exc:
+        raise StackError(f"{_name(layer)}: {exc}") from None
+
+
 def _from_nnx_layer(layer, shape: Shape) -> Layer:
     """The jfactor layer equal to one nnx layer on inputs ``(N, *shape)``; else _NotFoldable."""
     kind = type(layer)
@@ -343,4 +351,4 @@ def to_nnx(obj, *, rngs=None):
     return nnx.Sequential(*modules)
 
 
-__all__ = ["from_nnx", "to_nnx"]
+__all__ = ["conv_from_nnx", "from_nnx", "to_nnx"]

@@ -190,3 +190,22 @@ def test_batched_factorization_sharded_over_devices_matches():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_given_starts_are_used_and_checked():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(3, 3, 1, 1)), rng.normal(size=(5, 5, 1, 1))
+    target = sp.convolve2d(a[..., 0, 0], b[..., 0, 0])
+    chain = Chain.build([3, 5])
+    warm = factorize(target, chain, starts=[[a, b]], restarts=1, solver=Solver(optimizer="none", refine_steps=5),
+                     baselines=())
+    assert warm.rel_error < 1e-12  # started at the answer
+    with pytest.raises(FactorizationError, match=r"starts\[0\]\[0\]: factor shapes"):
+        factorize(target, chain, starts=[[b, a]], restarts=1, baselines=())
+
+
+def test_a_batched_target_starts_like_a_single_call_with_its_seed():
+    targets = [kernels.make("log", 7, sigma=s) for s in (0.9, 1.3)]
+    batched = factorize_batch(targets, Chain.build([3, 5]), solver=FAST, restarts=3, seed=5)
+    single = factorize(targets[1], Chain.build([3, 5]), solver=FAST, restarts=3, seed=6, baselines=())
+    np.testing.assert_allclose(batched[1].restart_errors, single.restart_errors, rtol=1e-6)

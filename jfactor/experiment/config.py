@@ -37,7 +37,7 @@ from jfactor.errors import ConfigError
 from jfactor.factorize import BASELINES, Chain, Objective, Solver, Target
 from jfactor.factorize.init import INITS
 from jfactor.factorize.objectives import OBJECTIVES, load_images
-from jfactor.factorize.solve import OPTIMIZERS, REFINES, SCHEDULES
+from jfactor.factorize.solve import LINEAR_SOLVERS, OPTIMIZERS, REFINES, SCHEDULES
 from jfactor.schema import Strict, load_yaml, unknown_key, validate
 from jfactor.stack_config import StackConfig, WeightSpec, _Builder, stack_from_dict
 
@@ -107,6 +107,8 @@ class SolverSpec(Strict):
     refine: Literal[REFINES] = "lm"  # type: ignore[valid-type]
     refine_steps: Annotated[int, Field(strict=True, ge=0)] = 500
     first_order_share: Annotated[float, Field(ge=0, le=1)] = 0.5
+    linear_solver: Literal[LINEAR_SOLVERS] = "auto"  # type: ignore[valid-type]
+    cg_iterations: PositiveInt = 100
     chunk: PositiveInt = 100
 
 

@@ -29,11 +29,13 @@ from jfactor.sharding import batch_mesh, shard_batch
 from jfactor.schema import unknown_key
 
 DEFAULT_IMAGES = ("camera", "astronaut", "coins")
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# tracing, lowering and XLA compilation: the first call of a geometry pays all three
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
 _compile_seconds = [0.0]
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, duration, **_: _compile_seconds.__setitem__(0, _compile_seconds[0] + duration)
-    if event == COMPILE_EVENT else None)
+    if event in COMPILE_EVENTS else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +134,24 @@ def _inits(target: Target, chain: Chain, init: str, restarts: int, rng: np.rando
     return starts
 
 
+def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
+    """User starting points for target ``b``, checked against the chain's factor shapes."""
+    shapes = chain.factor_shapes(target.c_in, target.c_out)
+    given = [[np.asarray(f, np.float64) for f in factors] for factors in given]
+    if len(given) > restarts:
+        raise ConfigError(f"starts[{b}]: {len(given)} starting points for {restarts} restarts")
+    for r, factors in enumerate(given):
+        if [f.shape for f in factors] != shapes:
+            raise FactorizationError(f"starts[{b}][{r}]: factor shapes {[f.shape for f in factors]}, "
+                                     f"the chain needs {shapes}")
+        if not all(np.isfinite(f).all() for f in factors):
+            raise FactorizationError(f"starts[{b}][{r}]: non-finite factors")
+    return given
+
+
 def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kernel", solver: Solver | None = None,
-                    restarts: int = 16, init: str = "auto", dtype: str = "float64", seed: int = 0,
-                    images=None, baselines=(), progress: bool = False, mesh=None,
+                    restarts: int = 32, init: str = "auto", dtype: str = "float64", seed: int = 0,
+                    starts=None, images=None, baselines=(), progress: bool = False, mesh=None,
                     shard: bool = False) -> list[Factorization]:
     """Factorize several targets of one geometry with one chain, in one batched call.
 
@@ -142,11 +159,16 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
       targets: list of :class:`Target` or arrays (see ``Target.from_array``), one shape.
       chain: the :class:`Chain` to fit.
       objective: ``kernel`` | ``spectral`` | ``images`` or an :class:`Objective`.
-      solver: a :class:`Solver` (default: L-BFGS 200 steps, then LM up to 300 iterations).
+      solver: a :class:`Solver` (default: L-BFGS on half the restarts, then LM).
       restarts: starting points per target, optimised together.
-      init: ``auto`` (half root-splitting / SVD where they apply, half random), ``roots``,
-        ``svd`` or ``random``.
+      init: ``auto`` (root splitting and SVD for the first two where they apply, random
+        for the rest), ``roots``, ``svd`` or ``random``.
       dtype: ``float64`` or ``float32``.
+      seed: target ``b`` draws its starts from ``numpy.random.default_rng(seed + b)``, so
+        ``factorize_batch(ts, seed=s)[b]`` starts where ``factorize(ts[b], seed=s + b)`` does.
+      starts: per target, factor lists (``(*k_i, C_{i-1}, C_i)``, frozen layers included)
+        to use as its first restarts (warm starts, or another tool's starting points); the
+        remaining ``restarts - len(starts[b])`` are drawn by ``init``.
       images: (B, *spatial, C_in) for the ``images`` objective and the output-space metric
         (default: crops of skimage's camera, astronaut and coins).
       baselines: names from :data:`jfactor.factorize.baselines.BASELINES`.
@@ -188,8 +210,11 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     norms = [float(np.linalg.norm(t.kernel)) for t in targets]
     padded = [np.pad(t.kernel, list(padding) + [(0, 0), (0, 0)]) for t in targets]
     normalised = jnp.asarray(np.stack([p / n for p, n in zip(padded, norms)]), np_dtype)
-    rng = np.random.default_rng(seed)
-    starts = [_inits(t, chain, init, restarts, rng) for t in targets]
+    if starts is not None and len(starts) != len(targets):
+        raise ConfigError(f"starts has {len(starts)} entries for {len(targets)} targets (one list per target)")
+    starts = [_given_starts(given, chain, first, restarts, b) for b, given in enumerate(starts or [[]] * len(targets))]
+    starts = [given + _inits(t, chain, init, restarts - len(given), np.random.default_rng(seed + b))
+              for b, (t, given) in enumerate(zip(targets, starts))]
     free = tuple(jnp.asarray(np.stack([[s[i] for s in per_target] for per_target in starts]), np_dtype)
                  for i in problem.free)
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
@@ -247,13 +272,14 @@ def _result(target, chain, problem, free, norm, padded, padding, errors, diverge
                          elapsed, compile_s, settings, table)
 
 
-def factorize(target, chain: Chain, **options) -> Factorization:
+def factorize(target, chain: Chain, *, starts=None, **options) -> Factorization:
     """Factorize one target; see :func:`factorize_batch` for the options.
 
-    ``baselines`` defaults to :data:`~jfactor.factorize.baselines.DEFAULT_BASELINES` here.
+    ``starts`` is a list of factor lists (this target's); ``baselines`` defaults to
+    :data:`~jfactor.factorize.baselines.DEFAULT_BASELINES` here.
     """
     options.setdefault("baselines", baseline_lib.DEFAULT_BASELINES)
-    return factorize_batch([target], chain, **options)[0]
+    return factorize_batch([target], chain, starts=None if starts is None else [starts], **options)[0]
 
 
 __all__ = ["Factorization", "factorize", "factorize_batch"]

@@ -51,7 +51,8 @@ def svd_truncation(target: np.ndarray, chain: Chain) -> dict:
         return _not_applicable("needs a 2-D single-channel target")
     rank = min(chain.widths or (1,))
     sigma = np.linalg.svd(target[..., 0, 0], compute_uv=False)
-    return _timed(lambda: np.sqrt(np.sum(sigma[rank:] ** 2)) / np.linalg.norm(sigma))
+    entry = _timed(lambda: np.sqrt(np.sum(sigma[rank:] ** 2)) / np.linalg.norm(sigma))
+    return {**entry, "macs": rank * sum(target.shape[:2]), "note": f"rank {rank}: {rank} separable filters"}
 
 
 @functools.partial(jax.jit, static_argnames=("chain", "free", "sweeps"))

@@ -13,6 +13,7 @@ differentiable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
@@ -269,23 +270,27 @@ def check_chain(chain: Chain, target: Target) -> tuple[tuple[int, int], ...]:
     return tuple(((e - n) // 2, e - n - (e - n) // 2) for e, n in zip(extent, target.size))
 
 
+def _spectra(factors, chain: Chain) -> list:
+    """rfft of every factor dilated and zero-padded to the chain's extent: (..., *freq, C_{i-1}, C_i)."""
+    nd = chain.ndim
+    out = []
+    for factor, dilation in zip(factors, chain.effective_dilations):
+        spread = dilate(factor, dilation)
+        batch = spread.ndim - nd - 2
+        pads = ([(0, 0)] * batch + [(0, e - s) for e, s in zip(chain.extent, spread.shape[batch:batch + nd])]
+                + [(0, 0)] * 2)
+        out.append(jnp.fft.rfftn(jnp.pad(spread, pads), axes=tuple(range(batch, batch + nd))))
+    return out
+
+
 def chain_kernel(factors, chain: Chain):
     """Folded kernel of a chain: ``factors[i]`` (..., *k_i, C_{i-1}, C_i) -> (..., *extent, C_0, C_L).
 
     Leading batch axes (restarts, targets) broadcast.  Exact up to FFT rounding.
     """
-    nd = chain.ndim
-    extent = chain.extent
-    spectrum = None
-    for factor, dilation in zip(factors, chain.effective_dilations):
-        batch = factor.ndim - nd - 2
-        spread = dilate(factor, dilation)
-        spatial = tuple(range(batch, batch + nd))
-        pads = [(0, 0)] * batch + [(0, e - s) for e, s in zip(extent, spread.shape[batch:batch + nd])] + [(0, 0)] * 2
-        f = jnp.fft.rfftn(jnp.pad(spread, pads), axes=spatial)
-        spectrum = f if spectrum is None else jnp.einsum("...im,...mo->...io", spectrum, f)
-    batch = spectrum.ndim - nd - 2
-    return jnp.fft.irfftn(spectrum, s=extent, axes=tuple(range(batch, batch + nd)))
+    spectrum = functools.reduce(lambda a, b: jnp.einsum("...im,...mo->...io", a, b), _spectra(factors, chain))
+    batch = spectrum.ndim - chain.ndim - 2
+    return jnp.fft.irfftn(spectrum, s=chain.extent, axes=tuple(range(batch, batch + chain.ndim)))
 
 
 def chain_kernel_numpy(factors: list[np.ndarray], chain: Chain) -> np.ndarray:
@@ -318,30 +323,35 @@ def to_stack(factors, chain: Chain, input_shape) -> Stack:
     return Stack(layers, tuple(input_shape))
 
 
+def _others(spectra, chain: Chain, i: int):
+    """``R_i``, the folded kernel of every factor but ``i``, per channel pairing.
+
+    (prod(extent), C_0, C_L, C_{i-1}, C_i): entry ``[u, a, b, c, d]`` is the kernel from
+    input channel a to factor i's input c, convolved with factor i's output d to output b.
+    """
+    nd = chain.ndim
+    freq_shape = spectra[0].shape[:nd]
+    before = _product(spectra[:i], freq_shape, spectra[0].shape[-2], spectra[i].dtype)
+    after = _product(spectra[i + 1:], freq_shape, spectra[i].shape[-1], spectra[i].dtype)
+    outer = jnp.einsum("...ac,...db->...abcd", before, after)
+    return jnp.fft.irfftn(outer, s=chain.extent, axes=tuple(range(nd))).reshape((-1,) + outer.shape[nd:])
+
+
 def chain_jacobian(factors, chain: Chain, free: tuple[int, ...]):
     """Jacobian of the folded kernel w.r.t. the free factors: (prod(extent) C_0 C_L, n_free).
 
     Row order is ``approx.ravel()``, column order the free factors raveled one after
     another.  The chain kernel is linear in each factor: its derivative w.r.t. tap ``t``
-    of factor ``i`` is the product of the other factors, ``R_i = P_i (*) Q_i``, shifted by
-    ``D_i t``.  So each block is a gather from one small kernel per factor instead of one
-    forward pass per parameter.
+    of factor ``i`` is the product of the other factors, ``R_i`` (:func:`_others`), shifted
+    by ``D_i t``.  So each block is a gather from one small kernel per factor instead of
+    one forward pass per parameter.
     """
     nd = chain.ndim
     extent = chain.extent
-    axes = tuple(range(nd))
-    spectra = []
-    for factor, dilation in zip(factors, chain.effective_dilations):
-        spread = dilate(factor, dilation)
-        pads = [(0, e - s) for e, s in zip(extent, spread.shape[:nd])] + [(0, 0)] * 2
-        spectra.append(jnp.fft.rfftn(jnp.pad(spread, pads), axes=axes))
-    freq_shape = spectra[0].shape[:nd]
+    spectra = _spectra(factors, chain)
     blocks = []
     for i in free:
-        before = _product(spectra[:i], freq_shape, spectra[0].shape[-2], spectra[i].dtype)
-        after = _product(spectra[i + 1:], freq_shape, spectra[i].shape[-1], spectra[i].dtype)
-        outer = jnp.einsum("...ac,...db->...abcd", before, after)  # (*freq, C_0, C_L, C_{i-1}, C_i)
-        others = jnp.fft.irfftn(outer, s=extent, axes=axes).reshape((-1,) + outer.shape[nd:])
+        others = _others(spectra, chain, i)
         size = factors[i].shape[:nd]
         shift = np.array(chain.effective_dilations[i])
         grid = np.stack(np.meshgrid(*[np.arange(e) for e in extent], indexing="ij"), -1).reshape(-1, nd)
@@ -352,6 +362,19 @@ def chain_jacobian(factors, chain: Chain, free: tuple[int, ...]):
         block = jnp.transpose(block, (0, 2, 3, 1, 4, 5))
         blocks.append(block.reshape(block.shape[0] * block.shape[1] * block.shape[2], -1))
     return jnp.concatenate(blocks, axis=1)
+
+
+def chain_jacobian_norms(factors, chain: Chain, free: tuple[int, ...]):
+    """Squared column norms of :func:`chain_jacobian` (n_free,), without building it.
+
+    A column is ``R_i`` shifted inside the extent, so its norm does not depend on the tap.
+    """
+    spectra = _spectra(factors, chain)
+    norms = []
+    for i in free:
+        per_channel = jnp.sum(_others(spectra, chain, i) ** 2, axis=(0, 1, 2))  # (C_{i-1}, C_i)
+        norms.append(jnp.broadcast_to(per_channel, factors[i].shape).ravel())
+    return jnp.concatenate(norms)
 
 
 def _product(spectra, freq_shape, channels: int, dtype):

@@ -24,13 +24,14 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from jfactor.errors import ConfigError
-from jfactor.factorize.chain import Chain, chain_jacobian, chain_kernel
+from jfactor.factorize.chain import Chain, chain_jacobian, chain_jacobian_norms, chain_kernel
 from jfactor.factorize.objectives import Objective
 from jfactor.schema import unknown_key
 
 OPTIMIZERS = ("adam", "lbfgs", "none")
 SCHEDULES = ("constant", "cosine", "exponential")
 REFINES = ("lm", "none")
+LINEAR_SOLVERS = ("auto", "dense", "cg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Solver:
       first_order_share: the fraction of restarts that run the first-order phase; the
         others go straight to LM.  The two reach different minima, and a portfolio of
         both finds the best one more often than either alone.
+      linear_solver: how LM solves for its step: ``dense`` (the Jacobian built, a direct
+        solve), ``cg`` (matrix-free preconditioned conjugate gradients, ``cg_iterations`` at
+        most) or ``auto`` (dense while it is cheap, see :func:`dense_solve`).
       chunk: steps per jitted segment (progress granularity).
     """
 
@@ -56,15 +60,18 @@ class Solver:
     refine: str = "lm"
     refine_steps: int = 500
     first_order_share: float = 0.5
+    linear_solver: str = "auto"
+    cg_iterations: int = 100
     chunk: int = 100
 
     def __post_init__(self):
         for name, value, accepted in (("optimizer", self.optimizer, OPTIMIZERS),
                                       ("schedule", self.schedule, SCHEDULES),
-                                      ("refine", self.refine, REFINES)):
+                                      ("refine", self.refine, REFINES),
+                                      ("linear_solver", self.linear_solver, LINEAR_SOLVERS)):
             if value not in accepted:
                 raise ConfigError(f"solver.{name}: {unknown_key(value, accepted, name)}")
-        for name in ("steps", "refine_steps", "chunk"):
+        for name in ("steps", "refine_steps", "chunk", "cg_iterations"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "chunk" else 0):
                 raise ConfigError(f"solver.{name}: must be a non-negative integer, got {value!r}")
@@ -190,6 +197,47 @@ def _jacobian(problem: Problem, free, frozen, target, images):
     return r, jac
 
 
+def dense_solve(m: int, n: int) -> bool:
+    """Whether an LM step with an (m, n) Jacobian builds it and solves directly.
+
+    The direct solve costs about ``m n^2`` (or ``m^2 n`` through the dual system when
+    m < n) per step; beyond ~3e8 of those (large multi-channel chains), conjugate
+    gradients on Jacobian-vector products through the FFT chain is far cheaper.
+    """
+    return min(m * n * n, m * m * n) <= 3e8
+
+
+def _direct_step(jac, r, g, mu):
+    """``-(J^T J + mu D)^-1 g`` with Marquardt scaling ``D = diag(J^T J)``, solved directly.
+
+    LU, not Cholesky: batched Cholesky runs some 30x slower than LU on XLA's CPU backend.
+    """
+    m, n = jac.shape
+    d = jnp.sum(jac * jac, axis=0)
+    d = jnp.maximum(d, 1e-9 * jnp.max(d) + jnp.finfo(jac.dtype).tiny)
+    if m >= n:
+        return -jnp.linalg.solve(jac.T @ jac + mu * jnp.diag(d), g)
+    # fewer residuals than parameters: the dual (m x m) system, damped by mu * mean(D)
+    return -jac.T @ jnp.linalg.solve(jac @ jac.T + mu * jnp.mean(d) * jnp.eye(m, dtype=jac.dtype), r)
+
+
+def _matrix_free_step(problem: Problem, x, unravel, frozen, jvp, vjp, g, mu, iterations: int):
+    """The same step by Jacobi-preconditioned CG on ``J^T J + mu D``, never forming J.
+
+    ``D`` is the chain's exact column norms (:func:`chain_jacobian_norms`) rescaled to the
+    objective along ``g`` (exact for the kernel objective, whose residual is the kernel's).
+    """
+    kernel_of = lambda x: chain_kernel(factors_of(problem, unravel(x), frozen), problem.chain)  # noqa: E731
+    _, kernel_jvp = jax.linearize(kernel_of, x)
+    tiny = jnp.finfo(g.dtype).tiny
+    along = jnp.sum(jvp(g) ** 2) / (jnp.sum(kernel_jvp(g) ** 2) + tiny)
+    d = chain_jacobian_norms(factors_of(problem, unravel(x), frozen), problem.chain, problem.free) * along
+    d = jnp.maximum(d, 1e-9 * jnp.max(d) + tiny)
+    delta, _ = jax.scipy.sparse.linalg.cg(lambda v: vjp(jvp(v)) + mu * d * v, -g,
+                                          M=lambda v: v / ((1 + mu) * d), tol=1e-10, maxiter=iterations)
+    return delta
+
+
 def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     """One damped Gauss-Newton step of one restart; a done restart is returned unchanged."""
     _, unravel = ravel_pytree(template)
@@ -197,25 +245,24 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     x, cost, mu, nu = state["x"], state["cost"], state["mu"], state["nu"]
     tiny = jnp.finfo(x.dtype).tiny
     eps = jnp.finfo(x.dtype).eps
-    ftol = 1e4 * eps  # relative cost decrease below which a step counts as converged
-    r, jac = _jacobian(problem, unravel(x), frozen, target, images)
-    n, m = x.shape[0], r.shape[0]
-    g = jac.T @ r
-    if m >= n:
-        a = jac.T @ jac
-        d = jnp.diag(a)
-        d = jnp.maximum(d, 1e-9 * jnp.max(d) + tiny)
-        delta = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a + mu * jnp.diag(d)), g)
-        damped = mu * d * delta
-    else:  # fewer residuals than parameters: the dual (m x m) system
-        b = jac @ jac.T
-        scale = jnp.trace(b) / m + tiny
-        damped_gram = b + mu * scale * jnp.eye(m, dtype=b.dtype)
-        delta = -jac.T @ jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(damped_gram), r)
-        damped = mu * scale * delta
+    ftol = max(1e-10, 1e4 * float(eps))  # relative cost decrease below which a step counts as converged
+    m, n = jax.eval_shape(fn, x).shape[0], x.shape[0]
+    solver = problem.solver
+    if solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n)):
+        r, jac = _jacobian(problem, unravel(x), frozen, target, images)
+        g = jac.T @ r
+        delta = _direct_step(jac, r, g, mu)
+        jd = jac @ delta
+    else:
+        r, jvp = jax.linearize(fn, x)
+        transposed = jax.linear_transpose(jvp, x)
+        vjp = lambda w: transposed(w)[0]  # noqa: E731
+        g = vjp(r)
+        delta = _matrix_free_step(problem, x, unravel, frozen, jvp, vjp, g, mu, solver.cg_iterations)
+        jd = jvp(delta)
     new_r = fn(x + delta)
     new_cost = 0.5 * jnp.vdot(new_r, new_r)
-    predicted = 0.5 * jnp.vdot(delta, damped - g)
+    predicted = -jnp.vdot(g, delta) - 0.5 * jnp.vdot(jd, jd)  # the decrease the linear model promises
     rho = (cost - new_cost) / jnp.where(predicted > 0, predicted, tiny)
     accept = jnp.isfinite(new_cost) & jnp.all(jnp.isfinite(delta)) & (new_cost < cost)
     small_step = jnp.linalg.norm(delta) <= 1e3 * eps * (jnp.linalg.norm(x) + 1e3 * eps)
@@ -234,13 +281,13 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
 
 @functools.partial(jax.jit, static_argnames=("problem", "steps"))
 def lm_segment(problem: Problem, state, free_template, frozen, target, images, steps: int):
-    """Up to ``steps`` LM iterations for every (target, restart), stopping once all converged.
+    """Up to ``steps`` LM iterations for K independent items, stopping once all converged.
 
-    Returns the state and the cost history (B, R, steps); entries after the last
-    iteration repeat the final cost.
+    Every argument but ``frozen`` and ``images`` carries the item axis K first (each item
+    is one restart of one target, with its own target).  Returns the state and the cost
+    history (K, steps); entries after an item's last iteration repeat its final cost.
     """
-    iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, 0, None, None, None))
-    iterate = jax.vmap(iterate, in_axes=(0, 0, None, 0, None))
+    iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, 0, None, 0, None))
     history = jnp.zeros(state["cost"].shape + (steps,), state["cost"].dtype)
 
     def cond(carry):
@@ -255,6 +302,49 @@ def lm_segment(problem: Problem, state, free_template, frozen, target, images, s
     last, state, history = lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, history))
     filled = jnp.arange(steps) < last
     return state, jnp.where(filled, history, state["cost"][..., None])
+
+
+def _bucket(count: int, total: int) -> int:
+    """The batch size to run ``count`` live items in: the next power of two, at most ``total``."""
+    return min(total, 1 << max(count - 1, 0).bit_length())
+
+
+def refine(problem: Problem, state, free, frozen, target, images, progress):
+    """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history).
+
+    Items are flattened to one axis, and converged ones are dropped between chunks: the
+    live ones are gathered into a power-of-two batch, so a few slow restarts do not keep
+    a whole batch of finished ones iterating (a few extra compiles, one per batch size).
+    """
+    solver = problem.solver
+    batch, restarts = state["cost"].shape
+    total = batch * restarts
+    flat = lambda tree: jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), tree)  # noqa: E731
+    state, templates = flat(state), flat(free)
+    owner = np.repeat(np.arange(batch), restarts)
+    target = np.asarray(target)
+    steps = solver.refine_steps
+    history = np.empty((total, steps), state["cost"].dtype)
+    live = np.flatnonzero(~state["done"])
+    done = 0
+    while done < steps and live.size:
+        n = min(solver.chunk, steps - done)
+        index = np.concatenate([live, np.repeat(live[:1], _bucket(live.size, total) - live.size)])
+        part = jax.tree.map(lambda a: a[index], state)
+        part, costs = lm_segment(problem, part, jax.tree.map(lambda a: a[index], templates), frozen,
+                                 target[owner[index]], images, n)
+        part = jax.tree.map(lambda a: np.asarray(a)[: live.size], part)
+        for key in state:
+            state[key][live] = part[key]
+        history[live, done: done + n] = np.asarray(costs)[: live.size]
+        history[np.setdiff1d(np.arange(total), live), done: done + n] = state["cost"][
+            np.setdiff1d(np.arange(total), live), None]
+        done += n
+        live = live[~part["done"]]
+        progress.advance(n, "refining (Levenberg-Marquardt)")
+    history = history[:, :done]
+    shaped = jax.tree.map(lambda a: a.reshape((batch, restarts) + a.shape[1:]), state)
+    return shaped, history.reshape(batch, restarts, done)
 
 
 def _scale_to_unit(problem: Problem, free, frozen):
@@ -333,13 +423,9 @@ def optimise(problem: Problem, free, frozen, target, images, progress):
         done += n
         progress.advance(n)
     free, state = to_refine(problem, starts, carry, frozen, target, images)
-    done = 0
-    while state is not None and done < solver.refine_steps and not bool(jnp.all(state["done"])):
-        n = min(solver.chunk, solver.refine_steps - done)
-        state, costs = lm_segment(problem, state, free, frozen, target, images, n)
-        second.append(np.asarray(costs))
-        done += n
-        progress.advance(n, "refining (Levenberg-Marquardt)")
+    if state is not None:
+        state, costs = refine(problem, state, free, frozen, target, images, progress)
+        second.append(costs)
     free, losses, errors = finish(problem, free, state, frozen, target, images)
     losses, errors = np.asarray(losses), np.asarray(errors)
     empty = np.zeros(losses.shape + (0,))
