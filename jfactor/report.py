@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -29,14 +30,18 @@ def _plane(kernel: np.ndarray) -> np.ndarray:
     return k
 
 
+def _title(ax, text: str) -> None:
+    ax.set_title(textwrap.fill(text, 38), fontsize=8)
+
+
 def _show(ax, image, title, symmetric=True):
     if image.ndim == 1:
         ax.plot(image, marker=".")
-        ax.set_title(title)
+        _title(ax, title)
         return
     vmax = np.abs(image).max() or 1.0
     im = ax.imshow(image, cmap="RdBu_r" if symmetric else "magma", vmin=-vmax if symmetric else 0, vmax=vmax)
-    ax.set_title(title)
+    _title(ax, title)
     ax.set_xticks([])
     ax.set_yticks([])
     plt.colorbar(im, ax=ax, fraction=0.046)
@@ -67,7 +72,7 @@ def plot_spectra(result: Factorization, path) -> Path:
         freq = np.fft.fftshift(np.fft.fftfreq(target.size))
         for ax, data, title in zip(axes, (target, approx, error), ("|T(w)|", "|chain(w)|", "|error(w)|")):
             ax.plot(freq, data)
-            ax.set_title(title)
+            _title(ax, title)
     else:
         for ax, data, title in zip(axes, (target, approx, error), ("|T(w)|", "|chain(w)|", "|error(w)|")):
             _show(ax, data, title, symmetric=False)

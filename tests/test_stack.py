@@ -52,7 +52,10 @@ def test_output_shape_is_inferred_without_running():
 
 def test_apply_compiles_once_for_same_shapes():
     rng = np.random.default_rng(3)
-    make = lambda: jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 1)), dilation=2), jf.SumPool(3, 2)], (17, 17, 1))
+
+    def make():
+        return jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 1)), dilation=2), jf.SumPool(3, 2)], (17, 17, 1))
+
     x = rng.normal(size=(2, 17, 17, 1))
     first = make()
     first(x)
