@@ -57,7 +57,8 @@ def chain_structure(runs_dir: Path, tiny: bool):
     table = [{"target": r["target.family"], "chain": r["chain.name"], "rel_error": r["rel_error"],
               "spectral_error": r["spectral_error"], "params": int(r["params"]), "MACs/pixel": int(r["macs"]),
               "time_s": r["time_s"]} for r in rows]
-    fig, axes = plt.subplots(1, len({r["target"] for r in table}), figsize=(15, 4.2), squeeze=False, layout="constrained")
+    columns = len({r["target"] for r in table})
+    fig, axes = plt.subplots(1, columns, figsize=(15, 4.2), squeeze=False, layout="constrained")
     for ax, family in zip(axes[0], dict.fromkeys(r["target"] for r in table)):
         for r in (r for r in table if r["target"] == family):
             ax.loglog(r["MACs/pixel"], max(r["rel_error"], 1e-17), "o")

@@ -13,7 +13,8 @@ A. Quality and speed vs competitors, float64.  Families gaussian, box, log, dog,
    (default Solver, ``--restarts``, the first ``--scipy-starts`` of them from scipy's starts, so
    the "same 16 starts" column compares the two optimisers point for point), scipy
    ``least_squares(method='lm')`` from ``--scipy-starts`` random starts (``baselines.scipy_lm``,
-   float64; not applicable with more parameters than residuals) and the seed's Wiener route (``baselines.wiener``, where a known factor exists).
+   float64; not applicable with more parameters than residuals) and the seed's Wiener route
+   (``baselines.wiener``, where a known factor exists).
    Checks: separable targets whose chain sizes add up are exact (rel error <= 1e-10); the
    toolkit is within 1.01x of scipy's best (or both at the float64 floor, <= 1e-12); it is at
    least 10x below the better Wiener route where that applies.
@@ -100,7 +101,8 @@ class Setup:
 def setup(args) -> Setup:
     images = load_images(api.DEFAULT_IMAGES, size=64, count=2, seed=0)
     if args.tiny:
-        return Setup(chains=((5, (3, 3), 1), (5, (3, 3), 4)), size=5, sizes=(3, 3), families=("gaussian", "random_normal"),
+        return Setup(chains=((5, (3, 3), 1), (5, (3, 3), 4)), size=5, sizes=(3, 3),
+                     families=("gaussian", "random_normal"),
                      wiener_seeds=(1,), restarts=2, scipy_starts=2, timing_restarts=2, widths=(1, 2), width_restarts=2,
                      n=min(args.n, 8), single_n=min(args.single_n, 4), batch_restarts=2,
                      solver=Solver(optimizer="none", refine_steps=10), images=images)
@@ -197,7 +199,8 @@ def part_a(s: Setup) -> dict:
     rules = {"exact_check": f"separable family, chain sizes add up to the target: toolkit rel error <= {EXACT_F64:g}",
              "scipy_check": f"toolkit <= {SCIPY_MARGIN} x scipy best-of-{s.scipy_starts}, or both <= {FLOAT64_FLOOR:g} "
                             "(float64 floor); n/a where scipy lm does not apply",
-             "wiener_check": f"{WIENER_FACTOR:g} x toolkit <= the better of wiener / unsupervised_wiener, where they apply"}
+             "wiener_check": f"{WIENER_FACTOR:g} x toolkit <= the better of wiener / unsupervised_wiener,"
+                             " where they apply"}
     return {"rows": rows, "summary": summary, "rules": rules, "dtype": "float64"}
 
 
@@ -353,7 +356,8 @@ def table_d(d: dict) -> str:
         f"single calls    {d['baseline_items_per_s']:.2f} targets/s (timed on {b['baseline_n']}; "
         f"{b['baseline_extrapolated_s']:.0f} s extrapolated to {d['n']})",
         f"speedup         {d['speedup']:.2f}x (target >= {b['target_speedup']:g}x): {b['check']}",
-        f"rel errors      min {b['errors']['min']:.3e}, median {b['errors']['median']:.3e}, max {b['errors']['max']:.3e}",
+        f"rel errors      min {b['errors']['min']:.3e}, median {b['errors']['median']:.3e}, "
+        f"max {b['errors']['max']:.3e}",
         f"peak memory     {d['peak_mem_mb']:.0f} MB ({b['peak_mem_note']})",
         f"max abs diff    {d['max_abs_diff']:.2e}, rel errors differ by up to {b['max_rel_error_diff']:.1e}, same best "
         f"restart on {b['same_best_restart']}/{b['baseline_n']} ({b['max_abs_diff_measures']})",

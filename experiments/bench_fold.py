@@ -318,7 +318,8 @@ def table(result: dict) -> str:
         f"matmul {m['matmul_gflop_s']:.0f} GFLOP/s",
         f"bound           {b['bytes_per_item'] / 1e3:.0f} kB and {b['flops_per_item'] / 1e3:.0f} kFLOP per item -> "
         f"{b['items_per_s']:,.0f} items/s ({b['limited_by']}); achieved {result['bound_fraction']:.1%}",
-        f"as streamed     {b['bytes_moved_per_item'] / 1e3:.0f} kB per item -> {b['items_per_s_as_moved']:,.0f} items/s; "
+        f"as streamed     {b['bytes_moved_per_item'] / 1e3:.0f} kB per item -> "
+        f"{b['items_per_s_as_moved']:,.0f} items/s; "
         f"achieved {result['bound_fraction_as_moved']:.1%}",
     ]
     return "\n".join(lines)
@@ -329,7 +330,8 @@ def sweep_table(results: list[dict]) -> str:
              "of bound (ideal / as streamed) | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['n']:,} | {r['items_per_s']:,.0f} | {r['baseline_items_per_s']:,.1f} | {r['speedup']:,.0f}x | "
+        lines.append(f"| {r['n']:,} | {r['items_per_s']:,.0f} | {r['baseline_items_per_s']:,.1f} | "
+                     f"{r['speedup']:,.0f}x | "
                      f"{r['compile_s']:.2f} | {r['peak_mem_mb']:,.0f} | {r['output_mb']:,.0f} | "
                      f"{r['bound_fraction']:.1%} / {r['bound_fraction_as_moved']:.0%} | {r['max_abs_diff']:.1e} |")
     return "\n".join(lines)

@@ -125,7 +125,8 @@ def as_weight(value, name: str, where: str, ndim: int | None = None) -> jax.Arra
     if value is None:
         raise StackError(f"{where}: {name} is missing")
     if isinstance(value, (str, bytes)):
-        raise StackError(f"{where}: {name} must be an array, got the string {value!r}; load files with jfactor.weights.load")
+        raise StackError(f"{where}: {name} must be an array, got the string {value!r}; "
+                         "load files with jfactor.weights.load")
     try:
         array = jnp.asarray(value)
     except (TypeError, ValueError) as exc:

@@ -13,7 +13,8 @@ from jfactor.errors import JFactorError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fold linear convolution stacks exactly; factorize large kernels into small ones.")
-console = Console()
+# Piped or redirected output (logs, CI) gets wide tables rather than rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
 @app.callback()
@@ -109,7 +110,8 @@ def parse_value(text: str):
 @app.command()
 def factorize(
     config: Annotated[Path | None, typer.Argument(help="experiment config (YAML) instead of the flags")] = None,
-    target: Annotated[Path | None, typer.Option(help="target kernel .npy: (k, k), (k, k, C_in, C_out), 1-D, 3-D")] = None,
+    target: Annotated[Path | None,
+                      typer.Option(help="target kernel .npy: (k, k), (k, k, C_in, C_out), 1-D, 3-D")] = None,
     family: Annotated[str | None, typer.Option(help="target family: gaussian, log, dog, gabor, disk, box, "
                                                     "motion_blur, random_normal, randint")] = None,
     size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
@@ -136,10 +138,9 @@ def factorize(
 ) -> None:
     """Learn the best chain of small kernels for a target; compare with the baselines."""
     from jfactor import rundir
-    from jfactor.experiment.config import ExperimentConfig, apply_overrides, load_config
+    from jfactor.experiment.config import ExperimentConfig, apply_overrides, build_solver, load_config
     from jfactor.experiment.run import environment, plan, write_factorization
     from jfactor.factorize import factorize as run_factorize
-    from jfactor.experiment.config import build_solver
     from jfactor.schema import validate
 
     try:
@@ -287,15 +288,18 @@ def search(
     summary = {"target": the_target.name, "dense_macs": int(the_target.kernel.size), "candidates": rows,
                "budget": budget, "cheapest_under_budget": pick.to_dict() if pick else None}
     rundir.write_json(out_dir / "front.json", summary)
-    plot_error_vs_cost([r for r in rows if r["on_front"]], out_dir / "pareto.png", title=f"Pareto front, {the_target.name}")
+    plot_error_vs_cost([r for r in rows if r["on_front"]], out_dir / "pareto.png",
+                       title=f"Pareto front, {the_target.name}")
     if as_json:
         print(rundir.dumps(summary))
         return
-    table = Table(title=f"{the_target.name}: {len(rows)} chains, Pareto front first (dense: {summary['dense_macs']} MACs)")
+    table = Table(title=f"{the_target.name}: {len(rows)} chains, Pareto front first "
+                        f"(dense: {summary['dense_macs']} MACs)")
     for column in ("chain", "rel. error", "MACs/pixel", "params", "front"):
         table.add_column(column, justify="left" if column == "chain" else "right")
     for r in rows:
-        table.add_row(r["chain"], f"{r['rel_error']:.3e}", f"{r['macs']:,}", f"{r['params']:,}", "*" if r["on_front"] else "")
+        table.add_row(r["chain"], f"{r['rel_error']:.3e}", f"{r['macs']:,}", f"{r['params']:,}",
+                      "*" if r["on_front"] else "")
     console.print(table)
     if budget is not None:
         console.print(f"cheapest within {budget:g}: " + (f"{pick.chain.describe()} ({pick.macs} MACs, error "

@@ -76,7 +76,7 @@ def _chain_table(summary: dict, console: Console) -> None:
         f" {summary['time_s']:.2f} s ({summary['compile_s']:.2f} s compiling)")
     table = Table()
     for column in ("method", "rel. error", "max abs", "PSNR dB", "spectral", "output PSNR dB", "time s", "note"):
-        table.add_column(column, justify="left" if column in ("method", "note") else "right")
+        table.add_column(column, justify="left" if column in ("method", "note") else "right", no_wrap=column != "note")
     table.add_row("jfactor", _num(summary["rel_error"]), _num(summary["max_abs_error"]), _num(summary["psnr_db"]),
                   _num(summary["spectral_error"]), _num(summary["output_psnr_db"]), f"{summary['time_s']:.2f}", "")
     for name, entry in summary["baselines"].items():

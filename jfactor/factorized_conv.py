@@ -101,7 +101,7 @@ class FactorizedConv(nnx.Module):
                  param_dtype=None, metrics: dict | None = None):
         factors = [_checks.as_weight(f, f"factors[{i}]", "FactorizedConv") for i, f in enumerate(factors)]
         factors = [f.astype(param_dtype or f.dtype) for f in factors]
-        c_in, c_out = _check_factors(factors, chain)
+        _, c_out = _check_factors(factors, chain)
         kernel_size = _checks.positive_ints(kernel_size, "kernel_size", "FactorizedConv")
         kernel_size = _checks.expand(kernel_size, chain.ndim, "kernel_size", "FactorizedConv")
         if any(e < k for e, k in zip(chain.extent, kernel_size)):

@@ -80,8 +80,10 @@ class Conv(Layer):
             )
         ndim = kernel.ndim - 2
         set_field(self, "kernel", kernel)
-        set_field(self, "strides", _checks.expand(_checks.positive_ints(self.strides, "strides", where), ndim, "strides", where))
-        set_field(self, "dilation", _checks.expand(_checks.positive_ints(self.dilation, "dilation", where), ndim, "dilation", where))
+        strides = _checks.positive_ints(self.strides, "strides", where)
+        set_field(self, "strides", _checks.expand(strides, ndim, "strides", where))
+        dilation = _checks.positive_ints(self.dilation, "dilation", where)
+        set_field(self, "dilation", _checks.expand(dilation, ndim, "dilation", where))
         set_field(self, "padding", _checks.padding_spec(self.padding, where))
         groups = _checks.positive_ints(self.groups, "groups", where)
         if not isinstance(groups, int):

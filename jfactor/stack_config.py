@@ -15,7 +15,8 @@ Layer kinds: conv, avg_pool, sum_pool, subsample, batch_norm, identity, residual
 (``layers:``), branches (``layers:`` a list of layer lists, ``merge: sum | concat``).
 Weights are a ``.npy`` path (relative to the config file), ``{file: w.npz, key: k}``,
 ``{init: normal|uniform|randint|zeros|ones, seed, mean, std, low, high}`` or literal
-nested lists; a kernel with only spatial axes is read as one channel in, one out.  A conv without ``weights`` gets ``{init: normal, std: 1/sqrt(fan_in)}``
+nested lists; a kernel with only spatial axes is read as one channel in, one out.  A conv without
+``weights`` gets ``{init: normal, std: 1/sqrt(fan_in)}``
 seeded by its position among the config's convs.
 """
 
@@ -272,8 +273,10 @@ class _Builder:
             if kernel.ndim != expected[0] or kernel.shape[-2] != expected[1]:
                 self.fail(f"{where}.weights", f"has shape {kernel.shape}; a {ndim}-D conv on {cin} channels "
                           f"with groups {spec.groups} needs (*kernel_size, {expected[1]}, filters)")
-            if spec.kernel_size is not None and _checks.expand(spec.kernel_size, ndim, "kernel_size", where) != kernel.shape[:ndim]:
-                self.fail(f"{where}.kernel_size", f"{spec.kernel_size} disagrees with the weights' shape {kernel.shape}")
+            declared = spec.kernel_size and _checks.expand(spec.kernel_size, ndim, "kernel_size", where)
+            if declared and declared != kernel.shape[:ndim]:
+                self.fail(f"{where}.kernel_size",
+                          f"{spec.kernel_size} disagrees with the weights' shape {kernel.shape}")
             if spec.filters is not None and spec.filters != kernel.shape[-1]:
                 self.fail(f"{where}.filters", f"{spec.filters} disagrees with the weights' shape {kernel.shape}")
         else:

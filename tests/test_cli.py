@@ -110,7 +110,8 @@ def test_factorize_table_and_errors(tmp_path):
 
 def test_search_prints_the_front(tmp_path):
     result = runner.invoke(app, ["search", "--family", "gaussian", "--size", "7", "--sizes", "3,5", "--layers", "2",
-                                 "--restarts", "2", "--optimizer", "none", "--refine-steps", "30", "--budget", "1e-8", "--out", str(tmp_path), "--json"])
+                                 "--restarts", "2", "--optimizer", "none", "--refine-steps", "30", "--budget", "1e-8",
+                                 "--out", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     front = [c for c in summary["candidates"] if c["on_front"]]

@@ -99,7 +99,8 @@ def test_run_directory_holds_everything_and_is_never_reused(tmp_path):
 def test_set_overrides_any_key(tmp_path):
     config = _write(tmp_path, SMALL)
     result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path), "--quiet",
-                                 "--set", "target.family=box", "--set", "target.params={}", "--set", "chain.sizes=[5, 3]",
+                                 "--set", "target.family=box", "--set", "target.params={}",
+                                 "--set", "chain.sizes=[5, 3]",
                                  "--set", "restarts=3"])
     assert result.exit_code == 0, result.output
     payload = json.loads((_last_line(result.stdout) / "results.json").read_text())

@@ -27,7 +27,7 @@ def test_conv_settings_match_reference(padding, strides, dilation):
     stack = jf.Stack([conv], (13, 11, 4))
     x = rng.normal(size=(3, 13, 11, 4))
     expected = reference.conv(x, np.asarray(conv.kernel), np.asarray(conv.bias), strides, dilation,
-                              padding if not isinstance(padding, list) else padding, 2)
+                              padding, 2)
     np.testing.assert_allclose(stack(x), expected, rtol=1e-12, atol=1e-12)
 
 

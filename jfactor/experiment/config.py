@@ -270,7 +270,7 @@ def build_target(spec: TargetSpec, base: Path, source: str) -> Target:
         return Target.from_array(array, spatial_dims=spec.spatial_dims, stride=spec.stride, name=name)
     except ConfigError:
         raise
-    except Exception as exc:  # FactorizationError and friends carry their own message
+    except ValueError as exc:  # every JFactorError is one, with its own message
         raise ConfigError(f"{where}: {exc}") from None
 
 
@@ -283,7 +283,7 @@ def build_chain(spec: ChainSpec, ndim: int, base: Path, source: str, index: int)
     try:
         return Chain.build(spec.sizes, dilations=spec.dilations, strides=spec.strides, channels=spec.channels,
                            ndim=ndim, frozen=frozen)
-    except Exception as exc:
+    except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 

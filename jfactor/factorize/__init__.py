@@ -8,7 +8,7 @@ from jfactor.factorize.search import Candidate, cheapest_under, search
 from jfactor.factorize.solve import Solver
 
 __all__ = [
-    "BASELINES", "Candidate", "Chain", "ChainLayer", "DEFAULT_BASELINES", "Factorization", "FactorizationError", "Objective",
-    "Solver", "Target", "chain_kernel", "check_chain", "cheapest_under", "factorize", "factorize_batch", "load_images",
-    "search",
+    "BASELINES", "Candidate", "Chain", "ChainLayer", "DEFAULT_BASELINES", "Factorization", "FactorizationError",
+    "Objective", "Solver", "Target", "chain_kernel", "check_chain", "cheapest_under", "factorize", "factorize_batch",
+    "load_images", "search",
 ]

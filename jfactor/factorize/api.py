@@ -227,8 +227,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     compile_before = _compile_seconds[0]
     start = time.perf_counter()
     label = f"factorizing {len(targets)} target(s) x {restarts} restarts"
-    with ProgressBar(progress, solver.steps * (solver.optimizer != "none") + solver.refine_steps * (solver.refine == "lm"),
-                   label) as bar:
+    total_steps = solver.steps * (solver.optimizer != "none") + solver.refine_steps * (solver.refine == "lm")
+    with ProgressBar(progress, total_steps, label) as bar:
         free, history, losses, errors, diverged = optimise(problem, free, frozen, normalised, objective_images, bar)
     elapsed = time.perf_counter() - start
     compile_s = _compile_seconds[0] - compile_before

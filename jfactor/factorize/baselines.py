@@ -52,17 +52,18 @@ def svd_truncation(target: np.ndarray, chain: Chain) -> dict:
     rank = min(chain.widths or (1,))
     sigma = np.linalg.svd(target[..., 0, 0], compute_uv=False)
     entry = _timed(lambda: np.sqrt(np.sum(sigma[rank:] ** 2)) / np.linalg.norm(sigma))
-    return {**entry, "macs": rank * sum(target.shape[:2]), "note": f"rank {rank}: {rank} separable filters"}
+    return {**entry, "macs": rank * sum(target.shape[:2]), "note": f"rank {rank}: sum of {rank} separable"}
 
 
-@functools.partial(jax.jit, static_argnames=("chain", "free", "sweeps"))
-def _als(chain: Chain, free: tuple[int, ...], factors, target, sweeps: int):
+def _als_one(chain: Chain, free: tuple[int, ...], factors, target, sweeps: int):
     """``sweeps`` rounds of exact least-squares updates of each free factor (one start)."""
     def update(factors, i):
         def approx_of(w):
             return chain_kernel([w if j == i else f for j, f in enumerate(factors)], chain).ravel()
         matrix = jax.jacfwd(approx_of)(factors[i]).reshape(target.size, -1)
-        w = jnp.linalg.lstsq(matrix, target.ravel())[0].reshape(factors[i].shape)
+        gram = matrix.T @ matrix
+        ridge = 1e-14 * jnp.trace(gram) / gram.shape[0] * jnp.eye(gram.shape[0], dtype=gram.dtype)
+        w = jnp.linalg.solve(gram + ridge, matrix.T @ target.ravel()).reshape(factors[i].shape)
         return [w if j == i else f for j, f in enumerate(factors)]
 
     def sweep(_, factors):
@@ -75,26 +76,39 @@ def _als(chain: Chain, free: tuple[int, ...], factors, target, sweeps: int):
     return jnp.linalg.norm(approx - target) / jnp.linalg.norm(target)
 
 
+@functools.partial(jax.jit, static_argnames=("chain", "free", "sweeps"))
+def _als(chain: Chain, free: tuple[int, ...], factors, target, sweeps: int):
+    """Relative errors ``(R,)`` of ALS from ``R`` starts at once (each factor ``(R, *shape)``)."""
+    return jax.vmap(lambda start: _als_one(chain, free, start, target, sweeps))(factors)
+
+
+def _stacked(starts: list[list[np.ndarray]]) -> list[jax.Array]:
+    """``R`` start lists -> one list of factors with a leading restart axis."""
+    return [jnp.stack([jnp.asarray(start[i]) for start in starts]) for i in range(len(starts[0]))]
+
+
 def als(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], sweeps: int = 100) -> dict:
-    """Best relative error of ALS over ``starts`` (each a full factor list)."""
-    free = tuple(_free_indices(chain))
+    """Best relative error of ALS over ``starts`` (each a full factor list), all run at once."""
+    args = (chain, tuple(_free_indices(chain)), _stacked(starts), jnp.asarray(target), sweeps)
+    _als(*args)  # compile
 
     def run():
-        errors = [_als(chain, free, [jnp.asarray(f) for f in start], jnp.asarray(target), sweeps)
-                  for start in starts]
-        return min(float(e) for e in errors if np.isfinite(e))
+        errors = np.asarray(_als(*args))
+        return float(errors[np.isfinite(errors)].min()) if np.isfinite(errors).any() else float("nan")
 
-    _als(chain, free, [jnp.asarray(f) for f in starts[0]], jnp.asarray(target), sweeps)  # compile
-    return _timed(run)
+    entry = _timed(run)
+    if not np.isfinite(entry["rel_error"]):
+        return {**_not_applicable(f"all {len(starts)} starts diverged"), "time_s": entry["time_s"]}
+    return entry
 
 
 def lstsq(target: np.ndarray, chain: Chain, start: list[np.ndarray]) -> dict:
     free = _free_indices(chain)
     if len(free) != 1:
-        return _not_applicable(f"needs exactly one free factor, the chain has {len(free)}")
-    args = (chain, tuple(free), [jnp.asarray(f) for f in start], jnp.asarray(target), 1)
+        return _not_applicable(f"{len(free)} free factors; needs 1")
+    args = (chain, tuple(free), _stacked([start]), jnp.asarray(target), 1)
     _als(*args)  # compile
-    return _timed(lambda: _als(*args))
+    return _timed(lambda: float(_als(*args)[0]))
 
 
 def _known_kernel(chain: Chain, free: int) -> np.ndarray:
@@ -113,12 +127,12 @@ def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 
 
     free = _free_indices(chain)
     if len(free) != 1:
-        return _not_applicable(f"needs exactly one free factor (the rest known), the chain has {len(free)}")
+        return _not_applicable(f"{len(free)} free factors; needs 1")
     i = free[0]
     single_channel = target.ndim == 4 and target.shape[-2:] == (1, 1) and all(w == 1 for w in chain.widths)
     strided = any(s > 1 for layer in chain.layers for s in layer.stride)
     if not single_channel or strided or any(d > 1 for d in chain.effective_dilations[i]):
-        return _not_applicable("needs a 2-D single-channel, stride-1 chain with an undilated free factor")
+        return _not_applicable("needs 2-D, 1 channel, stride 1, undilated free factor")
     known = _known_kernel(chain, i)
     size = chain.layers[i].size
 
@@ -157,7 +171,7 @@ def scipy_lm(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]]) -
         best = np.inf
         for start in starts:
             x0 = np.concatenate([start[i].ravel() for i in free])
-            fun = lambda x, start=start: (chain_kernel_numpy(factors_of(x, start), chain) - target).ravel()  # noqa: E731
+            fun = lambda x, start=start: (chain_kernel_numpy(factors_of(x, start), chain) - target).ravel()
             result = optimize.least_squares(fun, x0, method="lm")
             best = min(best, rel_error(chain_kernel_numpy(factors_of(result.x, start), chain), target))
         return best

@@ -161,8 +161,12 @@ class Chain:
             if layer.frozen:
                 text += " (frozen)"
             parts.append(text)
-        widths = set(self.widths)
-        suffix = "" if not self.widths else f", width {self.widths[0]}" if len(widths) == 1 else f", widths {list(self.widths)}"
+        if not self.widths:
+            suffix = ""
+        elif len(set(self.widths)) == 1:
+            suffix = f", width {self.widths[0]}"
+        else:
+            suffix = f", widths {list(self.widths)}"
         return " -> ".join(parts) + suffix
 
     def num_params(self, c_in: int, c_out: int) -> int:
