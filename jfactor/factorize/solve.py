@@ -309,6 +309,27 @@ def _bucket(count: int, total: int) -> int:
     return min(total, 1 << max(count - 1, 0).bit_length())
 
 
+@functools.lru_cache(maxsize=64)
+def _residual_size(objective, target: tuple, images: tuple | None) -> int:
+    """Length of ``objective``'s residual for a target and images given as (shape, dtype)."""
+    struct = lambda spec: None if spec is None else jax.ShapeDtypeStruct(*spec)  # noqa: E731
+    return jax.eval_shape(objective.residual, struct(target), struct(target), struct(images)).shape[0]
+
+
+def _group_size(problem: Problem, n: int, target, images, total: int) -> int:
+    """How many items one LM segment runs at once: all of them, except on a CPU with a dense
+    solve, where groups are kept to ~8 MB of Jacobians so each iteration stays in cache
+    (one batch of thousands of Jacobians is memory-bound and slower than a loop of calls)."""
+    if jax.default_backend() != "cpu":
+        return total
+    spec = lambda a: None if a is None else (tuple(a.shape), str(a.dtype))  # noqa: E731
+    m = _residual_size(problem.objective, spec(target), spec(images))
+    solver = problem.solver
+    if solver.linear_solver == "cg" or (solver.linear_solver == "auto" and not dense_solve(m, n)):
+        return total
+    return int(min(total, 2 ** int(np.log2(max(1, 8e6 // (m * n * target.dtype.itemsize))))))
+
+
 def refine(problem: Problem, state, free, frozen, target, images, progress):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history).
 
@@ -326,21 +347,23 @@ def refine(problem: Problem, state, free, frozen, target, images, progress):
     steps = solver.refine_steps
     history = np.empty((total, steps), state["cost"].dtype)
     live = np.flatnonzero(~state["done"])
+    group = _group_size(problem, state["x"].shape[1], target[0], images, total)
     done = 0
     while done < steps and live.size:
         n = min(solver.chunk, steps - done)
-        index = np.concatenate([live, np.repeat(live[:1], _bucket(live.size, total) - live.size)])
-        part = jax.tree.map(lambda a: a[index], state)
-        part, costs = lm_segment(problem, part, jax.tree.map(lambda a: a[index], templates), frozen,
-                                 target[owner[index]], images, n)
-        part = jax.tree.map(lambda a: np.asarray(a)[: live.size], part)
-        for key in state:
-            state[key][live] = part[key]
-        history[live, done: done + n] = np.asarray(costs)[: live.size]
-        history[np.setdiff1d(np.arange(total), live), done: done + n] = state["cost"][
-            np.setdiff1d(np.arange(total), live), None]
+        history[:, done: done + n] = state["cost"][:, None]
+        for members in np.array_split(live, -(-live.size // group)):
+            size = _bucket(members.size, group)
+            index = np.concatenate([members, np.repeat(members[:1], size - members.size)])
+            part = jax.tree.map(lambda a: a[index], state)  # noqa: B023 (used at once)
+            part, costs = lm_segment(problem, part, jax.tree.map(lambda a: a[index], templates), frozen,  # noqa: B023
+                                     target[owner[index]], images, n)
+            part = jax.tree.map(lambda a: np.asarray(a)[: members.size], part)  # noqa: B023
+            for key in state:
+                state[key][members] = part[key]
+            history[members, done: done + n] = np.asarray(costs)[: members.size]
         done += n
-        live = live[~part["done"]]
+        live = live[~state["done"][live]]
         progress.advance(n, "refining (Levenberg-Marquardt)")
     history = history[:, :done]
     shaped = jax.tree.map(lambda a: a.reshape((batch, restarts) + a.shape[1:]), state)
