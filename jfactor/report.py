@@ -109,11 +109,16 @@ def factorization_plots(result: Factorization, directory, stem: str = "") -> lis
 def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", title: str = "") -> Path:
     """Relative error against multiply-adds per output, one point per row (log-log)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
+    middle = np.sqrt(min(row["macs"] for row in rows) * max(row["macs"] for row in rows)) if rows else 0
     for i, row in enumerate(rows):
         error = max(row["rel_error"], 1e-17)
         ax.loglog(row["macs"], error, "o", color=f"C{i % 10}")
-        ax.annotate(str(row.get(label_key, i)), (row["macs"], error), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        right_half = row["macs"] > middle  # labels point inwards, so they stay inside the axes
+        label = ax.annotate(textwrap.fill(str(row.get(label_key, i)), 36), (row["macs"], error), fontsize=7,
+                            xytext=(-4 if right_half else 4, 4), textcoords="offset points",
+                            ha="right" if right_half else "left")
+        label.set_in_layout(False)
+    ax.margins(x=0.1, y=0.15)
     ax.set_xlabel("multiply-adds per output")
     ax.set_ylabel("relative error")
     ax.set_title(title)

@@ -139,7 +139,7 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True) -> dict:
         from jfactor.report import plot_error_vs_cost
 
         plots.append(plot_error_vs_cost([s for s in summaries if "chain" in s], directory / "error_vs_macs.png",
-                                        title=the_plan.target.name).name)
+                                        label_key="name", title=the_plan.target.name).name)
     rundir.write_text(directory / "metrics.csv", _csv(metric_rows))
     payload = {
         "name": config.name,
