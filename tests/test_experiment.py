@@ -137,9 +137,12 @@ def test_unwritable_runs_dir_fails_before_compute(tmp_path):
     assert "output directory is not writable" in result.output
 
 
+CELLS = 12  # enough that the kill, polled every 20 ms after the second cell, lands mid-sweep
+
+
 def _sweep_config(tmp_path) -> Path:
-    return _write(tmp_path, {**SMALL, "name": "resume", "sweep": {"grid": {"target.params.sigma": [0.8, 1.0, 1.2, 1.4,
-                                                                                                1.6, 1.8]}}},
+    sigmas = [round(0.8 + 0.1 * i, 1) for i in range(CELLS)]
+    return _write(tmp_path, {**SMALL, "name": "resume", "sweep": {"grid": {"target.params.sigma": sigmas}}},
                   "sweep.yaml")
 
 
@@ -149,7 +152,7 @@ def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
                             str(tmp_path / "whole"), "--quiet"], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     reference = _rows(_last_line(whole.stdout) / "table.csv")
-    assert len(reference) == 6
+    assert len(reference) == CELLS
 
     runs = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir", str(runs),
@@ -157,11 +160,11 @@ def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
                                start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list(runs.glob("*/cells/001/results.json")):
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     finished = list(runs.glob("*/cells/*/results.json"))
-    assert 2 <= len(finished) < 6, "the kill should land mid-sweep"
+    assert 2 <= len(finished) < CELLS, "the kill should land mid-sweep"
     before = {p: p.stat().st_mtime_ns for p in finished}
     resumed = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir", str(runs),
                               "--quiet"], capture_output=True, text=True)
