@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jfactor.experiment.config import load_config  # noqa: E402
+from readme_block import replace_block  # noqa: E402
 from jfactor.experiment.run import run  # noqa: E402
 from jfactor.experiment.sweep import run_sweep  # noqa: E402
 from jfactor.report import markdown_table  # noqa: E402
@@ -141,16 +141,6 @@ STUDIES = {"chain_structure": chain_structure, "channel_width": channel_width, "
            "strides_vs_pooling": strides_vs_pooling}
 
 
-def update_readme(study: str, block: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(rf"(<!-- ablation:{study} -->\n).*?(<!-- /ablation:{study} -->)", re.S)
-    if not pattern.search(text):
-        print(f"README.md has no <!-- ablation:{study} --> block; not updated")
-        return
-    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=[*STUDIES, "all"])
@@ -169,7 +159,7 @@ def main() -> None:
         plt.close(fig)
         (RESULTS / f"{study}.json").write_text(json.dumps(table, indent=2) + "\n")
         (RESULTS / f"{study}.md").write_text(text + "\n")
-        update_readme(study, f"{text}\n\n![{study}](experiments/results/{study}.png)\n")
+        replace_block(f"ablation:{study}", f"{text}\n\n![{study}](experiments/results/{study}.png)\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def _run(*args, timeout=600):
 
 
 def test_seed_reproduction_prints_the_table(tmp_path):
-    out = _run("experiments/seed_reproduction.py", "--json", str(tmp_path / "seed.json"))
+    out = _run("experiments/seed_reproduction.py", "--print-only", "--json", str(tmp_path / "seed.json"))
     assert "| section8_avgpool | 78x78 / s16 |" in out
     assert "3x3 -> 3x3 d2 -> 3x3 d4 -> 3x3 d8 -> 3x3 d16 -> AvgPool(16)" in out
     assert (tmp_path / "seed.json").exists()
