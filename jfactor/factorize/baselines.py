@@ -171,7 +171,7 @@ def scipy_lm(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]]) -
         best = np.inf
         for start in starts:
             x0 = np.concatenate([start[i].ravel() for i in free])
-            fun = lambda x, start=start: (chain_kernel_numpy(factors_of(x, start), chain) - target).ravel()
+            fun = lambda x, start=start: (chain_kernel_numpy(factors_of(x, start), chain) - target).ravel()  # noqa: E731
             result = optimize.least_squares(fun, x0, method="lm")
             best = min(best, rel_error(chain_kernel_numpy(factors_of(result.x, start), chain), target))
         return best

@@ -334,8 +334,9 @@ def refine(problem: Problem, state, free, frozen, target, images, progress):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history).
 
     Items are flattened to one axis, and converged ones are dropped between chunks: the
-    live ones are gathered into a power-of-two batch, so a few slow restarts do not keep
-    a whole batch of finished ones iterating (a few extra compiles, one per batch size).
+    live ones are gathered into power-of-two batches of at most :func:`_group_size`, so a
+    few slow restarts do not keep a whole batch of finished ones iterating (a few extra
+    compiles, one per batch size).
     """
     solver = problem.solver
     batch, restarts = state["cost"].shape
