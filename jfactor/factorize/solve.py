@@ -319,7 +319,11 @@ def _residual_size(objective, target: tuple, images: tuple | None) -> int:
 def _group_size(problem: Problem, n: int, target, images, total: int) -> int:
     """How many items one LM segment runs at once: all of them, except on a CPU with a dense
     solve, where groups are kept to ~8 MB of Jacobians so each iteration stays in cache
-    (one batch of thousands of Jacobians is memory-bound and slower than a loop of calls)."""
+    (one batch of thousands of Jacobians is memory-bound and slower than a loop of calls).
+
+    The groups run one after another: executing this jitted while-loop from two host
+    threads at once deadlocks XLA's CPU backend (jax 0.10.2), so they cannot share cores.
+    """
     if jax.default_backend() != "cpu":
         return total
     spec = lambda a: None if a is None else (tuple(a.shape), str(a.dtype))  # noqa: E731
