@@ -17,3 +17,13 @@ def test_readme_python_block_runs(index, tmp_path):
     script.write_text(BLOCKS[index])
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_generated_readme_block_is_filled():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"<!-- ([\w:]+) -->\n(.*?)<!-- /\1 -->", text, re.S)
+    assert len(blocks) >= 10
+    empty = [name for name, body in blocks if not body.strip()]
+    assert not empty, f"README blocks with nothing in them: {empty}"
+    for picture in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text):
+        assert (ROOT / picture).is_file(), picture
