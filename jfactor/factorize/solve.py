@@ -334,6 +334,11 @@ def _group_size(problem: Problem, n: int, target, images, total: int) -> int:
     return int(min(total, 2 ** int(np.log2(max(1, 8e6 // (m * n * target.dtype.itemsize))))))
 
 
+def _take(tree, index):
+    """The rows ``index`` of every leaf, as numpy arrays."""
+    return jax.tree.map(lambda a: np.asarray(a)[index], tree)
+
+
 def refine(problem: Problem, state, free, frozen, target, images, progress):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history).
 
@@ -360,10 +365,9 @@ def refine(problem: Problem, state, free, frozen, target, images, progress):
         for members in np.array_split(live, -(-live.size // group)):
             size = _bucket(members.size, group)
             index = np.concatenate([members, np.repeat(members[:1], size - members.size)])
-            part = jax.tree.map(lambda a: a[index], state)  # noqa: B023 (used at once)
-            part, costs = lm_segment(problem, part, jax.tree.map(lambda a: a[index], templates), frozen,  # noqa: B023
+            part, costs = lm_segment(problem, _take(state, index), _take(templates, index), frozen,
                                      target[owner[index]], images, n)
-            part = jax.tree.map(lambda a: np.asarray(a)[: members.size], part)  # noqa: B023
+            part = _take(part, slice(members.size))
             for key in state:
                 state[key][members] = part[key]
             history[members, done: done + n] = np.asarray(costs)[: members.size]
