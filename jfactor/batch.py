@@ -34,7 +34,7 @@ devices (``jax.make_array_from_callback``), and the result is a global array: fe
 with ``jax.experimental.multihost_utils.process_allgather`` before ``.conv(i)``.
 
 Compilation happens once per structure, N, dtype and method (``_fold._cache_size()``
-counts them); :func:`enable_compilation_cache` keeps compiled folds across processes.
+counts them); :func:`enable_compilation_cache` (from :mod:`jfactor.cache`) keeps compiled folds across processes.
 """
 
 from __future__ import annotations
@@ -43,16 +43,15 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental.compilation_cache import compilation_cache
 
 from jfactor import ops
 from jfactor._pytree import pytree_dataclass, static
+from jfactor.cache import enable_compilation_cache
 from jfactor.errors import StackError
 from jfactor.fold import conv_from_affine, fold_layers, has_bias
 from jfactor.layers import Conv
@@ -367,23 +366,6 @@ def stack_batch(stacks: Sequence[Stack]) -> Stack:
                 or [leaf.shape for leaf in jax.tree.leaves(stack)] != shapes):
             raise _structure_error(stacks, i)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *stacks)
-
-
-def enable_compilation_cache(path, *, min_compile_time_s: float = 0.0) -> Path:
-    """Keep compiled folds on disk under ``path`` (jax's persistent compilation cache).
-
-    Sets ``jax_compilation_cache_dir`` and ``jax_persistent_cache_min_compile_time_secs``
-    (default 0: cache every fold, they compile in about a second); a later process with
-    the same jax, backend and shapes loads instead of compiling.  Returns the directory.
-    Anyone who can write there can run code in your process: keep it private.
-    """
-    path = Path(path).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    if jax.config.jax_compilation_cache_dir not in (None, str(path)):
-        compilation_cache.reset_cache()  # jax opened another directory already
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
-    return path
 
 
 __all__ = [

@@ -18,8 +18,18 @@ console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
 @app.callback()
-def _group() -> None:
+def _group(
+    compile_cache: Annotated[Path | None, typer.Option(
+        help="where compiled code is kept across runs (default: $JFACTOR_COMPILE_CACHE, else "
+             "~/.cache/jfactor/xla)")] = None,
+    use_compile_cache: Annotated[bool, typer.Option(
+        "--compile-cache-on/--no-compile-cache", help="reuse compiled code across runs (a second run of the "
+                                                      "same geometry skips compiling)")] = True,
+) -> None:
     """Fold linear convolution stacks exactly; factorize large kernels into small ones."""
+    from jfactor.cache import configure
+
+    configure(compile_cache, use_compile_cache)
 
 
 def _fail(exc: Exception) -> None:
@@ -86,7 +96,7 @@ def _target_spec(target, family, size, params, stack) -> dict:
 
 
 def _factorize_config(target, family, size, params, stack, chain, dilations, strides, channels, dtype, restarts,
-                      objective, optimizer, steps, refine, refine_steps, init, baselines, seed) -> dict:
+                      budget_s, objective, optimizer, steps, refine, refine_steps, init, baselines, seed) -> dict:
     spec = _target_spec(target, family, size, params, stack)
     sizes = _int_list(chain, "--chain")
     if sizes is None:
@@ -95,7 +105,7 @@ def _factorize_config(target, family, size, params, stack, chain, dilations, str
                   "strides": _int_list(strides, "--strides"), "channels": channels}
     return {
         "name": "factorize", "target": spec, "chain": {k: v for k, v in chain_spec.items() if v is not None},
-        "dtype": dtype, "restarts": restarts, "objective": objective, "init": init, "seed": seed,
+        "dtype": dtype, "restarts": restarts, "budget_s": budget_s, "objective": objective, "init": init, "seed": seed,
         "solver": {"optimizer": optimizer, "steps": steps, "refine": refine, "refine_steps": refine_steps},
         "baselines": [b for b in baselines.split(",") if b] if baselines is not None else None,
     }
@@ -122,7 +132,11 @@ def factorize(
     strides: Annotated[str | None, typer.Option(help="per-layer strides, e.g. 1,2,1")] = None,
     channels: Annotated[int, typer.Option(help="channel width between layers")] = 1,
     dtype: Annotated[str, typer.Option(help="float64 or float32")] = "float64",
-    restarts: Annotated[int, typer.Option(help="random restarts, optimised together")] = 32,
+    restarts: Annotated[int | None, typer.Option(
+        help="exactly this many restarts, each refined (default: restarts in screened waves until the best "
+             "minimum has been found repeatedly)")] = None,
+    budget_s: Annotated[float | None, typer.Option(help="stop starting new waves of restarts after this many "
+                                                        "seconds")] = None,
     objective: Annotated[str, typer.Option(help="kernel, spectral or images")] = "kernel",
     optimizer: Annotated[str, typer.Option(help="lbfgs, adam or none")] = "lbfgs",
     steps: Annotated[int, typer.Option(help="first-order steps")] = 200,
@@ -135,6 +149,9 @@ def factorize(
     out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="print result.json only")] = False,
+    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write kernels.png, spectrum.png "
+                                                                           "and loss.png (default: not with --json)")]
+    = None,
 ) -> None:
     """Learn the best chain of small kernels for a target; compare with the baselines."""
     from jfactor import rundir
@@ -149,7 +166,8 @@ def factorize(
             source = str(config)
         else:
             raw = _factorize_config(target, family, size, param, stack, chain, dilations, strides, channels, dtype,
-                                    restarts, objective, optimizer, steps, refine, refine_steps, init, baselines, seed)
+                                    restarts, budget_s, objective, optimizer, steps, refine, refine_steps, init,
+                                    baselines, seed)
             raw = apply_overrides({k: v for k, v in raw.items() if v is not None}, set_)
             parsed, base, source = validate(ExperimentConfig, raw, "command line"), Path("."), "command line"
         if len(parsed.all_chains) != 1:
@@ -158,33 +176,25 @@ def factorize(
         out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", "factorize")
         result = run_factorize(the_plan.target, the_plan.chains[0], objective=the_plan.objective,
                                solver=build_solver(the_plan.config.solver), restarts=the_plan.config.restarts,
-                               init=the_plan.config.init, dtype=the_plan.config.dtype, seed=the_plan.config.seed,
+                               budget_s=the_plan.config.budget_s, init=the_plan.config.init,
+                               dtype=the_plan.config.dtype, seed=the_plan.config.seed,
                                images=the_plan.images, baselines=tuple(the_plan.config.baselines),
                                progress=not as_json)
     except JFactorError as exc:
         _fail(exc)
     summary = {**result.to_dict(), "environment": environment()}
-    write_factorization(result, out_dir, plots=the_plan.config.plots)
     rundir.write_json(out_dir / "result.json", summary)
     if as_json:
         print(rundir.dumps(summary))
-        return
-    from jfactor.display import factorization_summary
+    else:
+        from jfactor.display import factorization_summary
 
-    factorization_summary(result, console)
-    console.print(f"wrote {out_dir}/result.json, approx.npy, factors.npz, kernels.png, spectrum.png, loss.png")
-    print(out_dir)
-
-
-CompileCache = Annotated[Path | None, typer.Option(help="persistent compilation cache directory (reused "
-                                                    "across processes: later runs skip compiling)")]
-
-
-def _compile_cache(path: Path | None) -> None:
-    if path is not None:
-        from jfactor.batch import enable_compilation_cache
-
-        enable_compilation_cache(path)
+        factorization_summary(result, console)
+    pictures = write_factorization(result, out_dir, plots=the_plan.config.plots and (plots or plots is None and
+                                                                                      not as_json))
+    if not as_json:
+        console.print(f"wrote {out_dir}/" + ", ".join(["result.json", "approx.npy", "factors.npz", *pictures]))
+        print(out_dir)
 
 
 @app.command()
@@ -193,14 +203,12 @@ def run(
     runs_dir: Annotated[Path, typer.Option(help="where run directories are created")] = Path("runs"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
-    compile_cache: CompileCache = None,
 ) -> None:
     """Run an experiment into a new run directory (printed last)."""
     from jfactor.experiment.config import load_config
     from jfactor.experiment.run import run as run_experiment
 
     config = config or QUICKSTART
-    _compile_cache(compile_cache)
     try:
         parsed, _, base = load_config(config, set_)
         directory = run_experiment(parsed, base, str(config), runs_dir, progress=not quiet)
@@ -216,13 +224,11 @@ def sweep(
     runs_dir: Annotated[Path, typer.Option(help="where the sweep directory is created")] = Path("runs"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
-    compile_cache: CompileCache = None,
 ) -> None:
     """Run (or resume) every cell of a sweep; write table.csv and summary.png (directory printed last)."""
     from jfactor.experiment.config import load_config
     from jfactor.experiment.sweep import run_sweep
 
-    _compile_cache(compile_cache)
     try:
         parsed, raw, base = load_config(config, set_)
         directory = run_sweep(parsed, raw, base, str(config), runs_dir, progress=not quiet)
@@ -256,7 +262,9 @@ def search(
     widths: Annotated[str, typer.Option(help="candidate channel widths")] = "1",
     layers: Annotated[str, typer.Option(help="candidate numbers of layers")] = "1,2,3",
     slack: Annotated[int, typer.Option(help="how far a chain's receptive field may exceed the target")] = 2,
-    restarts: Annotated[int, typer.Option(help="restarts per candidate")] = 16,
+    restarts: Annotated[int | None, typer.Option(help="exactly this many restarts per candidate (default: "
+                                                      "screened waves until sure, as jfactor factorize)")] = None,
+    budget_s: Annotated[float | None, typer.Option(help="seconds per candidate before no new wave starts")] = None,
     optimizer: Annotated[str, typer.Option(help="lbfgs, adam or none (then LM only)")] = "lbfgs",
     refine_steps: Annotated[int, typer.Option(help="most LM iterations")] = 500,
     budget: Annotated[float | None, typer.Option(help="error budget: also report the cheapest chain within it")] = None,
@@ -279,7 +287,7 @@ def search(
         out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", "search")
         found = run_search(the_target, sizes=_int_list(sizes, "--sizes"), dilations=_int_list(dilations, "--dilations"),
                            widths=_int_list(widths, "--widths"), layers=_int_list(layers, "--layers"), slack=slack,
-                           restarts=restarts, progress=not as_json,
+                           restarts=restarts, budget_s=budget_s, progress=not as_json,
                            solver=Solver(optimizer=optimizer, refine_steps=refine_steps))
     except JFactorError as exc:
         _fail(exc)
@@ -295,11 +303,14 @@ def search(
         return
     table = Table(title=f"{the_target.name}: {len(rows)} chains, Pareto front first "
                         f"(dense: {summary['dense_macs']} MACs)")
-    for column in ("chain", "rel. error", "MACs/pixel", "params", "front"):
+    for column in ("chain", "rel. error", "MACs/pixel", "params", "front", "restarts", "minima", "best hits",
+                   "runner-up"):
         table.add_column(column, justify="left" if column == "chain" else "right")
     for r in rows:
+        e = r["evidence"]
         table.add_row(r["chain"], f"{r['rel_error']:.3e}", f"{r['macs']:,}", f"{r['params']:,}",
-                      "*" if r["on_front"] else "")
+                      "*" if r["on_front"] else "", str(e["restarts"]), str(e["distinct_minima"]), str(e["best_hits"]),
+                      "-" if e["runner_up"] is None else f"{e['runner_up']:.3e}")
     console.print(table)
     if budget is not None:
         console.print(f"cheapest within {budget:g}: " + (f"{pick.chain.describe()} ({pick.macs} MACs, error "

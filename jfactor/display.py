@@ -71,8 +71,7 @@ def _chain_table(summary: dict, console: Console) -> None:
     target = summary["target"]
     console.print(
         f"[bold]{summary['chain']}[/bold] for target {target['name']} {tuple(target['shape'])}"
-        f" (stride {tuple(target['stride'])}): {summary['restarts']} restarts"
-        f" ({summary['diverged']} diverged), {summary['objective']} objective, {summary['dtype']},"
+        f" (stride {tuple(target['stride'])}): {summary['objective']} objective, {summary['dtype']},"
         f" {summary['time_s']:.2f} s ({summary['compile_s']:.2f} s compiling)")
     table = Table()
     for column in ("method", "rel. error", "max abs", "PSNR dB", "spectral", "output PSNR dB", "time s", "note"):
@@ -85,6 +84,19 @@ def _chain_table(summary: dict, console: Console) -> None:
     console.print(table)
     console.print(f"cost per output: chain {summary['params']:,} params, {summary['macs']:,} MACs; "
                   f"dense {summary['dense_params']:,} params, {summary['dense_macs']:,} MACs")
+    console.print(evidence_line(summary))
+    if summary["evidence"]["warning"]:
+        console.print(f"[bold yellow]warning[/bold yellow]: {summary['evidence']['warning']}")
+
+
+def evidence_line(summary: dict) -> str:
+    """One line: restarts, distinct minima, hits of the best, runner-up, why the search stopped."""
+    e = summary["evidence"]
+    runner = "none" if e["runner_up"] is None else f"{e['runner_up']:.4g}"
+    return (f"search: {e['restarts']} restarts in {e['waves']} wave(s) ({summary['diverged']} diverged), "
+            f"{e['refined']} run to convergence, {e['distinct_minima']} distinct minima; the best reached by "
+            f"{e['best_hits']} ({e['independent_hits']} from fresh starts), runner-up {runner}; stopped: "
+            f"{e['stopped']}")
 
 
 def factorization_summary(result, console: Console) -> None:

@@ -84,6 +84,18 @@ def disk(size: int, radius: float | None = None) -> np.ndarray:
     return k / k.sum()
 
 
+def ring(size: int, radius: float | None = None, width: float = 1.5) -> np.ndarray:
+    """Anti-aliased annulus of ``width`` pixels at ``radius`` (default size / 2 - width), sum 1."""
+    radius = size / 2 - width if radius is None else radius
+
+    def inside(y, x):
+        r = np.sqrt(x**2 + y**2)
+        return (r >= radius - width / 2) & (r <= radius + width / 2)
+
+    k = _supersampled(size, inside)
+    return k / k.sum()
+
+
 def motion_blur(size: int, angle: float = 30.0, length: float | None = None) -> np.ndarray:
     """Anti-aliased line of ``length`` pixels at ``angle`` degrees, one pixel wide, sum 1."""
     length = size - 1 if length is None else length
@@ -110,7 +122,7 @@ def randint(size: int, low: int = 0, high: int = 2, seed: int = 0, ndim: int = 2
 
 FAMILIES = {
     "gaussian": gaussian, "box": box, "log": log, "dog": dog, "gabor": gabor, "disk": disk,
-    "motion_blur": motion_blur, "random_normal": random_normal, "randint": randint,
+    "ring": ring, "motion_blur": motion_blur, "random_normal": random_normal, "randint": randint,
 }
 SEPARABLE = ("gaussian", "box")
 

@@ -79,7 +79,7 @@ def test_factorize_writes_the_contract_files(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["factorize", "--target", str(tmp_path / "t.npy"), "--chain", "3,3,5",
                                  "--restarts", "2", "--optimizer", "none", "--refine-steps", "50",
-                                 "--baselines", "svd,als", "--out", str(out), "--json"])
+                                 "--baselines", "svd,als", "--out", str(out), "--json", "--plots"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed == json.loads((out / "result.json").read_text())

@@ -11,7 +11,8 @@
       - {sizes: [3, 3, 3], dilations: [1, 2, 4], channels: 2}
     objective: kernel                        # or {name: spectral, p: 8} / {name: images, images: [camera]}
     solver: {optimizer: lbfgs, steps: 200, refine: lm, refine_steps: 500}
-    restarts: 32
+    restarts: 32                             # exactly 32, each refined; omit for waves until sure
+    budget_s: 60                             # stop starting new waves after a minute
     init: auto
     baselines: [svd, als, lstsq, wiener, unsupervised_wiener]
     sweep:                                   # for `jfactor sweep` only
@@ -34,7 +35,7 @@ from pydantic import Field, model_validator
 
 from jfactor import kernels
 from jfactor.errors import ConfigError
-from jfactor.factorize import BASELINES, Chain, Objective, Solver, Target
+from jfactor.factorize import BASELINES, DEFAULT_BASELINES, Chain, Objective, Solver, Target
 from jfactor.factorize.init import INITS
 from jfactor.factorize.objectives import OBJECTIVES, load_images
 from jfactor.factorize.solve import LINEAR_SOLVERS, OPTIMIZERS, REFINES, SCHEDULES
@@ -138,9 +139,10 @@ class ExperimentConfig(Strict):
     chains: list[ChainSpec] = []
     objective: ObjectiveSpec = ObjectiveSpec()
     solver: SolverSpec = SolverSpec()
-    restarts: PositiveInt = 32
+    restarts: PositiveInt | None = None
+    budget_s: Annotated[float, Field(strict=False, gt=0, allow_inf_nan=False)] | None = None
     init: Literal[INITS] = "auto"  # type: ignore[valid-type]
-    baselines: list[Literal[BASELINES]] = ["svd", "als", "lstsq", "wiener", "unsupervised_wiener"]  # type: ignore[valid-type]
+    baselines: list[Literal[BASELINES]] = list(DEFAULT_BASELINES)  # type: ignore[valid-type]
     plots: bool = True
     tiny: bool = False
     sweep: SweepSpec | None = None
@@ -232,7 +234,7 @@ def shrink(config: ExperimentConfig) -> ExperimentConfig:
                                                     "crops": 1, "images": config.objective.images[:1]})
     baselines = [b for b in config.baselines if b not in ("als", "scipy_lm", "unsupervised_wiener")]
     return config.model_copy(update={"solver": solver, "objective": objective, "baselines": baselines,
-                                     "restarts": min(config.restarts, 2), "plots": config.plots})
+                                     "restarts": min(config.restarts or 2, 2), "plots": config.plots})
 
 
 # ------------------------------------------------------------------------------- building

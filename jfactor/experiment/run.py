@@ -127,7 +127,8 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True) -> dict:
     results = []
     for i, chain in enumerate(the_plan.chains):
         result = factorize(the_plan.target, chain, objective=the_plan.objective, solver=build_solver(config.solver),
-                           restarts=config.restarts, init=config.init, dtype=config.dtype, seed=config.seed,
+                           restarts=config.restarts, budget_s=config.budget_s, init=config.init, dtype=config.dtype,
+                           seed=config.seed,
                            images=the_plan.images, baselines=tuple(config.baselines), progress=progress)
         results.append(result)
         summary = result.to_dict()
@@ -194,10 +195,15 @@ def _report(payload: dict) -> str:
         target = chains[0]["target"]
         lines += ["## Factorization", "",
                   f"Target `{target['name']}` {target['shape']}, stride {target['stride']}; objective "
-                  f"{chains[0]['objective']}, {chains[0]['restarts']} restarts, init {chains[0]['init']}, "
-                  f"{chains[0]['dtype']}.", ""]
+                  f"{chains[0]['objective']}, init {chains[0]['init']}, {chains[0]['dtype']}.", ""]
         lines.append(markdown_table(chains, ["chain", "rel_error", "max_abs_error", "psnr_db", "spectral_error",
                                              "output_psnr_db", "params", "macs", "dense_macs", "time_s"]))
+        lines += ["", "How sure each result is (restarts run, distinct local minima among those run to "
+                  "convergence, how many reached the best, the next-best minimum, why the search stopped):", "",
+                  markdown_table([{"chain": e["chain"], **e["evidence"]} for e in chains],
+                                 ["chain", "restarts", "refined", "distinct_minima", "best_hits", "independent_hits",
+                                  "runner_up", "stopped"]), ""]
+        lines += [f"**{e['chain']}**: {e['evidence']['warning']}" for e in chains if e["evidence"]["warning"]]
         lines.append("")
         for i, entry in enumerate(chains):
             if entry["baselines"]:

@@ -1,10 +1,12 @@
 """``factorize``: the best chain of small kernels for a target kernel, and how good it is.
 
 A run normalises the target to unit norm (zero-padded to the chain's receptive field when
-that is larger), draws ``restarts`` starting points (root splitting / SVD / random), runs
-the optax phase and the Levenberg-Marquardt refinement on all restarts and targets in
-batched, jitted calls, keeps the best restart per target, and measures the result
-against the target and the baselines.  Non-finite restarts are dropped (and counted);
+that is larger), draws starting points in waves (root splitting / SVD / random, later also
+perturbations of the best so far), runs the optax phase and the Levenberg-Marquardt
+refinement on all restarts and targets of a wave in batched, jitted calls, screening them
+during LM, until :mod:`jfactor.factorize.multistart`'s stopping rule holds; it keeps the best
+restart per target, measures the result against the target and the baselines, and says how
+sure it is (``evidence``).  Non-finite restarts are dropped (and counted);
 if none is left the run fails rather than report a NaN.
 """
 
@@ -17,25 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfactor.cache import compile_stats
 from jfactor.errors import ConfigError
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import metrics
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
+from jfactor.factorize import multistart
 from jfactor.factorize.init import INITS, random_init, separable_init
+from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
-from jfactor.factorize.solve import Problem, Solver, optimise
+from jfactor.factorize.solve import Problem, Solver, bucket, optimise
 from jfactor.progress import ProgressBar
 from jfactor.sharding import batch_mesh, shard_batch
 from jfactor.schema import unknown_key
 
 DEFAULT_IMAGES = ("camera", "astronaut", "coins")
-# tracing, lowering and XLA compilation: the first call of a geometry pays all three
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
-_compile_seconds = [0.0]
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **_: _compile_seconds.__setitem__(0, _compile_seconds[0] + duration)
-    if event in COMPILE_EVENTS else None)
+ELITE = 4  # distinct minima whose factors later waves perturb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +46,14 @@ class Factorization:
       approx: the chain's folded kernel ``(*extent, C_in, C_out)``, in the target's scale.
       target_padded: the target zero-padded to the chain's extent (what approx is compared to).
       metrics: rel_error, max_abs_error, psnr_db, spectral_error, output_psnr_db.
-      restart_errors: relative error of every restart (inf where it cannot be used).
+      restart_errors: relative error of every restart, all waves (inf where it cannot be used;
+        a screened-out restart's error where it stopped).
       diverged: which restarts met a non-finite loss on the way.
-      history: normalised loss ``|r|^2 / 2`` per step of every restart (R, steps).
+      pruned: which restarts were screened out before they converged.
+      evidence: how sure the best is (:func:`jfactor.factorize.multistart.evidence`), with
+        ``stopped`` (why the search ended), ``waves`` and ``warning`` (None or a sentence).
+      history: normalised loss ``|r|^2 / 2`` per step of every restart of the wave that
+        found the best (R_wave, steps).
       baselines: name -> {"rel_error", "time_s"[, "note"]}.
     """
 
@@ -62,10 +66,13 @@ class Factorization:
     metrics: dict
     restart_errors: np.ndarray
     diverged: np.ndarray
+    pruned: np.ndarray
+    evidence: dict
     history: np.ndarray
     best: int
     time_s: float
     compile_s: float
+    compiles: int
     settings: dict
     baselines: dict
 
@@ -95,11 +102,13 @@ class Factorization:
             "dense_macs": int(self.target.kernel.size),
             "time_s": self.time_s,
             "compile_s": self.compile_s,
+            "compiles": self.compiles,
             "restarts": len(self.restart_errors),
             "diverged": int(np.sum(self.diverged)),
             "best_restart": self.best,
             "restart_errors": {"min": float(finite.min()), "median": float(np.median(finite)),
                                "max": float(finite.max())},
+            "evidence": self.evidence,
             "steps": int(self.history.shape[-1]),
             **self.settings,
             "baselines": self.baselines,
@@ -110,26 +119,36 @@ def _as_target(target, name: str = "target") -> Target:
     return target if isinstance(target, Target) else Target.from_array(target, name=name)
 
 
-def _inits(target: Target, chain: Chain, init: str, restarts: int, rng: np.random.Generator) -> list[list]:
-    """``restarts`` full factor lists (frozen layers hold their weights).
+def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int) -> list[list]:
+    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``.
 
-    ``auto``: restart 0 splits roots and restart 1 fits SVD terms, where they apply (single
-    channel, no frozen layer); the rest are random, for a broad search.  ``roots``/``svd``:
-    every restart uses that init, later ones with other root groupings or ALS starts.
+    ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
+    they apply (single channel, no frozen layer); later waves give an eighth of their starts
+    new root groupings; the rest are random, for a broad search.  ``roots``/``svd``: every
+    restart uses that init, later ones with other root groupings or ALS starts.
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)
     starts = []
-    for r in range(restarts):
-        kind = init if init in ("roots", "svd") else ("roots", "svd")[r] if init == "auto" and r < 2 else None
-        factors = separable_init(target, chain, kind, rng, shuffle=r > 1) if kind and structured else None
+    for r in range(count):
+        if init in ("roots", "svd"):
+            kind = init
+        elif init == "auto" and wave == 0:
+            kind = ("roots", "svd")[r] if r < 2 else None
+        else:
+            kind = "roots" if init == "auto" and r < count // 8 else None
+        shuffle = wave > 0 or r > 1
+        factors = separable_init(target, chain, kind, rng, shuffle=shuffle) if kind and structured else None
         if factors is None and init in ("roots", "svd"):
             raise ConfigError(
                 f"init {init}: needs a single-channel 1-D or 2-D target"
                 + (" and a chain without dilation" if init == "roots" else "")
                 + " and no frozen layers; use init auto or random")
         noise = random_init(shapes, rng)
-        factors = noise if factors is None else [f + 1e-3 * n for f, n in zip(factors, noise)]  # wake unused channels
+        if factors is None:
+            factors = noise
+        elif any(w > 1 for w in chain.widths):  # wake the channels the separable terms leave unused
+            factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
     return starts
 
@@ -149,18 +168,60 @@ def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) ->
     return given
 
 
+@dataclasses.dataclass
+class _Record:
+    """Every restart of one target so far, across waves (numpy, restart axis first)."""
+
+    first_starts: list
+    losses: list = dataclasses.field(default_factory=list)
+    errors: list = dataclasses.field(default_factory=list)
+    diverged: list = dataclasses.field(default_factory=list)
+    pruned: list = dataclasses.field(default_factory=list)
+    independent: list = dataclasses.field(default_factory=list)
+    best_loss: float = np.inf
+    best_free: list | None = None
+    best_history: np.ndarray | None = None
+    best_index: int = -1
+    elite: list = dataclasses.field(default_factory=list)
+    stopped: str | None = None
+    found: list = dataclasses.field(default_factory=list)
+
+    def add(self, free, history, losses, errors, diverged, pruned, independent, usable: bool) -> None:
+        """One wave's (R, ...) results; ``usable``: whether diverged restarts may still count."""
+        ok = np.isfinite(losses) & np.isfinite(errors) & (~diverged | usable)
+        offset = sum(map(len, self.losses))
+        for name, value in (("losses", losses), ("errors", np.where(ok, errors, np.inf)), ("diverged", diverged),
+                            ("pruned", pruned), ("independent", independent)):
+            getattr(self, name).append(np.asarray(value))
+        candidates = [(float(losses[r]), [f[r] for f in free]) for r in np.flatnonzero(ok & ~pruned)]
+        self.elite = multistart.elite(self.elite + candidates, ELITE)
+        if ok.any():
+            best = int(np.argmin(np.where(ok, losses, np.inf)))
+            if losses[best] < self.best_loss:
+                self.best_loss, self.best_history, self.best_index = float(losses[best]), history, offset + best
+                self.best_free = [f[best] for f in free]
+
+    def joined(self, name: str) -> np.ndarray:
+        return np.concatenate(getattr(self, name))
+
+
 def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kernel", solver: Solver | None = None,
-                    restarts: int = 32, init: str = "auto", dtype: str = "float64", seed: int = 0,
-                    starts=None, images=None, baselines=(), progress: bool = False, mesh=None,
-                    shard: bool = False) -> list[Factorization]:
-    """Factorize several targets of one geometry with one chain, in one batched call.
+                    restarts: int | None = None, budget_s: float | None = None, search: SearchPolicy | None = None,
+                    init: str = "auto", dtype: str = "float64", seed: int = 0, starts=None, images=None,
+                    baselines=(), progress: bool = False, mesh=None, shard: bool = False) -> list[Factorization]:
+    """Factorize several targets of one geometry with one chain, in batched calls.
 
     Args:
       targets: list of :class:`Target` or arrays (see ``Target.from_array``), one shape.
       chain: the :class:`Chain` to fit.
       objective: ``kernel`` | ``spectral`` | ``images`` or an :class:`Objective`.
       solver: a :class:`Solver` (default: L-BFGS on half the restarts, then LM).
-      restarts: starting points per target, optimised together.
+      restarts: exactly this many restarts per target, every one refined to convergence.
+        None (default): restarts in screened waves until the best minimum has been found
+        repeatedly, the result is exact, or a budget is spent (:mod:`.multistart`).
+      budget_s: stop starting new waves after this many seconds.
+      search: a :class:`SearchPolicy` with every knob of the waves (``restarts`` and
+        ``budget_s``, where given, override its fields).
       init: ``auto`` (root splitting and SVD for the first two where they apply, random
         for the rest), ``roots``, ``svd`` or ``random``.
       dtype: ``float64`` or ``float32``.
@@ -168,16 +229,19 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         ``factorize_batch(ts, seed=s)[b]`` starts where ``factorize(ts[b], seed=s + b)`` does.
       starts: per target, factor lists (``(*k_i, C_{i-1}, C_i)``, frozen layers included)
         to use as its first restarts (warm starts, or another tool's starting points); the
-        remaining ``restarts - len(starts[b])`` are drawn by ``init``.
+        rest of the first wave is drawn by ``init``.
       images: (B, *spatial, C_in) for the ``images`` objective and the output-space metric
         (default: crops of skimage's camera, astronaut and coins).
       baselines: names from :data:`jfactor.factorize.baselines.BASELINES`.
       mesh, shard: spread the targets over the devices of ``mesh`` (``shard=True``: all
         devices), as :func:`jfactor.batch.fold_batch` does; results are the same.
     Returns:
-      one :class:`Factorization` per target.
+      one :class:`Factorization` per target, with its :attr:`~Factorization.evidence`.
     """
     solver = solver or Solver()
+    policy = dataclasses.replace(search or SearchPolicy(), **{k: v for k, v in
+                                                              (("restarts", restarts), ("budget_s", budget_s))
+                                                              if v is not None or search is None})
     targets = [_as_target(t, f"targets[{i}]") for i, t in enumerate(targets)]
     if not targets:
         raise ConfigError("factorize_batch needs at least one target")
@@ -188,15 +252,15 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         raise ConfigError(unknown_key(init, INITS, "init"))
     if dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
-    if not isinstance(restarts, int) or restarts < 1:
-        raise ConfigError(f"restarts must be a positive integer, got {restarts!r}")
     first = targets[0]
     if isinstance(objective, str):
         objective = Objective(objective, stride=first.stride)
     elif not objective.stride:
         objective = dataclasses.replace(objective, stride=first.stride)
     padding = check_chain(chain, first)
-    problem = Problem(chain, first.c_in, first.c_out, objective, solver)
+    # adaptive searches screen restarts every ``segment`` LM iterations
+    problem = Problem(chain, first.c_in, first.c_out, objective,
+                      dataclasses.replace(solver, chunk=policy.segment) if policy.adaptive else solver)
     if not problem.free:
         raise FactorizationError("every layer of the chain is frozen: there is nothing to learn")
     np_dtype = np.dtype(dtype)
@@ -209,57 +273,97 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
 
     norms = [float(np.linalg.norm(t.kernel)) for t in targets]
     padded = [np.pad(t.kernel, list(padding) + [(0, 0), (0, 0)]) for t in targets]
-    normalised = jnp.asarray(np.stack([p / n for p, n in zip(padded, norms)]), np_dtype)
+    normalised = np.stack([p / n for p, n in zip(padded, norms)])
     if starts is not None and len(starts) != len(targets):
         raise ConfigError(f"starts has {len(starts)} entries for {len(targets)} targets (one list per target)")
-    starts = [_given_starts(given, chain, first, restarts, b) for b, given in enumerate(starts or [[]] * len(targets))]
-    starts = [given + _inits(t, chain, init, restarts - len(given), np.random.default_rng(seed + b))
-              for b, (t, given) in enumerate(zip(targets, starts))]
-    free = tuple(jnp.asarray(np.stack([[s[i] for s in per_target] for per_target in starts]), np_dtype)
-                 for i in problem.free)
+    size = policy.wave_size
+    given = [_given_starts(g, chain, first, size, b) for b, g in enumerate(starts or [[]] * len(targets))]
+    rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
     if mesh is None and shard:
         mesh = batch_mesh()
-    if mesh is not None:  # the target axis is spread; padding copies of target 0 are dropped below
-        normalised, free = shard_batch((normalised, free), mesh)
 
-    compile_before = _compile_seconds[0]
+    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray]:
+        """Wave ``wave``'s starts of target ``b`` and which are independent (not perturbations)."""
+        own = given[b] if wave == 0 else []
+        elite = records[b].elite if wave else []
+        count = int(policy.perturb * size) if elite else 0
+        full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
+        hops = [[f if w is None else w for f, w in zip(factors, chain.weights)]
+                for factors in multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b])]
+        fresh = _draw(targets[b], chain, init, size - len(own) - len(hops), rngs[b], wave)
+        return own + fresh + hops, np.arange(size) < size - len(hops)
+
+    # the kernel objective's loss is half the squared relative error: stop a target once it is exact
+    exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None
+    records: list[_Record] = []
+    compile_before = compile_stats()
     start = time.perf_counter()
-    label = f"factorizing {len(targets)} target(s) x {restarts} restarts"
+    live = list(range(len(targets)))
+    quiet = ProgressBar(False, 0, "")
+    cap = policy.max_restarts if policy.adaptive else size
+    label = f"factorizing {len(targets)} target(s)"
     total_steps = solver.steps * (solver.optimizer != "none") + solver.refine_steps * (solver.refine == "lm")
-    with ProgressBar(progress, total_steps, label) as bar:
-        free, history, losses, errors, diverged = optimise(problem, free, frozen, normalised, objective_images, bar)
+    with ProgressBar(progress, cap if policy.adaptive else total_steps, label) as bar:
+        wave = 0
+        while live:
+            drawn = [draw(b, wave) for b in live]
+            if wave == 0:
+                records = [_Record(first_starts=s) for s, _ in drawn]
+            size_now = bucket(len(live), len(targets))
+            rows = live + live[:1] * (size_now - len(live))
+            per_row = [s for s, _ in drawn] + [drawn[0][0]] * (size_now - len(live))
+            free = tuple(jnp.asarray(np.stack([[s[i] for s in row] for row in per_row]), np_dtype)
+                         for i in problem.free)
+            wave_targets = jnp.asarray(normalised[rows], np_dtype)
+            if mesh is not None:  # the target axis is spread; padding copies of target 0 are dropped below
+                wave_targets, free = shard_batch((wave_targets, free), mesh)
+            outcome = optimise(problem, free, frozen, wave_targets, objective_images,
+                               quiet if policy.adaptive else bar, policy.prune, exact_loss)
+            free, history, losses, errors, diverged, pruned = outcome
+            free = [np.asarray(f, np.float64) for f in free]
+            elapsed = time.perf_counter() - start
+            for j, b in enumerate(live):
+                records[b].add([f[j] for f in free], history[j], losses[j], errors[j], diverged[j], pruned[j],
+                               drawn[j][1], solver.refine == "lm")
+                records[b].found.append(multistart.evidence(records[b].joined("errors"), records[b].joined("pruned"),
+                                                            records[b].joined("independent"), dtype))
+                records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed)
+            if policy.adaptive:
+                lead = records[live[0]].found[-1]
+                bar.advance(size, f"{label}: wave {wave + 1}, {lead['restarts']} restarts, best hit "
+                                  f"{lead['best_hits']}x")
+            live = [b for b in live if records[b].stopped is None]
+            wave += 1
     elapsed = time.perf_counter() - start
-    compile_s = _compile_seconds[0] - compile_before
+    compiled = {k: v - compile_before[k] for k, v in compile_stats().items()}
 
-    # a diverged restart keeps its best finite point; only LM (which never accepts a
-    # non-finite step) can carry it on
     results = []
-    for b, target in enumerate(targets):
-        ok = np.isfinite(losses[b]) & np.isfinite(errors[b]) & (~diverged[b] | (solver.refine == "lm"))
-        if not ok.any():
+    for b, (target, record) in enumerate(zip(targets, records)):
+        if record.best_free is None:
             raise FactorizationError(
-                f"{target.name}: all {restarts} restarts diverged (non-finite loss); lower the learning "
-                "rate, use optimizer lbfgs, or check the target's scale")
-        best = int(np.argmin(np.where(ok, losses[b], np.inf)))
-        results.append(_result(target, chain, problem, [np.asarray(f, np.float64)[b, best] for f in free],
-                               norms[b], padded[b], padding, np.where(ok, errors[b], np.inf), diverged[b],
-                               history[b], best,
-                               elapsed / len(targets), compile_s / len(targets),
-                               _settings(objective, solver, init, dtype, restarts, seed, target),
-                               images, baselines, starts[b], seed))
+                f"{target.name}: all {record.found[-1]['restarts']} restarts diverged (non-finite loss); lower the "
+                "learning rate, use optimizer lbfgs, or check the target's scale")
+        found = {**record.found[-1], "stopped": record.stopped, "waves": len(record.losses),
+                 "warning": multistart.warning(record.found[-1], record.stopped, elapsed)}
+        results.append(_result(target, chain, problem, record.best_free, norms[b], padded[b], padding,
+                               record.joined("errors"), record.joined("diverged"), record.joined("pruned"), found,
+                               record.best_history, record.best_index, elapsed / len(targets),
+                               compiled["seconds"] / len(targets), compiled["programs"] - compiled["cache_hits"],
+                               _settings(objective, solver, init, dtype, policy, seed, target),
+                               images, baselines, record.first_starts, seed))
     return results
 
 
-def _settings(objective: Objective, solver: Solver, init: str, dtype: str, restarts: int, seed: int,
+def _settings(objective: Objective, solver: Solver, init: str, dtype: str, policy: SearchPolicy, seed: int,
               target: Target) -> dict:
-    return {"objective": objective.label, "solver": dataclasses.asdict(solver), "init": init, "dtype": dtype,
-            "seed": seed, "target_spatial_only": target.spatial_only}
+    return {"objective": objective.label, "solver": dataclasses.asdict(solver), "search": dataclasses.asdict(policy),
+            "init": init, "dtype": dtype, "seed": seed, "target_spatial_only": target.spatial_only}
 
 
-def _result(target, chain, problem, free, norm, padded, padding, errors, diverged, history, best, elapsed, compile_s,
-            settings, images, baseline_names, starts, seed) -> Factorization:
+def _result(target, chain, problem, free, norm, padded, padding, errors, diverged, pruned, found, history, best,
+            elapsed, compile_s, compiles, settings, images, baseline_names, starts, seed) -> Factorization:
     n_free = len(problem.free)
     scale = norm ** (1.0 / n_free)
     free = iter(f * scale for f in free)
@@ -268,8 +372,8 @@ def _result(target, chain, problem, free, norm, padded, padding, errors, diverge
     measured = metrics.summary(approx, padded)
     measured["output_psnr_db"] = metrics.output_psnr_db(approx, padded, images, target.stride)
     table = baseline_lib.run_baselines(baseline_names, padded / norm, chain, starts, seed) if baseline_names else {}
-    return Factorization(target, chain, factors, approx, padded, padding, measured, errors, diverged, history, best,
-                         elapsed, compile_s, settings, table)
+    return Factorization(target, chain, factors, approx, padded, padding, measured, errors, diverged, pruned, found,
+                         history, best, elapsed, compile_s, compiles, settings, table)
 
 
 def factorize(target, chain: Chain, *, starts=None, **options) -> Factorization:

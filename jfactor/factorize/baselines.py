@@ -29,7 +29,7 @@ from jfactor.factorize.chain import Chain, chain_kernel, chain_kernel_numpy
 from jfactor.factorize.metrics import rel_error
 
 BASELINES = ("svd", "als", "lstsq", "wiener", "unsupervised_wiener", "scipy_lm")
-DEFAULT_BASELINES = ("svd", "als", "lstsq", "wiener", "unsupervised_wiener")
+DEFAULT_BASELINES = ("svd", "lstsq", "wiener", "unsupervised_wiener")  # the fast ones; als, scipy_lm on request
 
 
 def _not_applicable(note: str) -> dict:

@@ -33,7 +33,7 @@ class Candidate:
     def to_dict(self) -> dict:
         return {"chain": self.chain.describe(), "rel_error": self.rel_error, "macs": self.macs,
                 "params": self.params, "on_front": self.on_front,
-                "spectral_error": self.result.metrics["spectral_error"]}
+                "spectral_error": self.result.metrics["spectral_error"], "evidence": self.result.evidence}
 
 
 def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2, 3),

@@ -304,9 +304,13 @@ def lm_segment(problem: Problem, state, free_template, frozen, target, images, s
     return state, jnp.where(filled, history, state["cost"][..., None])
 
 
-def _bucket(count: int, total: int) -> int:
-    """The batch size to run ``count`` live items in: the next power of two, at most ``total``."""
-    return min(total, 1 << max(count - 1, 0).bit_length())
+def bucket(count: int, total: int) -> int:
+    """The batch size to run ``count`` live items in: ``total`` divided by a power of four, at
+    least ``count`` and at least 4 (few sizes, so few compilations)."""
+    size = total
+    while size % 4 == 0 and size // 4 >= max(count, 4):
+        size //= 4
+    return size
 
 
 @functools.lru_cache(maxsize=64)
@@ -339,13 +343,29 @@ def _take(tree, index):
     return jax.tree.map(lambda a: np.asarray(a)[index], tree)
 
 
-def refine(problem: Problem, state, free, frozen, target, images, progress):
-    """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history).
+def _survivors(cost, live, owner, keep: float, floor: int) -> np.ndarray:
+    """Successive halving: of each target's ``live`` items keep the ``keep`` share with the
+    lowest ``cost`` (at least ``floor``); returns the live items to stop (pruned)."""
+    pruned = []
+    for b in np.unique(owner[live]):
+        mine = live[owner[live] == b]
+        count = max(floor, int(np.ceil(keep * mine.size)))
+        if count < mine.size:
+            pruned.append(mine[np.argsort(cost[mine], kind="stable")[count:]])
+    return np.concatenate(pruned) if pruned else np.zeros(0, int)
+
+
+def refine(problem: Problem, state, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
+           exact_loss: float | None = None):
+    """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
 
     Items are flattened to one axis, and converged ones are dropped between chunks: the
     live ones are gathered into power-of-two batches of at most :func:`_group_size`, so a
     few slow restarts do not keep a whole batch of finished ones iterating (a few extra
-    compiles, one per batch size).
+    compiles, one per batch size).  ``prune = (keep, floor)`` screens restarts: after each
+    chunk only the ``keep`` share of each target's still-running restarts with the lowest
+    cost (at least ``floor``) goes on; the others stop and are marked in ``pruned`` (B, R).
+    Once a target has a restart at or below ``exact_loss`` its other restarts stop too.
     """
     solver = problem.solver
     batch, restarts = state["cost"].shape
@@ -358,12 +378,13 @@ def refine(problem: Problem, state, free, frozen, target, images, progress):
     history = np.empty((total, steps), state["cost"].dtype)
     live = np.flatnonzero(~state["done"])
     group = _group_size(problem, state["x"].shape[1], target[0], images, total)
+    pruned = np.zeros(total, bool)
     done = 0
     while done < steps and live.size:
         n = min(solver.chunk, steps - done)
         history[:, done: done + n] = state["cost"][:, None]
         for members in np.array_split(live, -(-live.size // group)):
-            size = _bucket(members.size, group)
+            size = bucket(members.size, group)
             index = np.concatenate([members, np.repeat(members[:1], size - members.size)])
             part, costs = lm_segment(problem, _take(state, index), _take(templates, index), frozen,
                                      target[owner[index]], images, n)
@@ -373,10 +394,18 @@ def refine(problem: Problem, state, free, frozen, target, images, progress):
             history[members, done: done + n] = np.asarray(costs)[: members.size]
         done += n
         live = live[~state["done"][live]]
+        stopped = (_survivors(state["cost"], live, owner, *prune) if prune is not None and done < steps
+                   else np.zeros(0, int))
+        if exact_loss is not None:
+            solved = np.zeros(batch, bool)
+            np.logical_or.at(solved, owner, state["cost"] <= exact_loss)
+            stopped = np.union1d(stopped, live[solved[owner[live]] & (state["cost"][live] > exact_loss)])
+        pruned[stopped] = True
+        live = np.setdiff1d(live, stopped)
         progress.advance(n, "refining (Levenberg-Marquardt)")
     history = history[:, :done]
     shaped = jax.tree.map(lambda a: a.reshape((batch, restarts) + a.shape[1:]), state)
-    return shaped, history.reshape(batch, restarts, done)
+    return shaped, history.reshape(batch, restarts, done), pruned.reshape(batch, restarts)
 
 
 def _scale_to_unit(problem: Problem, free, frozen):
@@ -387,22 +416,29 @@ def _scale_to_unit(problem: Problem, free, frozen):
     return tuple(f * factor for f in free)
 
 
+def _first_order_share(problem: Problem, restarts: int) -> np.ndarray:
+    """Indices of the restarts that take the first-order phase (static: from the shape)."""
+    if problem.solver.optimizer == "none" or problem.solver.steps == 0:
+        return np.zeros(0, int)
+    return np.flatnonzero(problem.solver.runs_first_order(restarts))
+
+
 @functools.partial(jax.jit, static_argnames=("problem",))
 def start(problem: Problem, free, frozen, target, images):
-    """Starting points scaled to the target's norm, and the first-order carry (or None)."""
+    """Starting points scaled to the target's norm, their losses (B, R), and the first-order
+    carry of the restarts that take that phase (or None)."""
     free = jax.vmap(jax.vmap(functools.partial(_scale_to_unit, problem), in_axes=(0, None)),
                     in_axes=(0, None))(free, frozen)
-    if problem.solver.optimizer == "none" or problem.solver.steps == 0:
-        return free, None
-
-    def one(free, frozen, target, images):
-        value = loss(problem, free, frozen, target, images)
-        return problem.solver.transform().init(free), free, jnp.where(jnp.isfinite(value), value, jnp.inf)
-
-    state, best, best_value = _batched(one)(free, frozen, target, images)
-    carry = (free, state, best, best_value)
+    finite = lambda value: jnp.where(jnp.isfinite(value), value, jnp.inf)  # noqa: E731
+    losses = _batched(lambda f, fz, t, im: finite(loss(problem, f, fz, t, im)))(free, frozen, target, images)
+    share = _first_order_share(problem, free[0].shape[1])
+    if not share.size:
+        return free, losses, None
+    sub = jax.tree.map(lambda f: f[:, share], free)
+    state = _batched(lambda f, fz, t, im: problem.solver.transform().init(f))(sub, frozen, target, images)
+    carry = (sub, state, sub, losses[:, share])
     # strong types, as the segments return them: otherwise the second segment compiles again
-    return free, jax.tree.map(lambda x: lax.convert_element_type(x, x.dtype), carry)
+    return free, losses, jax.tree.map(lambda x: lax.convert_element_type(x, x.dtype), carry)
 
 
 @functools.partial(jax.jit, static_argnames=("problem",))
@@ -410,9 +446,8 @@ def to_refine(problem: Problem, starts, carry, frozen, target, images):
     """Pick each restart's point (first-order best, or its start), balance it; LM state or None."""
     free = starts
     if carry is not None:
-        chosen = jnp.asarray(problem.solver.runs_first_order(starts[0].shape[1]))
-        free = jax.tree.map(lambda best, s: jnp.where(chosen.reshape((1, -1) + (1,) * (s.ndim - 2)), best, s),
-                            carry[2], starts)
+        share = _first_order_share(problem, starts[0].shape[1])
+        free = jax.tree.map(lambda s, best: s.at[:, share].set(best), starts, carry[2])
     free = jax.vmap(jax.vmap(balance))(free)
     if problem.solver.refine == "none" or problem.solver.refine_steps == 0:
         return free, None
@@ -436,35 +471,49 @@ def finish(problem: Problem, free, lm_state, frozen, target, images):
     return free, losses, errors
 
 
-def optimise(problem: Problem, free, frozen, target, images, progress):
+def optimise(problem: Problem, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
+             exact_loss: float | None = None):
     """Both phases on a batch (B targets, R restarts); ``progress.advance`` per segment.
 
     Returns (free factors, history (B, R, steps) of the normalised loss, losses (B, R),
-    relative kernel errors (B, R), diverged (B, R)).  A restart diverged if its loss was
-    ever non-finite in a phase it took part in; the history of a phase a restart skipped
-    is NaN (not drawn).
+    relative kernel errors (B, R), diverged (B, R), pruned (B, R)).  A restart diverged if
+    its loss was ever non-finite in a phase it took part in; the history of a phase a
+    restart skipped is NaN (not drawn).  ``prune`` screens restarts during LM (:func:`refine`).
+    Once every target has a restart at or below ``exact_loss`` (a start, or the first-order
+    phase's best), the phases stop and the other restarts count as pruned.
     """
     solver = problem.solver
-    first, second = [], []
-    starts, carry = start(problem, free, frozen, target, images)
+    starts, initial, carry = start(problem, free, frozen, target, images)
+    initial = np.asarray(initial)
+    batch, restarts = initial.shape
+    share = _first_order_share(problem, restarts)
+    lowest = initial.copy()
+    solved = lambda: exact_loss is not None and bool((lowest.min(axis=1) <= exact_loss).all())  # noqa: E731
+    first = []
     done = 0
-    while carry is not None and done < solver.steps:
+    while carry is not None and done < solver.steps and not solved():
         n = min(solver.chunk, solver.steps - done)
         carry, losses = first_order_segment(problem, carry, frozen, target, images, n)
         first.append(np.asarray(losses))
+        lowest[:, share] = np.asarray(carry[3])
         done += n
         progress.advance(n)
     free, state = to_refine(problem, starts, carry, frozen, target, images)
-    if state is not None:
-        state, costs = refine(problem, state, free, frozen, target, images, progress)
-        second.append(costs)
+    pruned = np.zeros((batch, restarts), bool)
+    second = np.zeros((batch, restarts, 0))
+    if solved():
+        pruned = lowest > exact_loss
+        state = None  # the starts, or the first-order phase's best points, stand
+    elif state is not None:
+        state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss)
     free, losses, errors = finish(problem, free, state, frozen, target, images)
     losses, errors = np.asarray(losses), np.asarray(errors)
-    empty = np.zeros(losses.shape + (0,))
-    first = np.concatenate(first, axis=-1) if first else empty
-    second = np.concatenate(second, axis=-1) if second else empty
-    took_first = solver.runs_first_order(losses.shape[1])[None, :, None]
-    diverged = ((~np.isfinite(first) & took_first).any(axis=-1) | ~np.isfinite(second).all(axis=-1)
-                | ~np.isfinite(losses) | ~np.isfinite(errors))
-    history = np.concatenate([np.where(took_first, first, np.nan), second], axis=-1)
-    return free, history, losses, errors, diverged
+    took_first = np.zeros(restarts, bool)
+    took_first[share] = True
+    first_full = np.full((batch, restarts, done), np.nan)
+    if first:
+        first_full[:, share] = np.concatenate(first, axis=-1)
+    diverged = ((~np.isfinite(first_full) & took_first[None, :, None]).any(axis=-1)
+                | ~np.isfinite(second).all(axis=-1) | ~np.isfinite(losses) | ~np.isfinite(errors))
+    history = np.concatenate([first_full, second], axis=-1)
+    return free, history, losses, errors, diverged, pruned

@@ -1,0 +1,161 @@
+"""Restarts in waves: the stopping rule, the evidence, --restarts and --budget-s, the compile cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jfactor import kernels
+from jfactor.errors import ConfigError
+from jfactor.factorize import Chain, Solver, factorize, factorize_batch
+from jfactor.factorize.chain import chain_kernel_numpy
+from jfactor.factorize.multistart import SearchPolicy, evidence, minima, stop_reason
+
+FAST = Solver(optimizer="none", refine_steps=100)
+SMALL = SearchPolicy(wave=16, floor=2, min_restarts=48, max_restarts=96)
+
+
+def _by_hand(errors, pruned, independent, floor):
+    """Evidence counted directly: sort refined errors, cut where one exceeds the group's lowest by 1e-6."""
+    refined = [(e, i) for i, (e, p) in enumerate(zip(errors, pruned)) if not p and np.isfinite(e)]
+    refined.sort()
+    groups = []
+    for e, i in refined:
+        if groups and e <= max(groups[-1][0][0] * (1 + 1e-6), floor):
+            groups[-1].append((e, i))
+        else:
+            groups.append([(e, i)])
+    return {"refined": len(refined), "distinct_minima": len(groups),
+            "best_hits": len(groups[0]) if groups else 0,
+            "independent_hits": sum(independent[i] for _, i in groups[0]) if groups else 0,
+            "runner_up": groups[1][0][0] if len(groups) > 1 else None}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1e-3, 2e-3, 2e-3 * (1 + 1e-8), 5e-3, 0.1, np.inf]), st.booleans(),
+                          st.booleans()), min_size=1, max_size=40))
+def test_evidence_counts_minima_hits_and_runner_up(rows):
+    errors = np.array([r[0] for r in rows])
+    pruned = np.array([r[1] for r in rows])
+    independent = np.array([r[2] for r in rows])
+    found = evidence(errors, pruned, independent, "float64")
+    expected = _by_hand(errors, pruned, independent, 1e-12)
+    assert {k: found[k] for k in expected} == expected
+    assert found["restarts"] == len(rows)
+    assert found["best_hits"] <= found["refined"] <= found["restarts"]
+    assert found["independent_hits"] <= found["best_hits"]
+
+
+def test_minima_treat_errors_at_the_rounding_floor_as_one():
+    groups = minima(np.array([3e-16, 1e-13, 2e-16, 0.5]), 1e-12)
+    assert [sorted(g.tolist()) for g in groups] == [[0, 1, 2], [3]]
+
+
+def _history(best_errors, best_hits, independent_hits, restarts):
+    return [{"best_error": e, "best_hits": best_hits, "independent_hits": independent_hits, "restarts": r,
+             "exact": False} for e, r in zip(best_errors, restarts)]
+
+
+def test_stop_rule_cases():
+    policy = SearchPolicy(wave=64, hits=3, patience=2, min_restarts=512, max_restarts=1024)
+    # still improving: go on
+    assert stop_reason(_history([0.3, 0.2, 0.1], 10, 5, [64, 128, 192]), policy, 1.0) is None
+    # stalled for two waves and three fresh restarts at the best: repeated
+    assert stop_reason(_history([0.1, 0.1, 0.1], 5, 3, [64, 128, 192]), policy, 1.0) == "repeated"
+    # stalled, found only by perturbations: go on until min_restarts, then stop
+    assert stop_reason(_history([0.1, 0.1, 0.1], 40, 0, [64, 128, 192]), policy, 1.0) is None
+    assert stop_reason(_history([0.1, 0.1, 0.1], 40, 0, [384, 448, 512]), policy, 1.0) == "stalled"
+    # the budget and the cap
+    assert stop_reason(_history([0.3, 0.2], 1, 1, [64, 128]), SearchPolicy(budget_s=1.0), 1.5) == "budget"
+    assert stop_reason(_history([0.3, 0.2], 1, 1, [960, 1024]), policy, 1.0) == "max_restarts"
+    exact = [{"best_error": 1e-16, "best_hits": 1, "independent_hits": 1, "restarts": 64, "exact": True}]
+    assert stop_reason(exact, policy, 1.0) == "exact"
+    assert stop_reason(exact, SearchPolicy(restarts=8), 1.0) == "restarts"
+
+
+def test_a_target_with_an_exact_optimum_stops_in_the_first_wave():
+    result = factorize(kernels.gaussian(9), Chain.build([3, 3, 5]), baselines=())
+    assert result.rel_error < 1e-12
+    assert result.evidence["stopped"] == "exact" and result.evidence["waves"] == 1
+    assert result.evidence["warning"] is None
+
+
+def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is():
+    target = kernels.motion_blur(7, angle=30.0)
+    result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=())
+    found = result.evidence
+    assert found["waves"] > 1 and found["stopped"] in ("repeated", "stalled", "max_restarts")
+    assert found["restarts"] == len(result.restart_errors) == 16 * found["waves"]
+    assert found["distinct_minima"] >= 2 and found["runner_up"] > found["best_error"]
+    # the evidence describes the returned approximation
+    assert found["best_error"] == pytest.approx(result.rel_error, rel=1e-9)
+    approx = chain_kernel_numpy(result.factors, result.chain)
+    np.testing.assert_allclose(approx, result.approx, atol=1e-14)
+    assert np.linalg.norm(approx[..., 0, 0] - target) / np.linalg.norm(target) == pytest.approx(result.rel_error)
+    assert result.restart_errors[result.best] == pytest.approx(result.rel_error, rel=1e-9)
+    assert found["refined"] == int((~result.pruned & np.isfinite(result.restart_errors)).sum())
+    assert (found["warning"] is None) == (found["best_hits"] >= 3)
+
+
+def test_restarts_means_exactly_that_many_every_one_refined():
+    result = factorize(kernels.log(7), Chain.build([3, 5]), solver=FAST, restarts=5, baselines=())
+    assert result.evidence["restarts"] == 5 and result.evidence["waves"] == 1
+    assert result.evidence["stopped"] == "restarts" and not result.pruned.any()
+    assert result.to_dict()["restarts"] == 5
+
+
+def test_a_budget_stops_after_the_wave_that_spends_it():
+    result = factorize(kernels.motion_blur(7, angle=30.0), Chain.build([3, 5]), solver=FAST,
+                       search=SearchPolicy(wave=16, floor=2), budget_s=1e-3, baselines=())
+    assert result.evidence["stopped"] == "budget" and result.evidence["waves"] == 1
+
+
+def test_waves_in_a_batch_stop_per_target():
+    results = factorize_batch([kernels.gaussian(7), kernels.motion_blur(7, angle=30.0)], Chain.build([3, 5]),
+                              solver=FAST, search=SMALL)
+    assert results[0].evidence["stopped"] == "exact" and results[0].evidence["waves"] == 1
+    assert results[1].evidence["waves"] > 1
+
+
+@pytest.mark.parametrize("field, value", [("restarts", 0), ("wave", -1), ("budget_s", -1.0), ("budget_s", float("nan")),
+                                          ("keep", 0.0), ("perturb", 1.5)])
+def test_bad_policies_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SearchPolicy(**{field: value})
+
+
+def _cli(args, env, tmp_path):
+    result = subprocess.run([sys.executable, "-c", "from jfactor.cli import app; app()", *args], capture_output=True, text=True,
+                            env={**os.environ, **env}, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_cli_restarts_budget_and_evidence_fields(tmp_path):
+    base = ["factorize", "--family", "motion_blur", "--size", "7", "--chain", "3,5", "--optimizer", "none",
+            "--refine-steps", "50", "--json"]
+    env = {"JFACTOR_COMPILE_CACHE": "off"}
+    exact = json.loads(_cli(base + ["--restarts", "3", "--out", "a"], env, tmp_path).stdout)
+    assert exact["evidence"]["restarts"] == 3 and exact["evidence"]["stopped"] == "restarts"
+    budget = json.loads(_cli(base + ["--budget-s", "0.001", "--out", "b"], env, tmp_path).stdout)
+    assert budget["evidence"]["stopped"] == "budget" and budget["evidence"]["waves"] == 1
+    for key in ("restarts", "refined", "distinct_minima", "best_hits", "independent_hits", "runner_up", "warning"):
+        assert key in budget["evidence"]
+    assert not list((tmp_path / "b").glob("*.png"))  # --json draws no pictures unless asked
+
+
+def test_a_second_process_loads_compiled_code_from_the_cache(tmp_path):
+    args = ["factorize", "--family", "log", "--size", "7", "--chain", "3,5", "--restarts", "4", "--optimizer",
+            "none", "--refine-steps", "20", "--baselines", "", "--json"]
+    env = {"JFACTOR_COMPILE_CACHE": str(tmp_path / "cache")}
+    first = json.loads(_cli(args + ["--out", "one"], env, tmp_path).stdout)
+    second = json.loads(_cli(args + ["--out", "two"], env, tmp_path).stdout)
+    assert first["compiles"] > 0 and second["compiles"] == 0
+    assert second["rel_error"] == pytest.approx(first["rel_error"], rel=1e-12)
+    off = json.loads(_cli(args + ["--out", "three"], {"JFACTOR_COMPILE_CACHE": "off"}, tmp_path).stdout)
+    assert off["compiles"] > 0
