@@ -1,7 +1,7 @@
 """Benchmark learned factorization (jfactor.factorize): quality and speed against scipy and Wiener, batching.
 
     python experiments/bench_factorize.py                              # all parts, tables
-    python experiments/bench_factorize.py --parts A --restarts 64      # one part
+    python experiments/bench_factorize.py --parts A                    # one part
     python experiments/bench_factorize.py --n 1024 --json              # one JSON object
     python experiments/bench_factorize.py --out experiments/results/bench_factorize.json
     python experiments/bench_factorize.py --tiny --json                 # smoke run (about 30 s)
@@ -10,8 +10,9 @@ A. Quality and speed vs competitors, float64.  Families gaussian, box, log, dog,
    motion_blur, random_normal, randint (the seed's randint(-4, 5)) at 15x15 with the chains
    3-5-9 (width 1) and 3-5-9 (width 4), and at 5x5 with 3-3; plus the seed's known-factor case
    D = A1 (*) A2 (3x3 0/1 kernels) with A1 frozen in a 3-3 chain.  Each row runs ``factorize``
-   (default Solver, ``--restarts``, the first ``--scipy-starts`` of them from scipy's starts, so
-   the "same 16 starts" column compares the two optimisers point for point), scipy
+   with its defaults (restarts in screened waves until the stopping rule; ``--restarts N`` for
+   exactly N), ``factorize`` from exactly scipy's ``--scipy-starts`` starts (the "same 16 starts"
+   column compares the two optimisers point for point), scipy
    ``least_squares(method='lm')`` from ``--scipy-starts`` random starts (``baselines.scipy_lm``,
    float64; not applicable with more parameters than residuals) and the seed's Wiener route
    (``baselines.wiener``, where a known factor exists).
@@ -86,7 +87,7 @@ class Setup:
     sizes: tuple
     families: tuple
     wiener_seeds: tuple  # randint(0, 2) pairs besides the seed's printed one
-    restarts: int
+    restarts: int | None
     scipy_starts: int
     timing_restarts: int
     widths: tuple
@@ -117,7 +118,7 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_toolkit(target, chain: Chain, s: Setup, restarts: int, dtype: str = "float64", starts=None):
+def run_toolkit(target, chain: Chain, s: Setup, restarts: int | None, dtype: str = "float64", starts=None):
     """``factorize`` (no built-in baselines) and its wall time, less compiling, and the compile time."""
     compile_before = _compile[0]
     start = time.perf_counter()
@@ -152,17 +153,18 @@ def targets_a(s: Setup) -> list[tuple]:
 
 
 def quality_row(label: str, target: np.ndarray, chain: Chain, s: Setup) -> dict:
-    """The toolkit's first restarts start where scipy's do; the rest are its own draws."""
+    """The toolkit with its own starts, and from exactly scipy's starts; scipy's LM; the seed's Wiener route."""
     shared = scipy_starts(chain, s.scipy_starts)
-    result, seconds, compiled = run_toolkit(target, chain, s, s.restarts, starts=shared)
+    result, seconds, compiled = run_toolkit(target, chain, s, s.restarts)
+    same_starts, _, _ = run_toolkit(target, chain, s, len(shared), starts=shared)
     unit = result.target_padded / np.linalg.norm(result.target_padded)
     scipy = baseline_lib.scipy_lm(unit, chain, shared)
     wiener = {name: baseline_lib.wiener(unit, chain, unsupervised=name == "unsupervised_wiener")
               for name in ("wiener", "unsupervised_wiener")}
     row = {"family": label, "target": "x".join(map(str, target.shape)), "chain": chain.describe(),
            "toolkit_rel_error": result.rel_error, "toolkit_s": seconds, "compile_s": compiled,
-           "toolkit_same_starts_rel_error": float(result.restart_errors[: len(shared)].min()),
-           "restarts": s.restarts, "diverged": int(result.diverged.sum()),
+           "toolkit_same_starts_rel_error": same_starts.rel_error,
+           "restarts": result.evidence["restarts"], "evidence": result.evidence, "diverged": int(result.diverged.sum()),
            "scipy_rel_error": scipy["rel_error"], "scipy_s": scipy["time_s"], "scipy_starts": s.scipy_starts,
            "scipy_note": scipy.get("note"),
            "ratio": None if scipy["rel_error"] is None else result.rel_error / max(scipy["rel_error"], 1e-300),
@@ -379,7 +381,8 @@ def parse_parts(text: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", type=parse_parts, default=list(PARTS), help="comma-separated, from A,B,C,D")
-    parser.add_argument("--restarts", type=int, default=64, help="A: toolkit restarts per factorization")
+    parser.add_argument("--restarts", type=int, default=None,
+                        help="A: exactly this many toolkit restarts (default: the default search)")
     parser.add_argument("--scipy-starts", type=int, default=16, help="A: scipy lm random starts")
     parser.add_argument("--timing-restarts", type=int, default=16, help="B: restarts timed (toolkit and scipy)")
     parser.add_argument("--widths", type=lambda t: [int(w) for w in t.split(",")], default=[1, 2, 4, 8, 16],

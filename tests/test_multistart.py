@@ -130,8 +130,8 @@ def test_bad_policies_name_the_field(field, value):
 
 
 def _cli(args, env, tmp_path):
-    result = subprocess.run([sys.executable, "-c", "from jfactor.cli import app; app()", *args], capture_output=True, text=True,
-                            env={**os.environ, **env}, cwd=tmp_path, timeout=600)
+    result = subprocess.run([sys.executable, "-c", "from jfactor.cli import app; app()", *args], capture_output=True,
+                            text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

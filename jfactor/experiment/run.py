@@ -72,12 +72,11 @@ def plan(config: ExperimentConfig, base: Path, source: str) -> Plan:
 
 
 def environment() -> dict:
-    """Versions and device, recorded in every run."""
-    import flax
-    import optax
+    """Versions and device, recorded in every run (versions from package metadata: nothing imported)."""
+    from importlib.metadata import version
 
     return {
-        "jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__, "numpy": np.__version__,
+        "jax": jax.__version__, "optax": version("optax"), "flax": version("flax"), "numpy": np.__version__,
         "python": platform.python_version(), "device": str(jax.devices()[0]), "platform": jax.default_backend(),
         "device_count": jax.device_count(),
     }

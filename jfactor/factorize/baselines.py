@@ -23,7 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import optimize, signal
 
 from jfactor.factorize.chain import Chain, chain_kernel, chain_kernel_numpy
 from jfactor.factorize.metrics import rel_error
@@ -113,6 +112,8 @@ def lstsq(target: np.ndarray, chain: Chain, start: list[np.ndarray]) -> dict:
 
 def _known_kernel(chain: Chain, free: int) -> np.ndarray:
     """Full convolution of the frozen factors (2-D, single channel, stride 1)."""
+    from scipy import signal
+
     known = np.ones((1, 1))
     for i, (weights, dilation) in enumerate(zip(chain.weights, chain.effective_dilations)):
         if i != free:
@@ -123,6 +124,7 @@ def _known_kernel(chain: Chain, free: int) -> np.ndarray:
 
 
 def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 0, balance: float = 0.01) -> dict:
+    from scipy import signal
     from skimage import restoration
 
     free = _free_indices(chain)
@@ -154,6 +156,8 @@ def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 
 
 def scipy_lm(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]]) -> dict:
     """scipy least_squares(method='lm') from each start (free factors optimised), best error."""
+    from scipy import optimize
+
     free = _free_indices(chain)
     shapes = [starts[0][i].shape for i in free]
     sizes = [int(np.prod(s)) for s in shapes]
