@@ -122,7 +122,7 @@ def factorize(
     config: Annotated[Path | None, typer.Argument(help="experiment config (YAML) instead of the flags")] = None,
     target: Annotated[Path | None,
                       typer.Option(help="target kernel .npy: (k, k), (k, k, C_in, C_out), 1-D, 3-D")] = None,
-    family: Annotated[str | None, typer.Option(help="target family: gaussian, log, dog, gabor, disk, box, "
+    family: Annotated[str | None, typer.Option(help="target family: gaussian, log, dog, gabor, disk, ring, box, "
                                                     "motion_blur, random_normal, randint")] = None,
     size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
     param: Annotated[list[str], typer.Option(help="family parameter key=value (repeatable)")] = [],  # noqa: B006

@@ -61,10 +61,16 @@ def test_every_shipped_config_runs_in_its_tiny_variant(config, tmp_path):
     directory = _last_line(result.stdout)
     if command == "sweep":
         assert (directory / "table.csv").exists() and (directory / "summary.png").exists()
-        assert len(_rows(directory / "table.csv")) >= 1
+        rows = _rows(directory / "table.csv")
+        assert len(rows) >= 1
+        assert {"restarts", "distinct_minima", "best_hits", "runner_up", "stopped"} <= set(rows[0])  # how sure
     else:
         for name in ("config.yaml", "results.json", "metrics.csv", "report.md"):
             assert (directory / name).exists(), name
+        chains = [e for e in json.loads((directory / "results.json").read_text())["results"] if "chain" in e]
+        assert all(e["evidence"]["restarts"] >= 1 for e in chains)
+        if chains:
+            assert "How sure each result is" in (directory / "report.md").read_text()
         if data.get("plots", True):
             assert list(directory.glob("*.png"))
 

@@ -28,6 +28,7 @@ from jfactor.schema import validate
 
 METRICS = ("rel_error", "max_abs_error", "psnr_db", "spectral_error", "output_psnr_db", "params", "macs",
            "dense_macs", "time_s", "compile_s")
+EVIDENCE = ("restarts", "distinct_minima", "best_hits", "independent_hits", "runner_up", "stopped")  # how sure
 
 
 def cells(raw: dict) -> tuple[list[str], list[dict]]:
@@ -94,6 +95,7 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
                     continue
                 row = {"cell": i, **{k: _label(assignment[k]) for k in keys}, "chain": entry["chain"]}
                 row.update({m: entry[m] for m in METRICS})
+                row.update({k: entry["evidence"][k] for k in EVIDENCE})
                 for name, value in entry["baselines"].items():
                     row[f"{name}.rel_error"] = value["rel_error"]
                 rows.append(row)
