@@ -23,3 +23,8 @@ def test_seed_reproduction_prints_the_table(tmp_path):
 def test_an_ablation_runs_tiny(tmp_path):
     out = _run("experiments/ablation.py", "channel_width", "--tiny", "--runs-dir", str(tmp_path))
     assert "## channel_width" in out and "| gaussian | 1 |" in out
+
+
+def test_bench_optimality_runs_tiny():
+    out = _run("experiments/bench_optimality.py", "--tiny")
+    assert "| disk 5x5 | 3x3 -> 3x3, width 1 |" in out and "Within 1.01x of the best known:" in out
