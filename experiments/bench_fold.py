@@ -47,6 +47,7 @@ import scipy.signal
 import jfactor  # noqa: F401  (float64 on)
 from jfactor import batch
 from jfactor.stack_config import load_stack
+from readme_block import replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "seed" / "section8_avgpool.yaml"
@@ -288,6 +289,32 @@ def sweep_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def device_table(results: Path = devices.RESULTS, expected: tuple[str, ...] = ("cpu", "GPU")) -> str:
+    """CPU and GPU side by side: warm items/s of every measured N and method, from each device's JSON.
+
+    Reads ``results/<device>/bench_fold.json`` (and ``bench_fold_methods.json``); a device of
+    ``expected`` with no folder yet gets a column that says so.
+    """
+    runs = {}
+    for path in sorted(results.glob("*/bench_fold*.json")):
+        for r in json.loads(path.read_text()).get("sweep", []):
+            runs.setdefault(path.parent.name, {})[r["n"], r["method"], r.get("ran", r["method"])] = r
+    columns = list(runs) + [e for e in expected if e not in runs and not (e == "GPU" and set(runs) - {"cpu"})]
+    keys = sorted({k for device in runs.values() for k in device}, key=lambda k: (k[1] != "auto", k[0], k[1]))
+    head = "| N | method | " + " | ".join(
+        f"{next(iter(runs[c].values()))['device']}" if c in runs else f"{c}: not yet measured" for c in columns) + " |"
+    lines = ["Warm stacks/s folding N copies of the seed's section-8 stack in float64, per device (the formulation "
+             "that ran; the share of the device's ideal bound):", "", head, "|---|---|" + "---|" * len(columns)]
+    for n, method, _ in dict.fromkeys((k[0], k[1], None) for k in keys):
+        cells = []
+        for c in columns:
+            r = next((r for (rn, rm, _), r in runs.get(c, {}).items() if (rn, rm) == (n, method)), None)
+            ran = "/".join(sorted(set(r["bound"]["methods"]))) if r else ""
+            cells.append("-" if r is None else f"{r['items_per_s']:,.0f}/s ({ran}, {r['bound_fraction']:.1%} of bound)")
+        lines.append(f"| {n:,} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def crossover_table(rows: list[dict]) -> str:
     methods = [m for m in CROSSOVER_COMPOSERS if any(m in r for r in rows)]
     lines = ["| d | ka | kb | C | step | " + " | ".join(f"{m} us" for m in methods) + " | fastest | auto (CPU) |",
@@ -317,6 +344,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     parser.add_argument("--out-dir", type=Path, help="also write the JSON to OUT_DIR/<device>/NAME")
+    parser.add_argument("--readme", action="store_true",
+                        help="only rewrite README's bench_fold_devices block from experiments/results/*/bench_fold*.json")
     parser.add_argument("--name", help="file name under --out-dir (default bench_fold.json, "
                                        "bench_fold_crossover.json with --crossover)")
     args = parser.parse_args()
@@ -329,6 +358,9 @@ def main() -> None:
     if unknown:
         parser.error(f"--methods: {unknown} not in {batch.METHODS}")
 
+    if args.readme:
+        replace_block("bench_fold_devices", device_table())
+        return
     name = args.name or ("bench_fold_crossover.json" if args.crossover else "bench_fold.json")
     if args.crossover:
         result = {"crossover": crossover(16 if args.tiny else 256), "device": devices.describe(),

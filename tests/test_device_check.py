@@ -2,9 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
+import bench_fold  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -29,3 +33,22 @@ def test_device_check_writes_every_json(tmp_path):
     # what comes back from a device machine: few files, at most two folders down
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(tmp_path / "out").parts) <= 2 for p in files)
+
+
+def test_readme_table_puts_devices_side_by_side(tmp_path):
+    """The CPU column from its JSON; a GPU column that says it is not measured until a GPU folder exists."""
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    shutil.copy(ROOT / "experiments" / "results" / "cpu" / "bench_fold.json", cpu)
+    table = bench_fold.device_table(tmp_path)
+    assert "| cpu x1 (cpu; " in table and "GPU: not yet measured" in table
+    assert "| 100,000 | auto | 8,550/s (shift, 5.9% of bound) |" in table
+    gpu = json.loads((cpu / "bench_fold.json").read_text())
+    for r in gpu["sweep"]:
+        r.update(device="gpu x1 (NVIDIA H200; ...)", ran="chain", items_per_s=r["items_per_s"] * 500)
+        r["bound"]["methods"] = ["chain"]
+    (tmp_path / "nvidia-h200").mkdir()
+    (tmp_path / "nvidia-h200" / "bench_fold.json").write_text(json.dumps(gpu))
+    table = bench_fold.device_table(tmp_path)
+    assert "not yet measured" not in table and "| 100,000 | auto | 8,550/s (shift" in table
+    assert "4,274,994/s (chain" in table  # 8,549.99 x 500
