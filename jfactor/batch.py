@@ -243,15 +243,17 @@ def dft_matrix(length: int, taps: int, step: int, half: bool) -> np.ndarray:
     return np.exp(-2j * np.pi * ((f * step * np.arange(taps)[None, :]) % length) / length)
 
 
-def _dft_axis(x, w, axis: int):
+def _dft_axis(x, w, axis: int, fuse: bool):
     """Contract spatial ``axis`` of x (N, ..., k, ..., I, O) with w (F, k) -> (N, ..., F, ..., I, O).
 
-    Up to ``UNROLL_CONTRACTION`` taps, a sum of broadcast products that XLA fuses with its
-    consumer (the product of the spectra); else one ``einsum``.
+    ``fuse`` (the last axis, up to ``UNROLL_CONTRACTION`` taps): a sum of broadcast products
+    that XLA fuses with its consumer, the product of the spectra.  Else one ``tensordot``,
+    whose result goes through memory: fused, the first axes would be recomputed for every
+    frequency of the last (``F_last`` times the FLOPs for a few bytes less).
     """
     w = jnp.asarray(w, jnp.result_type(x.dtype, jnp.complex64))
     taps = x.shape[axis]
-    if taps > UNROLL_CONTRACTION:
+    if not fuse or taps > UNROLL_CONTRACTION:
         return jnp.moveaxis(jnp.tensordot(x, w, axes=((axis,), (1,)), precision=lax.Precision.HIGHEST), -1, axis)
     shape = [1] * x.ndim
     shape[axis] = w.shape[0]
@@ -278,7 +280,7 @@ def compose_chain(kernels: Sequence, steps: Sequence[tuple[int, ...]]):
         x = kernel
         for axis in range(nd):
             w = dft_matrix(size[axis], x.shape[1 + axis], step[axis], half=axis == nd - 1)
-            x = _dft_axis(x, w, 1 + axis)
+            x = _dft_axis(x, w, 1 + axis, fuse=axis == nd - 1)
         spectrum = x if spectrum is None else _matmul(spectrum, x)
     return jnp.fft.irfftn(spectrum, s=size, axes=tuple(range(1, nd + 1)))
 
@@ -379,8 +381,8 @@ def _chain_cost(sizes, channels, size, itemsize: int) -> dict:
         moved += itemsize * math.prod(k) * m * out
         for axis in range(nd):  # contracting axis ``axis``: output size times its taps
             flops += 8 * m * out * math.prod(freqs[: axis + 1]) * math.prod(k[axis:])
-        if nd > 1:  # the first axes' partial DFT goes through memory, the last axis is fused
-            moved += 2 * 2 * itemsize * math.prod(freqs[:-1]) * k[-1] * m * out
+            if axis < nd - 1:  # the first axes' partial DFTs go through memory, the last axis is fused
+                moved += 2 * 2 * itemsize * math.prod(freqs[: axis + 1]) * math.prod(k[axis + 1 :]) * m * out
         if j:
             flops += 8 * math.prod(freqs) * i * m * out
     flops += 2.5 * math.prod(size) * math.log2(math.prod(size)) * i * o
