@@ -7,16 +7,17 @@
 # and seconds to OUTDIR/device_check.json (six files in all, none deeper than OUTDIR/<device>/):
 #   tests  the tests that exercise the device: tests/test_batch.py, tests/test_factorize.py
 #          (pytest, hypothesis at 6 examples; JUnit XML in OUTDIR/tests.xml)
-#   fold   experiments/bench_fold.py: method auto at N = 1k, 10k, 100k, then chain, fft and
-#          shift at N = 100k (-> OUTDIR/<device>/bench_fold.json, bench_fold_methods.json)
+#   fold   experiments/bench_fold.py, method auto at N = 1k, 10k, 100k (-> OUTDIR/<device>/bench_fold.json)
+#   fold_methods  the same with chain, fft and shift at N = 100k (-> bench_fold_methods.json)
 #   factorize  experiments/bench_factorize.py parts B and D, 1,024 targets
 #          (-> OUTDIR/<device>/bench_factorize.json)
 # At most 6 minutes (each step is cut at its budget: 110 s, 75 s, 55 s, 110 s).
 #
 # Needs only python3 with jax (CUDA), flax, optax, numpy, scipy, scikit-image, matplotlib,
 # typer, rich, PyYAML, pytest and hypothesis, and pydantic, which a stock CUDA image lacks
-# and no registry can bring there: carry its wheels in .whl/ at the repository root. Fetch
-# them where a registry is reachable (Python 3.12, x86-64 Linux):
+# and no registry can bring there: carry its wheels (and its four dependencies') in .whl/ at
+# the repository root (git ignores it). Fetch them where a registry is reachable, for
+# Python 3.12 on x86-64 Linux:
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -34,15 +35,22 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$root"
 
-if ! "$py" -c "import pydantic" 2>/dev/null; then
-  if ! compgen -G ".whl/*.whl" >/dev/null; then
-    echo "device_check: pydantic is missing and there is no .whl/ to install it from; fetch the wheels" \
-         "named at the top of experiments/device_check.sh into .whl/ and carry it" >&2
-    exit 2
-  fi
+missing() {  # the modules among "$@" that "$py" cannot import
+  "$py" - "$@" <<'PY'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+PY
+}
+if [ -n "$(missing pydantic)" ] && compgen -G ".whl/*.whl" >/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/jfactor-site .whl/*.whl || exit 2
   export PYTHONPATH="/tmp/jfactor-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+gone=$(missing jax flax optax numpy scipy skimage matplotlib typer rich yaml pytest hypothesis pydantic)
+if [ -n "$gone" ]; then
+  echo "device_check: $py cannot import: $gone. pydantic's wheels travel in .whl/ (the command that fetches" \
+       "them is at the top of experiments/device_check.sh); the rest must be installed there." >&2
+  exit 2
 fi
 export PYTHONPATH="$root:$root/experiments${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export JFACTOR_BATCH_EXAMPLES=6
