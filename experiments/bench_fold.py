@@ -292,25 +292,28 @@ def sweep_table(results: list[dict]) -> str:
 def device_table(results: Path = devices.RESULTS, expected: tuple[str, ...] = ("cpu", "GPU")) -> str:
     """CPU and GPU side by side: warm items/s of every measured N and method, from each device's JSON.
 
-    Reads ``results/<device>/bench_fold.json`` (and ``bench_fold_methods.json``); a device of
-    ``expected`` with no folder yet gets a column that says so.
+    Reads ``results/<device>/bench_fold.json``, then ``bench_fold_methods.json`` (the first
+    run of an N and method is shown); a device of ``expected`` with no folder yet gets a
+    column that says so.  Each cell gives the machine's load during its run.
     """
     runs = {}
     for path in sorted(results.glob("*/bench_fold*.json")):
         for r in json.loads(path.read_text()).get("sweep", []):
-            runs.setdefault(path.parent.name, {})[r["n"], r["method"], r.get("ran", r["method"])] = r
+            runs.setdefault(path.parent.name, {}).setdefault((r["n"], r["method"], None), r)
     columns = list(runs) + [e for e in expected if e not in runs and not (e == "GPU" and set(runs) - {"cpu"})]
     keys = sorted({k for device in runs.values() for k in device}, key=lambda k: (k[1] != "auto", k[0], k[1]))
     head = "| N | method | " + " | ".join(
         f"{next(iter(runs[c].values()))['device']}" if c in runs else f"{c}: not yet measured" for c in columns) + " |"
     lines = ["Warm stacks/s folding N copies of the seed's section-8 stack in float64, per device (the formulation "
-             "that ran; the share of the device's ideal bound):", "", head, "|---|---|" + "---|" * len(columns)]
+             "that ran; the share of the device's ideal bound; the 1-minute load average of the machine, which "
+             "other work shares):", "", head, "|---|---|" + "---|" * len(columns)]
     for n, method, _ in dict.fromkeys((k[0], k[1], None) for k in keys):
         cells = []
         for c in columns:
             r = next((r for (rn, rm, _), r in runs.get(c, {}).items() if (rn, rm) == (n, method)), None)
             ran = "/".join(sorted(set(r["bound"]["methods"]))) if r else ""
-            cells.append("-" if r is None else f"{r['items_per_s']:,.0f}/s ({ran}, {r['bound_fraction']:.1%} of bound)")
+            cells.append("-" if r is None else f"{r['items_per_s']:,.0f}/s ({ran}, {r['bound_fraction']:.1%} of bound, "
+                                               f"load {r['load_avg_1min']:.1f})")
         lines.append(f"| {n:,} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -42,7 +42,7 @@ def test_readme_table_puts_devices_side_by_side(tmp_path):
     shutil.copy(ROOT / "experiments" / "results" / "cpu" / "bench_fold.json", cpu)
     table = bench_fold.device_table(tmp_path)
     assert "| cpu x1 (cpu; " in table and "GPU: not yet measured" in table
-    assert "| 100,000 | auto | 8,550/s (shift, 5.9% of bound) |" in table
+    assert "| 100,000 | auto | 8,550/s (shift, 5.9% of bound, load 1.8) |" in table
     gpu = json.loads((cpu / "bench_fold.json").read_text())
     for r in gpu["sweep"]:
         r.update(device="gpu x1 (NVIDIA H200; ...)", ran="chain", items_per_s=r["items_per_s"] * 500)
