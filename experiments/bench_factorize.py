@@ -3,7 +3,7 @@
     python experiments/bench_factorize.py                              # all parts, tables
     python experiments/bench_factorize.py --parts A                    # one part
     python experiments/bench_factorize.py --n 1024 --json              # one JSON object
-    python experiments/bench_factorize.py --out experiments/results/bench_factorize.json
+    python experiments/bench_factorize.py --out-dir experiments/results   # -> results/<device>/bench_factorize.json
     python experiments/bench_factorize.py --tiny --json                 # smoke run (about 30 s)
 
 A. Quality and speed vs competitors, float64.  Families gaussian, box, log, dog, gabor, disk,
@@ -33,6 +33,8 @@ D. Batch: ``factorize_batch`` of ``--n`` random normal 15x15 targets (seeds 0..n
    differently, and within a minimum's flat directions the LM stopping tolerance lets the
    two land ~1e-5 apart with relative errors equal to ~1e-12 (``max_rel_error_diff``).
 
+The JSON names the device (``device``, ``device_slug``) and its bound measured through jax on
+it (``device_bound``: a device-to-device copy and a float64 matmul; experiments/devices.py).
 Times exclude JAX tracing, lowering and compiling (measured with jax.monitoring and reported
 as compile_s).  Every call gets the same probe images, so no call loads them.  ``--tiny``
 swaps in 5x5 targets, the 3-3 chain, two families, two restarts, LM-only 10 iterations and
@@ -49,12 +51,12 @@ import sys
 import time
 from pathlib import Path
 
+import devices
 import jax
 import numpy as np
 from scipy import signal
 
 import jfactor  # noqa: F401  (float64 on)
-from bench_fold import device
 from jfactor import kernels
 from jfactor.factorize import Chain, Solver, api, factorize, factorize_batch, load_images
 from jfactor.factorize import baselines as baseline_lib
@@ -393,12 +395,13 @@ def main() -> None:
     parser.add_argument("--batch-restarts", type=int, default=4, help="D: restarts per target")
     parser.add_argument("--tiny", action="store_true", help="smoke run: small targets and solver, n <= 8")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--out", type=Path, help="also write the JSON to this file")
+    parser.add_argument("--out-dir", type=Path, help="also write the JSON to OUT_DIR/<device>/bench_factorize.json")
     args = parser.parse_args()
 
     s = setup(args)
-    result = {"device": device(), "parts": args.parts, "tiny": args.tiny,
-              "solver": dataclasses.asdict(s.solver)}
+    result = {"device": devices.describe(), "device_slug": devices.slug(), "device_bound": devices.bound(args.tiny),
+              "parts": args.parts, "tiny": args.tiny, "solver": dataclasses.asdict(s.solver)}
     texts = []
     for part in args.parts:
         key, run, table = PARTS[part]
@@ -408,9 +411,9 @@ def main() -> None:
     result["load_avg_1min"] = os.getloadavg()[0]  # other work on the machine skews the timings
     header = f"device {result['device']}  (1-min load {result['load_avg_1min']:.1f})\n"
     print(json.dumps(result) if args.json else header + "\n\n".join(texts))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for path in filter(None, [args.out, args.out_dir and devices.results_path(args.out_dir, "bench_factorize.json")]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Benchmark batched folding (jfactor.batch.fold_batch) against the seed's scipy loop.
+"""Benchmark batched folding (jfactor.batch.fold_batch) against the seed's scipy loop, on the device jax uses.
 
     python experiments/bench_fold.py --n 10000             # readable table
     python experiments/bench_fold.py --n 10000 --json      # one JSON object
-    python experiments/bench_fold.py --sweep 1000,10000,100000 --out experiments/results/bench_fold.json
+    python experiments/bench_fold.py --sweep 1000,10000,100000 --out-dir experiments/results
+    python experiments/bench_fold.py --sweep 100000 --methods auto,chain,fft,shift --out-dir OUT
     python experiments/bench_fold.py --n 8 --tiny --json   # smoke run (a few seconds)
     python experiments/bench_fold.py --n 10000 --devices 2  # CPU split in 2 XLA devices, batch sharded
-    python experiments/bench_fold.py --crossover           # the timings behind method="auto"
+    python experiments/bench_fold.py --crossover           # the CPU timings behind method="auto"
 
 Workload: configs/seed/section8_avgpool.yaml (five 3x3 convs, four 2x2 average pools ->
 one 78x78 conv, stride 16) with N sets of random normal float64 weights, folded in one
@@ -15,12 +16,14 @@ kernel repeated 2x2 by ``np.repeat`` and dilated by the stride so far, divided b
 timed on the first ``--baseline-n`` stacks and reported per item.
 
 Reported: warm throughput (best of ``--repeats`` calls) apart from the first call's compile
-time; the fold's peak memory (max RSS during the fold calls minus RSS before them; each
-``--sweep`` point runs in a fresh process); max abs difference to the baseline's kernels;
-and the machine bound: streaming copy bandwidth and matmul FLOP rate measured here, the
-bytes and FLOPs per item of the formulations ``method`` picks (ideal: each operand read
-once and each result written once), and the achieved fraction of that bound and of the
-one with the bytes the implementation actually streams (see ``cost``).
+time; the fold's peak memory (host: max RSS during the fold calls minus RSS before them;
+accelerators: the device allocator's peak; each ``--sweep`` point runs in a fresh process);
+max abs difference to the baseline's kernels; and the device bound, measured through jax on
+the device the fold runs on (``devices.bound``: a device-to-device copy and a float64
+matmul), with the bytes and FLOPs per item of the compositions the method runs
+(``jfactor.batch.fold_plan`` and ``plan_cost``; ideal: each operand read once and each
+result written once; as streamed: what the formulation moves) and the achieved fraction of
+both.  ``--out-dir DIR`` writes ``DIR/<device>/bench_fold.json`` (``devices.slug``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,8 +46,8 @@ import scipy.signal
 
 import jfactor  # noqa: F401  (float64 on)
 from jfactor import batch
-from jfactor.layers import Parallel
 from jfactor.stack_config import load_stack
+from readme_block import replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "seed" / "section8_avgpool.yaml"
@@ -115,11 +118,13 @@ def run_fold(stacks, method: str, repeats: int, shard: bool) -> dict:
         start = time.perf_counter()
         folded = jax.block_until_ready(batch.fold_batch(stacks, method=method, shard=shard))
         warm.append(time.perf_counter() - start)
-    return {"first_s": first, "warm_s": min(warm), "peak_mem_mb": _max_rss_mb() - before,
+    device_peak = devices.peak_device_mb()
+    return {"first_s": first, "warm_s": min(warm), "peak_device_mb": device_peak,
+            "peak_mem_mb": _max_rss_mb() - before if device_peak is None else device_peak,
             "compiled": batch._fold._cache_size(), "folded": folded}
 
 
-# -- machine bound ---------------------------------------------------------------------
+# -- device bound -----------------------------------------------------------------------
 
 
 def _best(fn, repeats: int) -> float:
@@ -132,77 +137,27 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def machine(tiny: bool) -> dict:
-    """Streaming copy bandwidth (numpy, preallocated), first-touch write rate, f64 matmul rate."""
-    size = (16 if tiny else 256) * 2**20 // BYTES
-    src, dst = np.random.default_rng(0).random(size), np.empty(size)
-    copy = _best(lambda: np.copyto(dst, src), 3 if tiny else 5)
-    touch = _best(lambda: np.ones(size), 3 if tiny else 5)
-    m = 512 if tiny else 2048
-    x = jnp.asarray(np.random.default_rng(1).random((m, m)))
-    matmul = jax.jit(lambda x: x @ x)
-    flops = _best(lambda: matmul(x).block_until_ready(), 3)
-    return {"copy_gb_s": 2 * src.nbytes / copy / 1e9, "first_touch_gb_s": src.nbytes / touch / 1e9,
-            "matmul_gflop_s": 2 * m**3 / flops / 1e9}
+def ran_method(stacks, method: str) -> str:
+    """The method ``fold_batch`` runs for ``method`` on this device (``"auto"`` resolved as it resolves it)."""
+    if method != "auto":
+        return method
+    n = jax.tree.leaves(stacks)[0].shape[0]
+    return batch.auto_method(stacks, jax.devices()[0].platform, -(-n // jax.device_count()))
 
 
-def stages(structure) -> list[tuple]:
-    """(ka, kb, step, I, M, O) of every composition of the (sequential) fold, in order."""
-    out, size, stride, cin = [], None, None, None
-    for conv in structure.lower():
-        assert not isinstance(conv, Parallel), "the bound model covers sequential stacks"
-        extent = conv.extent
-        if size is None:
-            size, stride, cin = extent, conv.strides, conv.in_channels
-            continue
-        out.append((size, extent, stride, cin, conv.in_channels, conv.out_channels))
-        size = batch.full_size(size, extent, stride)
-        stride = tuple(a * b for a, b in zip(stride, conv.strides))
-    return out
+def bound(stacks, method: str, rates: dict) -> dict:
+    """Per-item bytes and FLOPs of the compositions ``method`` runs here, and the items/s they allow.
 
-
-def cost(stage, method: str) -> dict:
-    """Bytes and FLOPs per item of one composition with ``method``.
-
-    ``bytes``, the ideal: read both kernels, write the result once.  ``bytes_moved``: what
-    the implementation streams; for shift, the first tap writes the zero-padded result
-    and every other tap reads the copy of ``a`` and reads and writes its window of the
-    result (``dynamic_update_slice``); for fft and gather, the ideal (not modelled).
-    FLOPs: shift and gather ``2 * taps * size * I * M * O`` (taps of the smaller kernel);
-    fft three real FFTs of the full size (``2.5 n log2 n`` each) and the complex matmuls.
+    ``items_per_s``: the device bound, ``min(copy bandwidth / ideal bytes, FLOP rate / FLOPs)``;
+    ``items_per_s_as_moved``: the same with the bytes the formulation streams.
     """
-    ka, kb, step, i, m, o = stage
-    full = np.prod(batch.full_size(ka, kb, step))
-    ideal = BYTES * (np.prod(ka) * i * m + np.prod(kb) * m * o + full * i * o)
-    if method == "fft":
-        flops = 2.5 * full * np.log2(full) * (i * m + m * o + i * o) + 8 * (full / 2) * i * m * o
-        return {"bytes": ideal, "bytes_moved": ideal, "flops": flops}
-    taps, other = sorted((np.prod(ka), np.prod(kb)))
-    flops = 2.0 * taps * other * i * m * o
-    if method == "gather":
-        return {"bytes": ideal, "bytes_moved": ideal, "flops": flops}
-    moved = BYTES * (full * i * o + (taps - 1) * other * (i * m + 2 * i * o))
-    return {"bytes": ideal, "bytes_moved": moved, "flops": flops}
-
-
-def bound(structure, n: int, method: str, rates: dict) -> dict:
-    """Per-item bytes and FLOPs of the formulations ``method`` picks, and the items/s they allow.
-
-    ``items_per_s``: the machine bound, ``min(bandwidth / ideal bytes, FLOP rate / FLOPs)``;
-    ``items_per_s_as_moved``: the same with the bytes the implementation streams.
-    """
-    totals = {"bytes": 0.0, "bytes_moved": 0.0, "flops": 0.0}
-    chosen = []
-    for stage in stages(structure):
-        ka, kb, step, i, m, o = stage
-        pick = method if method != "auto" else batch.choose_method((n, *ka, i, m), (n, *kb, m, o), step)
-        chosen.append(pick)
-        for key, value in cost(stage, pick).items():
-            totals[key] += value
+    plan = batch.fold_plan(stacks, ran_method(stacks, method))
+    totals = batch.plan_cost(plan)
     bandwidth, flop_rate = rates["copy_gb_s"] * 1e9, rates["matmul_gflop_s"] * 1e9
     compute = flop_rate / totals["flops"]
-    return {"methods": chosen, "bytes_per_item": totals["bytes"], "bytes_moved_per_item": totals["bytes_moved"],
-            "flops_per_item": totals["flops"],
+    return {"methods": [c.method for c in plan], "bytes_per_item": totals["bytes"],
+            "bytes_moved_per_item": totals["bytes_moved"], "flops_per_item": totals["flops"],
+            "ops_per_call": totals["ops"],
             "limited_by": "memory" if bandwidth / totals["bytes"] < compute else "compute",
             "items_per_s": min(bandwidth / totals["bytes"], compute),
             "items_per_s_as_moved": min(bandwidth / totals["bytes_moved"], compute)}
@@ -211,30 +166,21 @@ def bound(structure, n: int, method: str, rates: dict) -> dict:
 # -- one run, a sweep, the crossover ---------------------------------------------------
 
 
-def device() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    d = jax.devices()[0]
-    return f"{d.platform} x{jax.device_count()} ({d.device_kind}; {cpu}, {os.cpu_count()} cores)"
-
-
 def run(n: int, method: str, tiny: bool, baseline_n: int, repeats: int) -> dict:
-    structure, stacks = workload(n)
+    _, stacks = workload(n)
     fold = run_fold(stacks, method, 1 if tiny else repeats, shard=jax.device_count() > 1)
     count = min(n, baseline_n)
     baseline_rate, reference = run_baseline(stacks, count)
     kernel = np.asarray(fold["folded"].kernel[:count, :, :, 0, 0])
-    rates = machine(tiny)
-    limit = bound(structure, n, method, rates)
+    rates = devices.bound(tiny)
+    limit = bound(stacks, method, rates)
     items_per_s = n / fold["warm_s"]
     return {
         "n": n,
-        "device": device(),
+        "device": devices.describe(),
+        "device_slug": devices.slug(),
         "method": method,
+        "ran": ran_method(stacks, method),
         "sharded": jax.device_count() > 1,
         "dtype": "float64",
         "workload": f"{CONFIG.stem}: {'x'.join(map(str, fold['folded'].size))} stride {fold['folded'].stride[0]}",
@@ -248,10 +194,11 @@ def run(n: int, method: str, tiny: bool, baseline_n: int, repeats: int) -> dict:
         "baseline_n": count,
         "speedup": items_per_s / baseline_rate,
         "peak_mem_mb": fold["peak_mem_mb"],
+        "peak_mem_measures": "host RSS" if fold["peak_device_mb"] is None else "device allocator peak",
         "output_mb": fold["folded"].kernel.nbytes / 2**20,
         "max_abs_diff": float(np.abs(kernel - reference).max()),
         "max_abs_kernel": float(np.abs(reference).max()),
-        "machine": rates,
+        "device_bound": rates,
         "bound": limit,
         "bound_fraction": items_per_s / limit["items_per_s"],
         "bound_fraction_as_moved": items_per_s / limit["items_per_s_as_moved"],
@@ -259,13 +206,13 @@ def run(n: int, method: str, tiny: bool, baseline_n: int, repeats: int) -> dict:
     }
 
 
-def sweep(ns: list[int], args) -> list[dict]:
-    """One fresh process per N, so each peak memory is that N's alone."""
+def sweep(ns: list[int], methods: list[str], args) -> list[dict]:
+    """One fresh process per N and method, so each peak memory is that run's alone."""
     results = []
-    for n in ns:
-        command = [sys.executable, __file__, "--n", str(n), "--json", "--method", args.method,
+    for n, method in itertools.product(ns, methods):
+        command = [sys.executable, __file__, "--n", str(n), "--json", "--method", method,
                    "--baseline-n", str(args.baseline_n), "--repeats", str(args.repeats),
-                   "--devices", str(args.devices)]
+                   "--devices", str(args.devices)] + (["--tiny"] if args.tiny else [])
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out))
     return results
@@ -278,6 +225,10 @@ CROSSOVER_GRID = {  # ndim: [(ka, kb)], square kernels, each with C in (1, 4) an
 }
 
 
+CROSSOVER_COMPOSERS = {**batch.COMPOSERS,
+                       "chain": lambda a, b, step: batch.compose_chain([a, b], [(1,) * len(step), step])}
+
+
 def crossover(n: int) -> list[dict]:
     """Per-item microseconds of each formulation on one composition (a (n, ka^d, C, C), b (n, kb^d, C, C))."""
     rng = np.random.default_rng(0)
@@ -288,7 +239,7 @@ def crossover(n: int) -> list[dict]:
             b = jnp.asarray(rng.standard_normal((n,) + (kb,) * nd + (channels, channels)))
             row = {"ndim": nd, "ka": ka, "kb": kb, "channels": channels, "step": step}
             full = np.prod(batch.full_size((ka,) * nd, (kb,) * nd, (step,) * nd))
-            for method, compose in batch.COMPOSERS.items():
+            for method, compose in CROSSOVER_COMPOSERS.items():
                 if method == "gather" and full * kb**nd * channels**2 * n * BYTES > 2**30:
                     row[method] = None  # would gather more than 1 GiB
                     continue
@@ -303,19 +254,20 @@ def crossover(n: int) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    b, m = result["bound"], result["machine"]
+    b, m = result["bound"], result["device_bound"]
     lines = [
         f"workload        {result['workload']}, N = {result['n']:,}, float64, method {result['method']} "
-        f"({', '.join(sorted(set(b['methods'])))})",
+        f"(ran {result['ran']}: {', '.join(sorted(set(b['methods'])))})",
         f"device          {result['device']}  (1-min load {result['load_avg_1min']:.1f})",
         f"fold_batch      {result['items_per_s']:,.0f} items/s warm ({result['warm_s'] * 1e3:.1f} ms per call); "
         f"compile {result['compile_s']:.2f} s",
         f"scipy loop      {result['baseline_items_per_s']:,.1f} items/s (timed on {result['baseline_n']} stacks)",
         f"speedup         {result['speedup']:,.0f}x",
-        f"peak memory     {result['peak_mem_mb']:,.0f} MB for a {result['output_mb']:,.0f} MB result",
+        f"peak memory     {result['peak_mem_mb']:,.0f} MB ({result['peak_mem_measures']}) for a "
+        f"{result['output_mb']:,.0f} MB result",
         f"max abs diff    {result['max_abs_diff']:.2e} (kernel values up to {result['max_abs_kernel']:.1f})",
-        f"machine         copy {m['copy_gb_s']:.1f} GB/s, first-touch write {m['first_touch_gb_s']:.1f} GB/s, "
-        f"matmul {m['matmul_gflop_s']:.0f} GFLOP/s",
+        f"device bound    copy {m['copy_gb_s']:.1f} GB/s (read + written), matmul {m['matmul_gflop_s']:.0f} GFLOP/s, "
+        "through jax on the device",
         f"bound           {b['bytes_per_item'] / 1e3:.0f} kB and {b['flops_per_item'] / 1e3:.0f} kFLOP per item -> "
         f"{b['items_per_s']:,.0f} items/s ({b['limited_by']}); achieved {result['bound_fraction']:.1%}",
         f"as streamed     {b['bytes_moved_per_item'] / 1e3:.0f} kB per item -> "
@@ -326,23 +278,53 @@ def table(result: dict) -> str:
 
 
 def sweep_table(results: list[dict]) -> str:
-    lines = ["| N | items/s (warm) | scipy items/s | speedup | compile s | peak MB | result MB | "
+    lines = ["| N | method (ran) | items/s (warm) | scipy items/s | speedup | compile s | peak MB | result MB | "
              "of bound (ideal / as streamed) | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['n']:,} | {r['items_per_s']:,.0f} | {r['baseline_items_per_s']:,.1f} | "
-                     f"{r['speedup']:,.0f}x | "
+        lines.append(f"| {r['n']:,} | {r['method']} ({r['ran']}) | {r['items_per_s']:,.0f} | "
+                     f"{r['baseline_items_per_s']:,.1f} | {r['speedup']:,.0f}x | "
                      f"{r['compile_s']:.2f} | {r['peak_mem_mb']:,.0f} | {r['output_mb']:,.0f} | "
                      f"{r['bound_fraction']:.1%} / {r['bound_fraction_as_moved']:.0%} | {r['max_abs_diff']:.1e} |")
     return "\n".join(lines)
 
 
+def device_table(results: Path = devices.RESULTS, expected: tuple[str, ...] = ("cpu", "GPU")) -> str:
+    """CPU and GPU side by side: warm items/s of every measured N and method, from each device's JSON.
+
+    Reads ``results/<device>/bench_fold.json``, then ``bench_fold_methods.json`` (the first
+    run of an N and method is shown); a device of ``expected`` with no folder yet gets a
+    column that says so.  Each cell gives the machine's load during its run.
+    """
+    runs = {}
+    for path in sorted(results.glob("*/bench_fold*.json")):
+        for r in json.loads(path.read_text()).get("sweep", []):
+            runs.setdefault(path.parent.name, {}).setdefault((r["n"], r["method"], None), r)
+    columns = list(runs) + [e for e in expected if e not in runs and not (e == "GPU" and set(runs) - {"cpu"})]
+    keys = sorted({k for device in runs.values() for k in device}, key=lambda k: (k[1] != "auto", k[0], k[1]))
+    head = "| N | method | " + " | ".join(
+        f"{next(iter(runs[c].values()))['device']}" if c in runs else f"{c}: not yet measured" for c in columns) + " |"
+    lines = ["Warm stacks/s folding N copies of the seed's section-8 stack in float64, per device (the formulation "
+             "that ran; the share of the device's ideal bound; the 1-minute load average of the machine, which "
+             "other work shares):", "", head, "|---|---|" + "---|" * len(columns)]
+    for n, method, _ in dict.fromkeys((k[0], k[1], None) for k in keys):
+        cells = []
+        for c in columns:
+            r = next((r for (rn, rm, _), r in runs.get(c, {}).items() if (rn, rm) == (n, method)), None)
+            ran = "/".join(sorted(set(r["bound"]["methods"]))) if r else ""
+            cells.append("-" if r is None else f"{r['items_per_s']:,.0f}/s ({ran}, {r['bound_fraction']:.1%} of bound, "
+                                               f"load {r['load_avg_1min']:.1f})")
+        lines.append(f"| {n:,} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def crossover_table(rows: list[dict]) -> str:
-    lines = ["| d | ka | kb | C | step | shift us | fft us | gather us | fastest | auto |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    methods = [m for m in CROSSOVER_COMPOSERS if any(m in r for r in rows)]
+    lines = ["| d | ka | kb | C | step | " + " | ".join(f"{m} us" for m in methods) + " | fastest | auto (CPU) |",
+             "|---|---|---|---|---|" + "---|" * len(methods) + "---|---|"]
     for r in rows:
-        timed = {m: r[m] for m in batch.COMPOSERS if r[m] is not None}
-        cells = " | ".join("-" if r[m] is None else f"{r[m]:.1f}" for m in batch.COMPOSERS)
+        timed = {m: r[m] for m in methods if r.get(m) is not None}
+        cells = " | ".join("-" if r.get(m) is None else f"{r[m]:.1f}" for m in methods)
         shapes = [(1,) + (k,) * r["ndim"] + (r["channels"],) * 2 for k in (r["ka"], r["kb"])]
         auto = batch.choose_method(*shapes, (r["step"],) * r["ndim"])
         lines.append(f"| {r['ndim']} | {r['ka']} | {r['kb']} | {r['channels']} | {r['step']} | {cells} | "
@@ -354,34 +336,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="stacks per batch")
     parser.add_argument("--sweep", help="comma-separated N values, each in a fresh process")
-    parser.add_argument("--crossover", action="store_true", help="time shift / fft / gather per composition")
+    parser.add_argument("--crossover", action="store_true", help="time shift / fft / gather / chain per composition")
     parser.add_argument("--method", default="auto", choices=batch.METHODS)
+    parser.add_argument("--methods", help="with --sweep: comma-separated methods, each N run with each")
     parser.add_argument("--devices", type=int, default=1,
                         help="split the CPU into this many XLA devices and shard the batch over them")
     parser.add_argument("--baseline-n", type=int, default=200, help="stacks the scipy loop is timed on")
     parser.add_argument("--repeats", type=int, default=3, help="warm calls; the best is reported")
     parser.add_argument("--tiny", action="store_true", help="smoke run: one warm call, small probes")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--out", type=Path, help="also write the JSON to this file")
+    parser.add_argument("--out-dir", type=Path, help="also write the JSON to OUT_DIR/<device>/NAME")
+    parser.add_argument("--readme", action="store_true",
+                        help="only rewrite README's bench_fold_devices block from experiments/results/*/bench_fold*.json")
+    parser.add_argument("--name", help="file name under --out-dir (default bench_fold.json, "
+                                       "bench_fold_crossover.json with --crossover)")
     args = parser.parse_args()
     if args.tiny:
         args.baseline_n = min(args.baseline_n, 8)
     if args.devices > 1:  # before the backend starts
         jax.config.update("jax_num_cpu_devices", args.devices)
+    methods = args.methods.split(",") if args.methods else [args.method]
+    unknown = [m for m in methods if m not in batch.METHODS]
+    if unknown:
+        parser.error(f"--methods: {unknown} not in {batch.METHODS}")
 
+    if args.readme:
+        replace_block("bench_fold_devices", device_table())
+        return
+    name = args.name or ("bench_fold_crossover.json" if args.crossover else "bench_fold.json")
     if args.crossover:
-        result, text = {"crossover": crossover(16 if args.tiny else 256), "device": device()}, None
+        result = {"crossover": crossover(16 if args.tiny else 256), "device": devices.describe(),
+                  "device_slug": devices.slug()}
         text = crossover_table(result["crossover"])
     elif args.sweep:
-        result = {"sweep": sweep([int(n) for n in args.sweep.split(",")], args)}
+        result = {"sweep": sweep([int(n) for n in args.sweep.split(",")], methods, args),
+                  "device": devices.describe(), "device_slug": devices.slug()}
         text = sweep_table(result["sweep"])
     else:
         result = run(args.n, args.method, args.tiny, args.baseline_n, args.repeats)
         text = table(result)
     print(json.dumps(result) if args.json else text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for path in filter(None, [args.out, args.out_dir and devices.results_path(args.out_dir, name)]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,18 @@ of ``conv_general_dilated`` is a grouped conv, quadratic in N on CPU: DESIGN.md 
   rounding (errors grow like log(size) * eps * |a| |b|);
 - ``"gather"``: a static Toeplitz index of the first kernel turns the composition into
   one batched matmul (it materialises taps x size values per item);
-- ``"auto"``: per composition, the measured crossover in :func:`choose_method`.
+- ``"chain"``: no pairwise compositions at all: every map of a sequence, its kernel dilated
+  by the stride accumulated before it, is transformed once at the final size (a DFT
+  taken tap by tap), the spectra are multiplied per frequency with the channels
+  contracted, and one ``irfftn`` gives the folded kernel (:func:`compose_chain`); branches
+  are folded that way too and enter their sequence as one map.  Few bytes per item and
+  few device ops, more FLOPs than shift-and-add: the formulation for accelerators;
+- ``"auto"``: per platform (:func:`auto_method`).  On the CPU, per composition, the
+  measured crossover of :func:`choose_method`; on accelerators, the plan with the least
+  modelled time (:func:`modelled_seconds`: FLOPs, streamed bytes and ops of each
+  composition, :func:`fold_plan`, with rates fitted to an H200).
 
-All four agree with :func:`jfactor.fold.fold_affine` to rounding.  Memory is linear in N:
+All agree with :func:`jfactor.fold.fold_affine` to rounding.  Memory is linear in N:
 the result (N * prod(K) * C_in * C_out values) plus intermediates of the same order.
 
 Sharding: ``fold_batch(batch, mesh=mesh)`` (or ``shard=True`` for a 1-D mesh over
@@ -39,6 +48,7 @@ counts them); :func:`enable_compilation_cache` (from :mod:`jfactor.cache`) keeps
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -58,7 +68,7 @@ from jfactor.layers import Conv
 from jfactor.sharding import batch_mesh, shard_batch
 from jfactor.stack import Stack
 
-METHODS = ("auto", "shift", "fft", "gather")
+METHODS = ("auto", "shift", "fft", "gather", "chain")
 
 
 @pytree_dataclass
@@ -210,9 +220,73 @@ def compose_gather(a, b, step):
 COMPOSERS = {"shift": compose_shift, "fft": compose_fft, "gather": compose_gather}
 
 
+# ----------------------------------------------------------------------------------------
+# The whole chain at once: every kernel's DFT at the final size, one product, one inverse.
+# ----------------------------------------------------------------------------------------
+
+
+def chain_size(sizes: Sequence[tuple[int, ...]], steps: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """Spatial size of a chain of kernels ``sizes[i]``, each dilated by its accumulated stride ``steps[i]``."""
+    return tuple(1 + sum(s * (k - 1) for k, s in zip(ks, ss)) for ks, ss in zip(zip(*sizes), zip(*steps)))
+
+
+@functools.lru_cache(maxsize=256)
+def dft_matrix(length: int, taps: int, step: int, half: bool) -> np.ndarray:
+    """(F, taps) complex128: ``[f, t] = exp(-2 pi i f step t / length)``; F = ``length // 2 + 1`` if ``half``.
+
+    The DFT at ``length`` points of a kernel axis with ``taps`` taps dilated by ``step``;
+    ``(f step t) mod length`` is reduced in integers first, so every entry is within one
+    rounding of the exact root of unity.
+    """
+    f = np.arange(length // 2 + 1 if half else length)[:, None]
+    return np.exp(-2j * np.pi * ((f * step * np.arange(taps)[None, :]) % length) / length)
+
+
+def _dft_axis(x, w, axis: int, fuse: bool):
+    """Contract spatial ``axis`` of x (N, ..., k, ..., I, O) with w (F, k) -> (N, ..., F, ..., I, O).
+
+    ``fuse`` (the last axis, up to ``UNROLL_CONTRACTION`` taps): a sum of broadcast products
+    that XLA fuses with its consumer, the product of the spectra.  Else one ``tensordot``,
+    whose result goes through memory: fused, the first axes would be recomputed for every
+    frequency of the last (``F_last`` times the FLOPs for a few bytes less).
+    """
+    w = jnp.asarray(w, jnp.result_type(x.dtype, jnp.complex64))
+    taps = x.shape[axis]
+    if not fuse or taps > UNROLL_CONTRACTION:
+        return jnp.moveaxis(jnp.tensordot(x, w, axes=((axis,), (1,)), precision=lax.Precision.HIGHEST), -1, axis)
+    shape = [1] * x.ndim
+    shape[axis] = w.shape[0]
+    return sum(lax.slice_in_dim(x, t, t + 1, axis=axis) * w[:, t].reshape(shape) for t in range(taps))
+
+
+def compose_chain(kernels: Sequence, steps: Sequence[tuple[int, ...]]):
+    """The composition of a whole chain in the frequency domain, at its final size, in one transform.
+
+    ``kernels[i]`` (N, *k_i, C_i, C_{i+1}) is applied after the others before it, dilated by
+    the accumulated stride ``steps[i]`` (``steps[0]`` all ones).  Each kernel's DFT at the
+    final size ``K`` (:func:`chain_size`) is taken tap by tap (:func:`dft_matrix`: ``prod(k_i)``
+    terms per frequency, no padded copy), the spectra are multiplied per frequency with the
+    channels contracted in order, and one ``irfftn`` returns (N, *K, C_0, C_last).  ``K``
+    holds the full linear convolution, so nothing wraps around: exact to float64 rounding
+    (errors grow like log(K) * eps * prod |k_i|).  Bytes per item: the kernels, the first
+    axes' partial DFTs of each kernel (``F_1 ... F_{d-1} k_d`` values), one spectrum and the
+    result; the product runs in one fused loop.  Memory linear in N.
+    """
+    nd = len(steps[0])
+    size = chain_size([_spatial(k, nd) for k in kernels], steps)
+    spectrum = None
+    for kernel, step in zip(kernels, steps):
+        x = kernel
+        for axis in range(nd):
+            w = dft_matrix(size[axis], x.shape[1 + axis], step[axis], half=axis == nd - 1)
+            x = _dft_axis(x, w, 1 + axis, fuse=axis == nd - 1)
+        spectrum = x if spectrum is None else _matmul(spectrum, x)
+    return jnp.fft.irfftn(spectrum, s=size, axes=tuple(range(1, nd + 1)))
+
+
 # Crossover, measured with ``python experiments/bench_fold.py --crossover`` (N = 256, float64,
 # AMD EPYC, 2 cores, jax 0.10.2; microseconds per item, C_in = C_out = C; a has ka^d taps,
-# b kb^d; the full table is in experiments/results/bench_fold_crossover.json):
+# b kb^d; the full table is in experiments/results/cpu/bench_fold_crossover.json):
 #
 #   d  ka  kb  C  step   shift     fft   gather
 #   1  64   9  1    1      1.3     1.3      4.1
@@ -249,14 +323,156 @@ def choose_method(a_shape: tuple[int, ...], b_shape: tuple[int, ...], step: tupl
 
 
 # ----------------------------------------------------------------------------------------
+# What a fold runs and what it costs: the model behind method="auto" off the CPU.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """One composition a fold runs: ``method`` on kernels ``shapes[j]`` (N, *k_j, C_j, C_{j+1}).
+
+    ``steps[j]``: the stride accumulated before kernel ``j`` (``steps[0]`` all ones); a
+    pairwise composition is a chain of two.
+    """
+
+    method: str
+    shapes: tuple[tuple[int, ...], ...]
+    steps: tuple[tuple[int, ...], ...]
+
+    def cost(self, itemsize: int = 8) -> dict:
+        """Per item: ``bytes`` (ideal: kernels read, result written once), ``bytes_moved`` (as streamed),
+        ``flops`` and ``ops`` (device kernels launched per call, whatever N).
+
+        shift: every tap after the first reads the copy of the larger kernel and reads and
+        writes its window of the result; fft: both kernels padded to the full size, two
+        forward transforms, the product and one inverse, each through memory (FFT
+        ``2.5 n log2 n`` FLOPs); gather: the Toeplitz matrix written and read; chain: the
+        partial DFTs of the first axes, one spectrum and the result (FFT passes counted twice).
+        """
+        nd = len(self.steps[0])
+        sizes = [s[1 : nd + 1] for s in self.shapes]
+        channels = [self.shapes[0][-2]] + [s[-1] for s in self.shapes]
+        i, o = channels[0], channels[-1]
+        full = math.prod(chain_size(sizes, self.steps))
+        ideal = itemsize * (sum(math.prod(k) * a * b for k, a, b in zip(sizes, channels, channels[1:])) + full * i * o)
+        if self.method == "chain":
+            return {"bytes": ideal, **_chain_cost(sizes, channels, chain_size(sizes, self.steps), itemsize)}
+        (ka, kb), m = sizes, channels[1]
+        taps, other = sorted((math.prod(ka), math.prod(kb)))
+        if self.method == "fft":
+            flops = 2.5 * full * math.log2(full) * (i * m + m * o + i * o) + 8 * (full / 2) * i * m * o
+            return {"bytes": ideal, "bytes_moved": itemsize * full * (4 * (i * m + m * o) + 3 * i * o),
+                    "flops": flops, "ops": 6}
+        flops = 2.0 * taps * other * i * m * o
+        if self.method == "gather":
+            return {"bytes": ideal, "bytes_moved": ideal + 2 * itemsize * full * math.prod(kb) * i * m,
+                    "flops": flops, "ops": 3}
+        moved = itemsize * (full * i * o + (taps - 1) * other * (i * m + 2 * i * o))
+        return {"bytes": ideal, "bytes_moved": moved, "flops": flops, "ops": taps}
+
+
+def _chain_cost(sizes, channels, size, itemsize: int) -> dict:
+    """Streamed bytes, FLOPs and ops per item of :func:`compose_chain` (complex values: 2 items, 4x FLOPs)."""
+    nd = len(size)
+    freqs = (*size[:-1], size[-1] // 2 + 1)
+    flops, moved, i, o = 0.0, 0.0, channels[0], channels[-1]
+    for j, (k, m, out) in enumerate(zip(sizes, channels, channels[1:])):
+        moved += itemsize * math.prod(k) * m * out
+        for axis in range(nd):  # contracting axis ``axis``: output size times its taps
+            flops += 8 * m * out * math.prod(freqs[: axis + 1]) * math.prod(k[axis:])
+            if axis < nd - 1:  # the first axes' partial DFTs go through memory, the last axis is fused
+                moved += 2 * 2 * itemsize * math.prod(freqs[: axis + 1]) * math.prod(k[axis + 1 :]) * m * out
+        if j:
+            flops += 8 * math.prod(freqs) * i * m * out
+    flops += 2.5 * math.prod(size) * math.log2(math.prod(size)) * i * o
+    moved += 2 * 2 * itemsize * math.prod(freqs) * i * o + 2 * itemsize * math.prod(size) * i * o
+    return {"bytes_moved": moved, "flops": flops, "ops": len(sizes) * (nd - 1) + 2}
+
+
+def plan_cost(plan: Sequence[Composition], itemsize: int = 8) -> dict:
+    """The per-item costs of a whole fold (see :meth:`Composition.cost`), summed."""
+    costs = [c.cost(itemsize) for c in plan]
+    return {key: float(sum(c[key] for c in costs)) for key in ("bytes", "bytes_moved", "flops", "ops")}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceModel:
+    """Rates of a device for :func:`modelled_seconds`.
+
+    ``byte_s``: streamed bytes per second each formulation achieves (its ``bytes_moved``
+    over its time), ``flop_s``: FLOP/s, ``op_s``: seconds per op (a kernel launch and its gap).
+    """
+
+    byte_s: dict
+    flop_s: float
+    op_s: float
+
+
+# Accelerators, fitted to the section-8 stack on one H200 in float64 (jax 0.11.2, N = 100k:
+# shift 193k stacks/s, i.e. 0.14 TB/s of its modelled bytes; fft 1.15M, 1.2 TB/s; the
+# device copies 4.3 TB/s).  The chain is not measured there: it is assumed to stream like
+# fft (fused elementwise loops and one FFT library call), so on that stack it is modelled
+# at 3M stacks/s.  Rerun experiments/device_check.sh on a GPU to check the ranking.
+ACCELERATOR = DeviceModel(byte_s={"shift": 0.14e12, "gather": 0.14e12, "fft": 1.2e12, "chain": 1.2e12},
+                          flop_s=10e12, op_s=10e-6)
+
+
+def modelled_seconds(plan: Sequence[Composition], n: int, device: DeviceModel = ACCELERATOR,
+                     itemsize: int = 8) -> float:
+    """Modelled seconds of a fold of ``n`` items: per item FLOPs and streamed bytes, plus a fixed cost per op."""
+    total = 0.0
+    for composition in plan:
+        cost = composition.cost(itemsize)
+        total += (n * (cost["flops"] / device.flop_s + cost["bytes_moved"] / device.byte_s[composition.method])
+                  + cost["ops"] * device.op_s)
+    return total
+
+
+# ----------------------------------------------------------------------------------------
 # The batched fold.
 # ----------------------------------------------------------------------------------------
 
 
-def _compose(first: ops.Affine, second: ops.Affine, method: str) -> ops.Affine:
+def _kernel(composition: Composition, kernels: list):
+    """The composed kernel of ``composition`` (the default ``kernel_fn`` of the walk below)."""
+    if composition.method == "chain":
+        return compose_chain(kernels, composition.steps)
+    return COMPOSERS[composition.method](*kernels, composition.steps[1])
+
+
+class _Chain:
+    """Maps collected by ``method="chain"``, composed at once by :func:`_close`."""
+
+    def __init__(self, affines: list):
+        self.affines = affines
+
+
+def _chain(first, second) -> _Chain:
+    return _Chain([a for x in (first, second) for a in (x.affines if isinstance(x, _Chain) else [x])])
+
+
+def _close(x, kernel_fn) -> ops.Affine:
+    """The batched :class:`~jfactor.ops.Affine` of a :class:`_Chain` (anything else passes through).
+
+    Bias, stride, offset and groups follow :func:`jfactor.ops.composed_affine` map by map
+    (its kernel argument is a placeholder until the end); the kernel comes from ``kernel_fn``.
+    """
+    if not isinstance(x, _Chain):
+        return x
+    steps, result = [], None
+    for affine in x.affines:
+        steps.append((1,) * affine.ndim if result is None else result.stride)
+        result = affine if result is None else jax.vmap(ops.composed_affine)(result, affine, result.kernel)
+    kernels = [a.kernel for a in x.affines]
+    kernel = kernel_fn(Composition("chain", tuple(k.shape for k in kernels), tuple(steps)), kernels)
+    return ops.Affine(kernel, result.bias, result.stride, result.offset, result.groups)
+
+
+def _compose(first: ops.Affine, second: ops.Affine, method: str, kernel_fn) -> ops.Affine:
     if method == "auto":
         method = choose_method(first.kernel.shape, second.kernel.shape, first.stride)
-    kernel = COMPOSERS[method](first.kernel, second.kernel, first.stride)
+    composition = Composition(method, (first.kernel.shape, second.kernel.shape), ((1,) * first.ndim, first.stride))
+    kernel = kernel_fn(composition, [first.kernel, second.kernel])
     return jax.vmap(ops.composed_affine)(first, second, kernel)
 
 
@@ -265,14 +481,65 @@ def _lower(stack: Stack, dtype) -> list:
     return [layer.lower(shape, dtype) for layer, (shape, _) in zip(stack.layers, stack.shapes())]
 
 
+def _fold_affine(stack: Stack, dtype, method: str, kernel_fn=_kernel) -> tuple[ops.Affine, bool]:
+    """The batched fold (``method``: a composer, ``"chain"``, or ``"auto"`` = per composition,
+    :func:`choose_method`), and whether any layer has a bias."""
+    programs = jax.vmap(lambda s: _lower(s, dtype))(stack)
+    if method == "chain":
+        close = functools.partial(_close, kernel_fn=kernel_fn)
+
+        def lift(fn):  # branch merges need closed chains
+            return lambda *args: jax.vmap(fn)(*jax.tree.map(close, args, is_leaf=lambda x: isinstance(x, _Chain)))
+
+        result = close(fold_layers(stack.layers, programs, compose_fn=_chain, lift=lift))
+    else:
+        compose = functools.partial(_compose, method=method, kernel_fn=kernel_fn)
+        result = fold_layers(stack.layers, programs, compose_fn=compose, lift=jax.vmap)
+    return result, any(has_bias(program) for program in programs)
+
+
 @functools.partial(jax.jit, static_argnames=("dtype", "method"))
 def _fold(stack: Stack, dtype, method: str) -> BatchFolded:
-    programs = jax.vmap(lambda s: _lower(s, dtype))(stack)
-    result = fold_layers(stack.layers, programs, compose_fn=functools.partial(_compose, method=method), lift=jax.vmap)
-    bias = any(has_bias(program) for program in programs)
+    result, bias = _fold_affine(stack, dtype, method)
     item = jax.tree.map(lambda x: x[0], stack)
     return BatchFolded(result.kernel, result.bias, result.stride, result.offset, result.groups,
                        item.input_shape, item.output_shape, bias)
+
+
+def fold_plan(stacks: Stack, method: str = "auto", dtype=None) -> tuple[Composition, ...]:
+    """The compositions :func:`fold_batch` runs with ``method`` (``"auto"``: the CPU's per-composition
+    picks), found by tracing the fold abstractly (nothing computed); cached per structure and shapes."""
+    dtype = jnp.dtype(dtype or stacks.dtype)
+    shapes = tuple(leaf.shape for leaf in jax.tree.leaves(stacks))
+    return _cached_plan(jax.tree.structure(stacks), shapes, dtype, method)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(structure, shapes, dtype, method: str) -> tuple[Composition, ...]:
+    plan = []
+
+    def record(composition, kernels):
+        plan.append(composition)
+        size = chain_size([k.shape[1:-2] for k in kernels], composition.steps)
+        return jnp.zeros((kernels[0].shape[0], *size, kernels[0].shape[-2], kernels[-1].shape[-1]), kernels[0].dtype)
+
+    abstract = jax.tree.unflatten(structure, [jax.ShapeDtypeStruct(s, dtype) for s in shapes])
+    jax.eval_shape(lambda s: _fold_affine(s, dtype, method, record)[0], abstract)
+    return tuple(plan)
+
+
+def auto_method(stacks: Stack, platform: str, n_per_device: int, dtype=None) -> str:
+    """What ``method="auto"`` runs on ``platform`` (``jax.Device.platform``).
+
+    CPU: ``"auto"``, the measured per-composition crossover (:func:`choose_method`).
+    Elsewhere: of ``"chain"``, ``"fft"`` and ``"shift"``, the one with the least
+    :func:`modelled_seconds` on :data:`ACCELERATOR` for ``n_per_device`` items.
+    """
+    if platform == "cpu":
+        return "auto"
+    itemsize = jnp.dtype(dtype or stacks.dtype).itemsize
+    return min(("chain", "fft", "shift"),
+               key=lambda m: modelled_seconds(fold_plan(stacks, m, dtype), n_per_device, ACCELERATOR, itemsize))
 
 
 def batch_size(stacks: Stack) -> int:
@@ -301,7 +568,8 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
     Args:
       stacks: a :class:`~jfactor.Stack` whose weights carry a leading batch axis N
         (:func:`stack_batch`).
-      method: ``"auto"``, ``"shift"``, ``"fft"`` or ``"gather"`` (all exact to rounding).
+      method: ``"auto"`` (:func:`auto_method` for the platform it runs on), ``"shift"``,
+        ``"fft"``, ``"gather"`` or ``"chain"`` (all exact to rounding).
       dtype: compute dtype; default the weights' dtype.
       mesh: a :class:`jax.sharding.Mesh` to spread the batch over (all its axes).
       shard: with ``mesh=None``, build :func:`batch_mesh` over all devices.
@@ -316,6 +584,9 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
     if mesh is None and shard:
         mesh = batch_mesh()
     try:
+        if method == "auto":
+            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+            method = auto_method(stacks, platform, -(-n // (mesh.size if mesh is not None else 1)), dtype)
         if mesh is None:
             return _fold(stacks, dtype, method)
         folded = _fold(shard_batch(stacks, mesh), dtype, method)
@@ -369,7 +640,27 @@ def stack_batch(stacks: Sequence[Stack]) -> Stack:
 
 
 __all__ = [
-    "BatchFolded", "METHODS", "batch_mesh", "batch_size", "shard_batch", "choose_method", "compose_fft",
-    "compose_gather", "compose_shift", "enable_compilation_cache", "fold_batch", "full_size",
+    "ACCELERATOR",
+    "METHODS",
+    "BatchFolded",
+    "Composition",
+    "DeviceModel",
+    "auto_method",
+    "batch_mesh",
+    "batch_size",
+    "chain_size",
+    "choose_method",
+    "compose_chain",
+    "compose_fft",
+    "compose_gather",
+    "compose_shift",
+    "dft_matrix",
+    "enable_compilation_cache",
+    "fold_batch",
+    "fold_plan",
+    "full_size",
+    "modelled_seconds",
+    "plan_cost",
+    "shard_batch",
     "stack_batch",
 ]

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,12 +19,13 @@ import jfactor as jf
 from jfactor import batch
 from jfactor.fold import conv_from_affine, fold_affine, has_bias
 from jfactor.stack_config import load_stack
+from tests import reference
 from tests.strategies import stacks
 
 ROOT = Path(__file__).parent.parent
 SEED = ROOT / "configs" / "seed"
 # gather materialises taps x size values per item: keep it to 1-D and 2-D stacks here
-METHODS_BY_NDIM = {1: batch.METHODS, 2: batch.METHODS, 3: ("auto", "shift", "fft")}
+METHODS_BY_NDIM = {1: batch.METHODS, 2: batch.METHODS, 3: ("auto", "shift", "fft", "chain")}
 
 
 def redraw(stack, seed):
@@ -89,17 +91,19 @@ def test_grouped_multichannel_stack_and_float32():
     items = [redraw(stack, seed) for seed in range(2)]
     assert_matches_fold_affine(batch.fold_batch(batch.stack_batch(items), method="gather"), items)
     single = [item.astype(jnp.float32) for item in items]
-    folded = batch.fold_batch(batch.stack_batch(single), method="fft")
-    assert folded.kernel.dtype == jnp.float32
     ref = fold_affine(items[0])
-    np.testing.assert_allclose(folded.kernel[0], ref.kernel, atol=1e-4 * float(jnp.abs(ref.kernel).max()))
+    for method in ("fft", "chain"):
+        folded = batch.fold_batch(batch.stack_batch(single), method=method)
+        assert folded.kernel.dtype == jnp.float32
+        np.testing.assert_allclose(folded.kernel[0], ref.kernel, atol=1e-4 * float(jnp.abs(ref.kernel).max()))
 
 
-def test_second_call_with_other_weights_does_not_compile():
+@pytest.mark.parametrize("method", ["shift", "chain", "auto"])
+def test_second_call_with_other_weights_does_not_compile(method):
     _, items = _seed_batch("section5_conv_pool_conv", 6)
-    batch.fold_batch(batch.stack_batch(items[:3]), method="shift")
+    batch.fold_batch(batch.stack_batch(items[:3]), method=method)
     compiled = batch._fold._cache_size()
-    folded = batch.fold_batch(batch.stack_batch(items[3:]), method="shift")
+    folded = batch.fold_batch(batch.stack_batch(items[3:]), method=method)
     assert batch._fold._cache_size() == compiled
     assert_matches_fold_affine(folded, items[3:])
 
@@ -110,12 +114,86 @@ def test_no_conv_no_scatter_and_memory_linear_in_n():
     sizes = {}
     for n in (64, 256):
         zeros = jax.tree.map(lambda w: jnp.zeros((n,) + w.shape), structure)
-        for method in ("shift", "fft", "gather"):
+        for method in ("shift", "fft", "gather", "chain"):
             jaxpr = str(jax.make_jaxpr(lambda s: batch._fold(s, jnp.dtype("float64"), method))(zeros))
             assert "conv_general_dilated" not in jaxpr and "scatter" not in jaxpr, method
-        memory = batch._fold.lower(zeros, dtype=jnp.dtype("float64"), method="auto").compile().memory_analysis()
-        sizes[n] = memory.temp_size_in_bytes + memory.output_size_in_bytes
-    assert 3.5 <= sizes[256] / sizes[64] <= 4.5, sizes
+        for method in ("auto", "chain"):
+            memory = batch._fold.lower(zeros, dtype=jnp.dtype("float64"), method=method).compile().memory_analysis()
+            sizes[n, method] = memory.temp_size_in_bytes + memory.output_size_in_bytes
+    for method in ("auto", "chain"):
+        assert 3.5 <= sizes[256, method] / sizes[64, method] <= 4.5, sizes
+
+
+@settings(max_examples=int(os.environ.get("JFACTOR_BATCH_EXAMPLES", "12")))
+@given(stacks(max_layers=4, padding_kinds=("valid",), allow_nested=False), st.integers(0, 2**32 - 1))
+def test_chain_applies_like_the_numpy_reference(stack, seed):
+    """The one-transform chain fold, applied by the independent numpy reference, equals the stack applied by it."""
+    if stack.dtype is None:
+        return
+    items = [redraw(stack, seed + i) for i in range(2)]
+    folded = batch.fold_batch(batch.stack_batch(items), method="chain")
+    x = np.random.default_rng(seed).standard_normal((2,) + stack.input_shape)
+    for i, item in enumerate(items):
+        conv = folded.conv(i)
+        y = reference.conv(x, np.asarray(conv.kernel), None if conv.bias is None else np.asarray(conv.bias),
+                           conv.strides, conv.dilation, conv.padding, conv.groups)
+        expected = reference.apply_stack(item, x)
+        np.testing.assert_allclose(y, expected, rtol=0, atol=1e-10 * max(1.0, np.abs(expected).max()))
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    yield from _equations(getattr(sub, "jaxpr", sub))
+
+
+def test_chain_is_one_composition_in_one_transform():
+    """The section-8 stack folds as one chain of its nine maps (each dilated by its stride so far), one irfftn."""
+    _, items = _seed_batch("section8_avgpool", 2)
+    stacks = batch.stack_batch(items)
+    (chain,) = batch.fold_plan(stacks, "chain")
+    assert chain.method == "chain" and len(chain.shapes) == 9
+    assert [s[0] for s in chain.steps] == [1, 1, 2, 2, 4, 4, 8, 8, 16]
+    assert batch.chain_size([s[1:3] for s in chain.shapes], chain.steps) == (78, 78)
+    jaxpr = jax.make_jaxpr(lambda s: batch._fold(s, jnp.dtype("float64"), "chain"))(stacks).jaxpr
+    ffts = [e.params for e in _equations(jaxpr) if e.primitive.name == "fft"]
+    assert [(f["fft_type"], tuple(f["fft_lengths"])) for f in ffts] == [(jax.lax.FftType.IRFFT, (78, 78))]
+    assert [c.method for c in batch.fold_plan(stacks, "auto")] == ["shift"] * 8
+
+
+def test_dft_matrix_is_the_dilated_kernels_dft():
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal(5)
+    for length, step, half in ((23, 4, False), (24, 3, True), (7, 1, True)):
+        dilated = np.zeros(length)
+        dilated[: 4 * step + 1 : step] = kernel
+        expected = (np.fft.rfft if half else np.fft.fft)(dilated)
+        np.testing.assert_allclose(batch.dft_matrix(length, 5, step, half) @ kernel, expected, atol=1e-13)
+
+
+def test_auto_is_chosen_per_platform():
+    """CPU: the measured per-composition crossover; accelerators: the cheapest plan in the fitted model."""
+    structure, _ = _seed_batch("section8_avgpool", 1)
+    stacks = jax.tree.map(lambda w: jax.ShapeDtypeStruct((100_000,) + w.shape, w.dtype), structure)
+    assert batch.auto_method(stacks, "cpu", 100_000) == "auto"
+    assert batch.auto_method(stacks, "gpu", 100_000) == "chain"
+    # the model reproduces the H200 runs it was fitted to (shift 193k, fft 1.15M stacks/s at N = 100k)
+    rates = {m: 100_000 / batch.modelled_seconds(batch.fold_plan(stacks, m), 100_000) for m in ("shift", "fft")}
+    assert rates["shift"] == pytest.approx(193e3, rel=0.1) and rates["fft"] == pytest.approx(1.15e6, rel=0.1)
+
+
+def test_plan_costs_count_bytes_and_flops():
+    """A 1-D composition of 4 taps (stride 1) then 3 taps, one channel, float64."""
+    (shift,) = batch.fold_plan(batch.stack_batch([jf.Stack([jf.Conv(np.ones((4, 1, 1))), jf.Conv(np.ones((3, 1, 1)))],
+                                                            (10, 1))]), "shift")
+    cost = shift.cost()
+    assert cost["bytes"] == 8 * (4 + 3 + 6) and cost["flops"] == 2 * 3 * 4 and cost["ops"] == 3
+    chain = batch.Composition("chain", shift.shapes, shift.steps).cost()
+    assert chain["bytes"] == cost["bytes"] and chain["ops"] == 2
 
 
 def test_choose_method_crossover():
