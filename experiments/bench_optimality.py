@@ -10,7 +10,7 @@ kernel and a 2->2 channel kernel, each with a 2-4 layer chain whose receptive fi
 target's size.  The best-known optimum of each is the lower of jfactor with ``--ref-restarts``
 (>= 1,024) plain restarts (every one refined to convergence) and scipy's
 ``least_squares(method='lm')`` from ``--scipy-starts`` (>= 128) random starts; both are kept in
-``experiments/results/bench_optimality.json`` with their times, so the reference is computed
+``experiments/results/<device>/bench_optimality.json`` with their times, so the reference is computed
 once.  The default run is ``factorize(target, chain)`` with no restart count: restarts in
 waves until the stopping rule or the default budget.  Goal: every target within 1.01x of its
 best-known optimum (or both at the float64 floor, 1e-12), at no more than 1/10 of the time of
@@ -27,8 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+import devices
 import jax
 import numpy as np
+from readme_block import replace_block
 
 import jfactor  # noqa: F401  (float64 on)
 from jfactor import kernels
@@ -36,7 +38,7 @@ from jfactor.factorize import Chain, factorize
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize.init import random_init
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_optimality.json"
+RESULTS_NAME = "bench_optimality.json"
 MARGIN = 1.01
 FLOAT64_FLOOR = 1e-12
 TIME_SHARE = 0.1
@@ -186,11 +188,12 @@ def main(argv=None) -> int:
     parser.add_argument("--scipy-starts", type=int, default=128)
     parser.add_argument("--only", help="comma-separated target names")
     parser.add_argument("--tiny", action="store_true", help="two 5x5 targets, a small reference; numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON file (default {RESULTS.name} in results/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"JSON file (default experiments/results/<device>/{RESULTS_NAME})")
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     parser.add_argument("--readme", action="store_true", help="also rewrite README's bench_optimality block")
     args = parser.parse_args(argv)
-    out = args.out or (None if args.tiny else RESULTS)
+    out = args.out or (None if args.tiny else devices.results_path(devices.RESULTS, RESULTS_NAME))
     targets = target_set(args.tiny)
     if args.only:
         wanted = set(args.only.split(","))
@@ -214,8 +217,7 @@ def main(argv=None) -> int:
             print(f"default: {entry['name']}: {kept['default'][entry['name']]['default']:.4e}", file=sys.stderr,
                   flush=True)
             save()
-    kept.update({"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-                 "jax": jax.__version__})
+    kept.update({"device": devices.describe(), "platform": jax.default_backend(), "jax": jax.__version__})
     save()
     rows = [{**kept["default"][t["name"]], **verdicts(kept["default"][t["name"]], kept["reference"][t["name"]])}
             for t in targets]
@@ -224,11 +226,8 @@ def main(argv=None) -> int:
     else:
         print(table(rows))
     if args.readme:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from readme_block import replace_block
-
-        replace_block("bench_optimality", f"Measured on {kept['device']} ({kept['platform']}), jax {kept['jax']}, "
-                                          f"float64; `{RESULTS.relative_to(RESULTS.parents[2])}` holds every "
+        replace_block("bench_optimality", f"Measured on {kept['device']}, jax {kept['jax']}, float64; "
+                                          f"`experiments/results/{devices.slug()}/{RESULTS_NAME}` holds every "
                                           f"number.\n\n{table(rows)}")
     return 0
 
