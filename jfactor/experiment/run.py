@@ -216,8 +216,11 @@ def _report(payload: dict) -> str:
 
 
 def run(config: ExperimentConfig, base: Path, source: str, runs_dir="runs", *, progress: bool = True) -> Path:
-    """Plan (fail fast), create a fresh run directory, execute; returns the directory."""
+    """Plan (fail fast), create a fresh run directory, execute; returns the directory.
+
+    A run that raises removes its directory; a killed one leaves it without ``results.json``.
+    """
     the_plan = plan(config, base, source)
-    directory = rundir.new_run_dir(runs_dir, config.name)
-    execute(the_plan, directory, progress=progress)
+    with rundir.output_dir(None, runs_dir, config.name) as directory:  # a failed run leaves no directory
+        execute(the_plan, directory, progress=progress)
     return directory
