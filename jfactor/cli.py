@@ -223,18 +223,32 @@ def sweep(
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     compile_cache: CompileCache = None,
+    coordinator: Annotated[str | None, typer.Option(help="HOST:PORT of process 0, for a sweep split over "
+                                                         "several processes or hosts")] = None,
+    num_processes: Annotated[int | None, typer.Option(help="how many processes share the sweep")] = None,
+    process_id: Annotated[int | None, typer.Option(help="this process's index, 0 .. N-1")] = None,
 ) -> None:
-    """Run (or resume) every cell of a sweep; write table.csv and summary.png (directory printed last)."""
+    """Run (or resume) every cell of a sweep; write table.csv and summary.png (directory printed last).
+
+    With --coordinator/--num-processes/--process-id (or under a cluster that
+    jax.distributed.initialize() detects, such as Slurm's srun) the cells are split among the
+    processes, which share --runs-dir; process 0 writes the table once every cell is done.
+    """
     from jfactor.experiment.config import load_config
+    from jfactor.experiment.processes import connect
     from jfactor.experiment.sweep import run_sweep
 
     _compile_cache(compile_cache)
     try:
         parsed, raw, base = load_config(config, set_)
-        directory = run_sweep(parsed, raw, base, str(config), runs_dir, progress=not quiet)
-    except JFactorError as exc:
+        processes = connect(coordinator, num_processes, process_id)
+        directory = run_sweep(parsed, raw, base, str(config), runs_dir, progress=not quiet, processes=processes)
+    except EXPECTED as exc:
         _fail(exc)
-    console.print(f"{directory}/table.csv, summary.png")
+    if processes.index != 0:
+        console.print(f"process {processes.index}: its cells are in {directory}/cells")
+    else:
+        console.print(f"{directory}/table.csv, summary.png")
     print(directory)
 
 

@@ -108,8 +108,9 @@ def _csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def execute(the_plan: Plan, directory: Path, *, progress: bool = True) -> dict:
-    """Run a plan into ``directory``; returns the results mapping (also in results.json)."""
+def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: dict | None = None) -> dict:
+    """Run a plan into ``directory``; returns the results mapping (also in results.json, with
+    the entries of ``extra`` added)."""
     config = the_plan.config
     started = time.time()
     rundir.write_text(directory / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -149,6 +150,7 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True) -> dict:
         "wall_s": time.time() - started,
         "results": summaries,
         "plots": plots,
+        **(extra or {}),
     }
     rundir.write_text(directory / "report.md", _report(payload))
     rundir.write_json(directory / "results.json", payload)
