@@ -19,7 +19,7 @@ import numpy as np
 
 from jfactor.errors import ConfigError
 from jfactor.factorize import baselines as baseline_lib
-from jfactor.factorize import metrics
+from jfactor.factorize import budget, metrics
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
 from jfactor.factorize.init import INITS, random_init, separable_init
 from jfactor.factorize.objectives import Objective, load_images
@@ -207,18 +207,23 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     if images.ndim != first.ndim + 2 or images.shape[-1] != first.c_in:
         raise ConfigError(f"images must be (B, *spatial, {first.c_in}), got {images.shape}")
 
-    norms = [float(np.linalg.norm(t.kernel)) for t in targets]
+    norms = [metrics.norm(t.kernel) for t in targets]
     padded = [np.pad(t.kernel, list(padding) + [(0, 0), (0, 0)]) for t in targets]
     normalised = jnp.asarray(np.stack([p / n for p, n in zip(padded, norms)]), np_dtype)
     if starts is not None and len(starts) != len(targets):
         raise ConfigError(f"starts has {len(starts)} entries for {len(targets)} targets (one list per target)")
     starts = [_given_starts(given, chain, first, restarts, b) for b, given in enumerate(starts or [[]] * len(targets))]
-    starts = [given + _inits(t, chain, init, restarts - len(given), np.random.default_rng(seed + b))
-              for b, (t, given) in enumerate(zip(targets, starts))]
+    starts = [given + _inits(dataclasses.replace(t, kernel=t.kernel / n), chain, init, restarts - len(given),
+                             np.random.default_rng(seed + b))  # drawn for the unit-norm target: scale-free
+              for b, (t, n, given) in enumerate(zip(targets, norms, starts))]
     free = tuple(jnp.asarray(np.stack([[s[i] for s in per_target] for per_target in starts]), np_dtype)
                  for i in problem.free)
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
+    residuals = jax.eval_shape(objective.residual, normalised[0], normalised[0], objective_images).shape[0]
+    cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * restarts,
+                           restarts, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
+    budget.check(cost, f"{first.name}: chain {chain.describe()}")
     if mesh is None and shard:
         mesh = batch_mesh()
     if mesh is not None:  # the target axis is spread; padding copies of target 0 are dropped below
@@ -226,7 +231,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
 
     compile_before = _compile_seconds[0]
     start = time.perf_counter()
-    label = f"factorizing {len(targets)} target(s) x {restarts} restarts"
+    label = f"factorizing {len(targets)} target(s) x {restarts} restarts ({cost.describe()})"
     total_steps = solver.steps * (solver.optimizer != "none") + solver.refine_steps * (solver.refine == "lm")
     with ProgressBar(progress, total_steps, label) as bar:
         free, history, losses, errors, diverged = optimise(problem, free, frozen, normalised, objective_images, bar)
@@ -265,8 +270,7 @@ def _result(target, chain, problem, free, norm, padded, padding, errors, diverge
     free = iter(f * scale for f in free)
     factors = [next(free) if w is None else np.asarray(w, np.float64) for w in chain.weights]
     approx = chain_kernel_numpy(factors, chain)
-    measured = metrics.summary(approx, padded)
-    measured["output_psnr_db"] = metrics.output_psnr_db(approx, padded, images, target.stride)
+    measured = metrics.scaled_summary(approx, padded, images, target.stride)
     table = baseline_lib.run_baselines(baseline_names, padded / norm, chain, starts, seed) if baseline_names else {}
     return Factorization(target, chain, factors, approx, padded, padding, measured, errors, diverged, history, best,
                          elapsed, compile_s, settings, table)
