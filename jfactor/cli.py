@@ -29,7 +29,7 @@ def _fail(exc: Exception) -> None:
 
 
 # what a command reports as one line instead of a traceback: bad input, and files it cannot read or write
-EXPECTED = (JFactorError, OSError)
+EXPECTED = (JFactorError, OSError, typer.BadParameter)
 
 
 @app.command()

@@ -74,8 +74,12 @@ class Factorization:
         return self.metrics["rel_error"]
 
     def approx_like_target(self) -> np.ndarray:
-        """``approx`` with the target's own layout (spatial-only targets lose the channel axes)."""
-        return self.approx[..., 0, 0] if self.settings["target_spatial_only"] else self.approx
+        """``approx`` in the target's own shape and layout: cropped to the target's support where the
+        chain's extent is larger (``padding``; ``approx`` keeps the full extent), and without the
+        channel axes for spatial-only targets."""
+        crop = tuple(slice(lo, n - hi) for (lo, hi), n in zip(self.padding, self.approx.shape))
+        approx = self.approx[crop]
+        return approx[..., 0, 0] if self.settings["target_spatial_only"] else approx
 
     def to_stack(self, input_shape) -> "jfactor.Stack":  # noqa: F821
         """The chain as a Stack of valid convolutions on ``input_shape`` (*spatial, C_in)."""
