@@ -15,7 +15,8 @@ GOOD_TARGET = {"family": "gaussian", "size": 5, "params": {"sigma": 1.0}}
 def _files(tmp_path: Path) -> None:
     (tmp_path / "dir.npy").mkdir()
     np.save(tmp_path / "t.npy", np.ones((5, 5)))
-    (tmp_path / "dup.yaml").write_text("name: a\nname: b\ntarget: {family: gaussian, size: 5}\nchain: {sizes: [3, 3]}\n")
+    (tmp_path / "dup.yaml").write_text("name: a\nname: b\ntarget: {family: gaussian, size: 5}\n"
+                                       "chain: {sizes: [3, 3]}\n")
     (tmp_path / "broken.yaml").write_text("name: [a\n")
     (tmp_path / "channels.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET,
                                                             "chain": {"sizes": [3, 3], "channels": -1}}))

@@ -70,5 +70,8 @@ def connect(coordinator: str | None = None, num_processes: int | None = None,
             raise
         return Processes()  # no cluster detected: one process
     except RuntimeError as exc:
-        raise ConfigError(f"--coordinator {coordinator}: cannot join the distributed runtime: {exc}") from None
+        if coordinator is None and "before any JAX" in str(exc):
+            return Processes()  # called in a process already computing (a library call, a test): one process
+        where = f"--coordinator {coordinator}" if coordinator else "jax.distributed.initialize()"
+        raise ConfigError(f"{where}: cannot join the distributed runtime: {exc}") from None
     return Processes(jax.process_index(), jax.process_count())
