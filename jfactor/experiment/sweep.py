@@ -189,42 +189,41 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
     rundir.write_json(directory / "sweep.json", {"source": source, "keys": keys, "cells": assignments})
 
     mine = [cell for cell in plans if processes.owns(cell["index"])]
-    claims = [_lock(directory, cell["index"]) for cell in mine]
-    for lock in claims:  # claimed before the barrier: process 0 waits for these rather than taking them
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            pass  # a concurrent sweep of the same config is running it
-    processes.barrier(f"jfactor-sweep-{directory.name}-claimed")
+    locks = {cell["index"]: _lock(directory, cell["index"]) for cell in plans}
+    if processes.count > 1:  # claimed before the barrier: process 0 waits for these rather than taking them
+        for cell in mine:
+            try:
+                locks[cell["index"]].acquire(timeout=0)
+            except Timeout:
+                pass  # a concurrent sweep of the same config is running it
+        processes.barrier(f"jfactor-sweep-{directory.name}-claimed")
     payloads = {}
     bar = ProgressBar(progress, len(plans) if processes.index == 0 else len(mine),
                       f"sweep {config.name}" + (f" (process {processes.index}/{processes.count})"
                                                 if processes.count > 1 else ""))
-    with bar:
-        for cell, lock in zip(mine, claims):
-            try:
-                payloads[cell["index"]] = _run_cell(cell, directory, processes, lock, wait=True)
-            finally:
-                while lock.is_locked:
-                    lock.release()
+
+    def attempt(cell, wait: bool) -> bool:
+        lock = locks[cell["index"]]
+        try:
+            result = _run_cell(cell, directory, processes, lock, wait=wait)
+        finally:
+            while lock.is_locked:  # a claim holds it once more
+                lock.release()
+        if result is not None:
+            payloads[cell["index"]] = result
             bar.advance()
+        return result is not None
+
+    with bar:
+        # this process's cells, skipping any that a concurrent sweep is running
+        busy = [cell for cell in mine if not attempt(cell, wait=False)]
         if processes.index != 0:
             return directory
-        others = [cell for cell in plans if cell["index"] not in payloads]
-        while others:  # free cells first; then wait for the ones other processes are running
-            left = []
-            for cell in others:
-                result = _run_cell(cell, directory, processes, _lock(directory, cell["index"]), wait=False)
-                if result is None:
-                    left.append(cell)
-                    continue
-                payloads[cell["index"]] = result
-                bar.advance()
+        others = busy + [cell for cell in plans if not processes.owns(cell["index"])]
+        while others:  # free cells first; then wait for one that another process is running
+            left = [cell for cell in others if not attempt(cell, wait=False)]
             if len(left) == len(others):
-                cell = left.pop(0)
-                payloads[cell["index"]] = _run_cell(cell, directory, processes, _lock(directory, cell["index"]),
-                                                    wait=True)
-                bar.advance()
+                attempt(left.pop(0), wait=True)
             others = left
     rows = []
     for cell in plans:
