@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,35 @@ def test_process_flags_go_together_and_are_checked(tmp_path):
         result = _sweep(config, tmp_path / "runs", *extra, check=False)
         assert result.returncode == 2, result.stderr
         assert named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_running_cell_is_never_deleted_and_is_waited_for(tmp_path):
+    """Another process holds cell 0 (its lock, a half-written directory): the sweep computes
+    the other cells, leaves cell 0 alone while it is held, and computes it once released."""
+    from filelock import FileLock
+
+    from jfactor.experiment.sweep import sweep_dir
+
+    config = _grid_config(tmp_path, cells=3)
+    runs = tmp_path / "runs"
+    directory = sweep_dir(runs, yaml.safe_load(config.read_text()))
+    (directory / "cells" / "000").mkdir(parents=True)
+    partial = directory / "cells" / "000" / "partial.npy"
+    partial.write_text("being written by another process")
+    lock = FileLock(directory / "cells" / "000.lock")
+    lock.acquire()
+    process = _start(config, runs)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not all((directory / "cells" / f"{i:03d}" / "results.json").exists()
+                                                  for i in (1, 2)):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert process.poll() is None, "the sweep must wait for the running cell"
+        assert partial.exists(), "the running cell's files were deleted"
+    finally:
+        lock.release()
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert len(_table(directory)) == 3
+    assert json.loads((directory / "cells" / "000" / "results.json").read_text())["sweep_cell"]["index"] == 0

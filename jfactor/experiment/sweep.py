@@ -127,9 +127,12 @@ def _finished(results_file: Path, inputs: dict, label: str) -> dict | None:
         return None
     try:
         payload = json.loads(results_file.read_text())
-        recorded = payload["sweep_cell"]["inputs"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         _warn(f"{label}: {results_file} is unreadable ({type(exc).__name__}: {exc}); computing the cell again")
+        return None
+    recorded = payload.get("sweep_cell", {}).get("inputs") if isinstance(payload, dict) else None
+    if recorded is None:
+        _warn(f"{label}: {results_file} records no inputs (an older or foreign result); computing the cell again")
         return None
     if recorded != inputs:
         _warn(f"{label}: {_changes(recorded, inputs)}; computing the cell again")
