@@ -56,18 +56,24 @@ def _first_missing(path: Path) -> Path | None:
 @contextlib.contextmanager
 def output_dir(out, root, name: str):
     """``out`` (created if needed) or a fresh run directory under ``root``, removed again if the
-    block fails: a failed command leaves no empty or half-written directory it created.  An
-    ``out`` that existed before is kept as it was (files are only written after the work is done).
+    block fails: a failed command leaves no empty or half-written directory it created (parents
+    it created go too, while empty).  An ``out`` that existed before is kept as it was (files
+    are only written after the work is done).
     """
-    created = _first_missing(Path(out)) if out else None
+    created = _first_missing(Path(out) if out else Path(root))
     directory = writable_dir(out) if out else new_run_dir(root, name)
-    if not out:
-        created = directory
     try:
         yield directory
     except BaseException:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+        if out is None or created is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+            for parent in directory.parents:  # the parents this call made, where nothing else has appeared
+                if created is None or created not in (parent, *parent.parents):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         raise
 
 
