@@ -348,7 +348,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     parser.add_argument("--out-dir", type=Path, help="also write the JSON to OUT_DIR/<device>/NAME")
     parser.add_argument("--readme", action="store_true",
-                        help="only rewrite README's bench_fold_devices block from experiments/results/*/bench_fold*.json")
+                        help="only rewrite README's bench_fold_devices block from "
+                             "experiments/results/*/bench_fold*.json")
     parser.add_argument("--name", help="file name under --out-dir (default bench_fold.json, "
                                        "bench_fold_crossover.json with --crossover)")
     args = parser.parse_args()

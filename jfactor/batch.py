@@ -559,7 +559,10 @@ def batch_size(stacks: Stack) -> int:
             f"the weights disagree on the leading batch axis ({listed}); is this an unbatched "
             "stack? build the batch with jfactor.batch.stack_batch([...])"
         )
-    return next(iter(sizes.values()))
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise StackError("the batch is empty (leading axis 0): there is no stack to fold")
+    return n
 
 
 def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, shard: bool = False) -> BatchFolded:

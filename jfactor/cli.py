@@ -33,8 +33,13 @@ def _group(
 
 
 def _fail(exc: Exception) -> None:
-    print(f"error: {exc}", file=sys.stderr)
+    text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    print(f"error: {text}", file=sys.stderr)
     raise typer.Exit(code=2)
+
+
+# what a command reports as one line instead of a traceback: bad input, and files it cannot read or write
+EXPECTED = (JFactorError, OSError, typer.BadParameter)
 
 
 @app.command()
@@ -51,15 +56,15 @@ def fold(
 
     try:
         stack = load_stack(config)
-        out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", f"fold-{config.stem}")
         folded = fold_stack(stack)
-    except JFactorError as exc:
+        summary = {"config": str(config), **folded.to_dict()}
+        with rundir.output_dir(out, "runs", f"fold-{config.stem}") as out_dir:
+            rundir.write_npy(out_dir / "kernel.npy", folded.conv.kernel)
+            bias = folded.conv.bias if folded.conv.bias is not None else folded.affine.bias
+            rundir.write_npy(out_dir / "bias.npy", bias)
+            rundir.write_json(out_dir / "summary.json", summary)
+    except EXPECTED as exc:
         _fail(exc)
-    summary = {"config": str(config), **folded.to_dict()}
-    rundir.write_npy(out_dir / "kernel.npy", folded.conv.kernel)
-    bias = folded.conv.bias if folded.conv.bias is not None else folded.affine.bias
-    rundir.write_npy(out_dir / "bias.npy", bias)
-    rundir.write_json(out_dir / "summary.json", summary)
     if as_json:
         print(rundir.dumps(summary))
         return
@@ -173,28 +178,28 @@ def factorize(
         if len(parsed.all_chains) != 1:
             raise typer.BadParameter("jfactor factorize takes one chain; use jfactor run for several")
         the_plan = plan(parsed, base, source)
-        out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", "factorize")
+        rundir.check_writable(out or Path("runs"))
         result = run_factorize(the_plan.target, the_plan.chains[0], objective=the_plan.objective,
                                solver=build_solver(the_plan.config.solver), restarts=the_plan.config.restarts,
                                budget_s=the_plan.config.budget_s, init=the_plan.config.init,
                                dtype=the_plan.config.dtype, seed=the_plan.config.seed,
                                images=the_plan.images, baselines=tuple(the_plan.config.baselines),
                                progress=not as_json)
-    except JFactorError as exc:
+        summary = {**result.to_dict(), "environment": environment()}
+        draw = the_plan.config.plots and (plots or plots is None and not as_json)
+        with rundir.output_dir(out, "runs", "factorize") as out_dir:
+            pictures = write_factorization(result, out_dir, plots=draw)
+            rundir.write_json(out_dir / "result.json", summary)
+    except EXPECTED as exc:
         _fail(exc)
-    summary = {**result.to_dict(), "environment": environment()}
-    rundir.write_json(out_dir / "result.json", summary)
     if as_json:
         print(rundir.dumps(summary))
-    else:
-        from jfactor.display import factorization_summary
+        return
+    from jfactor.display import factorization_summary
 
-        factorization_summary(result, console)
-    pictures = write_factorization(result, out_dir, plots=the_plan.config.plots and (plots or plots is None and
-                                                                                      not as_json))
-    if not as_json:
-        console.print(f"wrote {out_dir}/" + ", ".join(["result.json", "approx.npy", "factors.npz", *pictures]))
-        print(out_dir)
+    factorization_summary(result, console)
+    console.print(f"wrote {out_dir}/" + ", ".join(["result.json", "approx.npy", "factors.npz", *pictures]))
+    print(out_dir)
 
 
 @app.command()
@@ -212,7 +217,7 @@ def run(
     try:
         parsed, _, base = load_config(config, set_)
         directory = run_experiment(parsed, base, str(config), runs_dir, progress=not quiet)
-    except JFactorError as exc:
+    except EXPECTED as exc:
         _fail(exc)
     _print_run(directory)
     print(directory)
@@ -224,17 +229,31 @@ def sweep(
     runs_dir: Annotated[Path, typer.Option(help="where the sweep directory is created")] = Path("runs"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    coordinator: Annotated[str | None, typer.Option(help="HOST:PORT of process 0, for a sweep split over "
+                                                         "several processes or hosts")] = None,
+    num_processes: Annotated[int | None, typer.Option(help="how many processes share the sweep")] = None,
+    process_id: Annotated[int | None, typer.Option(help="this process's index, 0 .. N-1")] = None,
 ) -> None:
-    """Run (or resume) every cell of a sweep; write table.csv and summary.png (directory printed last)."""
+    """Run (or resume) every cell of a sweep; write table.csv and summary.png (directory printed last).
+
+    With --coordinator/--num-processes/--process-id (or under a cluster that
+    jax.distributed.initialize() detects, such as Slurm's srun) the cells are split among the
+    processes, which share --runs-dir; process 0 writes the table once every cell is done.
+    """
     from jfactor.experiment.config import load_config
+    from jfactor.experiment.processes import connect
     from jfactor.experiment.sweep import run_sweep
 
     try:
         parsed, raw, base = load_config(config, set_)
-        directory = run_sweep(parsed, raw, base, str(config), runs_dir, progress=not quiet)
-    except JFactorError as exc:
+        processes = connect(coordinator, num_processes, process_id)
+        directory = run_sweep(parsed, raw, base, str(config), runs_dir, progress=not quiet, processes=processes)
+    except EXPECTED as exc:
         _fail(exc)
-    console.print(f"{directory}/table.csv, summary.png")
+    if processes.index != 0:
+        console.print(f"process {processes.index}: its cells are in {directory}/cells")
+    else:
+        console.print(f"{directory}/table.csv, summary.png")
     print(directory)
 
 
@@ -275,6 +294,7 @@ def search(
     from rich.table import Table
 
     from jfactor import rundir
+    from jfactor.errors import ConfigError
     from jfactor.experiment.config import TargetSpec, build_target
     from jfactor.factorize import Solver, cheapest_under
     from jfactor.factorize import search as run_search
@@ -284,20 +304,25 @@ def search(
     try:
         spec = validate(TargetSpec, _target_spec(target, family, size, param, None), "command line")
         the_target = build_target(spec, Path("."), "command line")
-        out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", "search")
+        if budget is not None and not budget >= 0:
+            raise ConfigError(f"--budget: an error budget is a relative error >= 0, got {budget}")
+        if slack < 0:
+            raise ConfigError(f"--slack: how far a chain may exceed the target is >= 0, got {slack}")
+        rundir.check_writable(out or Path("runs"))
         found = run_search(the_target, sizes=_int_list(sizes, "--sizes"), dilations=_int_list(dilations, "--dilations"),
                            widths=_int_list(widths, "--widths"), layers=_int_list(layers, "--layers"), slack=slack,
                            restarts=restarts, budget_s=budget_s, progress=not as_json,
                            solver=Solver(optimizer=optimizer, refine_steps=refine_steps))
-    except JFactorError as exc:
+        rows = [c.to_dict() for c in found]
+        pick = cheapest_under(found, budget) if budget is not None else None
+        summary = {"target": the_target.name, "dense_macs": int(the_target.kernel.size), "candidates": rows,
+                   "budget": budget, "cheapest_under_budget": pick.to_dict() if pick else None}
+        with rundir.output_dir(out, "runs", "search") as out_dir:
+            rundir.write_json(out_dir / "front.json", summary)
+            plot_error_vs_cost([r for r in rows if r["on_front"]], out_dir / "pareto.png",
+                               title=f"Pareto front, {the_target.name}")
+    except EXPECTED as exc:
         _fail(exc)
-    rows = [c.to_dict() for c in found]
-    pick = cheapest_under(found, budget) if budget is not None else None
-    summary = {"target": the_target.name, "dense_macs": int(the_target.kernel.size), "candidates": rows,
-               "budget": budget, "cheapest_under_budget": pick.to_dict() if pick else None}
-    rundir.write_json(out_dir / "front.json", summary)
-    plot_error_vs_cost([r for r in rows if r["on_front"]], out_dir / "pareto.png",
-                       title=f"Pareto front, {the_target.name}")
     if as_json:
         print(rundir.dumps(summary))
         return

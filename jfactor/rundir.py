@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,51 @@ def writable_dir(path) -> Path:
     return path
 
 
+def check_writable(path) -> Path:
+    """Fail early, creating nothing, if ``path`` could not be created or written."""
+    path = Path(path)
+    existing = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"{existing}: output directory is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{existing}: output directory is not writable")
+    return path
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (None if ``path`` exists)."""
+    missing = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+@contextlib.contextmanager
+def output_dir(out, root, name: str):
+    """``out`` (created if needed) or a fresh run directory under ``root``, removed again if the
+    block fails: a failed command leaves no empty or half-written directory it created (parents
+    it created go too, while empty).  An ``out`` that existed before is kept as it was (files
+    are only written after the work is done).
+    """
+    created = _first_missing(Path(out) if out else Path(root))
+    directory = writable_dir(out) if out else new_run_dir(root, name)
+    try:
+        yield directory
+    except BaseException:
+        if out is None or created is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+            for parent in directory.parents:  # the parents this call made, where nothing else has appeared
+                if created is None or created not in (parent, *parent.parents):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+        raise
+
+
 def new_run_dir(root, name: str) -> Path:
     """A fresh ``root/<YYYYmmdd-HHMMSS>-<name>[-k]`` directory; existing ones are never reused."""
     root = writable_dir(root)
@@ -44,11 +91,22 @@ def new_run_dir(root, name: str) -> Path:
     raise ConfigError(f"{root}: cannot find a free run directory name for {stem}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_with(path: Path, write) -> Path:
-    """Write ``path`` atomically with ``write(handle)`` (temp file in the same directory + rename)."""
+    """Write ``path`` atomically with ``write(handle)`` (temp file in the same directory + rename).
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not
+    ``mkstemp``'s private 0600.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

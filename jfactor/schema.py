@@ -43,13 +43,23 @@ class Strict(BaseModel):
         return data
 
 
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none", "literal", "is-instance"}
+
+
+def _is_validator_tag(part: str) -> bool:
+    """pydantic's names for a union member or validator (``constrained-int``, ``list[int]``,
+    ``function-after[...]``, ``StackConfig``), which are not config keys."""
+    return (part.startswith(("function-", "tagged-union", "union[", "constrained-", "lax-or-strict", "json-or-python"))
+            or "[" in part or part in _TYPE_TAGS or part[:1].isupper())
+
+
 def key_path(loc) -> str:
     """('layers', 2, 'conv', 'kernel_size') -> 'layers[2].conv.kernel_size'."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part).startswith(("function-", "tagged-union", "union[")):
+        elif _is_validator_tag(str(part)):
             continue
         else:
             out += ("." if out else "") + str(part)
@@ -68,24 +78,56 @@ def validate(model: type[BaseModel], data, source: str):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines, seen = [], set()
+        by_key: dict[str, list[str]] = {}  # the alternatives of a union share a key: one line, "or"
         for error in exc.errors():
-            line = f"{source}: {key_path(error['loc'])}: {_message(error)}"
-            if line not in seen:
-                seen.add(line)
-                lines.append(line)
-        raise ConfigError("\n".join(lines)) from None
+            messages = by_key.setdefault(key_path(error["loc"]), [])
+            if _message(error) not in messages:
+                messages.append(_message(error))
+        raise ConfigError("\n".join(f"{source}: {key}: {'; or '.join(messages)}"
+                                     for key, messages in by_key.items())) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a mapping key written twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: the base loader reports it
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: the problem and where (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def load_yaml(path) -> dict:
     """Read a YAML mapping; a missing file or bad YAML is a :class:`ConfigError` naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_text(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data

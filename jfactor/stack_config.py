@@ -93,9 +93,15 @@ class ConvSpec(Strict):
     dilation_rate: Sizes = 1
     padding: PaddingSpec = "valid"
     groups: PositiveInt = 1
-    use_bias: bool = False
+    use_bias: bool | None = None  # default: a bias exactly when `bias` is given
     weights: WeightSpec | None = None
     bias: WeightSpec | None = None
+
+    @model_validator(mode="after")
+    def _bias_agrees(self):
+        if self.use_bias is False and self.bias is not None:
+            raise ValueError("use_bias: false contradicts the bias given; drop one of them")
+        return self
 
 
 class PoolSpec(Strict):

@@ -40,6 +40,8 @@ def initialize(init: str, shape, *, seed: int = 0, mean: float = 0.0, std: float
 def load(path, key: str | None = None) -> np.ndarray:
     """An array from ``.npy``, or from ``.npz`` (``key`` required when it holds several)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a .npy/.npz file")
     if not path.is_file():
         raise ConfigError(f"{path}: weight file not found")
     try:

@@ -261,7 +261,7 @@ def test_sharded_fold_equals_single_device_on_four_cpu_devices():
             np.testing.assert_array_equal(np.asarray(sharded.kernel), np.asarray(single.kernel))
             np.testing.assert_array_equal(np.asarray(sharded.bias), np.asarray(single.bias))
         print("ok")
-    """, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    """, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
     assert out.strip().endswith("ok")
 
 

@@ -107,8 +107,9 @@ def _csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def execute(the_plan: Plan, directory: Path, *, progress: bool = True) -> dict:
-    """Run a plan into ``directory``; returns the results mapping (also in results.json)."""
+def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: dict | None = None) -> dict:
+    """Run a plan into ``directory``; returns the results mapping (also in results.json, with
+    the entries of ``extra`` added)."""
     config = the_plan.config
     started = time.time()
     rundir.write_text(directory / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -149,6 +150,7 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True) -> dict:
         "wall_s": time.time() - started,
         "results": summaries,
         "plots": plots,
+        **(extra or {}),
     }
     rundir.write_text(directory / "report.md", _report(payload))
     rundir.write_json(directory / "results.json", payload)
@@ -221,8 +223,11 @@ def _report(payload: dict) -> str:
 
 
 def run(config: ExperimentConfig, base: Path, source: str, runs_dir="runs", *, progress: bool = True) -> Path:
-    """Plan (fail fast), create a fresh run directory, execute; returns the directory."""
+    """Plan (fail fast), create a fresh run directory, execute; returns the directory.
+
+    A run that raises removes its directory; a killed one leaves it without ``results.json``.
+    """
     the_plan = plan(config, base, source)
-    directory = rundir.new_run_dir(runs_dir, config.name)
-    execute(the_plan, directory, progress=progress)
+    with rundir.output_dir(None, runs_dir, config.name) as directory:  # a failed run leaves no directory
+        execute(the_plan, directory, progress=progress)
     return directory

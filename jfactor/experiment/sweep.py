@@ -1,12 +1,20 @@
-"""Sweeps: a grid (product) and zipped lists over config keys, run in one process.
+"""Sweeps: a grid (product) and zipped lists over config keys, run by one or several processes.
 
 The sweep directory is named by the config's content (``sweep-<name>-<hash>``), so calling
-``jfactor sweep`` again with the same config finds it and resumes: every finished cell
-has a ``results.json`` (written atomically, last), unfinished cell directories are
-cleared and rerun.  ``table.csv`` has one row per cell and chain, one column per swept
-key and per metric; times are measurements and are the only columns that differ
-between an interrupted and an uninterrupted sweep.  One process means one compilation
-per geometry, shared by all cells.
+``jfactor sweep`` again with the same config finds it and resumes.  Each cell runs under
+its own file lock (``cells/<i>.lock``), so sweeps of one config started together, or
+the processes of a multi-process sweep, share the cells and never touch one another's
+running cell.  A cell is done when its ``results.json`` (written atomically, last) is
+readable and records the same inputs: the cell's resolved config and the content hash of
+every file it references (targets, weights, stacks, and the files those reference).  A
+cell whose inputs changed, or whose ``results.json`` is unreadable, is computed again
+with a warning naming the cause; a killed cell (no ``results.json``) is simply rerun.
+
+``table.csv`` has one row per cell and chain, one column per swept key and per metric;
+times are measurements and are the only columns that differ between an interrupted and
+an uninterrupted sweep.  With several processes (:mod:`jfactor.experiment.processes`),
+process ``p`` of ``n`` computes the cells ``c`` with ``c % n == p`` and records its index
+in each ``results.json``; process 0 writes the table once every cell is done.
 """
 
 from __future__ import annotations
@@ -17,11 +25,16 @@ import io
 import itertools
 import json
 import shutil
+import socket
+import sys
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from jfactor import rundir
 from jfactor.errors import ConfigError
 from jfactor.experiment.config import ExperimentConfig, set_path
+from jfactor.experiment.processes import Processes
 from jfactor.experiment.run import execute, plan
 from jfactor.progress import ProgressBar
 from jfactor.schema import validate
@@ -62,44 +75,171 @@ def _label(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def _files(data, base: Path, found: dict) -> dict:
+    """``{resolved path: sha256}`` of every existing file a config mapping names (recursively
+    into the YAML files it names, relative to each file's directory)."""
+    if isinstance(data, dict):
+        for value in data.values():
+            _files(value, base, found)
+    elif isinstance(data, list):
+        for value in data:
+            _files(value, base, found)
+    elif isinstance(data, str) and len(data) < 4096:
+        path = Path(data) if Path(data).is_absolute() else base / data
+        try:
+            is_file = path.is_file()
+        except OSError:
+            is_file = False
+        key = str(path.resolve()) if is_file else None
+        if key is not None and key not in found:
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                try:
+                    _files(yaml.safe_load(path.read_text()), path.parent, found)
+                except yaml.YAMLError:
+                    pass  # the cell's own validation reports it
+    return found
+
+
+def cell_inputs(data: dict, base: Path) -> dict:
+    """What a cell's result depends on: its resolved config and the hash of every file it names."""
+    text = json.dumps(data, sort_keys=True, default=str)
+    return {"config": hashlib.sha256(text.encode()).hexdigest(), "files": _files(data, base, {})}
+
+
+def _changes(old: dict, new: dict) -> str:
+    if old.get("config") != new["config"]:
+        return "its config changed"
+    files = old.get("files", {})
+    changed = [p for p in new["files"] if files.get(p) != new["files"][p]] + [p for p in files if p not in new["files"]]
+    return "changed since it was computed: " + ", ".join(changed)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _finished(results_file: Path, inputs: dict, label: str) -> dict | None:
+    """The cell's results if it finished with these inputs; None (with a warning when a
+    result is there but unusable) if it has to be computed."""
+    if not results_file.exists():
+        return None
+    try:
+        payload = json.loads(results_file.read_text())
+    except (OSError, ValueError) as exc:
+        _warn(f"{label}: {results_file} is unreadable ({type(exc).__name__}: {exc}); computing the cell again")
+        return None
+    recorded = payload.get("sweep_cell", {}).get("inputs") if isinstance(payload, dict) else None
+    if recorded is None:
+        _warn(f"{label}: {results_file} records no inputs (an older or foreign result); computing the cell again")
+        return None
+    if recorded != inputs:
+        _warn(f"{label}: {_changes(recorded, inputs)}; computing the cell again")
+        return None
+    return payload
+
+
+def _compute(cell: dict, directory: Path, processes: Processes) -> dict:
+    """Run one cell (its lock held) into a clean directory; return its results."""
+    cell_dir = directory / "cells" / f"{cell['index']:03d}"
+    if cell_dir.exists():
+        shutil.rmtree(cell_dir)  # an interrupted, corrupt or stale cell: start it again
+    cell_dir.mkdir(parents=True)
+    record = {"index": cell["index"], "process": processes.index, "num_processes": processes.count,
+              "host": socket.gethostname(), "inputs": cell["inputs"]}
+    return execute(cell["plan"], cell_dir, progress=False, extra={"sweep_cell": record})
+
+
+def _lock(directory: Path, index: int) -> FileLock:
+    return FileLock(directory / "cells" / f"{index:03d}.lock")
+
+
+def _run_cell(cell: dict, directory: Path, processes: Processes, lock: FileLock, *, wait: bool) -> dict | None:
+    """The cell's results, computed here unless finished; None if another process holds its
+    ``lock`` and ``wait`` is False."""
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return None
+    try:
+        results = _finished(directory / "cells" / f"{cell['index']:03d}" / "results.json", cell["inputs"],
+                            cell["label"])
+        return results if results is not None else _compute(cell, directory, processes)
+    finally:
+        lock.release()
+
+
 def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs_dir="runs", *,
-              progress: bool = True) -> Path:
-    """Run (or resume) every cell; write table.csv and summary.png; return the sweep directory."""
+              progress: bool = True, processes: Processes | None = None) -> Path:
+    """Run (or resume) the cells of this process; process 0 then waits for every cell and
+    writes table.csv and summary.png.  Returns the sweep directory."""
+    processes = processes or Processes()
     if config.sweep is None or not (config.sweep.grid or config.sweep.zip):
         raise ConfigError(f"{source}: sweep needs a `sweep:` block with grid and/or zip lists")
     keys, assignments = cells(raw)
     if config.tiny:  # smoke run: the first and last cells exercise the grid at a fraction of the cost
         assignments = list(dict.fromkeys(map(json.dumps, [assignments[0], assignments[-1]])))
         assignments = [json.loads(a) for a in assignments]
-    cell_configs = []
+    plans = []
     for i, assignment in enumerate(assignments):  # validate and plan every cell before computing any
         data = _cell_config(raw, assignment, source, i)
         cell = validate(ExperimentConfig, data, f"{source} (sweep cell {i}: {assignment})")
-        cell_configs.append((assignment, plan(cell, base, f"{source} (sweep cell {i})")))
+        plans.append({"index": i, "assignment": assignment, "plan": plan(cell, base, f"{source} (sweep cell {i})"),
+                      "inputs": cell_inputs(data, base), "label": f"sweep cell {i} ({assignment})"})
     directory = rundir.writable_dir(sweep_dir(runs_dir, raw))
+    (directory / "cells").mkdir(exist_ok=True)
     rundir.write_json(directory / "sweep.json", {"source": source, "keys": keys, "cells": assignments})
-    bar = ProgressBar(progress, len(cell_configs), f"sweep {config.name}")
-    rows = []
-    with bar:
-        for i, (assignment, the_plan) in enumerate(cell_configs):
-            cell_dir = directory / "cells" / f"{i:03d}"
-            results_file = cell_dir / "results.json"
-            if not results_file.exists():
-                if cell_dir.exists():
-                    shutil.rmtree(cell_dir)  # an interrupted cell: start it again
-                cell_dir.mkdir(parents=True)
-                execute(the_plan, cell_dir, progress=False)
-            payload = json.loads(results_file.read_text())
-            for entry in payload["results"]:
-                if "chain" not in entry:
-                    continue
-                row = {"cell": i, **{k: _label(assignment[k]) for k in keys}, "chain": entry["chain"]}
-                row.update({m: entry[m] for m in METRICS})
-                row.update({k: entry["evidence"][k] for k in EVIDENCE})
-                for name, value in entry["baselines"].items():
-                    row[f"{name}.rel_error"] = value["rel_error"]
-                rows.append(row)
+
+    mine = [cell for cell in plans if processes.owns(cell["index"])]
+    locks = {cell["index"]: _lock(directory, cell["index"]) for cell in plans}
+    if processes.count > 1:  # claimed before the barrier: process 0 waits for these rather than taking them
+        for cell in mine:
+            try:
+                locks[cell["index"]].acquire(timeout=0)
+            except Timeout:
+                pass  # a concurrent sweep of the same config is running it
+        processes.barrier(f"jfactor-sweep-{directory.name}-claimed")
+    payloads = {}
+    bar = ProgressBar(progress, len(plans) if processes.index == 0 else len(mine),
+                      f"sweep {config.name}" + (f" (process {processes.index}/{processes.count})"
+                                                if processes.count > 1 else ""))
+
+    def attempt(cell, wait: bool) -> bool:
+        lock = locks[cell["index"]]
+        try:
+            result = _run_cell(cell, directory, processes, lock, wait=wait)
+        finally:
+            while lock.is_locked:  # a claim holds it once more
+                lock.release()
+        if result is not None:
+            payloads[cell["index"]] = result
             bar.advance()
+        return result is not None
+
+    with bar:
+        # this process's cells, skipping any that a concurrent sweep is running
+        busy = [cell for cell in mine if not attempt(cell, wait=False)]
+        if processes.index != 0:
+            return directory
+        others = busy + [cell for cell in plans if not processes.owns(cell["index"])]
+        while others:  # free cells first; then wait for one that another process is running
+            left = [cell for cell in others if not attempt(cell, wait=False)]
+            if len(left) == len(others):
+                attempt(left.pop(0), wait=True)
+            others = left
+    rows = []
+    for cell in plans:
+        for entry in payloads[cell["index"]]["results"]:
+            if "chain" not in entry:
+                continue
+            row = {"cell": cell["index"], **{k: _label(cell["assignment"][k]) for k in keys}, "chain": entry["chain"]}
+            row.update({m: entry[m] for m in METRICS})
+            row.update({k: entry["evidence"][k] for k in EVIDENCE})
+            for name, value in entry["baselines"].items():
+                row[f"{name}.rel_error"] = value["rel_error"]
+            rows.append(row)
     rundir.write_text(directory / "table.csv", _table(rows))
     if rows:
         from jfactor.report import plot_sweep

@@ -16,14 +16,15 @@ import dataclasses
 import time
 
 import jax.numpy as jnp
+import jax
 import numpy as np
 
 from jfactor.cache import compile_stats
 from jfactor.errors import ConfigError
 from jfactor.factorize import baselines as baseline_lib
-from jfactor.factorize import metrics
-from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
+from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart
+from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
 from jfactor.factorize.init import INITS, random_init, separable_init
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
@@ -80,8 +81,12 @@ class Factorization:
         return self.metrics["rel_error"]
 
     def approx_like_target(self) -> np.ndarray:
-        """``approx`` with the target's own layout (spatial-only targets lose the channel axes)."""
-        return self.approx[..., 0, 0] if self.settings["target_spatial_only"] else self.approx
+        """``approx`` in the target's own shape and layout: cropped to the target's support where the
+        chain's extent is larger (``padding``; ``approx`` keeps the full extent), and without the
+        channel axes for spatial-only targets."""
+        crop = tuple(slice(lo, n - hi) for (lo, hi), n in zip(self.padding, self.approx.shape))
+        approx = self.approx[crop]
+        return approx[..., 0, 0] if self.settings["target_spatial_only"] else approx
 
     def to_stack(self, input_shape) -> "jfactor.Stack":  # noqa: F821
         """The chain as a Stack of valid convolutions on ``input_shape`` (*spatial, C_in)."""
@@ -270,7 +275,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     if images.ndim != first.ndim + 2 or images.shape[-1] != first.c_in:
         raise ConfigError(f"images must be (B, *spatial, {first.c_in}), got {images.shape}")
 
-    norms = [float(np.linalg.norm(t.kernel)) for t in targets]
+    norms = [metrics.norm(t.kernel) for t in targets]
     padded = [np.pad(t.kernel, list(padding) + [(0, 0), (0, 0)]) for t in targets]
     normalised = np.stack([p / n for p, n in zip(padded, norms)])
     if starts is not None and len(starts) != len(targets):
@@ -278,8 +283,13 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     size = policy.wave_size
     given = [_given_starts(g, chain, first, size, b) for b, g in enumerate(starts or [[]] * len(targets))]
     rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
+    units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
+    residuals = jax.eval_shape(objective.residual, normalised[0], normalised[0], objective_images).shape[0]
+    cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
+                           size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
+    budget.check(cost, f"{first.name}: chain {chain.describe()}")
     if mesh is None and shard:
         mesh = batch_mesh()
 
@@ -291,7 +301,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)]
                 for factors in multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b])]
-        fresh = _draw(targets[b], chain, init, size - len(own) - len(hops), rngs[b], wave)
+        fresh = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave)
         return own + fresh + hops, np.arange(size) < size - len(hops)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
@@ -302,7 +312,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     live = list(range(len(targets)))
     quiet = ProgressBar(False, 0, "")
     cap = policy.max_restarts if policy.adaptive else size
-    label = f"factorizing {len(targets)} target(s)"
+    label = f"factorizing {len(targets)} target(s) ({cost.describe()})"
     total_steps = solver.steps * (solver.optimizer != "none") + solver.refine_steps * (solver.refine == "lm")
     with ProgressBar(progress, cap if policy.adaptive else total_steps, label) as bar:
         wave = 0
@@ -368,8 +378,7 @@ def _result(target, chain, problem, free, norm, padded, padding, errors, diverge
     free = iter(f * scale for f in free)
     factors = [next(free) if w is None else np.asarray(w, np.float64) for w in chain.weights]
     approx = chain_kernel_numpy(factors, chain)
-    measured = metrics.summary(approx, padded)
-    measured["output_psnr_db"] = metrics.output_psnr_db(approx, padded, images, target.stride)
+    measured = metrics.scaled_summary(approx, padded, images, target.stride)
     table = baseline_lib.run_baselines(baseline_names, padded / norm, chain, starts, seed) if baseline_names else {}
     return Factorization(target, chain, factors, approx, padded, padding, measured, errors, diverged, pruned, found,
                          history, best, elapsed, compile_s, compiles, settings, table)

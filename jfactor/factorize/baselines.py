@@ -183,18 +183,32 @@ def scipy_lm(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]]) -
     return _timed(run)
 
 
+def _baseline(name: str, target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], seed: int) -> dict:
+    if name == "svd":
+        return svd_truncation(target, chain)
+    if name == "als":
+        return als(target, chain, starts)
+    if name == "lstsq":
+        return lstsq(target, chain, starts[0])
+    if name in ("wiener", "unsupervised_wiener"):
+        return wiener(target, chain, unsupervised=name == "unsupervised_wiener", seed=seed)
+    return scipy_lm(target, chain, starts)
+
+
 def run_baselines(names, target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], seed: int = 0) -> dict:
-    """Every baseline in ``names`` on ``target`` (*extent, C_in, C_out), float64."""
+    """Every baseline in ``names`` on ``target`` (*extent, C_in, C_out), float64.
+
+    A baseline that fails (an outside library raising on a degenerate case, a non-finite
+    result) becomes a row with ``rel_error`` None and a note saying why: it never costs the
+    factorization it is compared with.
+    """
     table = {}
     for name in names:
-        if name == "svd":
-            table[name] = svd_truncation(target, chain)
-        elif name == "als":
-            table[name] = als(target, chain, starts)
-        elif name == "lstsq":
-            table[name] = lstsq(target, chain, starts[0])
-        elif name in ("wiener", "unsupervised_wiener"):
-            table[name] = wiener(target, chain, unsupervised=name == "unsupervised_wiener", seed=seed)
-        elif name == "scipy_lm":
-            table[name] = scipy_lm(target, chain, starts)
+        try:
+            entry = _baseline(name, target, chain, starts, seed)
+        except Exception as exc:  # noqa: BLE001 - a comparison must not lose the result it is compared with
+            entry = _not_applicable(f"failed: {type(exc).__name__}: {exc}".strip().rstrip(":"))
+        if entry["rel_error"] is not None and not np.isfinite(entry["rel_error"]):
+            entry = {**_not_applicable("non-finite result"), "time_s": entry["time_s"]}
+        table[name] = entry
     return table

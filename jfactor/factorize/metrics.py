@@ -11,6 +11,13 @@ import numpy as np
 from scipy import signal
 
 
+def norm(array: np.ndarray) -> float:
+    """Frobenius norm, computed without overflow or underflow at any finite scale
+    (``np.linalg.norm`` of a 1e300 kernel is inf, of a 1e-200 kernel 0)."""
+    peak = float(np.abs(array).max()) if array.size else 0.0
+    return 0.0 if peak == 0 else peak * float(np.linalg.norm(array / peak))
+
+
 def rel_error(approx: np.ndarray, target: np.ndarray) -> float:
     """Relative Frobenius error |approx - target| / |target| (= relative L2 error of the
     frequency response, by Parseval)."""
@@ -76,3 +83,15 @@ def summary(approx: np.ndarray, target: np.ndarray) -> dict:
         "psnr_db": psnr_db(approx, target),
         "spectral_error": spectral_error(approx, target),
     }
+
+
+def scaled_summary(approx: np.ndarray, target: np.ndarray, images: np.ndarray, stride) -> dict:
+    """:func:`summary` and :func:`output_psnr_db`, measured on both kernels divided by the
+    target's peak so that any finite scale gives the same relative numbers (max_abs_error is
+    scaled back)."""
+    peak = float(np.abs(target).max()) or 1.0
+    approx, target = approx / peak, target / peak
+    measured = summary(approx, target)
+    measured["max_abs_error"] *= peak
+    measured["output_psnr_db"] = output_psnr_db(approx, target, images, stride)
+    return measured

@@ -1,0 +1,122 @@
+"""What a factorization will cost, estimated before it starts, and the budget it must fit.
+
+The estimate counts the arrays that dominate: the Levenberg-Marquardt Jacobians (dense
+solve) or the per-factor kernel products (matrix-free solve), and the ALS / lstsq
+baselines, which build one Jacobian per start.  It is an order of magnitude, not a
+measurement; it is shown with the progress bar and, past the memory budget, stops the
+run before any compute with a message naming what to change.
+
+The budget is ``JFACTOR_MEMORY_BUDGET_GB`` (gigabytes) when set, else half the machine's
+physical memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+from jfactor.errors import ConfigError
+
+BUDGET_VARIABLE = "JFACTOR_MEMORY_BUDGET_GB"
+ALS_SWEEPS = 100  # as in baselines.als
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Peak bytes per part (``lm``, ``als``) and floating-point operations in all."""
+
+    memory: dict
+    flops: float
+
+    @property
+    def peak_bytes(self) -> float:
+        return max(self.memory.values(), default=0.0)
+
+    def describe(self) -> str:
+        return f"~{_size(self.peak_bytes)}, ~{self.flops:.1e} flop"
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int, items: int, restarts: int,
+             solver, itemsize: int, baselines=(), *, cpu: bool = True) -> Estimate:
+    """The cost of factorizing ``items`` (targets x restarts) with ``chain``.
+
+    Args:
+      chain: the :class:`~jfactor.factorize.Chain`; ``free`` the indices of its learned layers.
+      residuals: length ``m`` of the objective's residual (the kernel's size for ``kernel``).
+      solver: the :class:`~jfactor.factorize.Solver`; ``itemsize`` bytes per number.
+      cpu: LM groups on a CPU hold ~8 MB of dense Jacobians at a time (see ``solve``).
+    """
+    from jfactor.factorize.solve import dense_solve
+
+    shapes = chain.factor_shapes(c_in, c_out)
+    sizes = [math.prod(shapes[i]) for i in free]
+    n, m = sum(sizes), residuals
+    extent = math.prod(chain.extent)
+    channels = chain.channels(c_in, c_out)
+    memory, flops = {}, 0.0
+    if solver.refine == "lm" and solver.refine_steps:
+        dense = solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n))
+        if dense:
+            per_item = (m * n + min(m, n) ** 2) * itemsize
+            in_flight = min(items, max(1, int(8e6 // (m * n * itemsize)))) if cpu else items
+            step = min(m * n * n, m * m * n)
+        else:
+            per_item = extent * c_in * c_out * max(a * b for a, b in zip(channels, channels[1:])) * itemsize * 2
+            in_flight = items
+            fft = 5 * extent * max(1.0, math.log2(extent)) * sum(a * b for a, b in zip(channels, channels[1:]))
+            step = solver.cg_iterations * 2 * fft
+        memory["lm"] = per_item * in_flight
+        flops += solver.refine_steps * items * step
+    if solver.optimizer != "none" and solver.steps:
+        memory["first-order"] = items * (m + 8 * n) * itemsize
+        flops += solver.steps * items * 6 * m * max(channels)
+    baselines = set(baselines)
+    if baselines & {"als", "lstsq"}:
+        starts = restarts if "als" in baselines else 1
+        widest = max(sizes)
+        memory["als"] = starts * (m * widest + widest * widest) * 8
+        flops += ALS_SWEEPS * starts * sum(m * s * s for s in sizes)
+    return Estimate(memory, flops)
+
+
+def memory_budget() -> float:
+    """Bytes a run may use: ``JFACTOR_MEMORY_BUDGET_GB``, else half the physical memory."""
+    text = os.environ.get(BUDGET_VARIABLE)
+    if text is not None:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{BUDGET_VARIABLE}={text!r}: expected a number of gigabytes") from None
+        if not value > 0:
+            raise ConfigError(f"{BUDGET_VARIABLE}={text!r}: must be > 0")
+        return value * 1e9
+    try:
+        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return np.inf
+
+
+def check(cost: Estimate, what: str) -> None:
+    """Raise a :class:`ConfigError` naming the knobs when ``cost`` passes the memory budget."""
+    budget = memory_budget()
+    if cost.peak_bytes <= budget:
+        return
+    part = max(cost.memory, key=cost.memory.get)
+    knobs = {
+        "lm": "use fewer restarts, fewer channels or smaller chain sizes, or set solver.linear_solver: cg",
+        "first-order": "use fewer restarts or channels",
+        "als": "drop the als and lstsq baselines (baselines: [svd]) or use fewer restarts",
+    }[part]
+    raise ConfigError(
+        f"{what}: estimated peak memory {_size(cost.peak_bytes)} ({part}) exceeds the budget "
+        f"{_size(budget)} ({BUDGET_VARIABLE}): {knobs}, or raise {BUDGET_VARIABLE}")

@@ -1,0 +1,69 @@
+"""Bad input to every command: a non-zero exit, one line naming the key, file or argument,
+no traceback, no output directory left behind, nothing of an earlier run touched."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+GOOD_TARGET = {"family": "gaussian", "size": 5, "params": {"sigma": 1.0}}
+
+
+def _files(tmp_path: Path) -> None:
+    (tmp_path / "dir.npy").mkdir()
+    np.save(tmp_path / "t.npy", np.ones((5, 5)))
+    (tmp_path / "dup.yaml").write_text("name: a\nname: b\ntarget: {family: gaussian, size: 5}\n"
+                                       "chain: {sizes: [3, 3]}\n")
+    (tmp_path / "broken.yaml").write_text("name: [a\n")
+    (tmp_path / "channels.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET,
+                                                            "chain": {"sizes": [3, 3], "channels": -1}}))
+    (tmp_path / "bias.yaml").write_text(yaml.safe_dump({"input_shape": [8, 8, 1], "layers": [
+        {"conv": {"kernel_size": 3, "filters": 1, "use_bias": False, "bias": [1.0]}}]}))
+    (tmp_path / "nosweep.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]}}))
+    (tmp_path / "dupstack.yaml").write_text("input_shape: [8, 8, 1]\ninput_shape: [9, 9, 1]\nlayers: []\n")
+
+
+# (command line after `jfactor`, text the one line must contain); {d} is the test's directory
+CASES = [
+    ("fold {d}/missing.yaml", "missing.yaml"),
+    ("fold {d}/bias.yaml", "use_bias"),
+    ("fold {d}/dupstack.yaml", "input_shape' is written twice"),
+    ("fold {d}/broken.yaml", "broken.yaml"),
+    ("factorize --target {d}/dir.npy --chain 3,3", "is a directory"),
+    ("factorize --target {d}/missing.npy --chain 3,3", "missing.npy"),
+    ("factorize --target {d}/t.npy --chain 3,x", "--chain"),
+    ("factorize --target {d}/t.npy --chain 3", "covers 3x3"),
+    ("factorize --family gaussian --size 5 --chain 3,3 --restarts 0", "restarts"),
+    ("factorize {d}/channels.yaml", "chain.channels: Input should be greater than 0"),
+    ("factorize --family gaussian --size 5 --chain 3,3 --set solver.steps=-2", "solver.steps"),
+    ("run {d}/dup.yaml", "'name' is written twice"),
+    ("run {d}/channels.yaml", "chain.channels"),
+    ("sweep {d}/nosweep.yaml", "sweep"),
+    ("sweep {d}/nosweep.yaml --num-processes 2", "--coordinator"),
+    ("search --family gaussian --size 5 --budget -1", "--budget"),
+    ("search --family gaussian --size 5 --slack -1", "--slack"),
+    ("search --target {d}/dir.npy", "is a directory"),
+]
+
+
+@pytest.mark.parametrize("command,named", CASES, ids=[c for c, _ in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, command, named):
+    _files(tmp_path)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "result.json").write_text("{}")  # an earlier run's output, which must stay as it was
+    args = command.format(d=tmp_path).split()
+    out_flag = ["--out", str(tmp_path / "out")] if args[0] in ("fold", "factorize", "search") else []
+    runs_flag = ["--runs-dir", str(tmp_path / "runs")] if args[0] in ("run", "sweep") else []
+    result = subprocess.run([sys.executable, "-m", "jfactor", *args, *out_flag, *runs_flag], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+    assert (earlier / "result.json").read_text() == "{}"

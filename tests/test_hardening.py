@@ -1,0 +1,150 @@
+"""Large and unusual input: no crash, no lost result, no scale dependence, no unbounded work."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import scipy.signal as sp
+
+from jfactor import kernels, rundir
+from jfactor.errors import ConfigError, StackError
+from jfactor.factorize import Chain, Solver, factorize
+from jfactor.factorize.metrics import norm
+from jfactor.fold import fold, probe_input_shape
+from jfactor.stack_config import stack_from_dict
+
+FAST = Solver(optimizer="none", refine_steps=60)
+
+
+def _stack_spec(n: int, layers: int, dtype: str, stride: int = 1) -> dict:
+    conv = {"kernel_size": 3, "filters": 1, "padding": "same", "weights": [[1, 0, 1], [1, 1, 1], [0, 0, 0]]}
+    items = [{"conv": {**conv, "strides": stride if i == 0 else 1}} for i in range(layers)]
+    return {"input_shape": [n, n, 1], "dtype": dtype, "layers": items}
+
+
+GRID = textwrap.dedent("""
+    import jax, sys
+    jax.config.update("jax_enable_x64", True)
+    import numpy as np
+    from jfactor.fold import fold
+    from jfactor.stack_config import stack_from_dict
+    n, layers, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    conv = {"kernel_size": 3, "filters": 1, "padding": "same", "weights": [[1, 0, 1], [1, 1, 1], [0, 0, 0]]}
+    stack = stack_from_dict({"input_shape": [n, n, 1], "dtype": dtype, "layers": [{"conv": conv}] * layers})
+    y = np.asarray(stack(np.ones((1, n, n, 1), dtype)))
+    folded = fold(stack)
+    assert np.isfinite(y).all() and folded.certificate.rel_diff < (1e-12 if dtype == "float64" else 1e-5)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_apply_and_fold_over_a_grid_of_sizes_and_depths_never_crash(dtype):
+    """Each case in its own process: a crash (exit 139) fails the case instead of the suite."""
+    for n in (255, 512, 1024, 2048):
+        for layers in (1, 3):
+            result = subprocess.run([sys.executable, "-c", GRID, str(n), str(layers), dtype], capture_output=True,
+                                    text=True, timeout=600)
+            assert result.returncode == 0 and result.stdout.strip() == "ok", (n, layers, result.returncode,
+                                                                              result.stderr[-2000:])
+
+
+def test_the_certificate_probe_is_bounded_and_keeps_the_borders():
+    assert probe_input_shape((28, 28, 1), (1, 1), (5, 5)) == (28, 28, 1)
+    assert probe_input_shape((4099, 100, 3), (4, 1), (7, 7)) == (64 + (4099 - 64) % 4, 64, 3)
+    big = fold(stack_from_dict(_stack_spec(1001, 3, "float64", stride=2)))
+    assert big.certificate.probe_shape[1:3] == (65, 65)  # 1001 = 65 mod 2: the same borders, far fewer values
+    assert big.certificate.max_abs_diff < 1e-12
+    small = fold(stack_from_dict(_stack_spec(65, 3, "float64", stride=2)))
+    assert small.exact_region is not None and big.exact_region is not None
+    assert np.array_equal(np.asarray(big.conv.kernel), np.asarray(small.conv.kernel))
+    # the region where the stack is exact ends at the same distance from the far border
+    assert [s - b for (_, b), s in zip(big.exact_region, big.output_shape)] == \
+           [s - b for (_, b), s in zip(small.exact_region, small.output_shape)]
+
+
+def test_a_failing_baseline_is_a_note_and_the_result_is_written(tmp_path):
+    np.save(tmp_path / "t.npy", np.array([[1.0, 2.0], [3.0, 4.0]]))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "jfactor", "factorize", "--target", str(tmp_path / "t.npy"),
+                             "--chain", "2", "--restarts", "2", "--out", str(out), "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["rel_error"] < 1e-12  # a 2x2 target is its own one-layer chain
+    assert all(entry["rel_error"] is None or np.isfinite(entry["rel_error"]) for entry in summary["baselines"].values())
+    failed = [entry for entry in summary["baselines"].values() if entry["rel_error"] is None]
+    assert all(entry["note"] for entry in failed)
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-200, 1e-300])
+def test_any_finite_scale_gives_the_same_relative_error(scale):
+    target = kernels.make("log", 7, sigma=1.1)
+    reference = factorize(target, Chain.build([3, 5]), restarts=3, solver=FAST, baselines=("svd",))
+    scaled = factorize(target * scale, Chain.build([3, 5]), restarts=3, solver=FAST, baselines=("svd",))
+    assert scaled.rel_error == pytest.approx(reference.rel_error, rel=1e-6)
+    assert scaled.metrics["max_abs_error"] == pytest.approx(reference.metrics["max_abs_error"] * scale, rel=1e-6)
+    assert scaled.baselines["svd"]["rel_error"] == pytest.approx(reference.baselines["svd"]["rel_error"], rel=1e-9)
+    assert np.isfinite(scaled.approx).all()
+    assert norm(target * scale) == pytest.approx(np.linalg.norm(target) * scale, rel=1e-12)
+
+
+def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkeypatch):
+    monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1e-6")
+    with pytest.raises(ConfigError, match=r"exceeds the budget .*JFACTOR_MEMORY_BUDGET_GB.*restarts"):
+        factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=4, solver=FAST, baselines=())
+    with pytest.raises(ConfigError, match=r"\(als\).*drop the als"):
+        factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=4,
+                  solver=Solver(optimizer="none", refine="none"), baselines=("als",))
+    monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "-1")
+    with pytest.raises(ConfigError, match="JFACTOR_MEMORY_BUDGET_GB"):
+        factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=2, solver=FAST, baselines=())
+
+
+def test_an_empty_batch_is_refused_by_name():
+    from jfactor import batch
+
+    stack = stack_from_dict(_stack_spec(8, 2, "float64"))
+    with pytest.raises(StackError, match="the batch is empty"):
+        batch.fold_batch(jax.tree.map(lambda w: np.zeros((0,) + np.shape(w)), stack))
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = rundir.write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_failed_block_removes_the_directory_it_created_and_keeps_an_existing_one(tmp_path):
+    with pytest.raises(RuntimeError):
+        with rundir.output_dir(tmp_path / "new" / "deep", tmp_path, "x") as directory:
+            rundir.write_json(directory / "partial.json", {})
+            raise RuntimeError
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "earlier.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with rundir.output_dir(existing, tmp_path, "x"):
+            raise RuntimeError
+    assert (existing / "earlier.json").read_text() == "{}"
+
+
+def test_approx_has_the_target_shape_when_the_chain_is_larger():
+    rng = np.random.default_rng(0)
+    target = sp.convolve2d(rng.standard_normal((3, 3)), rng.standard_normal((13, 7)))  # 15x9
+    result = factorize(target, Chain.build([3, 5, 9]), restarts=2, solver=FAST, baselines=())
+    assert result.approx.shape[:2] == (15, 15)
+    approx = result.approx_like_target()
+    assert approx.shape == target.shape
+    (lo, _), (left, _) = result.padding
+    np.testing.assert_array_equal(approx, result.approx[lo: lo + 15, left: left + 9, 0, 0])

@@ -1,0 +1,168 @@
+"""Sweeps that are never stale, shared safely by concurrent runs, and split over processes."""
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+SMALL = {
+    "name": "small", "seed": 0,
+    "chain": {"sizes": [3, 3]},
+    "restarts": 2, "baselines": ["svd"], "plots": False,
+    "solver": {"optimizer": "none", "refine_steps": 30, "chunk": 10},
+}
+
+
+def _sweep(config: Path, runs: Path, *extra, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir", str(runs),
+                             "--quiet", *extra], capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _table(directory: Path, drop=("time_s", "compile_s")) -> list[dict]:
+    with open(directory / "table.csv") as handle:
+        return [{k: v for k, v in row.items() if k not in drop and not k.endswith("time_s")}
+                for row in csv.DictReader(handle)]
+
+
+def _directory(result) -> Path:
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def _file_target_config(tmp_path) -> Path:
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "target": {"file": "target.npy"},
+                                      "sweep": {"grid": {"seed": [0, 1]}}}))
+    return config
+
+
+def test_a_changed_target_file_reruns_the_cells_that_read_it(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "target.npy", rng.standard_normal((5, 5)))  # not a 3x3 chain: error well above 0
+    config = _file_target_config(tmp_path)
+    first = _sweep(config, tmp_path / "runs")
+    assert all(float(row["rel_error"]) > 1e-3 for row in _table(_directory(first)))
+
+    a, b = rng.standard_normal(3), rng.standard_normal(3)
+    separable = np.outer(np.convolve(a, b), np.convolve(b, a))  # exactly a chain of two 3x3
+    np.save(tmp_path / "target.npy", separable)
+    second = _sweep(config, tmp_path / "runs")
+    assert _directory(second) == _directory(first)  # same config text: same sweep directory, resumed
+    assert "target.npy" in second.stderr and "computing the cell again" in second.stderr
+    assert all(float(row["rel_error"]) < 1e-10 for row in _table(_directory(second)))
+
+
+def test_a_corrupt_cell_is_recomputed_with_a_warning(tmp_path):
+    np.save(tmp_path / "target.npy", np.random.default_rng(1).standard_normal((5, 5)))
+    config = _file_target_config(tmp_path)
+    first = _sweep(config, tmp_path / "runs")
+    reference = _table(_directory(first))
+    cell = _directory(first) / "cells" / "001" / "results.json"
+    cell.write_text(cell.read_text()[:100])  # truncated, as by a full disk
+    second = _sweep(config, tmp_path / "runs")
+    assert "cells/001/results.json is unreadable" in second.stderr
+    assert _table(_directory(second)) == reference
+    json.loads(cell.read_text())
+
+
+def _grid_config(tmp_path, cells: int = 6) -> Path:
+    config = tmp_path / "grid.yaml"
+    sigmas = [round(0.8 + 0.15 * i, 2) for i in range(cells)]
+    config.write_text(yaml.safe_dump({**SMALL, "target": {"family": "gaussian", "size": 5, "params": {"sigma": 1.0}},
+                                      "sweep": {"grid": {"target.params.sigma": sigmas}}}))
+    return config
+
+
+def _start(config: Path, runs: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir", str(runs),
+                             "--quiet", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_sweeps_of_one_config_started_together_share_the_cells(tmp_path):
+    config = _grid_config(tmp_path)
+    reference = _table(_directory(_sweep(config, tmp_path / "alone")))
+    runs = tmp_path / "shared"
+    both = [_start(config, runs) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in both]
+    for process, (out, err) in zip(both, outputs):
+        assert process.returncode == 0, err[-3000:]
+    directory = Path(outputs[0][0].strip().splitlines()[-1])
+    assert _table(directory) == reference
+    for out, _ in outputs:
+        assert Path(out.strip().splitlines()[-1]) == directory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_sweep_split_over_two_processes_gives_the_single_process_table(tmp_path):
+    config = _grid_config(tmp_path)
+    reference = _table(_directory(_sweep(config, tmp_path / "alone")))
+    runs = tmp_path / "split"
+    address = f"127.0.0.1:{_free_port()}"
+    processes = [_start(config, runs, "--coordinator", address, "--num-processes", "2", "--process-id", str(i))
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    directory = Path(outputs[0][0].strip().splitlines()[-1])
+    assert _table(directory) == reference
+    computed_by = [json.loads((directory / "cells" / f"{i:03d}" / "results.json").read_text())["sweep_cell"]
+                   for i in range(len(reference))]
+    assert {c["process"] for c in computed_by} == {0, 1}
+    assert all(c["num_processes"] == 2 for c in computed_by)
+    assert [c["process"] for c in computed_by] == [i % 2 for i in range(len(reference))]
+
+
+def test_process_flags_go_together_and_are_checked(tmp_path):
+    config = _grid_config(tmp_path, cells=2)
+    for extra, named in ((["--num-processes", "2"], "--coordinator"),
+                         (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+                          "--process-id"),
+                         (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "--coordinator")):
+        result = _sweep(config, tmp_path / "runs", *extra, check=False)
+        assert result.returncode == 2, result.stderr
+        assert named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_running_cell_is_never_deleted_and_is_waited_for(tmp_path):
+    """Another process holds cell 0 (its lock, a half-written directory): the sweep computes
+    the other cells, leaves cell 0 alone while it is held, and computes it once released."""
+    from filelock import FileLock
+
+    from jfactor.experiment.sweep import sweep_dir
+
+    config = _grid_config(tmp_path, cells=3)
+    runs = tmp_path / "runs"
+    directory = sweep_dir(runs, yaml.safe_load(config.read_text()))
+    (directory / "cells" / "000").mkdir(parents=True)
+    partial = directory / "cells" / "000" / "partial.npy"
+    partial.write_text("being written by another process")
+    lock = FileLock(directory / "cells" / "000.lock")
+    lock.acquire()
+    process = _start(config, runs)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not all((directory / "cells" / f"{i:03d}" / "results.json").exists()
+                                                  for i in (1, 2)):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert process.poll() is None, "the sweep must wait for the running cell"
+        assert partial.exists(), "the running cell's files were deleted"
+    finally:
+        lock.release()
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert len(_table(directory)) == 3
+    assert json.loads((directory / "cells" / "000" / "results.json").read_text())["sweep_cell"]["index"] == 0
