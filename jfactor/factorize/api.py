@@ -25,7 +25,7 @@ from jfactor.factorize.init import INITS, random_init, separable_init
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, optimise
 from jfactor.progress import ProgressBar
-from jfactor.sharding import batch_mesh, shard_batch
+from jfactor.sharding import sharded_call
 from jfactor.schema import unknown_key
 
 DEFAULT_IMAGES = ("camera", "astronaut", "coins")
@@ -173,7 +173,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         (default: crops of skimage's camera, astronaut and coins).
       baselines: names from :data:`jfactor.factorize.baselines.BASELINES`.
       mesh, shard: spread the targets over the devices of ``mesh`` (``shard=True``: all
-        devices), as :func:`jfactor.batch.fold_batch` does; results are the same.
+        devices), and over the processes of ``jax.distributed``, as
+        :func:`jfactor.batch.fold_batch` does; results are the same.
     Returns:
       one :class:`Factorization` per target.
     """
@@ -219,17 +220,15 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                  for i in problem.free)
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
-    if mesh is None and shard:
-        mesh = batch_mesh()
-    if mesh is not None:  # the target axis is spread; padding copies of target 0 are dropped below
-        normalised, free = shard_batch((normalised, free), mesh)
 
     compile_before = _compile_seconds[0]
     start = time.perf_counter()
     label = f"factorizing {len(targets)} target(s) x {restarts} restarts"
     total_steps = solver.steps * (solver.optimizer != "none") + solver.refine_steps * (solver.refine == "lm")
     with ProgressBar(progress, total_steps, label) as bar:
-        free, history, losses, errors, diverged = optimise(problem, free, frozen, normalised, objective_images, bar)
+        free, history, losses, errors, diverged = sharded_call(
+            lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images, bar),
+            (normalised, free), mesh=mesh, shard=shard)
     elapsed = time.perf_counter() - start
     compile_s = _compile_seconds[0] - compile_before
 
