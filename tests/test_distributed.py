@@ -1,9 +1,9 @@
 """fold_batch and factorize_batch with shard=True over 2 processes of jax.distributed (CPU, 127.0.0.1).
 
-Two worker processes (two CPU devices each) join one coordinator, fold and factorize the
-same batches, and save what they got; the test compares both with the single-process
-results computed here.  Workers run in subprocesses with a timeout: a hung collective
-fails the test instead of hanging it.
+``experiments/distributed_batch.py`` runs as two processes (two CPU devices each) that
+join one coordinator, fold and factorize the same batches and save what they got; the
+test compares both with the script's single-process run.  Every run is a subprocess with
+a timeout: a hung collective fails the test instead of hanging it.
 """
 
 import json
@@ -13,52 +13,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 
 ROOT = Path(__file__).parent.parent
-N_STACKS, N_TARGETS = 5, 3  # odd: padded to the processes, then to each process's 2 devices
+SCRIPT = ROOT / "experiments" / "distributed_batch.py"
+SIZES = ["--stacks", "5", "--targets", "3"]  # odd: padded to the processes, then to each process's 2 devices
 
+# The script as process i, recording the size of every block that this process shards.
 WORKER = """
-import json, sys
+import json, runpy, sys
 import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                           initialization_timeout=120)
-import numpy as np
 from jfactor import sharding
-from tests.test_distributed import run
-
-blocks = []
-place = sharding.shard_batch
+blocks, place = [], sharding.shard_batch
 sharding.shard_batch = lambda tree, mesh: blocks.append(jax.tree.leaves(tree)[0].shape[0]) or place(tree, mesh)
-np.savez(out + ".npz", **run(shard=True))
-json.dump({"process_count": jax.process_count(), "devices": jax.device_count(),
-           "local_devices": jax.local_device_count(), "blocks": blocks}, open(out + ".json", "w"))
-jax.distributed.shutdown()
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+json.dump(blocks, open(sys.argv[-1] + ".blocks.json", "w"))
 """
-
-
-def run(shard: bool) -> dict:
-    """fold_batch of N_STACKS stacks and factorize_batch of N_TARGETS targets, as flat arrays."""
-    import jfactor as jf
-    from jfactor import kernels
-    from jfactor.factorize import Chain, Solver, factorize_batch
-    from jfactor.stack_config import load_stack
-
-    structure = load_stack(ROOT / "configs" / "seed" / "section5_conv_pool_conv.yaml")
-    rng = np.random.default_rng(0)
-    stacks = jax.tree.map(lambda w: rng.standard_normal((N_STACKS,) + w.shape), structure)
-    folded = jf.fold_batch(stacks, shard=shard)
-    targets = [kernels.make("log", 5, sigma=s) for s in np.linspace(0.8, 1.2, N_TARGETS)]
-    results = factorize_batch(targets, Chain.build([3, 3]), solver=Solver(optimizer="none", refine_steps=40, chunk=10),
-                              restarts=2, shard=shard)
-    out = {"kernel": np.asarray(folded.kernel), "bias": np.asarray(folded.bias)}
-    for i, r in enumerate(results):
-        out |= {f"approx{i}": r.approx, f"restart_errors{i}": r.restart_errors, f"history{i}": r.history,
-                f"best{i}": np.asarray(r.best), f"diverged{i}": r.diverged}
-    return out
 
 
 def _free_port() -> int:
@@ -69,9 +40,11 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port), str(tmp_path / f"p{i}")], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(SCRIPT), "--coordinator", f"127.0.0.1:{port}",
+                                 "--num-processes", "2", "--process-id", str(i), *SIZES, "--out", str(tmp_path / f"p{i}")],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
     try:
         logs = [w.communicate(timeout=400) for w in workers]
     finally:
@@ -79,17 +52,23 @@ def test_two_processes_equal_one(tmp_path):
             w.kill()
     for w, (_, err) in zip(workers, logs):
         assert w.returncode == 0, err[-3000:]
+    single = subprocess.run([sys.executable, str(SCRIPT), "--single", *SIZES, "--out", str(tmp_path / "single")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert single.returncode == 0, single.stderr[-3000:]
 
-    single = run(shard=False)
+    expected = np.load(tmp_path / "single.npz")
     for i in range(2):
+        assert f"process {i}/2 (2 of 4 devices): folded 5 stacks and factorized 3 targets" in logs[i][0]
         info = json.loads((tmp_path / f"p{i}.json").read_text())
-        assert info == {"process_count": 2, "devices": 4, "local_devices": 2, "blocks": [3, 2]}, info
+        assert (info["process"], info["process_count"], info["devices"], info["local_devices"]) == (i, 2, 4, 2)
+        # fold_batch: 5 stacks -> blocks of 3; factorize_batch: 3 targets -> blocks of 2
+        assert json.loads((tmp_path / f"p{i}.blocks.json").read_text()) == [3, 2]
         got = np.load(tmp_path / f"p{i}.npz")
-        assert set(got.files) == set(single)
-        for key, expected in single.items():
-            assert got[key].shape == expected.shape, key
+        assert set(got.files) == set(expected.files)
+        for key in expected.files:
+            assert got[key].shape == expected[key].shape, key
             if key.startswith(("best", "diverged")):
-                np.testing.assert_array_equal(got[key], expected, err_msg=key)
+                np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
             else:
-                scale = max(1.0, float(np.nanmax(np.abs(expected))))
-                np.testing.assert_allclose(got[key], expected, rtol=0, atol=1e-10 * scale, err_msg=key)
+                scale = max(1.0, float(np.nanmax(np.abs(expected[key]))))
+                np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-10 * scale, err_msg=key)
