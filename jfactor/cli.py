@@ -17,8 +17,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: jfactor's, jax's and jaxlib's versions and Python's, read without importing jax."""
+    if not value:
+        return
+    from importlib.metadata import version
+
+    print(f"jfactor {version('jfactor')} (jax {version('jax')}, jaxlib {version('jaxlib')}, "
+          f"Python {sys.version.split()[0]})")
+    raise typer.Exit()
+
+
 @app.callback()
-def _group() -> None:
+def _group(
+    _version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                           help="print the versions of jfactor, jax and Python, and exit")] = False,
+) -> None:
     """Fold linear convolution stacks exactly; factorize large kernels into small ones."""
 
 
