@@ -1,6 +1,6 @@
 """Structural re-parameterization (RepVGG): train three branches, deploy one conv.
 
-    python experiments/repvgg_reparam.py            # table; writes experiments/results/repvgg_reparam.json
+    python experiments/repvgg_reparam.py    # table; writes experiments/results/repvgg_reparam.json and README's block
     python experiments/repvgg_reparam.py --tiny --out /tmp/r.json   # smoke run (seconds)
 
 Task: learn an unknown 3x3 filter (a per-channel sharpening followed by a random RGB
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,11 @@ import optax
 import jfactor as jf
 from jfactor.factorize.objectives import load_images
 
+sys.path.insert(0, str(Path(__file__).parent))
+from readme_block import replace_block  # noqa: E402
+
 IMAGES = ("astronaut", "coffee", "chelsea")
+DEFAULT_OUT = Path(__file__).parent / "results" / "repvgg_reparam.json"
 CHANNELS = 3
 EPSILON = 1e-3
 
@@ -191,7 +196,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="5 steps on 4 small crops (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "repvgg_reparam.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON (the default also rewrites README's block)")
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.size, args.train, args.test = 5, 12, 3, 3
@@ -200,6 +205,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if args.out == DEFAULT_OUT and not args.tiny:
+        replace_block("repvgg_reparam", table(result))
 
 
 if __name__ == "__main__":
