@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="5 steps on 4 small crops (a smoke run)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON (the default also rewrites README's block)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON (the default rewrites README too)")
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.size, args.train, args.test = 5, 12, 3, 3
