@@ -45,6 +45,6 @@ def __getattr__(name):
 __all__ = [
     "AvgPool", "BatchFolded", "BatchNorm", "Branches", "Canonical", "Certificate", "ConfigError", "Conv",
     "FactorizedConv", "FoldError", "Folded", "Identity", "JFactorError", "Layer", "Residual", "Stack",
-    "StackError", "Subsample", "SumPool", "apply", "batch", "fold", "fold_batch", "fold_conv", "from_nnx", "load_any", "parse_keras",
-    "parse_keras_blocks", "stack_batch", "to_nnx",
+    "StackError", "Subsample", "SumPool", "apply", "batch", "fold", "fold_batch", "fold_conv", "from_nnx", "load_any",
+    "parse_keras", "parse_keras_blocks", "stack_batch", "to_nnx",
 ]

@@ -42,7 +42,8 @@ def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(SCRIPT), "--coordinator", f"127.0.0.1:{port}",
-                                 "--num-processes", "2", "--process-id", str(i), *SIZES, "--out", str(tmp_path / f"p{i}")],
+                                 "--num-processes", "2", "--process-id", str(i), *SIZES,
+                                 "--out", str(tmp_path / f"p{i}")],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
     try:
