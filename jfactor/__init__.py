@@ -11,7 +11,7 @@ jax.config.update("jax_enable_x64", True)
 from jfactor import batch  # noqa: E402
 from jfactor.batch import BatchFolded, fold_batch, stack_batch  # noqa: E402
 from jfactor.errors import ConfigError, FoldError, JFactorError, StackError  # noqa: E402
-from jfactor.fold import Canonical, Certificate, Folded, fold  # noqa: E402
+from jfactor.fold import Canonical, Certificate, Folded, fold, fold_conv  # noqa: E402
 from jfactor.layers import (  # noqa: E402
     AvgPool,
     BatchNorm,
@@ -45,6 +45,6 @@ def __getattr__(name):
 __all__ = [
     "AvgPool", "BatchFolded", "BatchNorm", "Branches", "Canonical", "Certificate", "ConfigError", "Conv",
     "FactorizedConv", "FoldError", "Folded", "Identity", "JFactorError", "Layer", "Residual", "Stack",
-    "StackError", "Subsample", "SumPool", "apply", "batch", "fold", "fold_batch", "from_nnx", "load_any", "parse_keras",
-    "parse_keras_blocks", "stack_batch", "to_nnx",
+    "StackError", "Subsample", "SumPool", "apply", "batch", "fold", "fold_batch", "fold_conv", "from_nnx", "load_any",
+    "parse_keras", "parse_keras_blocks", "stack_batch", "to_nnx",
 ]

@@ -37,13 +37,13 @@ Sharding: ``fold_batch(batch, mesh=mesh)`` (or ``shard=True`` for a 1-D mesh ove
 ``jax.devices()``) pads N to a multiple of the mesh size by repeating item 0, spreads the
 batch axis over every mesh axis with ``NamedSharding(mesh, PartitionSpec(axes))``, folds,
 and strips the padding; the result equals the single-device one.  Under
-``jax.distributed.initialize()`` (multi-host) every process calls ``fold_batch`` with the
-same full batch and the same global mesh; each process uploads only the shards of its own
-devices (``jax.make_array_from_callback``), and the result is a global array: fetch it
-with ``jax.experimental.multihost_utils.process_allgather`` before ``.conv(i)``.
+``jax.distributed.initialize()`` (several processes or hosts) every process calls
+``fold_batch`` with the same full batch; each folds one contiguous block of it on its own
+devices, and every process gets the whole result (:func:`jfactor.sharding.sharded_call`).
 
 Compilation happens once per structure, N, dtype and method (``_fold._cache_size()``
-counts them); :func:`enable_compilation_cache` (from :mod:`jfactor.cache`) keeps compiled folds across processes.
+counts them); :func:`enable_compilation_cache` (from :mod:`jfactor.cache`) keeps compiled folds across
+processes.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from jfactor.cache import enable_compilation_cache
 from jfactor.errors import StackError
 from jfactor.fold import conv_from_affine, fold_layers, has_bias
 from jfactor.layers import Conv
-from jfactor.sharding import batch_mesh, shard_batch
+from jfactor.sharding import batch_mesh, shard_batch, sharded_call
 from jfactor.stack import Stack
 
 METHODS = ("auto", "shift", "fft", "gather", "chain")
@@ -574,8 +574,9 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
       method: ``"auto"`` (:func:`auto_method` for the platform it runs on), ``"shift"``,
         ``"fft"``, ``"gather"`` or ``"chain"`` (all exact to rounding).
       dtype: compute dtype; default the weights' dtype.
-      mesh: a :class:`jax.sharding.Mesh` to spread the batch over (all its axes).
-      shard: with ``mesh=None``, build :func:`batch_mesh` over all devices.
+      mesh: a :class:`jax.sharding.Mesh` to spread the batch over (all its axes; under
+        ``jax.distributed``, each process uses its own devices of it).
+      shard: with ``mesh=None``, build :func:`batch_mesh` over all devices of all processes.
 
     Returns:
       :class:`BatchFolded` with kernel (N, *K, C_in, C_out) and bias (N, C_out).
@@ -584,21 +585,17 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n = batch_size(stacks)
     dtype = jnp.dtype(dtype or stacks.dtype)
-    if mesh is None and shard:
-        mesh = batch_mesh()
     try:
         if method == "auto":
-            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-            method = auto_method(stacks, platform, -(-n // (mesh.size if mesh is not None else 1)), dtype)
-        if mesh is None:
-            return _fold(stacks, dtype, method)
-        folded = _fold(shard_batch(stacks, mesh), dtype, method)
+            devices = list(mesh.devices.flat) if mesh is not None else jax.devices() if shard else jax.devices()[:1]
+            method = auto_method(stacks, devices[0].platform, -(-n // len(devices)), dtype)
+        folded = sharded_call(lambda s: _fold(s, dtype, method), stacks, mesh=mesh, shard=shard)
     except StackError as exc:
         raise StackError(
             f"one item of the batch (the weights without their leading axis, N = {n}) is not a "
             f"valid stack; does every weight carry the batch axis first? {exc}"
         ) from exc
-    return folded if len(folded) == n else jax.tree.map(lambda x: x[:n], folded)
+    return jax.tree.map(jnp.asarray, folded)
 
 
 def _structure_error(stacks: Sequence[Stack], i: int) -> StackError:

@@ -17,6 +17,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: jfactor's, jax's and jaxlib's versions and Python's, read without importing jax."""
+    if not value:
+        return
+    from importlib.metadata import version
+
+    print(f"jfactor {version('jfactor')} (jax {version('jax')}, jaxlib {version('jaxlib')}, "
+          f"Python {sys.version.split()[0]})")
+    raise typer.Exit()
+
+
 @app.callback()
 def _group(
     compile_cache: Annotated[Path | None, typer.Option(
@@ -25,6 +36,8 @@ def _group(
     use_compile_cache: Annotated[bool, typer.Option(
         "--compile-cache-on/--no-compile-cache", help="reuse compiled code across runs (a second run of the "
                                                       "same geometry skips compiling)")] = True,
+    _version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                           help="print the versions of jfactor, jax and Python, and exit")] = False,
 ) -> None:
     """Fold linear convolution stacks exactly; factorize large kernels into small ones."""
     from jfactor.cache import configure

@@ -1,6 +1,8 @@
 """Fold a stack into one convolution, certify it, and give its canonical form.
 
-``fold(stack)`` returns a :class:`Folded` holding
+``fold_conv(stack)`` is the one convolution alone: a pure function of the weights that
+works under ``jax.jit``, ``jax.grad`` and ``jax.vmap`` (train through it, deploy its
+result).  ``fold(stack)`` returns a :class:`Folded` holding
 
 - ``conv``: one :class:`~jfactor.layers.Conv` (kernel, bias, stride, explicit padding,
   groups where they survive) with ``Stack([conv]) == stack`` on ``exact_region``;
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfactor import analysis
+from jfactor.errors import FoldError
 from jfactor.layers import AvgPool, Conv, Identity, Parallel, Subsample
 from jfactor.ops import Affine, affine_from_conv, compose, concat, pads_for, parallel_sum, regroup
 from jfactor.stack import Stack, apply
@@ -331,16 +334,36 @@ def _layer_rows(stack: Stack, dtype) -> list[dict]:
     return rows
 
 
+def fold_conv(stack: Stack) -> Conv:
+    """The one :class:`~jfactor.layers.Conv` equal to ``stack`` (on ``fold(stack).exact_region``).
+
+    Pure and traceable: ``jax.jit``, ``jax.grad`` (gradients flow to every weight of the
+    stack, BatchNorm statistics included) and ``jax.vmap`` over stacks whose weights carry
+    a batch axis.  Kernel ``(*K, C_in // groups, C_out)``, bias ``(C_out,)`` (None when no
+    layer adds one), in the stack's dtype.  For thousands of stacks prefer
+    :func:`jfactor.batch.fold_batch`: ``vmap`` over a convolution's kernel is a grouped
+    convolution, quadratic in the batch on CPU.
+    """
+    dtype = stack.dtype or jnp.float64
+    affine = fold_affine(stack, dtype)
+    return conv_from_affine(affine, stack.input_shape, stack.output_shape, bias=has_bias(stack.lower(dtype)))
+
+
 def fold(stack: Stack, *, seed: int = 0, probe_batch: int = 2) -> Folded:
     """Fold ``stack`` into one convolution; see the module docstring for what comes back.
 
     The fold runs in the stack's dtype; the certificate re-applies both in float64, so a
-    float32 fold is certified to float32 rounding.
+    float32 fold is certified to float32 rounding.  Under ``jax.jit``, ``jax.grad`` or
+    ``jax.vmap`` use :func:`fold_conv` (the certificate needs concrete weights).
     """
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(stack)):
+        raise FoldError("fold certifies with concrete float64 weights and cannot run under jax.jit, jax.grad or "
+                        "jax.vmap; use jfactor.fold_conv(stack) there")
     dtype = stack.dtype or jnp.float64
-    affine = fold_affine(stack, dtype)
+    conv = fold_conv(stack)
+    affine = affine_from_conv(conv.kernel, conv.bias, strides=conv.strides, dilation=conv.dilation,
+                              pads=conv.padding, groups=conv.groups)
     program = stack.lower(dtype)
-    conv = conv_from_affine(affine, stack.input_shape, stack.output_shape, bias=has_bias(program))
     region = analysis.exact_region(program, stack.input_shape[:-1])
     chain, final, stride = canonical_form(stack, conv.padding, dtype)
     canonical_stack = Stack(chain, stack.input_shape)
@@ -372,4 +395,4 @@ def fold(stack: Stack, *, seed: int = 0, probe_batch: int = 2) -> Folded:
                   canonical, params, macs, _layer_rows(stack, dtype))
 
 
-__all__ = ["fold", "fold_affine", "fold_program", "Folded", "Certificate", "Canonical"]
+__all__ = ["fold", "fold_affine", "fold_conv", "fold_program", "Folded", "Certificate", "Canonical"]

@@ -8,6 +8,7 @@ residual / branches, sizes 1-7, strides 1-3, dilations 1-3, groups, channels 1-4
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from hypothesis import strategies as st
 
@@ -117,3 +118,19 @@ def stacks(draw, ndims=(1, 2, 3), max_layers=4, padding_kinds=("valid", "same", 
     if not layers:
         layers = [jf.Identity()]
     return jf.Stack(layers, spatial + (cin,))
+
+
+def redraw(stack, seed: int):
+    """``stack``'s structure with new normal weights (BatchNorm variances drawn in [0.2, 2])."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, w):
+        positive = jax.tree_util.keystr(path).endswith(".var")
+        return rng.uniform(0.2, 2.0, w.shape) if positive else rng.standard_normal(w.shape)
+
+    return jax.tree_util.tree_map_with_path(draw, stack)
+
+
+def weighted_stacks(**kwargs):
+    """Random stacks as :func:`stacks` draws them (same keywords), with at least one weight."""
+    return stacks(**kwargs).filter(lambda stack: stack.dtype is not None)

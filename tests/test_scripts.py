@@ -1,5 +1,6 @@
 """The experiment scripts run (tiny sizes); their numbers live in experiments/, not in tests."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,14 @@ def test_an_ablation_runs_tiny(tmp_path):
 def test_bench_optimality_runs_tiny():
     out = _run("experiments/bench_optimality.py", "--tiny")
     assert "| disk 5x5 | 3x3 -> 3x3, width 1 |" in out and "Within 1.01x of the best known:" in out
+
+
+def test_repvgg_reparam_runs_tiny(tmp_path):
+    """Trained through fold_conv or as branches: one loss curve; the deployed conv equals the block."""
+    out = _run("experiments/repvgg_reparam.py", "--tiny", "--out", str(tmp_path / "repvgg.json"))
+    assert "| fold_conv | 108 | 84 |" in out and "| plain conv | 84 | 84 |" in out
+    result = json.loads((tmp_path / "repvgg.json").read_text())
+    assert result["fold_conv_vs_branches_max_loss_diff"] < 1e-12
+    for row in result["rows"]:
+        assert row["block_vs_deployed_max_abs"] < 1e-12 and row["exact_everywhere"]
+        assert abs(row["deployed_test_mse"] - row["test_mse"]) < 1e-12

@@ -30,7 +30,7 @@ from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise
 from jfactor.progress import ProgressBar
-from jfactor.sharding import batch_mesh, shard_batch
+from jfactor.sharding import sharded_call
 from jfactor.schema import unknown_key
 
 DEFAULT_IMAGES = ("camera", "astronaut", "coins")
@@ -238,7 +238,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         (default: crops of skimage's camera, astronaut and coins).
       baselines: names from :data:`jfactor.factorize.baselines.BASELINES`.
       mesh, shard: spread the targets over the devices of ``mesh`` (``shard=True``: all
-        devices), as :func:`jfactor.batch.fold_batch` does; results are the same.
+        devices), and over the processes of ``jax.distributed``, as
+        :func:`jfactor.batch.fold_batch` does; results are the same.
     Returns:
       one :class:`Factorization` per target, with its :attr:`~Factorization.evidence`.
     """
@@ -290,8 +291,6 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
     budget.check(cost, f"{first.name}: chain {chain.describe()}")
-    if mesh is None and shard:
-        mesh = batch_mesh()
 
     def draw(b: int, wave: int) -> tuple[list[list], np.ndarray]:
         """Wave ``wave``'s starts of target ``b`` and which are independent (not perturbations)."""
@@ -326,11 +325,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
             free = tuple(jnp.asarray(np.stack([[s[i] for s in row] for row in per_row]), np_dtype)
                          for i in problem.free)
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
-            if mesh is not None:  # the target axis is spread; padding copies of target 0 are dropped below
-                wave_targets, free = shard_batch((wave_targets, free), mesh)
-            outcome = optimise(problem, free, frozen, wave_targets, objective_images,
-                               quiet if policy.adaptive else bar, policy.prune, exact_loss)
-            free, history, losses, errors, diverged, pruned = outcome
+            free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
+                lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
+                                       quiet if policy.adaptive else bar, policy.prune, exact_loss),
+                (wave_targets, free), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
             elapsed = time.perf_counter() - start
             for j, b in enumerate(live):
