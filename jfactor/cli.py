@@ -37,7 +37,7 @@ def fold(
     from jfactor import rundir
     from jfactor.display import fold_summary
     from jfactor.fold import fold as fold_stack
-    from jfactor.keras import load_any as load_stack
+    from jfactor.interop.seed_notation import load_any as load_stack
 
     try:
         stack = load_stack(config)
