@@ -430,6 +430,15 @@ def fold_model(model, *, min_nodes: int = 2) -> tuple[onnx.ModelProto, list[Segm
     return _pruned(model, nodes, inits), reports
 
 
+def _declared(inputs: list, inits: list, ir_version: int) -> list:
+    """Graph inputs, plus one per initializer where the IR version (< 4) wants every initializer declared."""
+    if ir_version >= 4:
+        return inputs
+    names = {i.name for i in inputs}
+    return inputs + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits
+                     if t.name not in names]
+
+
 def _pruned(model: onnx.ModelProto, nodes: list, inits: list) -> onnx.ModelProto:
     """The model with ``nodes``, minus nodes and initializers nothing reads any more."""
     g = model.graph
@@ -442,7 +451,7 @@ def _pruned(model: onnx.ModelProto, nodes: list, inits: list) -> onnx.ModelProto
     kept.reverse()
     inits = [t for t in inits if t.name in needed]
     inputs = [i for i in g.input if i.name in needed or i.name not in {t.name for t in g.initializer}]
-    graph = helper.make_graph(kept, g.name, inputs, list(g.output), inits)
+    graph = helper.make_graph(kept, g.name, _declared(inputs, inits, model.ir_version), list(g.output), inits)
     out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     onnx.checker.check_model(out)
     return out
@@ -465,13 +474,16 @@ def with_random_weights(model, *, seed: int = 0) -> onnx.ModelProto:
             return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(dtype)
         return rng.uniform(0.5, 1.5, shape).astype(dtype)
 
+    shapes_of = {n.input[0] for n in model.graph.node if n.op_type == "ConstantOfShape"}
     inits = []
     for name, value in values.items():
+        if name in shapes_of:
+            continue
         inits.append(numpy_helper.from_array(draw(value.shape, value.dtype) if value.dtype.kind == "f" else value,
                                              name))
     nodes = []
     for node in model.graph.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in values:
+        if node.op_type == "ConstantOfShape" and node.input[0] in shapes_of:
             fill = _attrs(node).get("value")
             dtype = numpy_helper.to_array(fill).dtype if fill is not None else np.float32
             inits.append(numpy_helper.from_array(draw(tuple(values[node.input[0]].tolist()), dtype), node.output[0]))
@@ -479,11 +491,13 @@ def with_random_weights(model, *, seed: int = 0) -> onnx.ModelProto:
             nodes.append(node)
     g = model.graph
     made = {t.name for t in inits}
-    for info in g.input:  # weight vectors declared as inputs without a value
+    inputs = [i for i in g.input if i.name not in shapes_of]
+    for info in inputs:  # float weight vectors declared as inputs without a value
         dims = tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
-        if info.name not in made and len(dims) == 1:
-            inits.append(numpy_helper.from_array(draw(dims, np.float32), info.name))
-    graph = helper.make_graph(nodes, g.name, list(g.input), list(g.output), inits)
+        dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
+        if info.name not in made and len(dims) == 1 and np.dtype(dtype).kind == "f":
+            inits.append(numpy_helper.from_array(draw(dims, dtype), info.name))
+    graph = helper.make_graph(nodes, g.name, _declared(inputs, inits, model.ir_version), list(g.output), inits)
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
@@ -499,8 +513,10 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
             for k, d in enumerate(info.type.tensor_type.shape.dim)]
     dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
     x = np.random.default_rng(seed).standard_normal(dims).astype(dtype)
-    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {info.name: x})
-            for m in (original, folded)]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    runs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            .run(None, {info.name: x}) for m in (original, folded)]
     diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(*runs))
     scale = max(float(np.abs(a).max()) for a in runs[0])
     return {"input": info.name, "input_shape": dims, "dtype": str(np.dtype(dtype)), "max_abs_diff": diff,
