@@ -196,6 +196,8 @@ def _layer_of(node, values: dict, shapes: dict):
             raise _NotLinear("adds data tensors and constants together")
         return None, "sum"
     if op == "Concat":
+        if len(data) != len([i for i in node.input if i]):
+            raise _NotLinear("concatenates data tensors and constants")
         if a.get("axis") not in (1, 1 - len(shape)):
             raise _NotLinear(f"concatenates axis {a.get('axis')}, not the channels (1)")
         return None, "concat"
@@ -501,6 +503,20 @@ def with_random_weights(model, *, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
+def with_constant_inputs(model, values: dict) -> onnx.ModelProto:
+    """``model`` with the graph inputs named in ``values`` made initializers holding those arrays.
+
+    For test models that feed weights as inputs (onnx's node test cases give ``Conv`` its ``W``
+    that way): jfactor folds constant weights only.
+    """
+    model = _load(model)
+    g = model.graph
+    inits = list(g.initializer) + [numpy_helper.from_array(np.asarray(v), k) for k, v in values.items()]
+    inputs = [i for i in g.input if i.name not in values]
+    graph = helper.make_graph(list(g.node), g.name, _declared(inputs, inits, model.ir_version), list(g.output), inits)
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
 def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed: int = 0, batch: int = 1) -> dict:
     """Both models run by onnxruntime on one random input: the max abs and relative output difference.
 
@@ -577,4 +593,4 @@ def segment_table(summary: dict, title: str = ""):
 
 
 __all__ = ["SegmentReport", "compare_outputs", "conv_node", "fold_file", "fold_model", "from_onnx", "segment_table",
-           "to_onnx", "with_random_weights"]
+           "to_onnx", "with_constant_inputs", "with_random_weights"]
