@@ -23,3 +23,15 @@ def test_seed_reproduction_prints_the_table(tmp_path):
 def test_an_ablation_runs_tiny(tmp_path):
     out = _run("experiments/ablation.py", "channel_width", "--tiny", "--runs-dir", str(tmp_path))
     assert "## channel_width" in out and "| gaussian | 1 |" in out
+
+
+def test_onnx_speed_runs_tiny(tmp_path):
+    out = _run("experiments/onnx_speed.py", "--tiny", "--out", str(tmp_path / "speed.json"))
+    assert "| whole model |" in out and "kept: inner zero padding" in out
+    assert (tmp_path / "speed.json").exists()
+
+
+def test_onnx_references_runs_on_one_light_model(tmp_path):
+    out = _run("experiments/onnx_references.py", "--models", "squeezenet", "--out", str(tmp_path / "refs.json"))
+    assert "node cases:" in out and "| squeezenet |" in out
+    assert (tmp_path / "refs.json").exists()

@@ -568,27 +568,33 @@ def fold_file(path, out_dir) -> dict:
 _SHORT = {"BatchNormalization": "BN", "AveragePool": "AvgPool"}
 
 
+def _compact(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
 def segment_table(summary: dict, title: str = ""):
-    """A rich table of :func:`fold_file`'s summary: one row per linear segment."""
+    """A rich table of :func:`fold_file`'s summary: one row per linear segment (full reasons in the summary)."""
     from collections import Counter
 
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("#", "layers merged", "in -> out", "one conv", "MACs before -> after", "params before -> after",
-                   "exact region", "certificate", "result"):
-        table.add_column(column, justify="left" if column in ("layers merged", "result") else "right")
+    for column in ("#", "layers merged", "in -> out", "one conv", "MACs", "params", "exact on", "cert.", "result"):
+        table.add_column(column, justify="left" if column in ("layers merged", "result") else "right", no_wrap=True)
+    shape = lambda s: "x".join(map(str, s))
     for i, seg in enumerate(summary["segments"]):
-        ops = ", ".join(f"{n} {_SHORT.get(op, op)}" for op, n in Counter(seg["ops"]).items())
-        shapes = f"{'x'.join(map(str, seg['input_shape']))} -> {'x'.join(map(str, seg['output_shape']))}"
+        ops = " ".join(f"{n}x{_SHORT.get(op, op)}" if n > 1 else _SHORT.get(op, op)
+                       for op, n in Counter(seg["ops"]).items())
         kernel = seg["kernel"]
-        conv = f"{'x'.join(map(str, kernel[:-2]))} s{seg['stride'][0]}" if kernel else ""
-        macs = f"{seg['macs']['stack']:,} -> {seg['macs']['folded']:,}" if seg["macs"] else ""
-        params = f"{seg['params']['stack']:,} -> {seg['params']['folded']:,}" if seg["params"] else ""
-        region = ("everywhere" if seg["exact_region"] is None else
+        conv = f"{shape(kernel[:-2])} s{seg['stride'][0]}" if kernel else ""
+        before_after = lambda d: f"{_compact(d['stack'])} -> {_compact(d['folded'])}" if d else ""
+        region = ("all" if seg["exact_region"] is None else
                   "[" + ", ".join(f"{a}:{b}" for a, b in seg["exact_region"]) + "]") if kernel else ""
-        cert = f"{seg['certificate']['max_abs_diff']:.1e}" if seg["certificate"] else ""
-        table.add_row(str(i), ops, shapes, conv, macs, params, region, cert, seg["reason"])
+        cert = f"{seg['certificate']['max_abs_diff']:.0e}" if seg["certificate"] else ""
+        result = seg["reason"] if seg["folded"] or not kernel else seg["reason"].split(" (")[0].replace(
+            " spoils the borders", "")
+        table.add_row(str(i), ops, f"{shape(seg['input_shape'])} -> {shape(seg['output_shape'])}", conv,
+                      before_after(seg["macs"]), before_after(seg["params"]), region, cert, result)
     return table
 
 
