@@ -57,6 +57,12 @@ def test_repvgg_folds_two_segments_keeps_the_padded_one_and_matches_onnxruntime(
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
 
+def test_cheaper_only_keeps_the_segment_whose_one_conv_costs_more():
+    _, reports = fold_model(repvgg(), cheaper_only=True)
+    assert [r.folded for r in reports] == [True, False, False]
+    assert reports[1].reason == "kept: one conv costs more multiply-adds (191,008 -> 389,376)"
+
+
 def test_from_onnx_split_and_errors_name_the_node():
     with pytest.raises(StackError, match=r"node relu6 \(Relu: not linear.*split=True"):
         from_onnx(repvgg())

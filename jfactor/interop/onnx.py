@@ -366,7 +366,7 @@ def _report(segment: Segment, ops, stack: Stack, folded: Folded | None, done: bo
         folded.certificate.to_dict() if folded else None)
 
 
-def _fold_segment(graph: _Graph, segment: Segment) -> tuple[SegmentReport, Folded | None]:
+def _fold_segment(graph: _Graph, segment: Segment, cheaper_only: bool) -> tuple[SegmentReport, Folded | None]:
     ops = [n.op_type for n in graph.model.graph.node if (n.name or "") in segment.nodes]
     stack = graph.stack(segment)
     if len(segment.nodes) == 1:
@@ -380,6 +380,9 @@ def _fold_segment(graph: _Graph, segment: Segment) -> tuple[SegmentReport, Folde
     if any(p < 0 for pair in folded.conv.padding for p in pair):
         return _report(segment, ops, stack, folded, False, f"kept: the one conv needs negative padding "
                                                            f"{folded.conv.padding} (a crop)"), folded
+    if cheaper_only and folded.macs["folded"] > folded.macs["stack"]:
+        reason = f"kept: one conv costs more multiply-adds ({folded.macs['stack']:,} -> {folded.macs['folded']:,})"
+        return _report(segment, ops, stack, folded, False, reason), folded
     return _report(segment, ops, stack, folded, True, "folded"), folded
 
 
@@ -402,20 +405,21 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def fold_model(model, *, min_nodes: int = 2) -> tuple[onnx.ModelProto, list[SegmentReport]]:
-    """Fold every linear segment of ``min_nodes`` or more nodes of an ONNX model into one ``Conv``.
+def fold_model(model, *, cheaper_only: bool = False) -> tuple[onnx.ModelProto, list[SegmentReport]]:
+    """Fold every linear segment of two or more nodes of an ONNX model into one ``Conv``.
 
     Returns the new model (its other nodes, inputs and outputs untouched; initializers no node
     reads any more dropped) and one :class:`SegmentReport` per segment, in graph order.  A
     segment stays as it was where one conv would change the output (zero padding between
-    its layers, a crop); the report says why.
+    its layers, a crop), and with ``cheaper_only`` where one conv has more multiply-adds than
+    the segment (strides inside a segment grow the folded kernel); the report says why.
     """
     model = _named(_load(model))
     graph = _graph(model)
     reports, replace = [], {}
     for segment in segments(graph.nodes, [o.name for o in model.graph.output]):
         dtype = _weights_dtype(model, segment, graph.values)
-        report, folded = _fold_segment(graph, segment)
+        report, folded = _fold_segment(graph, segment, cheaper_only)
         reports.append(report)
         if report.folded:
             replace[segment.sink] = (segment, folded, dtype)
@@ -539,7 +543,7 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
             "rel_diff": diff / scale if scale else diff}
 
 
-def fold_file(path, out_dir) -> dict:
+def fold_file(path, out_dir, *, cheaper_only: bool = False) -> dict:
     """Fold the ONNX model at ``path``; write ``out_dir/<model>.folded.onnx`` and ``summary.json``.
 
     Returns the summary: every segment's :class:`SegmentReport`, the MAC and parameter totals
@@ -549,7 +553,7 @@ def fold_file(path, out_dir) -> dict:
 
     path, out_dir = Path(path), Path(out_dir)
     original = _load(path)
-    folded, reports = fold_model(original)
+    folded, reports = fold_model(original, cheaper_only=cheaper_only)
     target = out_dir / f"{path.stem}.folded.onnx"
     rundir.write_with(target, lambda handle: handle.write(folded.SerializeToString()))
     done = [r for r in reports if r.folded]
