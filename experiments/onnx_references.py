@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from jfactor.interop.onnx import compare_outputs, fold_model, with_constant_inpu
 
 OPS = {"Conv", "AveragePool", "BatchNormalization", "Pad", "Add", "Sum", "Mul", "Concat", "Identity", "Dropout"}
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-MODELS = ["resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet", "vgg19",
-          "bvlc_alexnet", "zfnet512"]
+MODELS = ["squeezenet", "bvlc_alexnet", "zfnet512", "vgg19", "inception_v1", "resnet50", "shufflenet",
+          "inception_v2", "densenet121"]
 
 
 def node_case(case) -> dict:
@@ -87,7 +88,8 @@ def markdown(result: dict) -> str:
     used = [r for r in nodes if r["applicable"]]
     lines = [(f"onnx {result['versions']['onnx']} node cases: {len(used)} of {len(nodes)} read as linear stacks, "
              f"{sum(r['match'] for r in used)} match the expected outputs "
-             f"(max abs diff {max((r['max_abs_diff'] for r in used), default=0):.1e})."), "",
+             f"(max abs diff {max((r['max_abs_diff'] for r in used), default=0):.1e}): "
+             + ", ".join(f"`{r['case'].removeprefix('test_')}`" for r in used) + "."), "",
              ("| model | nodes | linear segments | folded | MACs before -> after (folded segments) | "
              "onnxruntime max abs diff |"), "|---|---|---|---|---|---|"]
     for m in result["models"]:
@@ -108,11 +110,14 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "jfactor": jf.__version__},
         "node_cases": node_cases(),
-        "models": [light_model(name) for name in args.models.split(",") if name],
+        "models": [],
     }
+    for name in [m for m in args.models.split(",") if m]:
+        result["models"].append(light_model(name))
+        print(f"{name}: {result['models'][-1]['folded']} segments folded", file=sys.stderr, flush=True)
+        if args.out:  # after every model: a long run keeps what it measured
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
     text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
     print(text if args.json else markdown(result))
 
 
