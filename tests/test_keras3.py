@@ -13,9 +13,9 @@ import jfactor as jf  # switches on float64 before keras starts
 os.environ.setdefault("KERAS_BACKEND", "jax")
 keras = pytest.importorskip("keras")
 
-from jfactor.errors import StackError  # noqa: E402
-from jfactor.interop.keras3 import from_keras, to_keras  # noqa: E402
-from tests.test_seed_notation import SEED, SEED_SIZES  # noqa: E402
+from jfactor.errors import StackError
+from jfactor.interop.keras3 import from_keras, to_keras
+from tests.test_seed_notation import SEED, SEED_SIZES
 
 L = keras.layers
 
@@ -45,10 +45,10 @@ def _seed_models(text: str) -> list:
     models = []
     for chunk in chunks:
         scope = dict(names)
-        exec(chunk[0], scope)  # x = Input(...)
+        exec(chunk[0], scope)  # noqa: S102  x = Input(...)
         inputs = scope[chunk[0].split("=")[0].strip()]
         for code in chunk[1:]:
-            exec(code, scope)
+            exec(code, scope)  # noqa: S102  the seed's own lines, from the repository
         models.append(keras.Model(inputs, scope[chunk[-1].split("=")[0].strip()]))
     return models
 
@@ -164,7 +164,7 @@ def test_unsupported_layers_are_errors_naming_them(make, match):
 def test_keras_on_another_backend_is_a_clear_error():
     code = "import keras\nimport jfactor.interop.keras3"
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "needs Keras on the JAX backend, but Keras was imported with backend 'numpy'" in result.stderr
 
@@ -172,7 +172,7 @@ def test_keras_on_another_backend_is_a_clear_error():
 def test_import_jfactor_imports_no_optional_framework():
     code = ("import sys, jfactor\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('keras', 'onnx', 'onnxruntime', 'flax')))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
