@@ -143,6 +143,7 @@ def test_split_gives_segments_between_nonlinear_layers_with_their_layer_names():
     found = from_keras(model, split=True)
     assert [(s.nodes, s.source, s.sink) for s, _ in found] == [(("c1", "p1"), "input", "p1"),
                                                              (("c2", "bn2"), "relu", "bn2")]
+    assert [s.positions for s, _ in found] == [(1, 2), (4, 5)]  # model.layers[0] is the InputLayer
     x = np.random.default_rng(4).standard_normal((2, 12, 12, 1))
     for segment, stack in found:
         before = x if segment.source == "input" else keras.Model(inputs, model.get_layer(segment.source).output)(x)

@@ -43,11 +43,15 @@ class Node:
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """A maximal linear segment: ``nodes`` (names, in graph order) map tensor ``source`` to ``sink``."""
+    """A maximal linear segment: ``nodes`` (names, in graph order) map tensor ``source`` to ``sink``.
+
+    ``positions``: where the reader knows them, the nodes' indices in the model's layer list.
+    """
 
     nodes: tuple[str, ...]
     source: str
     sink: str
+    positions: tuple[int, ...] = ()
 
 
 def segments(nodes: list[Node], outputs) -> list[Segment]:

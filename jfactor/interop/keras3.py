@@ -212,7 +212,8 @@ def from_keras(model, *, split: bool = False) -> Stack | list[tuple[Segment, Sta
     Returns:
       ``split=False``: one :class:`Stack` on inputs ``(N, *spatial, C)``.
       ``split=True``: ``[(segment, stack), ...]`` for every maximal linear segment, in
-      model order: ``segment.nodes`` are the Keras layer names it covers, ``segment.source``
+      model order: ``segment.nodes`` are the Keras layer names it covers (``segment.positions``
+      their indices in ``model.layers``), ``segment.source``
       / ``segment.sink`` the layer names of its input (``'input'`` for the model's) and
       output, and ``stack`` runs on the shape reaching it.
 
@@ -233,7 +234,7 @@ def from_keras(model, *, split: bool = False) -> Stack | list[tuple[Segment, Sta
         members = [n for n in nodes if n.name in seg.nodes]
         stack = build_stack(members, seg.source, seg.sink, shapes[seg.source])
         named = Segment(seg.nodes, by_output[seg.source].name if seg.source in by_output else "input",
-                        by_output[seg.sink].name)
+                        by_output[seg.sink].name, tuple(_position(model, name) for name in seg.nodes))
         found.append((named, stack))
     return found
 
