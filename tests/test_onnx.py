@@ -188,3 +188,25 @@ def test_light_model_with_random_weights_folds_and_matches_onnxruntime(name):
     assert all(r.ops == ("Conv", "BatchNormalization") for r in reports if r.folded)
     check = compare_outputs(model, folded)
     assert check["rel_diff"] < 1e-4
+
+
+def _nodes(*specs):
+    from jfactor.interop.graph import Node
+
+    return [Node(name, tuple(inputs), name, None if kind != "lin" else jf.Identity(),
+                 "sum" if kind == "add" else None, "" if kind != "relu" else "relu")
+            for name, kind, inputs in specs]
+
+
+def test_segments_end_where_a_tensor_is_also_read_outside_and_skip_merges_of_two_sources():
+    from jfactor.interop.graph import segments
+
+    shared = _nodes(("a", "lin", ["x"]), ("r", "relu", ["a"]), ("b", "lin", ["a"]))
+    assert [(s.nodes, s.source, s.sink) for s in segments(shared, ["b", "r"])] == [(("a",), "x", "a"),
+                                                                               (("b",), "a", "b")]
+    residual = _nodes(("c1", "lin", ["x"]), ("n1", "lin", ["c1"]), ("c2", "lin", ["y"]), ("n2", "lin", ["c2"]),
+                      ("add", "add", ["n1", "n2"]), ("r", "relu", ["add"]))
+    assert [s.nodes for s in segments(residual, ["r"])] == [("c1", "n1"), ("c2", "n2")]
+    diamond = _nodes(("c1", "lin", ["x"]), ("c2", "lin", ["c1"]), ("c3", "lin", ["c1"]), ("add", "add", ["c2", "c3"]),
+                     ("r", "relu", ["add"]))
+    assert [(s.nodes, s.source, s.sink) for s in segments(diamond, ["r"])] == [(("c1", "c2", "c3", "add"), "x", "add")]
