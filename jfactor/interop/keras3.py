@@ -161,10 +161,9 @@ def _node(layer, inputs: tuple[str, ...], output: str, shape: Shape | None) -> N
 def _graph(model) -> tuple[list[Node], str, str, dict]:
     """Nodes of ``model`` in order, its input and output tensor names, and every tensor's shape."""
     if isinstance(model, keras.Sequential):
-        entries = [(layer, ("input",), layer.name) for layer in model.layers]
-        entries = [(layer, (prev[2] if prev else "input",), out)
-                   for prev, (layer, _, out) in zip([None] + entries[:-1], entries)]
-        source, sink = "input", entries[-1][2] if entries else "input"
+        names = [layer.name for layer in model.layers]
+        entries = [(layer, (before,), layer.name) for layer, before in zip(model.layers, ["input"] + names)]
+        source, sink = "input", names[-1] if names else "input"
         shapes = {"input": tuple(model.input_shape[1:])}
         for layer, (inp,), out in entries:
             shapes[out] = tuple(layer.compute_output_shape((None,) + shapes[inp])[1:])
