@@ -45,7 +45,7 @@ import jfactor as jf
 from jfactor import kernels
 from jfactor.analysis import program_macs
 from jfactor.factorize import Chain, Solver
-from jfactor.factorized_conv import FactorizedConv
+from jfactor.interop.factorized_conv import FactorizedConv
 
 IMAGES = ("camera", "astronaut", "coins", "moon")
 KINDS = ("gaussian", "smooth", "random")

@@ -23,28 +23,33 @@ from jfactor.layers import (  # noqa: E402
     Subsample,
     SumPool,
 )
-from jfactor.keras import load_any, parse_keras, parse_keras_blocks  # noqa: E402
+from jfactor.interop.seed_notation import load_any, parse_keras, parse_keras_blocks  # noqa: E402
 from jfactor.stack import Stack, apply  # noqa: E402
 
 __version__ = "0.1.0"
 
 
+_LAZY = {
+    "from_nnx": "jfactor.interop.nnx", "to_nnx": "jfactor.interop.nnx",
+    "FactorizedConv": "jfactor.interop.factorized_conv",
+    "from_keras": "jfactor.interop.keras3", "to_keras": "jfactor.interop.keras3",
+    "from_onnx": "jfactor.interop.onnx", "to_onnx": "jfactor.interop.onnx",
+}
+
+
 def __getattr__(name):
-    """``from_nnx``, ``to_nnx`` and ``FactorizedConv`` load flax only when first used."""
-    if name in ("from_nnx", "to_nnx"):
-        from jfactor import nnx
+    """The interop names load their framework (flax, keras, onnx) only when first used."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(nnx, name)
-    if name == "FactorizedConv":
-        from jfactor.factorized_conv import FactorizedConv
-
-        return FactorizedConv
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jfactor' has no attribute {name!r}")
 
 
 __all__ = [
     "AvgPool", "BatchFolded", "BatchNorm", "Branches", "Canonical", "Certificate", "ConfigError", "Conv",
     "FactorizedConv", "FoldError", "Folded", "Identity", "JFactorError", "Layer", "Residual", "Stack",
-    "StackError", "Subsample", "SumPool", "apply", "batch", "fold", "fold_batch", "fold_conv", "from_nnx", "load_any",
-    "parse_keras", "parse_keras_blocks", "stack_batch", "to_nnx",
+    "StackError", "Subsample", "SumPool", "apply", "batch", "fold", "fold_batch", "fold_conv", "from_keras",
+    "from_nnx", "from_onnx", "load_any", "parse_keras", "parse_keras_blocks", "stack_batch", "to_keras", "to_nnx",
+    "to_onnx",
 ]

@@ -57,15 +57,22 @@ EXPECTED = (JFactorError, OSError, typer.BadParameter)
 
 @app.command()
 def fold(
-    config: Annotated[Path, typer.Argument(help="stack config (YAML), or Keras lines (.txt/.py)")],
+    config: Annotated[Path, typer.Argument(help="stack config (YAML), Keras lines (.txt/.py), or an ONNX model")],
     out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON summary only")] = False,
 ) -> None:
-    """Fold a stack into one convolution; write kernel.npy, bias.npy and summary.json."""
+    """Fold a stack into one convolution; write kernel.npy, bias.npy and summary.json.
+
+    For an .onnx model: fold every linear segment; write <model>.folded.onnx and summary.json.
+    """
     from jfactor import rundir
+
+    if config.suffix.lower() == ".onnx":
+        _fold_onnx(config, out, as_json)
+        return
     from jfactor.display import fold_summary
     from jfactor.fold import fold as fold_stack
-    from jfactor.keras import load_any as load_stack
+    from jfactor.interop.seed_notation import load_any as load_stack
 
     try:
         stack = load_stack(config)
@@ -83,6 +90,30 @@ def fold(
         return
     fold_summary(folded, console, title=config.stem)
     console.print(f"wrote {out_dir}/kernel.npy, bias.npy, summary.json")
+    print(out_dir)
+
+
+def _fold_onnx(model: Path, out: Path | None, as_json: bool) -> None:
+    from jfactor import rundir
+
+    try:
+        from jfactor.interop.onnx import fold_file, segment_table
+
+        out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", f"fold-{model.stem}")
+        summary = fold_file(model, out_dir)
+    except ImportError as exc:
+        _fail(f"{model}: reading ONNX needs the onnx extra (pip install 'jfactor[onnx]'): {exc}")
+    except JFactorError as exc:
+        _fail(exc)
+    if as_json:
+        print(rundir.dumps(summary))
+        return
+    console.print(segment_table(summary, title=f"{model.stem}: {len(summary['segments'])} linear segments"))
+    check = summary["onnxruntime"]
+    console.print(f"{summary['folded_segments']} folded: MACs {summary['macs']['before']:,} -> "
+                  f"{summary['macs']['after']:,}; onnxruntime, folded vs original on {check['input_shape']}: "
+                  f"max abs diff {check['max_abs_diff']:.1e} ({check['dtype']})")
+    console.print(f"wrote {summary['folded_model']}, {out_dir}/summary.json")
     print(out_dir)
 
 

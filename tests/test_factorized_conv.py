@@ -19,7 +19,7 @@ from flax import nnx
 import jfactor as jf
 from jfactor import kernels
 from jfactor.factorize import Chain, FactorizationError, Solver, chain_kernel, factorize, load_images
-from jfactor.factorized_conv import FactorizedConv, FrozenKernel
+from jfactor.interop.factorized_conv import FactorizedConv, FrozenKernel
 from jfactor.ops import conv as lax_conv
 
 ROOT = Path(__file__).resolve().parent.parent

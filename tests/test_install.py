@@ -57,7 +57,13 @@ def _pins(name: str) -> dict[str, Version]:
 
 
 def _requirements() -> list[Requirement]:
-    return [Requirement(r) for r in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["test"]]
+    """The main and [test] requirements, the extras [test] names of jfactor itself expanded."""
+    extras = PROJECT["optional-dependencies"]
+    found = []
+    for requirement in map(Requirement, PROJECT["dependencies"] + extras["test"]):
+        found += ([Requirement(text) for extra in sorted(requirement.extras) for text in extras[extra]]
+                  if requirement.name == "jfactor" else [requirement])
+    return found
 
 
 def test_every_dependency_has_its_oldest_tested_version_as_lower_bound_and_no_cap():

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jfactor as jf
-from jfactor.nnx import from_nnx, to_nnx
+from jfactor.interop.nnx import from_nnx, to_nnx
 from tests import reference
 
 RNG = np.random.default_rng(0)

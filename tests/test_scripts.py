@@ -40,3 +40,15 @@ def test_repvgg_reparam_runs_tiny(tmp_path):
     for row in result["rows"]:
         assert row["block_vs_deployed_max_abs"] < 1e-12 and row["exact_everywhere"]
         assert abs(row["deployed_test_mse"] - row["test_mse"]) < 1e-12
+
+
+def test_onnx_speed_runs_tiny(tmp_path):
+    out = _run("experiments/onnx_speed.py", "--tiny", "--out", str(tmp_path / "speed.json"))
+    assert "| whole model |" in out and "kept: inner zero padding" in out
+    assert (tmp_path / "speed.json").exists()
+
+
+def test_onnx_references_runs_on_one_light_model(tmp_path):
+    out = _run("experiments/onnx_references.py", "--models", "squeezenet", "--out", str(tmp_path / "refs.json"))
+    assert "node cases:" in out and "| squeezenet |" in out
+    assert (tmp_path / "refs.json").exists()

@@ -241,7 +241,7 @@ def shrink(config: ExperimentConfig) -> ExperimentConfig:
 
 def _stack(spec, base: Path, where: str):
     if isinstance(spec, str):
-        from jfactor.keras import load_any
+        from jfactor.interop.seed_notation import load_any
 
         path = Path(spec) if Path(spec).is_absolute() else base / spec
         return load_any(path)

@@ -9,9 +9,9 @@ import scipy.signal as sp
 import yaml
 
 import jfactor as jf
-from jfactor import keras
+from jfactor.interop import seed_notation
 from jfactor.fold import fold_affine
-from jfactor.keras import load_any, parse_keras, parse_keras_blocks
+from jfactor.interop.seed_notation import load_any, parse_keras, parse_keras_blocks
 from jfactor.stack_config import stack_from_dict
 from tests import reference
 
@@ -217,4 +217,4 @@ def test_load_any_dispatches_on_the_suffix(tmp_path):
         load_any(tmp_path / "missing.yaml")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(jf.ConfigError, match=r"binary\.txt: cannot read"):
-        keras.load_keras(tmp_path / "binary.txt")
+        seed_notation.load_keras(tmp_path / "binary.txt")

@@ -28,8 +28,8 @@ from jfactor.errors import StackError
 from jfactor.factorize.api import factorize
 from jfactor.factorize.chain import Chain, FactorizationError, Target, check_chain
 from jfactor.factorize.solve import Solver
+from jfactor.interop.nnx import conv_from_nnx
 from jfactor.layers import Conv
-from jfactor.nnx import conv_from_nnx
 from jfactor.ops import conv as _conv
 from jfactor.ops import dilate
 from jfactor.stack import Stack

@@ -1,0 +1,212 @@
+"""ONNX in and out: linear segments folded into one Conv each, checked under onnxruntime and onnx's own test cases."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper
+from onnx.backend.test.case.node import collect_testcases
+from typer.testing import CliRunner
+
+import jfactor as jf
+from jfactor.cli import app
+from jfactor.errors import StackError
+from jfactor.interop.onnx import (
+    compare_outputs,
+    fold_model,
+    from_onnx,
+    to_onnx,
+    with_constant_inputs,
+    with_random_weights,
+)
+from jfactor.interop.onnx_examples import repvgg
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def _run(model, x):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _nhwc(x):
+    return np.moveaxis(np.asarray(x, np.float64), 1, -1)
+
+
+def test_repvgg_folds_two_segments_keeps_the_padded_one_and_matches_onnxruntime():
+    model = repvgg()
+    folded, reports = fold_model(model)
+    assert [r.folded for r in reports] == [True, True, False]
+    first, second, third = reports
+    assert first.ops == ("Conv", "BatchNormalization", "Conv", "BatchNormalization", "Add")
+    assert first.kernel == (3, 3, 3, 8) and first.stride == (1, 1) and first.exact_region is None
+    # stride-2 stage, average pool in the middle, valid 3x3 after it: one 13x13 conv of stride 4
+    assert "AveragePool" in second.ops and second.kernel == (13, 13, 8, 8) and second.stride == (4, 4)
+    assert third.reason.startswith("kept: inner zero padding spoils the borders") and third.exact_region == [[1, 5], [1, 5]]
+    assert first.certificate["max_abs_diff"] < 1e-12 and second.certificate["max_abs_diff"] < 1e-12
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv", "Relu", "Conv", "Conv"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    want, got = _run(model, x), _run(folded, x)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def test_cheaper_only_keeps_the_segment_whose_one_conv_costs_more():
+    _, reports = fold_model(repvgg(), cheaper_only=True)
+    assert [r.folded for r in reports] == [True, False, False]
+    assert reports[1].reason == "kept: one conv costs more multiply-adds (191,008 -> 389,376)"
+
+
+def test_from_onnx_split_and_errors_name_the_node():
+    with pytest.raises(StackError, match=r"node relu6 \(Relu: not linear.*split=True"):
+        from_onnx(repvgg())
+    found = from_onnx(repvgg(), split=True)
+    assert [(s.source, s.sink) for s, _ in found] == [("input", "add5"), ("relu6", "bn14"), ("relu15", "conv17")]
+    assert [stack.input_shape for _, stack in found] == [(32, 32, 3), (32, 32, 8), (6, 6, 8)]
+
+
+def _linear_model(rng):
+    """Conv -> Pad -> AvgPool(count_include_pad) -> [Conv, Conv] Concat -> BN -> Mul, Add by constants; 11x14 input."""
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    inits = [w("w1", 4, 2, 3, 2), w("b1", 4), w("w2", 3, 4, 1, 1), w("w3", 2, 2, 3, 3),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 5, 1, 1)).astype(np.float32), "scale"),
+             numpy_helper.from_array(np.float32(0.25), "shift"),
+             numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 2, 1], np.int64), "pads")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[1, 2], pads=[1, 0, 1, 1]),
+        helper.make_node("Pad", ["c1", "pads"], ["p"]),
+        helper.make_node("AveragePool", ["p"], ["a"], kernel_shape=[2, 3], strides=[2, 1], pads=[1, 1, 0, 1],
+                         count_include_pad=1),
+        helper.make_node("Conv", ["a", "w2"], ["left"]),
+        helper.make_node("Conv", ["a", "w3"], ["right"], group=2, pads=[1, 1, 1, 1], dilations=[1, 1]),
+        helper.make_node("Concat", ["left", "right"], ["cat"], axis=1),
+    ]
+    stats = rng.uniform(0.5, 1.5, (4, 5)).astype(np.float32)
+    inits += [numpy_helper.from_array(stats[i], n) for i, n in enumerate(("g", "bb", "m", "v"))]
+    nodes += [helper.make_node("BatchNormalization", ["cat", "g", "bb", "m", "v"], ["bn"], epsilon=1e-3),
+              helper.make_node("Mul", ["bn", "scale"], ["mul"]),
+              helper.make_node("Add", ["mul", "shift"], ["add"]),
+              helper.make_node("Identity", ["add"], ["y"])]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 11, 14])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_linear_onnx_model_reads_as_one_stack_equal_to_onnxruntime():
+    model = _linear_model(np.random.default_rng(1))
+    stack = from_onnx(model)
+    x = np.random.default_rng(2).standard_normal((2, 2, 11, 14)).astype(np.float32)
+    want = _nhwc(_run(model, x))
+    got = np.asarray(stack(_nhwc(x)))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+    folded = jf.fold(stack)
+    assert folded.exact_region is not None  # the Pad and padded pool inside spoil the borders
+
+
+def test_to_onnx_runs_the_folded_conv_in_onnxruntime():
+    stack = jf.Stack([jf.Conv(np.random.default_rng(3).standard_normal((3, 3, 2, 4)), np.ones(4), 2, padding="same"),
+                      jf.AvgPool(2), jf.Conv(np.random.default_rng(4).standard_normal((2, 1, 2, 4)), groups=2)],
+                     (20, 17, 2))
+    conv = jf.fold(stack).conv
+    x = np.random.default_rng(5).standard_normal((2, 20, 17, 2))
+    model = to_onnx(conv, (20, 17, 2))  # float32: onnxruntime has no float64 Conv
+    got = _nhwc(_run(model, np.moveaxis(x, -1, 1).astype(np.float32)))
+    want = np.asarray(jf.Stack([conv], (20, 17, 2))(x))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def test_cli_fold_onnx_writes_the_folded_model_summary_and_table(tmp_path):
+    path = tmp_path / "repvgg.onnx"
+    onnx.save(repvgg(), str(path))
+    result = CliRunner().invoke(app, ["fold", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "3 linear segments" in result.output and "2 folded: MACs" in result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["folded_segments"] == 2 and summary["onnxruntime"]["rel_diff"] < 1e-5
+    assert {"nodes", "ops", "macs", "params", "exact_region", "certificate", "reason"} <= set(summary["segments"][0])
+    folded = onnx.load(str(tmp_path / "out" / "repvgg.folded.onnx"))
+    assert sum(n.op_type == "Conv" for n in folded.graph.node) == 4
+
+
+def test_cli_fold_of_a_broken_onnx_file_names_it(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a model")
+    result = CliRunner().invoke(app, ["fold", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "broken.onnx: cannot read an ONNX model" in result.output
+
+
+NODE_OPS = {"Conv", "AveragePool", "BatchNormalization", "Pad", "Add", "Sum", "Mul", "Concat", "Identity", "Dropout"}
+NODE_CASES = [c for c in collect_testcases(None) if c.kind == "node" and len(c.model.graph.node) == 1
+              and c.model.graph.node[0].op_type in NODE_OPS]
+
+
+def _read_case(case):
+    inputs, expected = case.data_sets[0]
+    names = [i.name for i in case.model.graph.input]
+    return with_constant_inputs(case.model, dict(zip(names[1:], inputs[1:]))), inputs[0], expected[0]
+
+
+@pytest.mark.parametrize("case", NODE_CASES, ids=[c.name for c in NODE_CASES])
+def test_onnx_node_cases_jfactor_reads_match_their_expected_outputs(case):
+    model, x, expected = _read_case(case)
+    try:
+        stack = jf.from_onnx(model)
+    except StackError as exc:  # not one linear map of one input: the reason names the node
+        assert "node " in str(exc) or "data inputs" in str(exc)
+        return
+    got = np.moveaxis(np.asarray(stack(_nhwc(x))), -1, 1)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()))
+
+
+def test_the_node_cases_jfactor_must_read_are_read():
+    read = set()
+    for case in NODE_CASES:
+        try:
+            jf.from_onnx(_read_case(case)[0])
+            read.add(case.name)
+        except StackError:
+            pass
+    assert {"test_basic_conv_with_padding", "test_conv_with_strides_and_asymmetric_padding",
+            "test_conv_with_autopad_same", "test_averagepool_3d_default", "test_averagepool_2d_pads_count_include_pad",
+            "test_batchnorm_epsilon", "test_averagepool_2d_strides", "test_identity", "test_dropout_default"} <= read
+    assert "test_averagepool_2d_pads" not in read and "test_reflect_pad" not in read  # not one convolution
+
+
+@pytest.mark.parametrize("name", ["resnet50"])
+def test_light_model_with_random_weights_folds_and_matches_onnxruntime(name):
+    model = with_random_weights(onnx.load(str(LIGHT / f"light_{name}.onnx")))
+    folded, reports = fold_model(model)
+    assert sum(r.folded for r in reports) == 53  # every Conv + BatchNormalization pair
+    assert all(r.ops == ("Conv", "BatchNormalization") for r in reports if r.folded)
+    check = compare_outputs(model, folded)
+    assert check["rel_diff"] < 1e-4
+
+
+def _nodes(*specs):
+    from jfactor.interop.graph import Node
+
+    return [Node(name, tuple(inputs), name, None if kind != "lin" else jf.Identity(),
+                 "sum" if kind == "add" else None, "" if kind != "relu" else "relu")
+            for name, kind, inputs in specs]
+
+
+def test_segments_end_where_a_tensor_is_also_read_outside_and_skip_merges_of_two_sources():
+    from jfactor.interop.graph import segments
+
+    shared = _nodes(("a", "lin", ["x"]), ("r", "relu", ["a"]), ("b", "lin", ["a"]))
+    assert [(s.nodes, s.source, s.sink) for s in segments(shared, ["b", "r"])] == [(("a",), "x", "a"),
+                                                                               (("b",), "a", "b")]
+    residual = _nodes(("c1", "lin", ["x"]), ("n1", "lin", ["c1"]), ("c2", "lin", ["y"]), ("n2", "lin", ["c2"]),
+                      ("add", "add", ["n1", "n2"]), ("r", "relu", ["add"]))
+    assert [s.nodes for s in segments(residual, ["r"])] == [("c1", "n1"), ("c2", "n2")]
+    diamond = _nodes(("c1", "lin", ["x"]), ("c2", "lin", ["c1"]), ("c3", "lin", ["c1"]), ("add", "add", ["c2", "c3"]),
+                     ("r", "relu", ["add"]))
+    assert [(s.nodes, s.source, s.sink) for s in segments(diamond, ["r"])] == [(("c1", "c2", "c3", "add"), "x", "add")]
