@@ -18,9 +18,9 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-from scipy import signal
 
 from jfactor.errors import JFactorError
+from jfactor.factorize.direct import convolve_full
 from jfactor.layers import Conv
 from jfactor.ops import dilate
 from jfactor.stack import Stack
@@ -298,7 +298,7 @@ def chain_kernel(factors, chain: Chain):
 
 
 def chain_kernel_numpy(factors: list[np.ndarray], chain: Chain) -> np.ndarray:
-    """:func:`chain_kernel` with scipy convolutions, for single results and the scipy baseline.
+    """:func:`chain_kernel` with direct numpy convolutions, for single results and the scipy baseline.
 
     A second, independent implementation: results report the approximation it computes.
     """
@@ -315,7 +315,7 @@ def chain_kernel_numpy(factors: list[np.ndarray], chain: Chain) -> np.ndarray:
         for i in range(approx.shape[-2]):
             for m in range(approx.shape[-1]):
                 for o in range(spread.shape[-1]):
-                    out[..., i, o] += signal.convolve(approx[..., i, m], spread[..., m, o])
+                    out[..., i, o] += convolve_full(approx[..., i, m], spread[..., m, o])
         approx = out
     return approx
 

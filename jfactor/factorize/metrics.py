@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import signal
+
+from jfactor.factorize.direct import correlate_valid
 
 
 def norm(array: np.ndarray) -> float:
@@ -62,9 +63,9 @@ def output_psnr_db(approx: np.ndarray, target: np.ndarray, images: np.ndarray, s
     count = 0
     for image in images:
         for o in range(target.shape[-1]):
-            want = sum(signal.correlate(image[..., i], target[..., i, o], mode="valid")
+            want = sum(correlate_valid(image[..., i], target[..., i, o])
                        for i in range(target.shape[-2]))
-            got = sum(signal.correlate(image[..., i], approx[..., i, o], mode="valid")
+            got = sum(correlate_valid(image[..., i], approx[..., i, o])
                       for i in range(target.shape[-2]))
             index = tuple(slice(None, None, s) for s in stride[:ndim])
             want, got = want[index], got[index]
