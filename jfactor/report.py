@@ -85,9 +85,9 @@ def plot_loss(result: Factorization, path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
     curves = np.sqrt(np.maximum(2 * result.history, 1e-32))
     for r, curve in enumerate(curves):
-        if r != result.best:
+        if r != result.history_row:
             ax.semilogy(curve, color="0.75", lw=0.8)
-    ax.semilogy(curves[result.best], color="C3", lw=1.6, label=f"best restart ({result.best})")
+    ax.semilogy(curves[result.history_row], color="C3", lw=1.6, label=f"best restart ({result.best})")
     steps = result.settings["solver"]["steps"] if result.settings["solver"]["optimizer"] != "none" else 0
     if 0 < steps < curves.shape[-1]:
         ax.axvline(steps, color="k", ls=":", lw=0.8)

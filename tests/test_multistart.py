@@ -85,7 +85,7 @@ def test_a_target_with_an_exact_optimum_stops_in_the_first_wave():
     assert result.evidence["warning"] is None
 
 
-def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is():
+def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
     target = kernels.motion_blur(7, angle=30.0)
     result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=())
     found = result.evidence
@@ -100,6 +100,12 @@ def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is():
     assert result.restart_errors[result.best] == pytest.approx(result.rel_error, rel=1e-9)
     assert found["refined"] == int((~result.pruned & np.isfinite(result.restart_errors)).sum())
     assert (found["warning"] is None) == (found["best_hits"] >= 3)
+    # the best comes from a later wave here: the loss plot must find it in that wave's history
+    assert result.best >= result.history.shape[0]
+    assert result.history[result.history_row, -1] == pytest.approx(0.5 * found["best_error"] ** 2, rel=1e-6)
+    from jfactor.report import factorization_plots
+
+    assert all(path.exists() for path in factorization_plots(result, tmp_path))
 
 
 def test_restarts_means_exactly_that_many_every_one_refined():

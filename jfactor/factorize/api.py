@@ -80,6 +80,11 @@ class Factorization:
     def rel_error(self) -> float:
         return self.metrics["rel_error"]
 
+    @property
+    def history_row(self) -> int:
+        """The best restart's row of ``history`` (every wave has the same number of restarts)."""
+        return self.best % self.history.shape[0]
+
     def approx_like_target(self) -> np.ndarray:
         """``approx`` in the target's own shape and layout: cropped to the target's support where the
         chain's extent is larger (``padding``; ``approx`` keeps the full extent), and without the
