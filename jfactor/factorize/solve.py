@@ -397,8 +397,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
         stopped = (_survivors(state["cost"], live, owner, *prune) if prune is not None and done < steps
                    else np.zeros(0, int))
         if exact_loss is not None:
-            solved = np.zeros(batch, bool)
-            np.logical_or.at(solved, owner, state["cost"] <= exact_loss)
+            solved = np.bincount(owner, weights=state["cost"] <= exact_loss, minlength=batch) > 0
             stopped = np.union1d(stopped, live[solved[owner[live]] & (state["cost"][live] > exact_loss)])
         pruned[stopped] = True
         live = np.setdiff1d(live, stopped)
@@ -446,8 +445,12 @@ def to_refine(problem: Problem, starts, carry, frozen, target, images):
     """Pick each restart's point (first-order best, or its start), balance it; LM state or None."""
     free = starts
     if carry is not None:
-        share = _first_order_share(problem, starts[0].shape[1])
-        free = jax.tree.map(lambda s, best: s.at[:, share].set(best), starts, carry[2])
+        restarts = starts[0].shape[1]
+        took = np.zeros(restarts, bool)
+        took[_first_order_share(problem, restarts)] = True
+        row = np.maximum(np.cumsum(took) - 1, 0)  # each restart's row in the first-order carry
+        pick = lambda s, best: jnp.where(took.reshape((1, -1) + (1,) * (s.ndim - 2)), best[:, row], s)  # noqa: E731
+        free = jax.tree.map(pick, starts, carry[2])
     free = jax.vmap(jax.vmap(balance))(free)
     if problem.solver.refine == "none" or problem.solver.refine_steps == 0:
         return free, None
