@@ -11,11 +11,11 @@ import pytest
 import jfactor as jf  # switches on float64 before keras starts
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
-keras = pytest.importorskip("keras")
+import keras  # noqa: E402  (after the backend is chosen)
 
-from jfactor.errors import StackError
-from jfactor.interop.keras3 import from_keras, to_keras
-from tests.test_seed_notation import SEED, SEED_SIZES
+from jfactor.errors import StackError  # noqa: E402
+from jfactor.interop.keras3 import from_keras, to_keras  # noqa: E402
+from tests.test_seed_notation import SEED, SEED_SIZES  # noqa: E402
 
 L = keras.layers
 
