@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfactor.errors import JFactorError
-from jfactor.factorize.direct import convolve_full
+from jfactor.factorize.npconv import convolve_full
 from jfactor.layers import Conv
 from jfactor.ops import dilate
 from jfactor.stack import Stack
@@ -298,7 +298,7 @@ def chain_kernel(factors, chain: Chain):
 
 
 def chain_kernel_numpy(factors: list[np.ndarray], chain: Chain) -> np.ndarray:
-    """:func:`chain_kernel` with direct numpy convolutions, for single results and the scipy baseline.
+    """:func:`chain_kernel` with numpy convolutions, for single results and the scipy baseline.
 
     A second, independent implementation: results report the approximation it computes.
     """

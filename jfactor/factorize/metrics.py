@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from jfactor.factorize.direct import correlate_valid
+from jfactor.factorize.npconv import correlate_valid
 
 
 def norm(array: np.ndarray) -> float:
