@@ -52,11 +52,11 @@ import time
 from pathlib import Path
 
 import devices
-import jax
 import numpy as np
 from scipy import signal
 
 import jfactor  # noqa: F401  (float64 on)
+from jfactor.cache import compile_stats
 from jfactor import kernels
 from jfactor.factorize import Chain, Solver, api, factorize, factorize_batch, load_images
 from jfactor.factorize import baselines as baseline_lib
@@ -73,11 +73,6 @@ WIENER_FACTOR = 10.0
 EXACT_F32 = 1e-6
 TIMING_TARGET = 1 / 5
 SPEEDUP_TARGET = 20.0
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
-_compile = [0.0]
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **_: _compile.__setitem__(0, _compile[0] + duration) if event in COMPILE_EVENTS else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +117,12 @@ def log(message: str) -> None:
 
 def run_toolkit(target, chain: Chain, s: Setup, restarts: int | None, dtype: str = "float64", starts=None):
     """``factorize`` (no built-in baselines) and its wall time, less compiling, and the compile time."""
-    compile_before = _compile[0]
+    compile_before = compile_stats()["seconds"]
     start = time.perf_counter()
     result = factorize(target, chain, restarts=restarts, dtype=dtype, solver=s.solver, images=s.images, baselines=(),
                        starts=starts)
     wall = time.perf_counter() - start
-    compiled = _compile[0] - compile_before
+    compiled = compile_stats()["seconds"] - compile_before
     return result, wall - compiled, compiled
 
 
@@ -266,18 +261,18 @@ def part_d(s: Setup) -> dict:
     targets = [kernels.random_normal(s.size, seed=i) for i in range(s.n)]
     options = {"restarts": s.batch_restarts, "solver": s.solver, "images": s.images}
     factorize(targets[0], chain, seed=0, baselines=(), **options)  # compile
-    compile_before, start = _compile[0], time.perf_counter()
+    compile_before, start = compile_stats()["seconds"], time.perf_counter()
     # target b of a batch with seed 0 starts where a single call with seed b does
     singles = [factorize(t, chain, seed=b, baselines=(), **options) for b, t in enumerate(targets[: s.single_n])]
-    single_s = time.perf_counter() - start - (_compile[0] - compile_before)
+    single_s = time.perf_counter() - start - (compile_stats()["seconds"] - compile_before)
     log(f"D {len(singles)} single calls: {single_s:.1f} s")
 
     reset = _reset_peak()
     before = _rss_mb("VmRSS")
-    compile_before, start = _compile[0], time.perf_counter()
+    compile_before, start = compile_stats()["seconds"], time.perf_counter()
     batched = factorize_batch(targets, chain, seed=0, **options)
     wall = time.perf_counter() - start
-    compiled = _compile[0] - compile_before
+    compiled = compile_stats()["seconds"] - compile_before
     peak = _rss_mb("VmHWM") - before
     log(f"D batch of {s.n}: {wall:.1f} s (compile {compiled:.1f} s)")
 
