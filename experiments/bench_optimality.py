@@ -7,9 +7,11 @@
 Targets: lines at an angle, a ring, a disk, Gabors, a principal component of real image patches,
 random kernels, a 1-D kernel whose roots cannot all be grouped into the chain's sizes, a 3-D
 kernel and a 2->2 channel kernel, each with a 2-4 layer chain whose receptive field is the
-target's size.  The best-known optimum of each is the lower of jfactor with ``--ref-restarts``
-(>= 1,024) plain restarts (every one refined to convergence) and scipy's
-``least_squares(method='lm')`` from ``--scipy-starts`` (>= 128) random starts; both are kept in
+target's size.  The best-known optimum of each is the lowest of jfactor with ``--ref-restarts``
+(>= 1,024) plain restarts (every one refined to convergence), scipy's
+``least_squares(method='lm')`` from ``--scipy-starts`` (>= 128) random starts, and the
+default search run long (``--hop-restarts``, 4,096 restarts in waves with perturbations of
+the best minima, no early stop: on the Gabors it beats 1,024 plain restarts by 20%); all are kept in
 ``experiments/results/<device>/bench_optimality.json`` with their times, so the reference is computed
 once.  The default run is ``factorize(target, chain)`` with no restart count: restarts in
 waves until the stopping rule or the default budget.  Goal: every target within 1.01x of its
@@ -34,7 +36,7 @@ from readme_block import replace_block
 
 import jfactor  # noqa: F401  (float64 on)
 from jfactor import kernels
-from jfactor.factorize import Chain, factorize
+from jfactor.factorize import Chain, SearchPolicy, factorize
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize.init import random_init
 
@@ -115,6 +117,32 @@ def _plain_reference(entry: dict, restarts: int) -> dict:
             "best_hits": int(np.sum(errors <= result.rel_error * (1 + 1e-6) + FLOAT64_FLOOR))}
 
 
+def _hopping_reference(entry: dict, restarts: int, seed: int = 99) -> dict:
+    """The default search run long: ``restarts`` restarts in waves (fresh starts and
+    perturbations of the best minima so far), no early stop."""
+    chain = _chain(entry)
+    policy = SearchPolicy(hits=restarts, max_restarts=restarts, min_restarts=restarts)
+    result = factorize(entry["kernel"], chain, search=policy, baselines=(), seed=seed)
+    return {"rel_error": result.rel_error, "time_s": result.time_s, "restarts": restarts, "seed": seed}
+
+
+def best_known(ref: dict) -> float:
+    """The lowest error any reference run reached."""
+    found = [ref[k]["rel_error"] for k in ("jfactor", "scipy_lm", "basin_hopping") if k in ref]
+    return min(e for e in found if e is not None)
+
+
+def hopping(targets: list[dict], restarts: int, kept: dict, save) -> None:
+    """The long basin-hopping reference for the targets in ``kept`` that lack it."""
+    for entry in targets:
+        ref = kept[entry["name"]]
+        ref["basin_hopping"] = _hopping_reference(entry, restarts)
+        ref["best_known"] = best_known(ref)
+        print(f"reference: {entry['name']}: basin hopping {restarts} restarts {ref['basin_hopping']['rel_error']:.4e}"
+              f" in {ref['basin_hopping']['time_s']:.1f} s", file=sys.stderr, flush=True)
+        save(kept)
+
+
 def reference(targets: list[dict], restarts: int, scipy_starts: int, kept: dict, save) -> dict:
     """jfactor's plain restarts on every target first, then scipy's LM; ``save(kept)`` after each."""
     for entry in targets:
@@ -127,8 +155,7 @@ def reference(targets: list[dict], restarts: int, scipy_starts: int, kept: dict,
         scipy = _scipy_reference(entry, scipy_starts)
         ref = kept[entry["name"]]
         ref["scipy_lm"] = scipy
-        ref["best_known"] = min(ref["jfactor"]["rel_error"], np.inf if scipy["rel_error"] is None
-                                else scipy["rel_error"])
+        ref["best_known"] = best_known(ref)
         print(f"reference: {entry['name']}: scipy {scipy_starts} starts {scipy['rel_error']} in "
               f"{scipy['time_s']:.1f} s", file=sys.stderr, flush=True)
         save(kept)
@@ -154,6 +181,7 @@ def verdicts(run: dict, ref: dict) -> dict:
     best = ref["best_known"]
     ratio = run["default"] / best if best > 0 else float("inf")
     return {"best_known": best, "plain_1024": ref["jfactor"]["rel_error"],
+            "hopping": ref.get("basin_hopping", {}).get("rel_error"),
             "scipy_lm": ref.get("scipy_lm", {}).get("rel_error"), "scipy_ran": "scipy_lm" in ref, "ratio": ratio,
             "within_margin": bool(ratio <= MARGIN or max(run["default"], best) <= FLOAT64_FLOOR),
             "time_share": run["time_s"] / run["plain_time_s"],
@@ -161,14 +189,15 @@ def verdicts(run: dict, ref: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| target | chain | best known | 1,024 restarts | scipy LM | default | ratio | default s | share of "
-             "1,024 | restarts | minima | best hits | runner-up | stopped |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | chain | best known | 1,024 restarts | scipy LM | long search | default | ratio | default s | "
+             "share of 1,024 | restarts | minima | best hits | runner-up | stopped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["evidence"]
         runner = "-" if e["runner_up"] is None else f"{e['runner_up']:.3e}"
         scipy = f"{r['scipy_lm']:.3e}" if r["scipy_lm"] is not None else "n/a" if r["scipy_ran"] else "-"
-        lines.append(f"| {r['target']} | {r['chain']} | {r['best_known']:.3e} | {r['plain_1024']:.3e} | {scipy} | "
+        hop = "-" if r["hopping"] is None else f"{r['hopping']:.3e}"
+        lines.append(f"| {r['target']} | {r['chain']} | {r['best_known']:.3e} | {r['plain_1024']:.3e} | {scipy} | {hop} | "
                      f"{r['default']:.3e} | {r['ratio']:.3f}{'' if r['within_margin'] else ' (miss)'} | "
                      f"{r['time_s']:.2f} | {r['time_share']:.1%}{'' if r['fast_enough'] else ' (slow)'} | "
                      f"{e['restarts']} | {e['distinct_minima']} | {e['best_hits']} | {runner} | {e['stopped']} |")
@@ -186,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--defaults", action="store_true", help="rerun the default factorizations")
     parser.add_argument("--ref-restarts", type=int, default=1024)
     parser.add_argument("--scipy-starts", type=int, default=128)
+    parser.add_argument("--hop-restarts", type=int, default=4096, help="restarts of the long basin-hopping search")
     parser.add_argument("--only", help="comma-separated target names")
     parser.add_argument("--tiny", action="store_true", help="two 5x5 targets, a small reference; numbers mean nothing")
     parser.add_argument("--out", type=Path, default=None,
@@ -211,6 +241,9 @@ def main(argv=None) -> int:
     missing = [t for t in targets if args.reference or t["name"] not in kept["reference"]]
     if missing:
         reference(missing, restarts, starts, kept["reference"], save)
+    hops = 128 if args.tiny else args.hop_restarts
+    hopping([t for t in targets if args.reference or "basin_hopping" not in kept["reference"][t["name"]]], hops,
+            kept["reference"], save)
     for entry in targets:
         if args.defaults or entry["name"] not in kept["default"]:
             kept["default"][entry["name"]] = default_run(entry, restarts)

@@ -108,6 +108,35 @@ def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
     assert all(path.exists() for path in factorization_plots(result, tmp_path))
 
 
+def test_the_first_order_phase_screens_by_successive_halving_and_perturbations_skip_it():
+    """16 L-BFGS starts, keep half, floor 2: 8 run 200/8 steps only, 4 more stop at 200/4, 2 at
+    200/2; screened ones are marked pruned, are not refined, and their history repeats their
+    best loss.  Restarts after ``fresh`` take no first-order step."""
+    from jfactor.factorize.objectives import Objective
+    from jfactor.factorize.solve import Problem, optimise
+    from jfactor.progress import ProgressBar
+
+    chain = Chain.build([3, 5])
+    target = kernels.motion_blur(7, angle=30.0)[None, :, :, None, None]
+    target = target / np.linalg.norm(target)
+    solver = Solver(first_order_share=1.0, steps=200, chunk=10, refine_steps=40)
+    problem = Problem(chain, 1, 1, Objective("kernel"), solver)
+    rng = np.random.default_rng(0)
+    free = tuple(rng.standard_normal((1, 20) + shape) for shape in chain.factor_shapes(1, 1))
+    free, history, losses, errors, diverged, pruned = optimise(problem, free, (None, None), target, None,
+                                                               ProgressBar(False, 0, ""), (0.5, 2), fresh=16)
+    first = history[0, :, :200]
+    ran = (~np.isnan(first)).sum(axis=1)
+    assert (ran[16:] == 0).all() and (ran[:16] == 200).all()  # perturbations skip; screened ones are filled
+    steps_run = np.array([np.flatnonzero(np.diff(row) != 0).max(initial=-1) + 2 for row in first[:16]])
+    assert sorted(np.minimum(steps_run, 200) // 10 * 10) == sorted([30] * 8 + [50] * 4 + [100] * 2 + [200] * 2)
+    assert not diverged.any()
+    # a screened restart counts as pruned and was not refined: its history is flat through LM
+    screened = np.flatnonzero(steps_run < 200)
+    assert pruned[0, screened].all() and np.ptp(history[0, screened, 200:], axis=1).max() == 0
+    assert np.ptp(history[0, ~pruned[0], 200:], axis=1).min() > 0  # the others were
+
+
 def test_restarts_means_exactly_that_many_every_one_refined():
     result = factorize(kernels.log(7), Chain.build([3, 5]), solver=FAST, restarts=5, baselines=())
     assert result.evidence["restarts"] == 5 and result.evidence["waves"] == 1

@@ -2,10 +2,11 @@
 
 Chain factorization has many local minima (line-like, ring and Gabor targets land 1.1-5x
 above the best one from most starts), and more starts help far more than longer runs.  So
-the default search draws restarts in waves of :attr:`SearchPolicy.wave`, screens them during
-Levenberg-Marquardt by successive halving (after every LM segment only the better share of a
-target's still-running restarts goes on, :func:`jfactor.factorize.solve.refine`), and after
-every wave asks :func:`stop_reason`:
+the default search draws restarts in waves of :attr:`SearchPolicy.wave`, screens them by
+successive halving (in the first-order phase at doubling step budgets,
+:func:`jfactor.factorize.solve.first_order`; in Levenberg-Marquardt after every segment only
+the better share of a target's still-running restarts goes on,
+:func:`jfactor.factorize.solve.refine`), and after every wave asks :func:`stop_reason`:
 
 - ``exact``: the best error is at the float rounding floor: no start can do better;
 - ``repeated``: at least :attr:`SearchPolicy.hits` fresh (not perturbed) restarts reached the
@@ -21,7 +22,8 @@ every wave asks :func:`stop_reason`:
 The landscape has a funnel: on a line-like target 256 plain restarts found 177 distinct
 minima, the best by 2 of them, while perturbations of good minima land in better ones far
 more often than fresh starts do.  So later waves mix fresh random starts and new root
-groupings (independent evidence) with perturbations of the best so far.  The evidence
+groupings (independent evidence) with perturbations of the best so far, which start next to
+a minimum and go straight to LM.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
 (fresh starts only), next to the number of distinct minima and the runner-up.
 
@@ -98,7 +100,7 @@ class SearchPolicy:
 
     @property
     def prune(self) -> tuple[float, int] | None:
-        """The successive-halving setting for :func:`jfactor.factorize.solve.refine`."""
+        """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`."""
         return (self.keep, self.floor) if self.adaptive else None
 
 

@@ -21,4 +21,5 @@ def correlate_valid(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Full convolution: a (*n) with b (*m) -> (*(n + m - 1)), by FFT at the full size (nothing wraps)."""
     size = [n + m - 1 for n, m in zip(a.shape, b.shape)]
-    return np.fft.irfftn(np.fft.rfftn(a, size) * np.fft.rfftn(b, size), size)
+    axes = tuple(range(len(size)))
+    return np.fft.irfftn(np.fft.rfftn(a, size, axes) * np.fft.rfftn(b, size, axes), size, axes)

@@ -343,20 +343,25 @@ def _take(tree, index):
     return jax.tree.map(lambda a: np.asarray(a)[index], tree)
 
 
+def _kept(size: int, keep: float, floor: int) -> int:
+    """How many of ``size`` running restarts survive a screening: the ``keep`` share, at least ``floor``."""
+    return min(size, max(floor, int(np.ceil(keep * size))))
+
+
 def _survivors(cost, live, owner, keep: float, floor: int) -> np.ndarray:
     """Successive halving: of each target's ``live`` items keep the ``keep`` share with the
     lowest ``cost`` (at least ``floor``); returns the live items to stop (pruned)."""
     pruned = []
     for b in np.unique(owner[live]):
         mine = live[owner[live] == b]
-        count = max(floor, int(np.ceil(keep * mine.size)))
+        count = _kept(mine.size, keep, floor)
         if count < mine.size:
             pruned.append(mine[np.argsort(cost[mine], kind="stable")[count:]])
     return np.concatenate(pruned) if pruned else np.zeros(0, int)
 
 
 def refine(problem: Problem, state, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
-           exact_loss: float | None = None):
+           exact_loss: float | None = None, screened: np.ndarray | None = None):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
 
     Items are flattened to one axis, and converged ones are dropped between chunks: the
@@ -366,9 +371,12 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     chunk only the ``keep`` share of each target's still-running restarts with the lowest
     cost (at least ``floor``) goes on; the others stop and are marked in ``pruned`` (B, R).
     Once a target has a restart at or below ``exact_loss`` its other restarts stop too.
+    Restarts marked in ``screened`` (B, R) (screened out of the first-order phase) do not run
+    and count as pruned.
     """
     solver = problem.solver
     batch, restarts = state["cost"].shape
+    pruned = np.zeros(batch * restarts, bool) if screened is None else screened.ravel().copy()
     total = batch * restarts
     flat = lambda tree: jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), tree)  # noqa: E731
     state, templates = flat(state), flat(free)
@@ -376,9 +384,8 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     target = np.asarray(target)
     steps = solver.refine_steps
     history = np.empty((total, steps), state["cost"].dtype)
-    live = np.flatnonzero(~state["done"])
+    live = np.flatnonzero(~state["done"] & ~pruned)
     group = _group_size(problem, state["x"].shape[1], target[0], images, total)
-    pruned = np.zeros(total, bool)
     done = 0
     while done < steps and live.size:
         n = min(solver.chunk, steps - done)
@@ -415,22 +422,23 @@ def _scale_to_unit(problem: Problem, free, frozen):
     return tuple(f * factor for f in free)
 
 
-def _first_order_share(problem: Problem, restarts: int) -> np.ndarray:
-    """Indices of the restarts that take the first-order phase (static: from the shape)."""
+def _first_order_share(problem: Problem, fresh: int) -> np.ndarray:
+    """Indices of the restarts that take the first-order phase: a share of the ``fresh`` ones
+    (the first ``fresh`` of a wave; the rest perturb earlier minima and go straight to LM)."""
     if problem.solver.optimizer == "none" or problem.solver.steps == 0:
         return np.zeros(0, int)
-    return np.flatnonzero(problem.solver.runs_first_order(restarts))
+    return np.flatnonzero(problem.solver.runs_first_order(fresh))
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
-def start(problem: Problem, free, frozen, target, images):
+@functools.partial(jax.jit, static_argnames=("problem", "fresh"))
+def start(problem: Problem, free, frozen, target, images, fresh: int):
     """Starting points scaled to the target's norm, their losses (B, R), and the first-order
-    carry of the restarts that take that phase (or None)."""
+    carry of the restarts that take that phase (or None; see :func:`_first_order_share`)."""
     free = jax.vmap(jax.vmap(functools.partial(_scale_to_unit, problem), in_axes=(0, None)),
                     in_axes=(0, None))(free, frozen)
     finite = lambda value: jnp.where(jnp.isfinite(value), value, jnp.inf)  # noqa: E731
     losses = _batched(lambda f, fz, t, im: finite(loss(problem, f, fz, t, im)))(free, frozen, target, images)
-    share = _first_order_share(problem, free[0].shape[1])
+    share = _first_order_share(problem, fresh)
     if not share.size:
         return free, losses, None
     sub = jax.tree.map(lambda f: f[:, share], free)
@@ -440,17 +448,18 @@ def start(problem: Problem, free, frozen, target, images):
     return free, losses, jax.tree.map(lambda x: lax.convert_element_type(x, x.dtype), carry)
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
-def to_refine(problem: Problem, starts, carry, frozen, target, images):
-    """Pick each restart's point (first-order best, or its start), balance it; LM state or None."""
+@functools.partial(jax.jit, static_argnames=("problem", "fresh"))
+def to_refine(problem: Problem, starts, best, frozen, target, images, fresh: int):
+    """Pick each restart's point (the first-order phase's ``best`` (B, S, ...) for the S
+    restarts that took it, else its start), balance it; LM state or None."""
     free = starts
-    if carry is not None:
+    if best is not None:
         restarts = starts[0].shape[1]
         took = np.zeros(restarts, bool)
-        took[_first_order_share(problem, restarts)] = True
-        row = np.maximum(np.cumsum(took) - 1, 0)  # each restart's row in the first-order carry
-        pick = lambda s, best: jnp.where(took.reshape((1, -1) + (1,) * (s.ndim - 2)), best[:, row], s)  # noqa: E731
-        free = jax.tree.map(pick, starts, carry[2])
+        took[_first_order_share(problem, fresh)] = True
+        row = np.maximum(np.cumsum(took) - 1, 0)  # each restart's row in the first-order phase
+        pick = lambda s, b: jnp.where(took.reshape((1, -1) + (1,) * (s.ndim - 2)), b[:, row], s)  # noqa: E731
+        free = jax.tree.map(pick, starts, best)
     free = jax.vmap(jax.vmap(balance))(free)
     if problem.solver.refine == "none" or problem.solver.refine_steps == 0:
         return free, None
@@ -474,48 +483,99 @@ def finish(problem: Problem, free, lm_state, frozen, target, images):
     return free, losses, errors
 
 
+def first_order(problem: Problem, carry, frozen, target, images, progress, prune: tuple[float, int] | None = None,
+                exact_loss: float | None = None, others: np.ndarray | None = None):
+    """The first-order phase on the S restarts that take it, ``chunk`` steps at a time.
+
+    ``carry`` comes from :func:`start` (leaves (B, S, ...)).  ``prune = (keep, floor)``
+    screens by successive halving with doubling budgets: at the chunk boundaries after
+    steps/2^k, ..., steps/4, steps/2 only the ``keep`` share of each target's running
+    restarts with the lowest loss so far (at least ``floor``) goes on, with k the screenings
+    it takes to reach ``floor``.  (Screening after every chunk, as LM does, loses the best
+    basins: an L-BFGS run's early loss says little about where it ends.)  The phase
+    stops early once every target has a loss at or below ``exact_loss`` here or in
+    ``others`` (B,), the lowest start of its other restarts.
+
+    Returns each restart's best point (numpy leaves (B, S, ...)), its loss (B, S), the loss
+    history (B, S, steps run; a screened restart repeats its best loss) and ``screened`` (B, S).
+    """
+    solver = problem.solver
+    best = tuple(np.array(leaf) for leaf in carry[2])
+    value = np.array(carry[3])
+    batch, size = value.shape
+    history = np.empty((batch, size, solver.steps))
+    rows = np.tile(np.arange(size), (batch, 1))  # carry row j of target b is its restart rows[b, j]
+    ran = np.full((batch, size), solver.steps)  # steps each restart ran before it was screened out
+    owner = np.arange(batch)[:, None]
+    floor = np.full(batch, np.inf) if others is None else others
+    counts = [size]
+    while prune is not None and _kept(counts[-1], *prune) < counts[-1]:
+        counts.append(_kept(counts[-1], *prune))
+    rungs = [solver.steps / 2 ** k for k in range(len(counts) - 1, 0, -1)]
+    done = 0
+    while done < solver.steps and not (exact_loss is not None
+                                       and (np.minimum(value.min(axis=1), floor) <= exact_loss).all()):
+        n = min(solver.chunk, solver.steps - done)
+        carry, losses = first_order_segment(problem, carry, frozen, target, images, n)
+        for full, part in zip(best, carry[2]):
+            full[owner, rows] = np.asarray(part)
+        value[owner, rows] = np.asarray(carry[3])
+        history[owner, rows, done: done + n] = np.asarray(losses)
+        done += n
+        progress.advance(n)
+        if rungs and rungs[0] <= done < solver.steps:
+            rungs.pop(0)
+            count = _kept(rows.shape[1], *prune)
+            order = np.argsort(np.asarray(carry[3]), axis=1, kind="stable")
+            ran[owner, np.take_along_axis(rows, order[:, count:], axis=1)] = done
+            keep = order[:, :count]
+            carry = jax.tree.map(lambda a: jnp.asarray(np.take_along_axis(
+                np.asarray(a), keep.reshape(keep.shape + (1,) * (a.ndim - 2)), axis=1)), carry)
+            rows = np.take_along_axis(rows, keep, axis=1)
+    history = np.where(np.arange(done) < ran[..., None], history[..., :done], value[..., None])
+    return best, value, history, ran < solver.steps
+
+
 def optimise(problem: Problem, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
-             exact_loss: float | None = None):
+             exact_loss: float | None = None, fresh: int | None = None):
     """Both phases on a batch (B targets, R restarts); ``progress.advance`` per segment.
 
     Returns (free factors, history (B, R, steps) of the normalised loss, losses (B, R),
     relative kernel errors (B, R), diverged (B, R), pruned (B, R)).  A restart diverged if
     its loss was ever non-finite in a phase it took part in; the history of a phase a
-    restart skipped is NaN (not drawn).  ``prune`` screens restarts during LM (:func:`refine`).
-    Once every target has a restart at or below ``exact_loss`` (a start, or the first-order
-    phase's best), the phases stop and the other restarts count as pruned.
+    restart skipped is NaN (not drawn).  ``prune`` screens restarts in both phases
+    (:func:`first_order`, :func:`refine`).  Once every target has a restart at or below
+    ``exact_loss`` (a start, or the first-order phase's best), the phases stop and the other
+    restarts count as pruned.  Only the first ``fresh`` restarts (default: all) may take the
+    first-order phase; the others perturb earlier minima and go straight to LM.
     """
-    solver = problem.solver
-    starts, initial, carry = start(problem, free, frozen, target, images)
+    fresh = free[0].shape[1] if fresh is None else fresh
+    starts, initial, carry = start(problem, free, frozen, target, images, fresh)
     initial = np.asarray(initial)
     batch, restarts = initial.shape
-    share = _first_order_share(problem, restarts)
+    share = _first_order_share(problem, fresh)
     lowest = initial.copy()
-    solved = lambda: exact_loss is not None and bool((lowest.min(axis=1) <= exact_loss).all())  # noqa: E731
-    first = []
-    done = 0
-    while carry is not None and done < solver.steps and not solved():
-        n = min(solver.chunk, solver.steps - done)
-        carry, losses = first_order_segment(problem, carry, frozen, target, images, n)
-        first.append(np.asarray(losses))
-        lowest[:, share] = np.asarray(carry[3])
-        done += n
-        progress.advance(n)
-    free, state = to_refine(problem, starts, carry, frozen, target, images)
-    pruned = np.zeros((batch, restarts), bool)
+    screened = np.zeros((batch, restarts), bool)
+    first = np.zeros((batch, share.size, 0))
+    best = None
+    if carry is not None:
+        best, lowest[:, share], first, screened[:, share] = first_order(
+            problem, carry, frozen, target, images, progress, prune, exact_loss, initial.min(axis=1))
+    free, state = to_refine(problem, starts, best, frozen, target, images, fresh)
+    pruned = screened
     second = np.zeros((batch, restarts, 0))
-    if solved():
+    if exact_loss is not None and (lowest.min(axis=1) <= exact_loss).all():
         pruned = lowest > exact_loss
         state = None  # the starts, or the first-order phase's best points, stand
     elif state is not None:
-        state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss)
+        state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss,
+                                       screened)
     free, losses, errors = finish(problem, free, state, frozen, target, images)
     losses, errors = np.asarray(losses), np.asarray(errors)
     took_first = np.zeros(restarts, bool)
     took_first[share] = True
-    first_full = np.full((batch, restarts, done), np.nan)
-    if first:
-        first_full[:, share] = np.concatenate(first, axis=-1)
+    first_full = np.full((batch, restarts, first.shape[-1]), np.nan)
+    first_full[:, share] = first
     diverged = ((~np.isfinite(first_full) & took_first[None, :, None]).any(axis=-1)
                 | ~np.isfinite(second).all(axis=-1) | ~np.isfinite(losses) | ~np.isfinite(errors))
     history = np.concatenate([first_full, second], axis=-1)
