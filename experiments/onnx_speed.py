@@ -87,8 +87,10 @@ def table(name: str, result: dict) -> str:
              f"{result['batch']}, {result['threads']} thread(s), {result['machine']})"), "",
              "| segment | layers | in -> out | one conv | MACs before -> after | ms before | ms after | speedup |",
              "|---|---|---|---|---|---|---|---|"]
+    def shape(dims):
+        return "x".join(map(str, dims))
+
     for r in result["segments"]:
-        shape = lambda s: "x".join(map(str, s))
         lines.append(f"| {r['segment']} | {' '.join(r['ops'])} | {shape(r['input_shape'])} -> "
                      f"{shape(r['output_shape'])} | {shape(r['kernel'][:-2])} s{r['stride'][0]} | "
                      f"{r['macs_before']:,} -> {r['macs_after']:,} | {r['ms_before']:.3f} | {r['ms_after']:.3f} | "

@@ -14,8 +14,10 @@ borders (zero padding between layers) are handled separately in :mod:`jfactor.an
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -33,9 +35,47 @@ def dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
-def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
-    """Apply one convolution: ``x`` (N, *S, C_in), ``kernel`` (*k, C_in/g, C_out) -> (N, *S', C_out)."""
+TAPS_LIMIT = 128  # kernels with at most this many taps run tap by tap in float64 on the CPU
+
+
+def conv_by_taps(x, kernel, *, strides, dilation, pads: Pads, groups: int):
+    """The convolution :func:`conv` computes, as one strided slice and channel matmul per tap.
+
+    ``y[n, j] = sum_t x_pad[n, stride * j + dilation * t] @ kernel[t]`` (grouped: each group's
+    channels with its block).  No convolution op: XLA's CPU convolution crashes (SIGSEGV) on
+    some float64 inputs, depending on the exact shape (jaxlib 0.10.2: a 3x3 SAME conv on
+    1x2048x2048x1 crashed where 1024 and 3000 did not; DESIGN.md 5), so float64 on the CPU
+    takes this path for kernels of up to :data:`TAPS_LIMIT` taps.
+    """
     ndim = kernel.ndim - 2
+    k = kernel.shape[:ndim]
+    x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+    out = [(n - d * (kk - 1) - 1) // s + 1 for n, kk, s, d in zip(x.shape[1:-1], k, strides, dilation)]
+    cin_g, cout = kernel.shape[-2:]
+    if min(out) <= 0:
+        return jnp.zeros((x.shape[0], *(max(o, 0) for o in out), cout), x.dtype)
+    blocks = kernel.reshape(*k, cin_g, groups, cout // groups)
+    y = None
+    for t in itertools.product(*(range(kk) for kk in k)):
+        begin = [0] + [d * i for d, i in zip(dilation, t)] + [0]
+        end = [x.shape[0]] + [b + s * (o - 1) + 1 for b, s, o in zip(begin[1:], strides, out)] + [x.shape[-1]]
+        window = lax.slice(x, begin, end, [1, *strides, 1]).reshape(x.shape[0], *out, groups, cin_g)
+        term = jnp.einsum("...gc,cgo->...go", window, blocks[t], precision=lax.Precision.HIGHEST)
+        y = term if y is None else y + term
+    return y.reshape(x.shape[0], *out, cout)
+
+
+def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
+    """Apply one convolution: ``x`` (N, *S, C_in), ``kernel`` (*k, C_in/g, C_out) -> (N, *S', C_out).
+
+    float64 on the CPU with at most :data:`TAPS_LIMIT` taps runs :func:`conv_by_taps`;
+    everything else XLA's convolution.
+    """
+    ndim = kernel.ndim - 2
+    if (jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and math.prod(kernel.shape[:ndim]) <= TAPS_LIMIT
+            and jax.default_backend() == "cpu"):
+        y = conv_by_taps(x, kernel, strides=strides, dilation=dilation, pads=pads, groups=groups)
+        return y if bias is None else y + bias
     y = lax.conv_general_dilated(
         x,
         kernel,

@@ -1,5 +1,6 @@
 """Large and unusual input: no crash, no lost result, no scale dependence, no unbounded work."""
 
+import functools
 import json
 import os
 import stat
@@ -11,13 +12,16 @@ import jax
 import numpy as np
 import pytest
 import scipy.signal as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from jfactor import kernels, rundir
+from jfactor import kernels, ops, rundir
 from jfactor.errors import ConfigError, StackError
 from jfactor.factorize import Chain, Solver, factorize
 from jfactor.factorize.metrics import norm
 from jfactor.fold import fold, probe_input_shape
 from jfactor.stack_config import stack_from_dict
+from tests import reference
 
 FAST = Solver(optimizer="none", refine_steps=60)
 
@@ -53,6 +57,31 @@ def test_apply_and_fold_over_a_grid_of_sizes_and_depths_never_crash(dtype):
                                     text=True, timeout=600)
             assert result.returncode == 0 and result.stdout.strip() == "ok", (n, layers, result.returncode,
                                                                               result.stderr[-2000:])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_float64_convolutions_on_the_cpu_use_no_xla_convolution_and_match_the_reference(data):
+    """XLA's CPU convolution crashes on some float64 shapes; jfactor's conv routes around it
+    (tap by tap) and still computes what the independent reference does, crops included."""
+    ndim = data.draw(st.integers(1, 3))
+    groups = data.draw(st.integers(1, 3))
+    cin_g, cout_g = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    k = [data.draw(st.integers(1, 3)) for _ in range(ndim)]
+    strides = [data.draw(st.integers(1, 3)) for _ in range(ndim)]
+    dilation = [data.draw(st.integers(1, 2)) for _ in range(ndim)]
+    pads = [(data.draw(st.integers(-1, 2)), data.draw(st.integers(-1, 2))) for _ in range(ndim)]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    x = rng.standard_normal((2, *[data.draw(st.integers(7, 10)) for _ in range(ndim)], groups * cin_g))
+    kernel = rng.standard_normal((*k, cin_g, groups * cout_g))
+    bias = rng.standard_normal(groups * cout_g)
+    run = functools.partial(ops.conv, strides=strides, dilation=dilation, pads=pads, groups=groups)
+    expected = reference.conv(x, kernel, bias, strides, dilation, pads, groups)
+    np.testing.assert_allclose(np.asarray(run(x, kernel, bias)), expected, atol=1e-12)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(run)(x, kernel, bias))
+    single = [a.astype(np.float32) for a in (x, kernel, bias)]  # float32 keeps XLA's convolution
+    assert "conv_general_dilated" in str(jax.make_jaxpr(run)(*single))
+    np.testing.assert_allclose(np.asarray(run(*single)), expected, atol=1e-4)
 
 
 def test_the_certificate_probe_is_bounded_and_keeps_the_borders():

@@ -111,6 +111,7 @@ def test_the_oldest_versions_pass_the_core_tests(tmp_path):
     oldest = _pins("constraints-oldest.txt")
     assert {name: installed.get(name) for name in oldest} == oldest
     env = {**os.environ, "JFACTOR_EXAMPLES": "4", "JFACTOR_GRAD_EXAMPLES": "4", "JFACTOR_BATCH_EXAMPLES": "4"}
-    tests = subprocess.run([str(python), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *CORE_TESTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    tests = subprocess.run([str(python), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *CORE_TESTS], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=1200)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     assert re.search(r"\d+ passed", tests.stdout) and "failed" not in tests.stdout.splitlines()[-1]

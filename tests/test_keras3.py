@@ -148,7 +148,8 @@ def test_split_gives_segments_between_nonlinear_layers_with_their_layer_names():
     for segment, stack in found:
         before = x if segment.source == "input" else keras.Model(inputs, model.get_layer(segment.source).output)(x)
         after = keras.Model(inputs, model.get_layer(segment.sink).output)(x)
-        np.testing.assert_allclose(np.asarray(stack(np.asarray(before))), np.asarray(after), atol=1e-6)  # Keras BN: float32
+        # Keras BN: float32
+        np.testing.assert_allclose(np.asarray(stack(np.asarray(before))), np.asarray(after), atol=1e-6)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -165,7 +166,8 @@ def test_unsupported_layers_are_errors_naming_them(make, match):
 def test_keras_on_another_backend_is_a_clear_error():
     code = "import keras\nimport jfactor.interop.keras3"
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
-    result = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode != 0
     assert "needs Keras on the JAX backend, but Keras was imported with backend 'numpy'" in result.stderr
 

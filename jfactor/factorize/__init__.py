@@ -10,6 +10,6 @@ from jfactor.factorize.solve import Solver
 
 __all__ = [
     "BASELINES", "Candidate", "Chain", "ChainLayer", "DEFAULT_BASELINES", "Factorization", "FactorizationError",
-    "Objective", "SearchPolicy", "Solver", "Target", "chain_kernel", "check_chain", "cheapest_under", "factorize", "factorize_batch",
-    "load_images", "search",
+    "Objective", "SearchPolicy", "Solver", "Target", "chain_kernel", "check_chain", "cheapest_under", "factorize",
+    "factorize_batch", "load_images", "search",
 ]

@@ -328,7 +328,9 @@ def to_onnx(conv: Conv, input_shape, *, dtype=np.float32, opset: int = 17) -> on
     out_shape = Stack([conv], tuple(input_shape)).output_shape
     node, inits = conv_node(conv, "input", "output", "conv", dtype)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    nchw = lambda s: ["N", s[-1], *s[:-1]]
+    def nchw(shape):
+        return ["N", shape[-1], *shape[:-1]]
+
     graph = helper.make_graph([node], "jfactor_conv", [helper.make_tensor_value_info("input", elem, nchw(input_shape))],
                               [helper.make_tensor_value_info("output", elem, nchw(out_shape))], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -585,13 +587,18 @@ def segment_table(summary: dict, title: str = ""):
     table = Table(title=title)
     for column in ("#", "layers merged", "in -> out", "one conv", "MACs", "params", "exact on", "cert.", "result"):
         table.add_column(column, justify="left" if column in ("layers merged", "result") else "right", no_wrap=True)
-    shape = lambda s: "x".join(map(str, s))
+
+    def shape(dims):
+        return "x".join(map(str, dims))
+
+    def before_after(timing):
+        return f"{_compact(timing['stack'])} -> {_compact(timing['folded'])}" if timing else ""
+
     for i, seg in enumerate(summary["segments"]):
         ops = " ".join(f"{n}x{_SHORT.get(op, op)}" if n > 1 else _SHORT.get(op, op)
                        for op, n in Counter(seg["ops"]).items())
         kernel = seg["kernel"]
         conv = f"{shape(kernel[:-2])} s{seg['stride'][0]}" if kernel else ""
-        before_after = lambda d: f"{_compact(d['stack'])} -> {_compact(d['folded'])}" if d else ""
         region = ("all" if seg["exact_region"] is None else
                   "[" + ", ".join(f"{a}:{b}" for a, b in seg["exact_region"]) + "]") if kernel else ""
         cert = f"{seg['certificate']['max_abs_diff']:.0e}" if seg["certificate"] else ""
