@@ -5,8 +5,9 @@ above the best one from most starts), and more starts help far more than longer 
 the default search draws restarts in waves of :attr:`SearchPolicy.wave`, screens them by
 successive halving (in the first-order phase at doubling step budgets,
 :func:`jfactor.factorize.solve.first_order`; in Levenberg-Marquardt after every segment only
-the better share of a target's still-running restarts goes on,
-:func:`jfactor.factorize.solve.refine`), and after every wave asks :func:`stop_reason`:
+the better share of a target's still-running restarts goes on, fresh starts and
+perturbations ranked apart, :func:`jfactor.factorize.solve.refine`), and after every wave asks
+:func:`stop_reason`:
 
 - ``exact``: the best error is at the float rounding floor: no start can do better;
 - ``repeated``: at least :attr:`SearchPolicy.hits` fresh (not perturbed) restarts reached the

@@ -348,12 +348,12 @@ def _kept(size: int, keep: float, floor: int) -> int:
     return min(size, max(floor, int(np.ceil(keep * size))))
 
 
-def _survivors(cost, live, owner, keep: float, floor: int) -> np.ndarray:
-    """Successive halving: of each target's ``live`` items keep the ``keep`` share with the
+def _survivors(cost, live, stratum, keep: float, floor: int) -> np.ndarray:
+    """Successive halving: of each stratum's ``live`` items keep the ``keep`` share with the
     lowest ``cost`` (at least ``floor``); returns the live items to stop (pruned)."""
     pruned = []
-    for b in np.unique(owner[live]):
-        mine = live[owner[live] == b]
+    for b in np.unique(stratum[live]):
+        mine = live[stratum[live] == b]
         count = _kept(mine.size, keep, floor)
         if count < mine.size:
             pruned.append(mine[np.argsort(cost[mine], kind="stable")[count:]])
@@ -361,7 +361,7 @@ def _survivors(cost, live, owner, keep: float, floor: int) -> np.ndarray:
 
 
 def refine(problem: Problem, state, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
-           exact_loss: float | None = None, screened: np.ndarray | None = None):
+           exact_loss: float | None = None, screened: np.ndarray | None = None, fresh: int | None = None):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
 
     Items are flattened to one axis, and converged ones are dropped between chunks: the
@@ -370,6 +370,8 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     compiles, one per batch size).  ``prune = (keep, floor)`` screens restarts: after each
     chunk only the ``keep`` share of each target's still-running restarts with the lowest
     cost (at least ``floor``) goes on; the others stop and are marked in ``pruned`` (B, R).
+    The first ``fresh`` restarts of a target and the others (perturbations of earlier minima,
+    which start near one and would always win) are screened separately.
     Once a target has a restart at or below ``exact_loss`` its other restarts stop too.
     Restarts marked in ``screened`` (B, R) (screened out of the first-order phase) do not run
     and count as pruned.
@@ -381,6 +383,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     flat = lambda tree: jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), tree)  # noqa: E731
     state, templates = flat(state), flat(free)
     owner = np.repeat(np.arange(batch), restarts)
+    stratum = 2 * owner + (np.tile(np.arange(restarts), batch) >= (restarts if fresh is None else fresh))
     target = np.asarray(target)
     steps = solver.refine_steps
     history = np.empty((total, steps), state["cost"].dtype)
@@ -401,7 +404,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
             history[members, done: done + n] = np.asarray(costs)[: members.size]
         done += n
         live = live[~state["done"][live]]
-        stopped = (_survivors(state["cost"], live, owner, *prune) if prune is not None and done < steps
+        stopped = (_survivors(state["cost"], live, stratum, *prune) if prune is not None and done < steps
                    else np.zeros(0, int))
         if exact_loss is not None:
             solved = np.bincount(owner, weights=state["cost"] <= exact_loss, minlength=batch) > 0
@@ -569,7 +572,7 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: tu
         state = None  # the starts, or the first-order phase's best points, stand
     elif state is not None:
         state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss,
-                                       screened)
+                                       screened, fresh)
     free, losses, errors = finish(problem, free, state, frozen, target, images)
     losses, errors = np.asarray(losses), np.asarray(errors)
     took_first = np.zeros(restarts, bool)
