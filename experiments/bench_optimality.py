@@ -197,7 +197,8 @@ def table(rows: list[dict]) -> str:
         runner = "-" if e["runner_up"] is None else f"{e['runner_up']:.3e}"
         scipy = f"{r['scipy_lm']:.3e}" if r["scipy_lm"] is not None else "n/a" if r["scipy_ran"] else "-"
         hop = "-" if r["hopping"] is None else f"{r['hopping']:.3e}"
-        lines.append(f"| {r['target']} | {r['chain']} | {r['best_known']:.3e} | {r['plain_1024']:.3e} | {scipy} | {hop} | "
+        lines.append(f"| {r['target']} | {r['chain']} | {r['best_known']:.3e} | {r['plain_1024']:.3e} | {scipy} | "
+                     f"{hop} | "
                      f"{r['default']:.3e} | {r['ratio']:.3f}{'' if r['within_margin'] else ' (miss)'} | "
                      f"{r['time_s']:.2f} | {r['time_share']:.1%}{'' if r['fast_enough'] else ' (slow)'} | "
                      f"{e['restarts']} | {e['distinct_minima']} | {e['best_hits']} | {runner} | {e['stopped']} |")
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
     if args.readme:
         unmeasured = [r["target"] for r in rows if not r["scipy_ran"]]
         caveat = (f" scipy's reference is missing for {len(unmeasured)} of {len(rows)} targets (`-`): there the "
-                  "best known is jfactor's plain restarts alone." if unmeasured else "")
+                  "best known comes from jfactor's runs alone." if unmeasured else "")
         replace_block("bench_optimality", f"Measured on {kept['device']}, jax {kept['jax']}, float64; "
                                           f"`experiments/results/{devices.slug()}/{RESULTS_NAME}` holds every "
                                           "number. scipy's LM is n/a where the residuals are fewer than the "

@@ -14,7 +14,6 @@ borders (zero padding between layers) are handled separately in :mod:`jfactor.an
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import jax
@@ -35,45 +34,49 @@ def dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
-TAPS_LIMIT = 128  # kernels with at most this many taps run tap by tap in float64 on the CPU
+UNROLL_TAPS = 128  # kernels with at most this many taps have their taps unrolled (fused); more: a loop
 
 
 def conv_by_taps(x, kernel, *, strides, dilation, pads: Pads, groups: int):
     """The convolution :func:`conv` computes, as one strided slice and channel matmul per tap.
 
     ``y[n, j] = sum_t x_pad[n, stride * j + dilation * t] @ kernel[t]`` (grouped: each group's
-    channels with its block).  No convolution op: XLA's CPU convolution crashes (SIGSEGV) on
-    some float64 inputs, depending on the exact shape (jaxlib 0.10.2: a 3x3 SAME conv on
-    1x2048x2048x1 crashed where 1024 and 3000 did not; DESIGN.md 5), so float64 on the CPU
-    takes this path for kernels of up to :data:`TAPS_LIMIT` taps.
+    channels with its block); up to :data:`UNROLL_TAPS` taps unrolled (XLA fuses them into one
+    pass), more in a ``fori_loop``.  No convolution op: XLA's CPU convolution crashes (SIGSEGV)
+    on some float64 inputs, depending on the exact shape (jaxlib 0.10.2: a 3x3 SAME conv on
+    1x2048x2048x1 crashed where 1024 and 3000 did not), so float64 on the CPU takes this path.
     """
     ndim = kernel.ndim - 2
     k = kernel.shape[:ndim]
     x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
-    out = [(n - d * (kk - 1) - 1) // s + 1 for n, kk, s, d in zip(x.shape[1:-1], k, strides, dilation)]
-    cin_g, cout = kernel.shape[-2:]
+    n, cin_g, cout = x.shape[0], kernel.shape[-2], kernel.shape[-1]
+    out = [(size - d * (kk - 1) - 1) // s + 1 for size, kk, s, d in zip(x.shape[1:-1], k, strides, dilation)]
     if min(out) <= 0:
-        return jnp.zeros((x.shape[0], *(max(o, 0) for o in out), cout), x.dtype)
-    blocks = kernel.reshape(*k, cin_g, groups, cout // groups)
-    y = None
-    for t in itertools.product(*(range(kk) for kk in k)):
-        begin = [0] + [d * i for d, i in zip(dilation, t)] + [0]
-        end = [x.shape[0]] + [b + s * (o - 1) + 1 for b, s, o in zip(begin[1:], strides, out)] + [x.shape[-1]]
-        window = lax.slice(x, begin, end, [1, *strides, 1]).reshape(x.shape[0], *out, groups, cin_g)
-        term = jnp.einsum("...gc,cgo->...go", window, blocks[t], precision=lax.Precision.HIGHEST)
-        y = term if y is None else y + term
-    return y.reshape(x.shape[0], *out, cout)
+        return jnp.zeros((n, *(max(o, 0) for o in out), cout), x.dtype)
+    taps = jnp.asarray(kernel).reshape(-1, cin_g, groups, cout // groups)
+    extent = [n] + [s * (o - 1) + 1 for s, o in zip(strides, out)] + [x.shape[-1]]
+
+    def term(i):
+        """Tap ``i`` (flat index, static or traced) applied to the whole output: (N, *out, g, C_out/g)."""
+        begin = [0] + [d * t for d, t in zip(dilation, jnp.unravel_index(i, k))] + [0]
+        block = lax.dynamic_slice(x, begin, extent)
+        window = lax.slice(block, [0] * x.ndim, extent, [1, *strides, 1]).reshape(n, *out, groups, cin_g)
+        return jnp.einsum("...gc,cgo->...go", window, taps[i], precision=lax.Precision.HIGHEST)
+
+    if len(taps) <= UNROLL_TAPS:
+        y = sum((term(i) for i in range(1, len(taps))), term(0))
+    else:
+        y = lax.fori_loop(1, len(taps), lambda i, total: total + term(i), term(0))
+    return y.reshape(n, *out, cout)
 
 
 def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
     """Apply one convolution: ``x`` (N, *S, C_in), ``kernel`` (*k, C_in/g, C_out) -> (N, *S', C_out).
 
-    float64 on the CPU with at most :data:`TAPS_LIMIT` taps runs :func:`conv_by_taps`;
-    everything else XLA's convolution.
+    float64 on the CPU runs :func:`conv_by_taps`; everything else XLA's convolution.
     """
     ndim = kernel.ndim - 2
-    if (jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and math.prod(kernel.shape[:ndim]) <= TAPS_LIMIT
-            and jax.default_backend() == "cpu"):
+    if jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and jax.default_backend() == "cpu":
         y = conv_by_taps(x, kernel, strides=strides, dilation=dilation, pads=pads, groups=groups)
         return y if bias is None else y + bias
     y = lax.conv_general_dilated(

@@ -84,6 +84,17 @@ def test_float64_convolutions_on_the_cpu_use_no_xla_convolution_and_match_the_re
     np.testing.assert_allclose(np.asarray(run(*single)), expected, atol=1e-4)
 
 
+def test_float64_convolutions_with_many_taps_run_in_a_loop_and_match_the_reference():
+    rng = np.random.default_rng(3)
+    x, kernel = rng.standard_normal((1, 30, 27, 4)), rng.standard_normal((13, 11, 2, 4))  # 143 taps: a loop
+    run = functools.partial(ops.conv, strides=(2, 1), dilation=(1, 2), pads=((6, 5), (-1, 3)), groups=2)
+    program = str(jax.make_jaxpr(run)(x, kernel))
+    assert ops.UNROLL_TAPS < 143 and ("scan" in program or "while" in program)
+    assert "conv_general_dilated" not in program
+    np.testing.assert_allclose(np.asarray(run(x, kernel)),
+                               reference.conv(x, kernel, None, (2, 1), (1, 2), ((6, 5), (-1, 3)), 2), atol=1e-11)
+
+
 def test_the_certificate_probe_is_bounded_and_keeps_the_borders():
     assert probe_input_shape((28, 28, 1), (1, 1), (5, 5)) == (28, 28, 1)
     assert probe_input_shape((4099, 100, 3), (4, 1), (7, 7)) == (64 + (4099 - 64) % 4, 64, 3)
