@@ -194,3 +194,22 @@ def test_a_second_process_loads_compiled_code_from_the_cache(tmp_path):
     assert second["rel_error"] == pytest.approx(first["rel_error"], rel=1e-12)
     off = json.loads(_cli(args + ["--out", "three"], {"JFACTOR_COMPILE_CACHE": "off"}, tmp_path).stdout)
     assert off["compiles"] > 0
+    # the default images were decoded once and kept beside the compiled code
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "images").glob("*.npy")) == \
+        ["astronaut", "camera", "coins"]
+
+
+def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    from skimage import data
+
+    from jfactor.factorize import objectives
+
+    monkeypatch.setattr(objectives, "image_cache", lambda: tmp_path)
+    first = objectives.load_images(["camera"], size=16, count=2, seed=3)
+    decode = data.camera
+    monkeypatch.setattr(data, "camera", lambda: pytest.fail("decoded again"))
+    np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)
+    next(tmp_path.glob("camera-*.npy")).write_bytes(b"damaged")
+    monkeypatch.setattr(data, "camera", decode)
+    np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)  # again
+    assert np.load(next(tmp_path.glob("camera-*.npy"))).shape == decode().shape  # and replaced

@@ -26,6 +26,7 @@ import numpy as np
 
 from jfactor.factorize.chain import Chain, chain_kernel, chain_kernel_numpy
 from jfactor.factorize.metrics import rel_error
+from jfactor.factorize.npconv import convolve_full
 
 BASELINES = ("svd", "als", "lstsq", "wiener", "unsupervised_wiener", "scipy_lm")
 DEFAULT_BASELINES = ("svd", "lstsq", "wiener", "unsupervised_wiener")  # the fast ones; als, scipy_lm on request
@@ -112,24 +113,21 @@ def lstsq(target: np.ndarray, chain: Chain, start: list[np.ndarray]) -> dict:
 
 def _known_kernel(chain: Chain, free: int) -> np.ndarray:
     """Full convolution of the frozen factors (2-D, single channel, stride 1)."""
-    from scipy import signal
-
     known = np.ones((1, 1))
     for i, (weights, dilation) in enumerate(zip(chain.weights, chain.effective_dilations)):
         if i != free:
             spread = np.zeros([(k - 1) * d + 1 for k, d in zip(weights.shape[:2], dilation)])
             spread[:: dilation[0], :: dilation[1]] = weights[..., 0, 0]
-            known = signal.convolve2d(known, spread)
+            known = convolve_full(known, spread)
     return known
 
 
 def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 0, balance: float = 0.01) -> dict:
-    from scipy import signal
-    from skimage import restoration
-
     free = _free_indices(chain)
     if len(free) != 1:
         return _not_applicable(f"{len(free)} free factors; needs 1")
+    from skimage import restoration  # only where it applies: it imports scipy.signal (~1 s)
+
     i = free[0]
     single_channel = target.ndim == 4 and target.shape[-2:] == (1, 1) and all(w == 1 for w in chain.widths)
     strided = any(s > 1 for layer in chain.layers for s in layer.stride)
@@ -148,7 +146,7 @@ def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 
         # 'same' alignment: factor tap t sits at known's centre offset (k - 1) // 2 past the padding
         start = [p + (k - 1) // 2 for (p, _), k in zip(pad, known.shape)]
         factor = estimate[start[0]: start[0] + size[0], start[1]: start[1] + size[1]]
-        approx = signal.convolve2d(known, factor)
+        approx = convolve_full(known, factor)
         return rel_error(approx[..., None, None], target)
 
     return _timed(run)

@@ -17,7 +17,9 @@ every optimizer.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,6 +78,38 @@ class Objective:
         return self.raw(approx, target, images) / scale
 
 
+def image_cache() -> Path | None:
+    """``images/`` beside the compile cache in use (None: no cache)."""
+    root = jax.config.jax_compilation_cache_dir
+    return None if root is None else Path(root) / "images"
+
+
+def sample_image(name: str) -> np.ndarray:
+    """skimage.data's image ``name``, decoded once and then kept as ``.npy`` in ``images/``
+    beside the compile cache (:mod:`jfactor.cache`; decoding imports skimage.io, ~0.3 s of
+    every command's start-up).  Without a compile cache, decoded every time."""
+    import skimage
+    from skimage import data
+
+    from jfactor.rundir import write_with
+
+    root = image_cache()
+    path = None if root is None else root / f"{name}-skimage-{skimage.__version__}.npy"
+    if path is not None and path.is_file():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            pass  # a damaged copy: decode again and replace it
+    image = getattr(data, name)()
+    if path is not None:
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            write_with(path, lambda handle: np.save(handle, image))
+        except OSError:
+            pass  # a read-only cache only costs the decoding
+    return image
+
+
 def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, seed: int = 0,
                 ndim: int = 2) -> np.ndarray:
     """Grey float images (count * len(names), *(size,) * ndim, c_in) from skimage.data or files.
@@ -85,18 +119,20 @@ def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, s
     channel gets its own crop.  ``ndim=1`` takes one row of each crop (a natural 1-D
     signal); ``ndim=3`` stacks ``size`` crops shifted by one pixel (a slowly panning video).
     """
-    from skimage import color, data, io, transform, util
+    from skimage import color, data, transform, util
 
     rng = np.random.default_rng(seed)
     crops = []
     for name in names_or_paths:
         if "." in str(name):
+            from skimage import io
+
             try:
                 image = io.imread(name)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"{name}: cannot read the image: {exc}") from None
         elif hasattr(data, str(name)):
-            image = getattr(data, str(name))()
+            image = sample_image(str(name))
         else:
             raise ConfigError(f"unknown image {name!r}: give a skimage.data name (camera, astronaut, "
                               "coins, moon, ...) or an image file path")
