@@ -94,6 +94,7 @@ class Setup:
     batch_restarts: int
     solver: Solver
     images: np.ndarray
+    kept_scipy: dict = dataclasses.field(default_factory=dict)  # A: scipy results reused, see kept_scipy()
 
 
 def setup(args) -> Setup:
@@ -108,7 +109,7 @@ def setup(args) -> Setup:
                  families=FAMILIES, wiener_seeds=(1, 2), restarts=args.restarts, scipy_starts=args.scipy_starts,
                  timing_restarts=args.timing_restarts, widths=tuple(args.widths), width_restarts=args.width_restarts,
                  n=args.n, single_n=min(args.single_n, args.n), batch_restarts=args.batch_restarts, solver=Solver(),
-                 images=images)
+                 images=images, kept_scipy=kept_scipy(args.reuse_scipy, args.scipy_starts))
 
 
 def log(message: str) -> None:
@@ -149,13 +150,14 @@ def targets_a(s: Setup) -> list[tuple]:
     return rows
 
 
-def quality_row(label: str, target: np.ndarray, chain: Chain, s: Setup) -> dict:
-    """The toolkit with its own starts, and from exactly scipy's starts; scipy's LM; the seed's Wiener route."""
+def quality_row(label: str, target: np.ndarray, chain: Chain, s: Setup, kept: dict | None = None) -> dict:
+    """The toolkit with its own starts, and from exactly scipy's starts; scipy's LM (or ``kept``,
+    scipy's result on the same starts from an earlier run); the seed's Wiener route."""
     shared = scipy_starts(chain, s.scipy_starts)
     result, seconds, compiled = run_toolkit(target, chain, s, s.restarts)
     same_starts, _, _ = run_toolkit(target, chain, s, len(shared), starts=shared)
     unit = result.target_padded / np.linalg.norm(result.target_padded)
-    scipy = baseline_lib.scipy_lm(unit, chain, shared)
+    scipy = kept or baseline_lib.scipy_lm(unit, chain, shared)
     wiener = {name: baseline_lib.wiener(unit, chain, unsupervised=name == "unsupervised_wiener")
               for name in ("wiener", "unsupervised_wiener")}
     row = {"family": label, "target": "x".join(map(str, target.shape)), "chain": chain.describe(),
@@ -186,10 +188,22 @@ def checks(row: dict, separable: bool) -> dict:
     }
 
 
+def kept_scipy(path: Path | None, scipy_starts: int) -> dict:
+    """scipy's part-A results in an earlier JSON, by (family, target, chain), where it used as many starts
+    (the starts are seeded, so the same ones)."""
+    if path is None:
+        return {}
+    rows = json.loads(path.read_text()).get("quality", {}).get("rows", [])
+    return {(r["family"], r["target"], r["chain"]): {"rel_error": r["scipy_rel_error"], "time_s": r["scipy_s"],
+                                                     "note": r["scipy_note"]}
+            for r in rows if r["scipy_starts"] == scipy_starts}
+
+
 def part_a(s: Setup) -> dict:
     rows = []
     for label, target, chain in targets_a(s):
-        rows.append(quality_row(label, target, chain, s))
+        key = (label, "x".join(map(str, target.shape)), chain.describe())
+        rows.append(quality_row(label, target, chain, s, s.kept_scipy.get(key)))
         r = rows[-1]
         log(f"A {label} {r['target']} {r['chain']}: toolkit {r['toolkit_rel_error']:.3e} ({r['toolkit_s']:.1f} s), "
             f"scipy {_num(r['scipy_rel_error'])} ({_num(r['scipy_s'], '.1f')} s)")
@@ -392,6 +406,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     parser.add_argument("--out-dir", type=Path, help="also write the JSON to OUT_DIR/<device>/bench_factorize.json")
+    parser.add_argument("--reuse-scipy", type=Path, metavar="JSON",
+                        help="A: take scipy's results (same seeded starts) from this earlier JSON instead of rerunning")
     args = parser.parse_args()
 
     s = setup(args)
@@ -408,7 +424,9 @@ def main() -> None:
     print(json.dumps(result) if args.json else header + "\n\n".join(texts))
     for path in filter(None, [args.out, args.out_dir and devices.results_path(args.out_dir, "bench_factorize.json")]):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        earlier = json.loads(path.read_text()) if path.exists() else {}  # the parts not rerun stay
+        parts = sorted(set(earlier.get("parts", [])) | set(args.parts))
+        path.write_text(json.dumps({**earlier, **result, "parts": parts}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
