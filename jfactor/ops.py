@@ -14,6 +14,7 @@ borders (zero padding between layers) are handled separately in :mod:`jfactor.an
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -35,16 +36,19 @@ def dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
 
 
 UNROLL_TAPS = 128  # kernels with at most this many taps have their taps unrolled (fused); more: a loop
+TAPS_FROM = 2 ** 18  # float64 inputs of at least this many values (512x512) convolve tap by tap on the CPU
 
 
-def conv_by_taps(x, kernel, *, strides, dilation, pads: Pads, groups: int):
+@functools.partial(jax.jit, static_argnames=("strides", "dilation", "pads", "groups"))
+def conv_by_taps(x, kernel, *, strides: tuple, dilation: tuple, pads: Pads, groups: int):
     """The convolution :func:`conv` computes, as one strided slice and channel matmul per tap.
 
     ``y[n, j] = sum_t x_pad[n, stride * j + dilation * t] @ kernel[t]`` (grouped: each group's
     channels with its block); up to :data:`UNROLL_TAPS` taps unrolled (XLA fuses them into one
     pass), more in a ``fori_loop``.  No convolution op: XLA's CPU convolution crashes (SIGSEGV)
-    on some float64 inputs, depending on the exact shape (jaxlib 0.10.2: a 3x3 SAME conv on
-    1x2048x2048x1 crashed where 1024 and 3000 did not), so float64 on the CPU takes this path.
+    on some large float64 inputs, depending on the exact shape (jaxlib 0.10.2: a 3x3 SAME conv
+    on 1x2048x2048x1 crashed where 1024 and 3000 did not), so large float64 inputs on the CPU
+    take this path (:func:`conv`).
     """
     ndim = kernel.ndim - 2
     k = kernel.shape[:ndim]
@@ -73,11 +77,16 @@ def conv_by_taps(x, kernel, *, strides, dilation, pads: Pads, groups: int):
 def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
     """Apply one convolution: ``x`` (N, *S, C_in), ``kernel`` (*k, C_in/g, C_out) -> (N, *S', C_out).
 
-    float64 on the CPU runs :func:`conv_by_taps`; everything else XLA's convolution.
+    float64 inputs of at least :data:`TAPS_FROM` values on the CPU run :func:`conv_by_taps`;
+    everything else, kernel algebra and the fold certificate's bounded probe included, XLA's
+    convolution (it compiles several times faster than the unrolled taps, and the crashes seen
+    were all on large inputs).
     """
     ndim = kernel.ndim - 2
-    if jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and jax.default_backend() == "cpu":
-        y = conv_by_taps(x, kernel, strides=strides, dilation=dilation, pads=pads, groups=groups)
+    if (jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and math.prod(x.shape) >= TAPS_FROM
+            and jax.default_backend() == "cpu"):
+        y = conv_by_taps(x, kernel, strides=tuple(strides), dilation=tuple(dilation),
+                         pads=tuple(tuple(p) for p in pads), groups=int(groups))
         return y if bias is None else y + bias
     y = lax.conv_general_dilated(
         x,

@@ -61,33 +61,42 @@ def test_apply_and_fold_over_a_grid_of_sizes_and_depths_never_crash(dtype):
 
 @settings(max_examples=30, deadline=None)
 @given(st.data())
-def test_float64_convolutions_on_the_cpu_use_no_xla_convolution_and_match_the_reference(data):
-    """XLA's CPU convolution crashes on some float64 shapes; jfactor's conv routes around it
-    (tap by tap) and still computes what the independent reference does, crops included."""
+def test_convolution_tap_by_tap_matches_the_reference(data):
+    """The formulation large float64 inputs take on the CPU, crops, strides, dilation and groups included."""
     ndim = data.draw(st.integers(1, 3))
     groups = data.draw(st.integers(1, 3))
     cin_g, cout_g = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
-    k = [data.draw(st.integers(1, 3)) for _ in range(ndim)]
-    strides = [data.draw(st.integers(1, 3)) for _ in range(ndim)]
-    dilation = [data.draw(st.integers(1, 2)) for _ in range(ndim)]
-    pads = [(data.draw(st.integers(-1, 2)), data.draw(st.integers(-1, 2))) for _ in range(ndim)]
+    k = tuple(data.draw(st.integers(1, 3)) for _ in range(ndim))
+    strides = tuple(data.draw(st.integers(1, 3)) for _ in range(ndim))
+    dilation = tuple(data.draw(st.integers(1, 2)) for _ in range(ndim))
+    pads = tuple((data.draw(st.integers(-1, 2)), data.draw(st.integers(-1, 2))) for _ in range(ndim))
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
     x = rng.standard_normal((2, *[data.draw(st.integers(7, 10)) for _ in range(ndim)], groups * cin_g))
     kernel = rng.standard_normal((*k, cin_g, groups * cout_g))
-    bias = rng.standard_normal(groups * cout_g)
-    run = functools.partial(ops.conv, strides=strides, dilation=dilation, pads=pads, groups=groups)
-    expected = reference.conv(x, kernel, bias, strides, dilation, pads, groups)
-    np.testing.assert_allclose(np.asarray(run(x, kernel, bias)), expected, atol=1e-12)
-    assert "conv_general_dilated" not in str(jax.make_jaxpr(run)(x, kernel, bias))
-    single = [a.astype(np.float32) for a in (x, kernel, bias)]  # float32 keeps XLA's convolution
-    assert "conv_general_dilated" in str(jax.make_jaxpr(run)(*single))
-    np.testing.assert_allclose(np.asarray(run(*single)), expected, atol=1e-4)
+    got = ops.conv_by_taps(x, kernel, strides=strides, dilation=dilation, pads=pads, groups=groups)
+    np.testing.assert_allclose(np.asarray(got), reference.conv(x, kernel, None, strides, dilation, pads, groups),
+                               atol=1e-12)
+
+
+def test_large_float64_inputs_use_no_xla_convolution_on_the_cpu():
+    """XLA's CPU convolution crashed on some large float64 inputs: jfactor's conv routes them
+    tap by tap, small ones and float32 keep XLA's convolution."""
+    kernel = np.ones((3, 3, 1, 1))
+    run = functools.partial(ops.conv, strides=(1, 1), dilation=(1, 1), pads=((1, 1), (1, 1)), groups=1)
+    program = lambda shape, dtype: str(jax.make_jaxpr(run)(np.zeros(shape, dtype), kernel.astype(dtype)))  # noqa: E731
+    assert "conv_general_dilated" not in program((1, 2048, 2048, 1), np.float64)
+    assert "conv_general_dilated" not in program((4, 256, 256, 1), np.float64)  # 2^18 values
+    assert "conv_general_dilated" in program((1, 255, 255, 1), np.float64)
+    assert "conv_general_dilated" in program((1, 2048, 2048, 1), np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 700, 600, 1))
+    np.testing.assert_allclose(np.asarray(run(x, kernel)), reference.conv(x, kernel, None, 1, 1, ((1, 1), (1, 1))),
+                               atol=1e-12)
 
 
 def test_float64_convolutions_with_many_taps_run_in_a_loop_and_match_the_reference():
     rng = np.random.default_rng(3)
     x, kernel = rng.standard_normal((1, 30, 27, 4)), rng.standard_normal((13, 11, 2, 4))  # 143 taps: a loop
-    run = functools.partial(ops.conv, strides=(2, 1), dilation=(1, 2), pads=((6, 5), (-1, 3)), groups=2)
+    run = functools.partial(ops.conv_by_taps, strides=(2, 1), dilation=(1, 2), pads=((6, 5), (-1, 3)), groups=2)
     program = str(jax.make_jaxpr(run)(x, kernel))
     assert ops.UNROLL_TAPS < 143 and ("scan" in program or "while" in program)
     assert "conv_general_dilated" not in program
