@@ -29,6 +29,8 @@ def test_an_ablation_runs_tiny(tmp_path):
 def test_bench_optimality_runs_tiny():
     out = _run("experiments/bench_optimality.py", "--tiny")
     assert "| disk 5x5 | 3x3 -> 3x3, width 1 |" in out and "Within 1.01x of the best known:" in out
+    row = next(line for line in out.splitlines() if line.startswith("| disk 5x5"))
+    assert row.endswith(" | 5/5 |") and "runs over all seeds" in out  # five seeds, each exact or at the best
 
 
 def test_repvgg_reparam_runs_tiny(tmp_path):
