@@ -82,22 +82,21 @@ def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
     convolution (it compiles several times faster than the unrolled taps, and the crashes seen
     were all on large inputs).
     """
-    ndim = kernel.ndim - 2
     if (jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and math.prod(x.shape) >= TAPS_FROM
             and jax.default_backend() == "cpu"):
         y = conv_by_taps(x, kernel, strides=tuple(strides), dilation=tuple(dilation),
                          pads=tuple(tuple(p) for p in pads), groups=int(groups))
-        return y if bias is None else y + bias
-    y = lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=tuple(strides),
-        padding=tuple(pads),
-        rhs_dilation=tuple(dilation),
-        dimension_numbers=dimension_numbers(ndim),
-        feature_group_count=groups,
-        precision=lax.Precision.HIGHEST,
-    )
+    else:
+        y = lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=tuple(strides),
+            padding=tuple(pads),
+            rhs_dilation=tuple(dilation),
+            dimension_numbers=dimension_numbers(kernel.ndim - 2),
+            feature_group_count=groups,
+            precision=lax.Precision.HIGHEST,
+        )
     return y if bias is None else y + bias
 
 

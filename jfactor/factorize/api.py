@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax.numpy as jnp
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jfactor.cache import compile_stats
@@ -28,7 +28,7 @@ from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_ker
 from jfactor.factorize.init import INITS, random_init, separable_init
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
-from jfactor.factorize.solve import Problem, Solver, bucket, optimise
+from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
 from jfactor.progress import ProgressBar
 from jfactor.sharding import sharded_call
 from jfactor.schema import unknown_key
@@ -292,7 +292,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
-    residuals = jax.eval_shape(objective.residual, normalised[0], normalised[0], objective_images).shape[0]
+    residuals = residual_size(objective, normalised[0], objective_images)
     cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
     budget.check(cost, f"{first.name}: chain {chain.describe()}")

@@ -313,9 +313,15 @@ def bucket(count: int, total: int) -> int:
     return size
 
 
+def residual_size(objective, target, images) -> int:
+    """Length of ``objective``'s residual for a ``target`` (*k, C_in, C_out) and ``images`` (or None)."""
+    spec = lambda a: None if a is None else (tuple(a.shape), str(a.dtype))  # noqa: E731
+    return _residual_size(objective, spec(target), spec(images))
+
+
 @functools.lru_cache(maxsize=64)
 def _residual_size(objective, target: tuple, images: tuple | None) -> int:
-    """Length of ``objective``'s residual for a target and images given as (shape, dtype)."""
+    """:func:`residual_size` for a target and images given as (shape, dtype): cached, no tracing."""
     struct = lambda spec: None if spec is None else jax.ShapeDtypeStruct(*spec)  # noqa: E731
     return jax.eval_shape(objective.residual, struct(target), struct(target), struct(images)).shape[0]
 
@@ -330,8 +336,7 @@ def _group_size(problem: Problem, n: int, target, images, total: int) -> int:
     """
     if jax.default_backend() != "cpu":
         return total
-    spec = lambda a: None if a is None else (tuple(a.shape), str(a.dtype))  # noqa: E731
-    m = _residual_size(problem.objective, spec(target), spec(images))
+    m = residual_size(problem.objective, target, images)
     solver = problem.solver
     if solver.linear_solver == "cg" or (solver.linear_solver == "auto" and not dense_solve(m, n)):
         return total
