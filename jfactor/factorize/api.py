@@ -23,7 +23,7 @@ from jfactor.cache import compile_stats
 from jfactor.errors import ConfigError
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
-from jfactor.factorize import multistart
+from jfactor.factorize import multistart, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
 from jfactor.factorize.init import INITS, random_init, separable_init
 from jfactor.factorize.multistart import SearchPolicy
@@ -128,13 +128,16 @@ def _as_target(target, name: str = "target") -> Target:
     return target if isinstance(target, Target) else Target.from_array(target, name=name)
 
 
-def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int) -> list[list]:
+def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
+          group: list) -> list[list]:
     """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``.
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
-    new root groupings; the rest are random, for a broad search.  ``roots``/``svd``: every
-    restart uses that init, later ones with other root groupings or ALS starts.
+    new root groupings; the rest are random, for a broad search, and every other one of
+    them shares the target's grid symmetries ``group`` where it has mirror ones
+    (:func:`jfactor.factorize.symmetry.start_group`).  ``roots``/``svd``: every restart
+    uses that init, later ones with other root groupings or ALS starts.
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)
@@ -155,7 +158,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
                 + " and no frozen layers; use init auto or random")
         noise = random_init(shapes, rng)
         if factors is None:
-            factors = noise
+            factors = (symmetry.symmetric_start(noise, group, rng) if init == "auto" and group and r % 2 else noise)
         elif any(w > 1 for w in chain.widths):  # wake the channels the separable terms leave unused
             factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
@@ -290,6 +293,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     given = [_given_starts(g, chain, first, size, b) for b, g in enumerate(starts or [[]] * len(targets))]
     rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
+    free_chain = not any(layer.frozen for layer in chain.layers)
+    groups = [symmetry.start_group(k, chain) if free_chain else [] for k in normalised]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
     residuals = residual_size(objective, normalised[0], objective_images)
@@ -305,7 +310,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)]
                 for factors in multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b])]
-        fresh = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave)
+        fresh = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
         return own + fresh + hops, np.arange(size) < size - len(hops)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact

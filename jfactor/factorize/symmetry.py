@@ -1,0 +1,89 @@
+"""The target's grid symmetries, and starts that share them.
+
+Many kernels people factorize are symmetric on the pixel grid: a ring or a disk under the
+eight flips and transposes of the square, a line or a Gabor under the point reflection
+``K(-x) = K(x)``, a derivative up to a sign.  Full convolution commutes with these maps
+(flipping every factor about its own centre flips the chain's kernel, dilated or strided
+alike; permuting axes does too where every layer has the same size, dilation and stride
+along them), so a chain whose factors share the target's symmetry stays in that much
+smaller subspace, and gradients and Levenberg-Marquardt steps (equivariant under these
+orthogonal maps) keep it there.  The best minimum often lies in it: on an 11x11 ring into
+3-5-5, 12 of 128 D4-symmetric random starts reach the best basin, 3 of 1,024 plain ones do.
+
+A symmetry is a signed axis permutation ``g`` (flip some spatial axes, then permute axes of
+equal size) with ``K o g = s(g) K`` for a sign ``s(g)`` (a character of the group).  A
+symmetric start projects every factor onto the trivial character and one factor (the
+carrier, drawn at random) onto ``s``: ``f <- mean_g s(g) g(f)``, so the chain's kernel has
+the target's signs.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from jfactor.factorize.chain import Chain
+
+TOLERANCE = 1e-3  # relative: a nearly symmetric target still gets symmetric starts (they are only starts)
+
+
+def apply(element: tuple[tuple[int, ...], tuple[bool, ...]], array: np.ndarray) -> np.ndarray:
+    """``g(array)`` for ``element = (perm, flips)`` on the leading ``len(perm)`` (spatial) axes:
+    flip the axes marked in ``flips``, then move axis ``perm[i]`` to position ``i``."""
+    perm, flips = element
+    flipped = np.flip(array, [axis for axis, flip in enumerate(flips) if flip]) if any(flips) else array
+    return np.transpose(flipped, tuple(perm) + tuple(range(len(perm), array.ndim)))
+
+
+def _compatible(perm: tuple[int, ...], chain: Chain) -> bool:
+    """Whether every layer looks the same along the axes ``perm`` exchanges."""
+    return all(layer.size[p] == layer.size[i] and layer.dilation[p] == layer.dilation[i]
+               and layer.stride[p] == layer.stride[i] for layer in chain.layers for i, p in enumerate(perm))
+
+
+def grid_symmetries(kernel: np.ndarray, chain: Chain, tolerance: float = TOLERANCE) -> list[tuple]:
+    """The signed axis permutations the (padded) target ``kernel`` (*extent, C_in, C_out) has
+    and the chain can share: ``[((perm, flips), sign), ...]``, the identity first."""
+    ndim = chain.ndim
+    norm = np.linalg.norm(kernel)
+    found = []
+    for perm in itertools.permutations(range(ndim)):
+        if not _compatible(perm, chain):
+            continue
+        for flips in itertools.product((False, True), repeat=ndim):
+            moved = apply((perm, flips), kernel)
+            if moved.shape != kernel.shape:
+                continue
+            for sign in (1.0, -1.0):
+                if np.linalg.norm(moved - sign * kernel) <= tolerance * norm:
+                    found.append(((perm, flips), sign))
+                    break
+    return found
+
+
+def start_group(kernel: np.ndarray, chain: Chain) -> list[tuple]:
+    """The symmetries symmetric starts should share: :func:`grid_symmetries`, where they include
+    a mirror or an axis exchange; else [] (no symmetric starts).
+
+    A group of only the identity and the point reflection (lines and Gabors at an angle)
+    gives no symmetric starts: there, measured over five seeds of the default search, the
+    even subspace held the best basin less often than plain starts find it (a 15x15 line
+    into 3-5-9 reached it in 0 of 5 runs with half its random starts even, 2 of 5 without).
+    """
+    group = grid_symmetries(kernel, chain)
+    point = tuple(range(chain.ndim)), (True,) * chain.ndim
+    return group if any(element not in (point, (point[0], (False,) * chain.ndim)) for element, _ in group) else []
+
+
+def project(factor: np.ndarray, group: list[tuple], signed: bool) -> np.ndarray:
+    """``mean_g s(g) g(factor)`` (``signed``) or ``mean_g g(factor)``: the factor's part with the
+    group's sign character (or invariant under it)."""
+    return np.mean([(sign if signed else 1.0) * apply(element, factor) for element, sign in group], axis=0)
+
+
+def symmetric_start(factors: list[np.ndarray], group: list[tuple], rng: np.random.Generator) -> list[np.ndarray]:
+    """``factors`` projected onto the symmetric subspace: one random factor carries the target's
+    signs, the others are invariant (their chain kernel then has the target's symmetry)."""
+    carrier = int(rng.integers(len(factors)))
+    return [project(f, group, signed=i == carrier) for i, f in enumerate(factors)]
