@@ -158,7 +158,8 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
                 + " and no frozen layers; use init auto or random")
         noise = random_init(shapes, rng)
         if factors is None:
-            factors = (symmetry.symmetric_start(noise, group, rng) if init == "auto" and group and r % 2 else noise)
+            symmetric = init == "auto" and structured and group and r % 2
+            factors = symmetry.symmetric_start(noise, group, rng) if symmetric else noise
         elif any(w > 1 for w in chain.widths):  # wake the channels the separable terms leave unused
             factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
@@ -293,8 +294,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     given = [_given_starts(g, chain, first, size, b) for b, g in enumerate(starts or [[]] * len(targets))]
     rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
-    free_chain = not any(layer.frozen for layer in chain.layers)
-    groups = [symmetry.start_group(k, chain) if free_chain else [] for k in normalised]
+    groups = [symmetry.start_group(k, chain) for k in normalised]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
     residuals = residual_size(objective, normalised[0], objective_images)
