@@ -23,7 +23,6 @@ from jfactor.layers import (  # noqa: E402
     Subsample,
     SumPool,
 )
-from jfactor.interop.seed_notation import load_any, parse_keras, parse_keras_blocks  # noqa: E402
 from jfactor.stack import Stack, apply  # noqa: E402
 
 __version__ = "0.1.0"
@@ -34,11 +33,14 @@ _LAZY = {
     "FactorizedConv": "jfactor.interop.factorized_conv",
     "from_keras": "jfactor.interop.keras3", "to_keras": "jfactor.interop.keras3",
     "from_onnx": "jfactor.interop.onnx", "to_onnx": "jfactor.interop.onnx",
+    "load_any": "jfactor.interop.seed_notation", "parse_keras": "jfactor.interop.seed_notation",
+    "parse_keras_blocks": "jfactor.interop.seed_notation",
 }
 
 
 def __getattr__(name):
-    """The interop names load their framework (flax, keras, onnx) only when first used."""
+    """The interop names load their framework (flax, keras, onnx) or, for the seed's Keras notation,
+    the config schema (pydantic) only when first used."""
     if name in _LAZY:
         import importlib
 
