@@ -95,7 +95,7 @@ def evidence_line(summary: dict) -> str:
     runner = "none" if e["runner_up"] is None else f"{e['runner_up']:.4g}"
     return (f"search: {e['restarts']} restarts in {e['waves']} wave(s) ({summary['diverged']} diverged), "
             f"{e['refined']} run to convergence, {e['distinct_minima']} distinct minima; the best reached by "
-            f"{e['best_hits']} ({e['independent_hits']} from fresh starts), runner-up {runner}; stopped: "
+            f"{e['best_hits']} ({e['independent_hits']} from independent starts), runner-up {runner}; stopped: "
             f"{e['stopped']}")
 
 

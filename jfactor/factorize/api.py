@@ -129,8 +129,9 @@ def _as_target(target, name: str = "target") -> Target:
 
 
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
-          group: list) -> list[list]:
-    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``.
+          group: list) -> tuple[list[list], np.ndarray]:
+    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, and
+    which of them are symmetric starts (count,).
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
@@ -141,7 +142,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)
-    starts = []
+    starts, symmetric = [], np.zeros(count, bool)
     for r in range(count):
         if init in ("roots", "svd"):
             kind = init
@@ -158,12 +159,12 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
                 + " and no frozen layers; use init auto or random")
         noise = random_init(shapes, rng)
         if factors is None:
-            symmetric = init == "auto" and structured and group and r % 2
-            factors = symmetry.symmetric_start(noise, group, rng) if symmetric else noise
+            symmetric[r] = init == "auto" and structured and bool(group) and r % 2 == 1
+            factors = symmetry.symmetric_start(noise, group, rng) if symmetric[r] else noise
         elif any(w > 1 for w in chain.widths):  # wake the channels the separable terms leave unused
             factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
-    return starts
+    return starts, symmetric
 
 
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
@@ -302,16 +303,19 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
     budget.check(cost, f"{first.name}: chain {chain.describe()}")
 
-    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray]:
-        """Wave ``wave``'s starts of target ``b`` and which are independent (not perturbations)."""
+    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray]:
+        """Wave ``wave``'s starts of target ``b``, which are fresh (not perturbations; they come
+        first) and which are independent evidence (fresh and not confined to a symmetric
+        subspace, where few minima exist and repeated hits say little about the full space)."""
         own = given[b] if wave == 0 else []
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)]
                 for factors in multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b])]
-        fresh = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
-        return own + fresh + hops, np.arange(size) < size - len(hops)
+        fresh, symmetric = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
+        kind = np.arange(size) < size - len(hops)
+        return own + fresh + hops, kind, kind & ~np.pad(symmetric, (len(own), len(hops)))
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None
@@ -328,23 +332,23 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         while live:
             drawn = [draw(b, wave) for b in live]
             if wave == 0:
-                records = [_Record(first_starts=s) for s, _ in drawn]
+                records = [_Record(first_starts=s) for s, _, _ in drawn]
             size_now = bucket(len(live), len(targets))
             rows = live + live[:1] * (size_now - len(live))
-            per_row = [s for s, _ in drawn] + [drawn[0][0]] * (size_now - len(live))
+            per_row = [s for s, _, _ in drawn] + [drawn[0][0]] * (size_now - len(live))
             free = tuple(jnp.asarray(np.stack([[s[i] for s in row] for row in per_row]), np_dtype)
                          for i in problem.free)
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
             free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
                 lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
                                        quiet if policy.adaptive else bar, policy.prune, exact_loss,
-                                       min(int(independent.sum()) for _, independent in drawn)),
+                                       min(int(fresh.sum()) for _, fresh, _ in drawn)),
                 (wave_targets, free), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
             elapsed = time.perf_counter() - start
             for j, b in enumerate(live):
                 records[b].add([f[j] for f in free], history[j], losses[j], errors[j], diverged[j], pruned[j],
-                               drawn[j][1], solver.refine == "lm")
+                               drawn[j][2], solver.refine == "lm")
                 records[b].found.append(multistart.evidence(records[b].joined("errors"), records[b].joined("pruned"),
                                                             records[b].joined("independent"), dtype))
                 records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed)

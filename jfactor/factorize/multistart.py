@@ -10,7 +10,8 @@ perturbations ranked apart, :func:`jfactor.factorize.solve.refine`), and after e
 :func:`stop_reason`:
 
 - ``exact``: the best error is at the float rounding floor: no start can do better;
-- ``repeated``: at least :attr:`SearchPolicy.hits` fresh (not perturbed) restarts reached the
+- ``repeated``: at least :attr:`SearchPolicy.hits` independent restarts (fresh, neither
+  perturbed nor symmetric starts) reached the
   best error within a relative :data:`HIT_TOLERANCE`, and the last
   :attr:`SearchPolicy.patience` waves found nothing better;
 - ``stalled``: :attr:`SearchPolicy.min_restarts` restarts have run, at least
@@ -131,12 +132,13 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
     Args:
       errors: (R,) relative errors of every restart (inf where diverged).
       pruned: (R,) restarts screened out before converging (not local minima).
-      independent: (R,) restarts not derived from an earlier restart's result.
+      independent: (R,) restarts that are independent evidence: fresh starts, neither derived
+        from an earlier restart's result nor confined to a symmetric subspace.
       dtype: the run's dtype (sets the rounding floor).
     Returns:
       restarts, refined (restarts run to convergence), distinct_minima, best_error,
-      best_hits (refined restarts at the best), independent_hits (those of them from fresh
-      starts), runner_up (the next minimum's error, or None), exact (the best is at the
+      best_hits (refined restarts at the best), independent_hits (those of them from
+      independent starts), runner_up (the next minimum's error, or None), exact (the best is at the
       rounding floor).
     """
     floor = EXACT[dtype]
