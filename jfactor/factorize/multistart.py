@@ -27,7 +27,8 @@ more often than fresh starts do.  So later waves mix fresh random starts and new
 groupings (independent evidence) with perturbations of the best so far, which start next to
 a minimum and go straight to LM.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
-(fresh starts only), next to the number of distinct minima and the runner-up.
+(fresh starts only, symmetric starts left out: :mod:`jfactor.factorize.symmetry`), next to
+the number of distinct minima and the runner-up.
 
 ``SearchPolicy(restarts=N)`` instead runs exactly N restarts in one wave, each refined to
 convergence, as a plain multistart.

@@ -52,9 +52,7 @@ def grid_symmetries(kernel: np.ndarray, chain: Chain, tolerance: float = TOLERAN
         if not _compatible(perm, chain):
             continue
         for flips in itertools.product((False, True), repeat=ndim):
-            moved = apply((perm, flips), kernel)
-            if moved.shape != kernel.shape:
-                continue
+            moved = apply((perm, flips), kernel)  # same shape: compatible axes have equal extents
             for sign in (1.0, -1.0):
                 if np.linalg.norm(moved - sign * kernel) <= tolerance * norm:
                     found.append(((perm, flips), sign))
@@ -73,8 +71,9 @@ def start_group(kernel: np.ndarray, chain: Chain) -> list[tuple]:
     15x15 Gabor in 0 of 5; without, in 2 and 1).
     """
     group = grid_symmetries(kernel, chain)
-    point = tuple(range(chain.ndim)), (True,) * chain.ndim
-    return group if any(element not in (point, (point[0], (False,) * chain.ndim)) for element, _ in group) else []
+    identity = tuple(range(chain.ndim)), (False,) * chain.ndim
+    point_reflection = identity[0], (True,) * chain.ndim
+    return group if any(element not in (identity, point_reflection) for element, _ in group) else []
 
 
 def project(factor: np.ndarray, group: list[tuple], signed: bool) -> np.ndarray:
