@@ -281,13 +281,17 @@ def main(argv=None) -> int:
             save()
     kept.update({"device": devices.describe(), "platform": jax.default_backend(), "jax": jax.__version__})
     save()
-    rows = [{**kept["default"][t["name"]], **verdicts(kept["default"][t["name"]], kept["reference"][t["name"]])}
-            for t in targets]
+    def rows_of(entries):
+        return [{**kept["default"][t["name"]], **verdicts(kept["default"][t["name"]], kept["reference"][t["name"]])}
+                for t in entries]
+
+    rows = rows_of(targets)
     if args.json:
         print(json.dumps({"rows": rows}, indent=1))
     else:
         print(table(rows))
-    if args.readme:
+    if args.readme:  # every target kept, not only the ones rerun (--only)
+        rows = rows_of([t for t in target_set(args.tiny) if t["name"] in kept["default"]])
         unmeasured = [r["target"] for r in rows if not r["scipy_ran"]]
         caveat = (f" scipy's reference is missing for {len(unmeasured)} of {len(rows)} targets (`-`): there the "
                   "best known comes from jfactor's runs alone." if unmeasured else "")
