@@ -1,7 +1,9 @@
 """XLA's persistent compilation cache: compiled code kept on disk across processes.
 
 Every ``jfactor`` command turns it on (:func:`configure`): a second run of the same
-geometry loads its compiled code instead of compiling again.  The directory is
+geometry loads its compiled code instead of compiling again, and the traced programs of
+the functions wrapped in :func:`cached_jit` (``programs/`` beside the compiled code), so it
+does not trace them again either.  The directory is
 ``$JFACTOR_COMPILE_CACHE`` if set (``off`` disables the cache), else
 ``$XDG_CACHE_HOME/jfactor/xla`` (``~/.cache/jfactor/xla``); the commands' ``--compile-cache
 DIR`` and ``--no-compile-cache`` override both.  In Python, call
@@ -10,11 +12,19 @@ DIR`` and ``--no-compile-cache`` override both.  In Python, call
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
+import inspect
 import os
+import pickle
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
+
+from jfactor.rundir import write_with
 
 ENV = "JFACTOR_COMPILE_CACHE"
 OFF = ("off", "0", "false", "no", "")
@@ -80,3 +90,112 @@ def configure(path: Path | None, enabled: bool = True) -> Path | None:
     if not enabled or directory is None:
         return None
     return enable_compilation_cache(directory)
+
+
+def programs_directory() -> Path | None:
+    """``programs/`` beside the compile cache in use (None: no cache, so nothing is kept)."""
+    root = jax.config.jax_compilation_cache_dir
+    return None if root is None else Path(root) / "programs"
+
+
+@functools.lru_cache(maxsize=1)
+def _release() -> str:
+    """What a kept program depends on besides its arguments: the versions of jax, jaxlib
+    and optax and the source of this package (any edit makes the kept programs stale)."""
+    digest = hashlib.sha256()
+    for name in ("jax", "jaxlib", "optax"):
+        digest.update(f"{name}=={importlib.metadata.version(name)};".encode())
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _spec(leaf) -> jax.ShapeDtypeStruct | None:
+    """The abstract value of an argument a kept program can take: a numpy array or a
+    concrete array on one device (None for tracers, sharded arrays and Python scalars)."""
+    if isinstance(leaf, np.ndarray):
+        return jax.ShapeDtypeStruct(leaf.shape, jax.dtypes.canonicalize_dtype(leaf.dtype))
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and len(leaf.sharding.device_set) == 1:
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=leaf.weak_type)
+    return None
+
+
+def _export(jitted, name: str, static: dict, tree, specs: list):
+    """Trace ``jitted`` (named ``name``) once for these arguments; returns (exported program,
+    output tree)."""
+    out_tree = []
+
+    def flat(*leaves):
+        out = jitted(**static, **jax.tree.unflatten(tree, leaves))
+        out_tree.append(jax.tree.structure(out))
+        return jax.tree.leaves(out)
+
+    flat.__name__ = flat.__qualname__ = name
+    return jax.export.export(jax.jit(flat))(*specs), out_tree[0]
+
+
+def _program(jitted, name: str, static: dict, tree, specs: list):
+    """A callable ``(*leaves) -> (output leaves, output tree)`` for one signature: loaded from
+    ``programs/`` if kept there, else traced (and kept); None when it cannot be exported."""
+    directory = programs_directory()
+    shapes = [(spec.shape, str(spec.dtype), spec.weak_type) for spec in specs]
+    key = hashlib.sha256(repr((name, sorted(static.items()), str(tree), shapes, jax.default_backend(),
+                               _release())).encode()).hexdigest()
+    short = name.rsplit(".", 1)[-1]
+    path = directory / f"{short}-{key}.pickle"
+    try:
+        serialized, out_tree = pickle.loads(path.read_bytes())
+        exported = jax.export.deserialize(bytearray(serialized))
+    except Exception:  # absent, damaged or unreadable: trace it again (it is only a cache)
+        try:
+            exported, out_tree = _export(jitted, short, static, tree, specs)
+        except Exception:  # not exportable (a callback, an unstable custom call): plain jit
+            return None
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            kept = pickle.dumps((bytes(exported.serialize()), out_tree))
+            write_with(path, lambda handle: handle.write(kept))
+        except (OSError, pickle.PicklingError):
+            pass  # kept in this process only
+    call = jax.jit(exported.call)
+    return lambda *leaves: (call(*leaves), out_tree)
+
+
+def cached_jit(fn=None, *, static_argnames: tuple[str, ...] = ()):
+    """``jax.jit(fn, static_argnames=...)`` whose traced programs are kept on disk.
+
+    With a compile cache on (:func:`programs_directory`), each signature (static values,
+    argument tree, shapes and dtypes) is traced once with :mod:`jax.export` and kept, so a
+    later process loads it instead of tracing again (the L-BFGS segment of a factorization
+    takes ~1.5 s to trace, longer than it runs).  Calls it cannot keep (no cache, tracers,
+    sharded arrays, Python scalars, programs jax cannot export) go to the plain jit.
+    Results are the same either way: the kept program is the one the jit would run.
+    """
+    if fn is None:
+        return functools.partial(cached_jit, static_argnames=static_argnames)
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+    signature = inspect.signature(fn)
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    programs: dict = {}
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if programs_directory() is None:
+            return jitted(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        static = {k: v for k, v in bound.arguments.items() if k in static_argnames}
+        leaves, tree = jax.tree.flatten({k: v for k, v in bound.arguments.items() if k not in static_argnames})
+        specs = [_spec(leaf) for leaf in leaves]
+        if any(spec is None for spec in specs):
+            return jitted(*args, **kwargs)
+        lookup = (tuple(static.items()), tree, tuple(specs), jax.config.jax_compilation_cache_dir)
+        if lookup not in programs:
+            programs[lookup] = _program(jitted, name, static, tree, specs)
+        if programs[lookup] is None:
+            return jitted(*args, **kwargs)
+        out, out_tree = programs[lookup](*leaves)
+        return jax.tree.unflatten(out_tree, out)
+
+    return call

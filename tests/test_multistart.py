@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -110,8 +111,9 @@ def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
 
 def test_the_first_order_phase_screens_by_successive_halving_and_perturbations_skip_it():
     """16 L-BFGS starts, keep half, floor 2: 8 run 200/8 steps only, 4 more stop at 200/4, 2 at
-    200/2; screened ones are marked pruned, are not refined, and their history repeats their
-    best loss.  Restarts after ``fresh`` take no first-order step."""
+    200/2 (each screened exactly there: segments run from one screening to the next); screened
+    ones are marked pruned, are not refined, and their history repeats their best loss.
+    Restarts after ``fresh`` take no first-order step."""
     from jfactor.factorize.objectives import Objective
     from jfactor.factorize.solve import Problem, optimise
     from jfactor.progress import ProgressBar
@@ -129,7 +131,9 @@ def test_the_first_order_phase_screens_by_successive_halving_and_perturbations_s
     ran = (~np.isnan(first)).sum(axis=1)
     assert (ran[16:] == 0).all() and (ran[:16] == 200).all()  # perturbations skip; screened ones are filled
     steps_run = np.array([np.flatnonzero(np.diff(row) != 0).max(initial=-1) + 2 for row in first[:16]])
-    assert sorted(np.minimum(steps_run, 200) // 10 * 10) == sorted([30] * 8 + [50] * 4 + [100] * 2 + [200] * 2)
+    # (a screened restart's history repeats its best loss, which may differ from its last one: +-1)
+    np.testing.assert_allclose(sorted(np.minimum(steps_run, 200)), sorted([25] * 8 + [50] * 4 + [100] * 2 + [200] * 2),
+                               atol=1)
     assert not diverged.any()
     # a screened restart counts as pruned and was not refined: its history is flat through LM
     screened = np.flatnonzero(steps_run < 200)
@@ -197,6 +201,46 @@ def test_a_second_process_loads_compiled_code_from_the_cache(tmp_path):
     # the default images were decoded once and kept beside the compiled code
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "images").glob("*.npy")) == \
         ["astronaut", "camera", "coins"]
+
+
+def test_a_second_process_loads_traced_programs_instead_of_tracing_them(tmp_path):
+    args = ["factorize", "--family", "motion_blur", "--size", "7", "--chain", "3,5", "--restarts", "4", "--steps",
+            "20", "--refine-steps", "20", "--baselines", "", "--json"]
+    env = {"JFACTOR_COMPILE_CACHE": str(tmp_path / "cache"), "JAX_LOG_COMPILES": "1"}
+    programs = {"start", "first_order_segment", "to_refine", "lm_segment", "finish"}
+
+    def run(out):
+        result = _cli(args + ["--out", out], env, tmp_path)
+        return json.loads(result.stdout), set(re.findall(r"Finished tracing (\w+) for jit", result.stderr))
+
+    first, traced = run("one")
+    assert programs <= traced
+    kept = sorted((tmp_path / "cache" / "programs").iterdir())
+    assert {p.name.split("-")[0] for p in kept} == programs
+    second, traced = run("two")
+    assert not programs & traced
+    assert second["rel_error"] == first["rel_error"]
+    assert second["evidence"]["best_hits"] == first["evidence"]["best_hits"]
+    for path in kept:
+        path.write_bytes(b"damaged")
+    third, traced = run("three")  # traced again, and kept again
+    assert programs <= traced and third["rel_error"] == first["rel_error"]
+    assert all(path.stat().st_size > 1000 for path in kept)
+
+
+def test_kept_programs_compute_what_the_plain_jit_computes(tmp_path, monkeypatch):
+    from jfactor import cache
+
+    options = dict(solver=Solver(steps=20, refine_steps=30), restarts=6, baselines=(), seed=5)
+    target, chain = kernels.ring(9), Chain.build([3, 3, 5])
+    plain = factorize(target, chain, **options)
+    monkeypatch.setattr(cache, "programs_directory", lambda: tmp_path)
+    kept = factorize(target, chain, **options)
+    assert {p.name.split("-")[0] for p in tmp_path.glob("*.pickle")} >= {"first_order_segment", "lm_segment"}
+    for a, b in zip(plain.factors, kept.factors):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(plain.restart_errors, kept.restart_errors)
+    np.testing.assert_array_equal(plain.history, kept.history)
 
 
 def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
