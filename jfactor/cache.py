@@ -62,7 +62,8 @@ def enable_compilation_cache(path, *, min_compile_time_s: float = 0.0) -> Path:
 
     Sets ``jax_compilation_cache_dir`` and ``jax_persistent_cache_min_compile_time_secs``
     (default 0: cache everything, most programs here compile in about a second); a later
-    process with the same jax, backend and shapes loads instead of compiling.  Returns the
+    process with the same jax, backend and shapes loads instead of compiling, and the
+    programs of :func:`cached_jit` are kept in ``programs/`` under it.  Returns the
     directory (created private to the user).  Anyone who can write there can run code in
     your process: keep it private.
     """
