@@ -7,18 +7,20 @@
 Targets: lines at an angle, a ring, a disk, Gabors, a principal component of real image patches,
 random kernels, a 1-D kernel whose roots cannot all be grouped into the chain's sizes, a 3-D
 kernel and a 2->2 channel kernel, each with a 2-4 layer chain whose receptive field is the
-target's size.  The best-known optimum of each is the lowest of jfactor with ``--ref-restarts``
+target's size.  The best-known optimum of each is the lowest of every run kept: jfactor with ``--ref-restarts``
 (>= 1,024) plain restarts (every one refined to convergence), scipy's
 ``least_squares(method='lm')`` from ``--scipy-starts`` (>= 128) random starts, and the
 default search run long (``--hop-restarts``, 4,096 restarts in waves with perturbations of
-the best minima, no early stop: on the Gabors it beats 1,024 plain restarts by 20%); all are kept in
+the best minima, no early stop: on the Gabors it beats 1,024 plain restarts by 20%), and the
+default runs themselves (one of them may find a lower minimum than the reference); all are kept in
 ``experiments/results/<device>/bench_optimality.json`` with their times, so the reference is computed
 once.  The default run is ``factorize(target, chain)`` with no restart count: restarts in
 waves until the stopping rule or the default budget, with seed 0 and then ``--seeds`` - 1 more
 seeds (how often it lands in the best basin).  Goal: every target within 1.01x of its
 best-known optimum (or both at the float64 floor, 1e-12), at no more than 1/10 of the time of
 the 1,024 plain restarts (timed again right after the default run, on the same machine state;
-compile time excluded from both).  Every target is reported, met
+both warmed up first, and any compile time left (a batch shape the warm-up did not meet, as
+jax's monitoring counts it) subtracted from both).  Every target is reported, met
 or not, with the evidence the run returns.
 """
 
@@ -114,8 +116,13 @@ def _plain_reference(entry: dict, restarts: int) -> dict:
     factorize(entry["kernel"], chain, restarts=restarts, baselines=())  # compile
     result = factorize(entry["kernel"], chain, restarts=restarts, baselines=())
     errors = result.restart_errors
-    return {"rel_error": result.rel_error, "time_s": result.time_s, "restarts": restarts,
+    return {"rel_error": result.rel_error, "time_s": _run_time(result), "restarts": restarts,
             "best_hits": int(np.sum(errors <= result.rel_error * (1 + 1e-6) + FLOAT64_FLOOR))}
+
+
+def _run_time(result) -> float:
+    """A warm run's seconds without the compile time it still spent (new batch shapes)."""
+    return result.time_s - result.compile_s
 
 
 def _hopping_reference(entry: dict, restarts: int, seed: int = 99) -> dict:
@@ -172,9 +179,9 @@ def default_run(entry: dict, plain_restarts: int) -> dict:
     result = factorize(entry["kernel"], chain, baselines=())
     wall = time.perf_counter() - start
     plain = _plain_reference(entry, plain_restarts)
-    return {"target": entry["name"], "chain": chain.describe(), "default": result.rel_error, "time_s": result.time_s,
-            "wall_s": wall, "plain_time_s": plain["time_s"], "plain_restarts": plain_restarts,
-            "evidence": result.evidence}
+    return {"target": entry["name"], "chain": chain.describe(), "default": result.rel_error,
+            "time_s": _run_time(result), "compile_s": result.compile_s, "wall_s": wall,
+            "plain_time_s": plain["time_s"], "plain_restarts": plain_restarts, "evidence": result.evidence}
 
 
 def seed_runs(entry: dict, seeds: int) -> list[dict]:
@@ -184,7 +191,7 @@ def seed_runs(entry: dict, seeds: int) -> list[dict]:
     runs = []
     for seed in range(1, seeds):
         result = factorize(entry["kernel"], chain, baselines=(), seed=seed)
-        runs.append({"seed": seed, "default": result.rel_error, "time_s": result.time_s,
+        runs.append({"seed": seed, "default": result.rel_error, "time_s": _run_time(result),
                      "stopped": result.evidence["stopped"]})
     return runs
 
@@ -195,7 +202,7 @@ def _within(error: float, best: float) -> bool:
 
 def verdicts(run: dict, ref: dict) -> dict:
     """The default run against the best-known optimum (kept reference) and the plain restarts' time."""
-    best = ref["best_known"]
+    best = min(ref["best_known"], *(r["default"] for r in [run, *run.get("seeds", [])]))
     ratio = run["default"] / best if best > 0 else float("inf")
     return {"best_known": best, "plain_1024": ref["jfactor"]["rel_error"],
             "hopping": ref.get("basin_hopping", {}).get("rel_error"),
