@@ -500,8 +500,8 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
     ``prune``, from one screening to the next: fewer calls, as many compiled programs).
 
     ``carry`` comes from :func:`start` (leaves (B, S, ...)).  ``prune = (keep, floor)``
-    screens by successive halving with doubling budgets: at the chunk boundaries after
-    steps/2^k, ..., steps/4, steps/2 only the ``keep`` share of each target's running
+    screens by successive halving with doubling budgets: after steps/2^k, ..., steps/4,
+    steps/2 (rounded up) only the ``keep`` share of each target's running
     restarts with the lowest loss so far (at least ``floor``) goes on, with k the screenings
     it takes to reach ``floor``.  (Screening after every chunk, as LM does, loses the best
     basins: an L-BFGS run's early loss says little about where it ends.)  The phase
