@@ -154,11 +154,11 @@ def _program(jitted, name: str, static: dict, tree, specs: list):
         except Exception:  # not exportable (a callback, an unstable custom call): plain jit
             return None
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             kept = pickle.dumps((bytes(exported.serialize()), out_tree))
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_with(path, lambda handle: handle.write(kept))
-        except (OSError, pickle.PicklingError):
-            pass  # kept in this process only
+        except Exception:  # unwritable, or serialization fails: kept in this process only
+            pass
     call = jax.jit(exported.call)
     return lambda *leaves: (call(*leaves), out_tree)
 
@@ -182,7 +182,8 @@ def cached_jit(fn=None, *, static_argnames: tuple[str, ...] = ()):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if programs_directory() is None:
+        directory = programs_directory()
+        if directory is None:
             return jitted(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -191,7 +192,7 @@ def cached_jit(fn=None, *, static_argnames: tuple[str, ...] = ()):
         specs = [_spec(leaf) for leaf in leaves]
         if any(spec is None for spec in specs):
             return jitted(*args, **kwargs)
-        lookup = (tuple(static.items()), tree, tuple(specs), jax.config.jax_compilation_cache_dir)
+        lookup = (tuple(static.items()), tree, tuple(specs), directory)
         if lookup not in programs:
             programs[lookup] = _program(jitted, name, static, tree, specs)
         if programs[lookup] is None:

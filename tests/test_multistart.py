@@ -233,6 +233,7 @@ def test_kept_programs_compute_what_the_plain_jit_computes(tmp_path, monkeypatch
 
     options = dict(solver=Solver(steps=20, refine_steps=30), restarts=6, baselines=(), seed=5)
     target, chain = kernels.ring(9), Chain.build([3, 3, 5])
+    monkeypatch.setattr(cache, "programs_directory", lambda: None)  # whatever an earlier test switched on
     plain = factorize(target, chain, **options)
     monkeypatch.setattr(cache, "programs_directory", lambda: tmp_path)
     kept = factorize(target, chain, **options)
@@ -241,6 +242,20 @@ def test_kept_programs_compute_what_the_plain_jit_computes(tmp_path, monkeypatch
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(plain.restart_errors, kept.restart_errors)
     np.testing.assert_array_equal(plain.history, kept.history)
+
+
+def test_a_program_that_cannot_be_kept_still_runs(tmp_path, monkeypatch):
+    import jax
+
+    from jfactor import cache
+
+    def unavailable(self):
+        raise ImportError("Please install 'flatbuffers' in order to use Exported serialization")
+
+    monkeypatch.setattr(cache, "programs_directory", lambda: tmp_path)
+    monkeypatch.setattr(jax.export.Exported, "serialize", unavailable)
+    result = factorize(kernels.gaussian(7), Chain.build([3, 5]), solver=FAST, restarts=2, baselines=())
+    assert result.rel_error < 1e-8 and not list(tmp_path.iterdir())
 
 
 def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
