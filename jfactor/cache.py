@@ -93,10 +93,24 @@ def configure(path: Path | None, enabled: bool = True) -> Path | None:
     return enable_compilation_cache(directory)
 
 
+# jaxlib before this runs a deserialized program that calls LAPACK (LM's LU solve) with null
+# kernel pointers and crashes (jax-ml/jax#29610, fixed by jax-ml/jax#33522, Nov 2025); 0.10 is
+# the oldest release the kept programs were verified on (0.8.1 crashes)
+KEEPS_FROM = (0, 10)
+
+
 def programs_directory() -> Path | None:
-    """``programs/`` beside the compile cache in use (None: no cache, so nothing is kept)."""
+    """``programs/`` beside the compile cache in use (None: no cache, or a jaxlib older than
+    :data:`KEEPS_FROM`, so nothing is kept)."""
     root = jax.config.jax_compilation_cache_dir
-    return None if root is None else Path(root) / "programs"
+    if root is None or _jaxlib_version() < KEEPS_FROM:
+        return None
+    return Path(root) / "programs"
+
+
+@functools.lru_cache(maxsize=1)
+def _jaxlib_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
 
 
 @functools.lru_cache(maxsize=1)

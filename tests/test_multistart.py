@@ -258,6 +258,22 @@ def test_a_program_that_cannot_be_kept_still_runs(tmp_path, monkeypatch):
     assert result.rel_error < 1e-8 and not list(tmp_path.iterdir())
 
 
+def test_no_programs_are_kept_with_a_jaxlib_that_crashes_running_them(tmp_path, monkeypatch):
+    import jax
+
+    from jfactor import cache
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))  # nothing compiles until it is restored
+    try:
+        monkeypatch.setattr(cache, "_jaxlib_version", lambda: (0, 8))
+        assert cache.programs_directory() is None
+        monkeypatch.setattr(cache, "_jaxlib_version", lambda: cache.KEEPS_FROM)
+        assert cache.programs_directory() == tmp_path / "programs"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
     from skimage import data
 
