@@ -99,13 +99,16 @@ def configure(path: Path | None, enabled: bool = True) -> Path | None:
 KEEPS_FROM = (0, 10)
 
 
+def beside(name: str) -> Path | None:
+    """The folder ``name`` beside the compiled code of the compile cache in use (None: no cache)."""
+    root = jax.config.jax_compilation_cache_dir
+    return None if root is None else Path(root) / name
+
+
 def programs_directory() -> Path | None:
     """``programs/`` beside the compile cache in use (None: no cache, or a jaxlib older than
     :data:`KEEPS_FROM`, so nothing is kept)."""
-    root = jax.config.jax_compilation_cache_dir
-    if root is None or _jaxlib_version() < KEEPS_FROM:
-        return None
-    return Path(root) / "programs"
+    return None if _jaxlib_version() < KEEPS_FROM else beside("programs")
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,10 +153,9 @@ def _export(jitted, name: str, static: dict, tree, specs: list):
     return jax.export.export(jax.jit(flat))(*specs), out_tree[0]
 
 
-def _program(jitted, name: str, static: dict, tree, specs: list):
+def _program(jitted, name: str, static: dict, tree, specs: list, directory: Path):
     """A callable ``(*leaves) -> (output leaves, output tree)`` for one signature: loaded from
-    ``programs/`` if kept there, else traced (and kept); None when it cannot be exported."""
-    directory = programs_directory()
+    ``directory`` if kept there, else traced (and kept); None when it cannot be exported."""
     shapes = [(spec.shape, str(spec.dtype), spec.weak_type) for spec in specs]
     key = hashlib.sha256(repr((name, sorted(static.items()), str(tree), shapes, jax.default_backend(),
                                _release())).encode()).hexdigest()
@@ -208,7 +210,7 @@ def cached_jit(fn=None, *, static_argnames: tuple[str, ...] = ()):
             return jitted(*args, **kwargs)
         lookup = (tuple(static.items()), tree, tuple(specs), directory)
         if lookup not in programs:
-            programs[lookup] = _program(jitted, name, static, tree, specs)
+            programs[lookup] = _program(jitted, name, static, tree, specs, directory)
         if programs[lookup] is None:
             return jitted(*args, **kwargs)
         out, out_tree = programs[lookup](*leaves)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfactor.cache import beside
 from jfactor.errors import ConfigError
 from jfactor.ops import conv
 from jfactor.schema import unknown_key
@@ -80,8 +80,7 @@ class Objective:
 
 def image_cache() -> Path | None:
     """``images/`` beside the compile cache in use (None: no cache)."""
-    root = jax.config.jax_compilation_cache_dir
-    return None if root is None else Path(root) / "images"
+    return beside("images")
 
 
 def sample_image(name: str) -> np.ndarray:
