@@ -25,7 +25,7 @@ import jfactor
 ROOT = Path(__file__).parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # One or a few tests per dependency: fold against the numpy reference and its gradients (jax), batched and
-# sharded folds, flax nnx, the solver with its optax phase and scipy/skimage baselines, YAML configs
+# sharded folds, flax nnx, the solver with its optax phase (L-BFGS and Adam) and scipy/skimage baselines, YAML configs
 # (pydantic), the CLI (typer, rich, matplotlib) and --version.
 CORE_TESTS = [
     "tests/test_fold.py::test_fold_and_canonical_form_equal_the_stack_on_the_exact_region",
@@ -38,6 +38,7 @@ CORE_TESTS = [
     "tests/test_nnx.py::test_to_nnx_stack_of_every_sequential_layer",
     "tests/test_factorize.py::test_the_seeds_known_factor_case_is_exact_and_wiener_is_not",
     "tests/test_factorize.py::test_batch_of_targets_in_one_call",
+    "tests/test_multistart.py::test_the_first_order_carry_keeps_its_types_from_segment_to_segment",
     "tests/test_config.py::test_weights_from_npy_and_npz_relative_to_the_config",
     "tests/test_cli.py::test_factorize_writes_the_contract_files",
     "tests/test_install.py::test_version_option_prints_the_versions",

@@ -288,3 +288,26 @@ def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monke
     monkeypatch.setattr(data, "camera", decode)
     np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)  # again
     assert np.load(next(tmp_path.glob("camera-*.npy"))).shape == decode().shape  # and replaced
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_the_first_order_carry_keeps_its_types_from_segment_to_segment(optimizer):
+    """The carry ``start`` makes has the dtypes and weak types a segment returns, so one compiled
+    segment serves every later one (optax 0.2.4's L-BFGS counts line-search steps as int64 at init
+    and int32 after a step: the scan rejected its own carry)."""
+    import jax
+
+    from jfactor.factorize import solve
+    from jfactor.factorize.objectives import Objective
+
+    chain = Chain.build([3, 3])
+    problem = solve.Problem(chain, 1, 1, Objective("kernel"), Solver(optimizer=optimizer))
+    target = kernels.make("ring", 5)[None, :, :, None, None]
+    rng = np.random.default_rng(0)
+    free = tuple(rng.standard_normal((1, 4) + shape) for shape in chain.factor_shapes(1, 1))
+    target = target / np.linalg.norm(target)
+    _, _, carry = solve.start(problem, free, (None, None), target, None, fresh=4)
+    after, steps = solve.first_order_segment(problem, carry, (None, None), target, None, steps=3)
+    types = lambda tree: [(a.dtype, jax.typeof(a).weak_type, a.shape) for a in jax.tree.leaves(tree)]  # noqa: E731
+    assert types(after) == types(carry)
+    assert np.isfinite(steps).all() and (np.asarray(after[3]) <= np.asarray(carry[3])).all()
