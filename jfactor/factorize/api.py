@@ -25,7 +25,7 @@ from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
-from jfactor.factorize.init import INITS, random_init, separable_init
+from jfactor.factorize.init import INITS, line_init, random_init, separable_init
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
@@ -128,43 +128,55 @@ def _as_target(target, name: str = "target") -> Target:
     return target if isinstance(target, Target) else Target.from_array(target, name=name)
 
 
+NEEDS = {  # what a structured init needs of the target and chain (besides no frozen layers)
+    "roots": "a single-channel 1-D or 2-D target and a chain without dilation",
+    "svd": "a single-channel 1-D or 2-D target",
+    "lines": "a single-channel 2-D target with a slanted long axis (a line or motion blur at an angle) and a chain "
+             "without dilation",
+}
+
+
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
           group: list) -> tuple[list[list], np.ndarray]:
     """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, and
-    which of them are symmetric starts (count,).
+    which of them are confined to a structured family (count,): symmetric or line starts,
+    whose repeated hits say little about the full space.
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
-    new root groupings; the rest are random, for a broad search, and every other one of
-    them shares the target's grid symmetries ``group`` where it has mirror ones
-    (:func:`jfactor.factorize.symmetry.start_group`).  ``roots``/``svd``: every restart
-    uses that init, later ones with other root groupings or ALS starts.
+    new root groupings; the next quarter are lines along the target's slanted axis where it
+    has one (:func:`jfactor.factorize.init.line_init`; elsewhere these are random); the rest are random, for a broad
+    search, and every other one of them shares the target's grid symmetries ``group`` where
+    it has mirror ones (:func:`jfactor.factorize.symmetry.start_group`).  ``roots``/``svd``/
+    ``lines``: every restart uses that init, later ones with other root groupings (or ALS starts).
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)
-    starts, symmetric = [], np.zeros(count, bool)
+    starts, confined = [], np.zeros(count, bool)
+    separable = 2 if wave == 0 else count // 8  # the separable starts of an auto wave, lines next
     for r in range(count):
-        if init in ("roots", "svd"):
-            kind = init
-        elif init == "auto" and wave == 0:
-            kind = ("roots", "svd")[r] if r < 2 else None
+        if init != "auto":
+            kind = None if init == "random" else init
+        elif r < separable:
+            kind = ("roots", "svd")[r] if wave == 0 else "roots"
         else:
-            kind = "roots" if init == "auto" and r < count // 8 else None
-        shuffle = wave > 0 or r > 1
-        factors = separable_init(target, chain, kind, rng, shuffle=shuffle) if kind and structured else None
-        if factors is None and init in ("roots", "svd"):
-            raise ConfigError(
-                f"init {init}: needs a single-channel 1-D or 2-D target"
-                + (" and a chain without dilation" if init == "roots" else "")
-                + " and no frozen layers; use init auto or random")
+            kind = "lines" if r < separable + count // 4 else None
+        factors = None
+        if kind == "lines":
+            factors = line_init(target, chain, rng, shuffle=wave > 0 or r > (0 if init == "lines" else separable))
+            confined[r] = factors is not None
+        elif kind and structured:
+            factors = separable_init(target, chain, kind, rng, shuffle=wave > 0 or r > 1)
+        if factors is None and init in NEEDS:
+            raise ConfigError(f"init {init}: needs {NEEDS[init]} and no frozen layers; use init auto or random")
         noise = random_init(shapes, rng)
         if factors is None:
-            symmetric[r] = init == "auto" and structured and bool(group) and r % 2 == 1
-            factors = symmetry.symmetric_start(noise, group, rng) if symmetric[r] else noise
+            confined[r] = init == "auto" and structured and bool(group) and r % 2 == 1
+            factors = symmetry.symmetric_start(noise, group, rng) if confined[r] else noise
         elif any(w > 1 for w in chain.widths):  # wake the channels the separable terms leave unused
             factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
-    return starts, symmetric
+    return starts, confined
 
 
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:

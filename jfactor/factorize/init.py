@@ -12,6 +12,12 @@ width R reproduces the rank-R SVD truncation exactly (separable targets: exact).
   ``z**d``, which generic roots do not split into);
 - ``svd``: the same rank-R terms, each 1-D vector split by alternating least squares into
   the chain's (possibly dilated) 1-D factors, so it also serves dilated chains;
+- ``lines``: for a 2-D target along a slanted axis (a motion blur at an angle), its profile
+  along that axis split by roots, each 1-D factor drawn as a line at the same angle
+  (bilinear weights) into its 2-D factor.  The bilinear spread blurs each factor, so the
+  start is not close to the target, but LM from there lands in basins random starts rarely
+  reach: on a 15x15 motion blur at 30 degrees into 3-5-9, 1-3 of 64 line starts (LM alone)
+  reached a minimum 0.3% below the best that 1,024 random starts had found in 5 tries;
 - ``random``: normal factors scaled so the chain's kernel has the target's norm.
 
 Inits are numpy (float64), built once per target before any compilation.
@@ -25,7 +31,9 @@ import numpy as np
 
 from jfactor.factorize.chain import Chain, Target
 
-INITS = ("auto", "roots", "svd", "random")
+INITS = ("auto", "roots", "svd", "lines", "random")
+ANISOTROPY = 4.0  # the least ratio of a target's second moments along and across its axis for line starts
+AXIS_TOLERANCE_DEG = 2.0  # an axis this close to the grid's is served by the separable starts
 
 
 def _units(roots: np.ndarray, tol: float = 1e-9) -> list[np.ndarray]:
@@ -161,6 +169,84 @@ def separable_init(target: Target, chain: Chain, method: str, rng: np.random.Gen
             cin = 0 if i == 0 else r
             cout = 0 if i == len(chain.layers) - 1 else r
             factors[i][..., cin, cout] = piece * scale
+    return factors
+
+
+def principal_angle(kernel: np.ndarray) -> float | None:
+    """The angle (radians, of the (dy, dx) unit vector ``(-sin, cos)``) of a 2-D kernel's long
+    axis: the main eigenvector of the second moments of ``|kernel|`` about its centroid.
+
+    None where the kernel has no clear axis (moment ratio under :data:`ANISOTROPY`: disks,
+    Gaussians, Gabors with a round envelope) or where the axis is within
+    :data:`AXIS_TOLERANCE_DEG` of the grid's (separable starts cover those).
+    """
+    weight = np.abs(kernel)
+    total = weight.sum()
+    if kernel.ndim != 2 or not total > 0:
+        return None
+    grid = np.indices(kernel.shape).reshape(2, -1).astype(np.float64)
+    centred = grid - (grid * weight.ravel()).sum(axis=1, keepdims=True) / total
+    moments = (centred * weight.ravel()) @ centred.T / total
+    values, vectors = np.linalg.eigh(moments)
+    if values[1] < ANISOTROPY * max(values[0], 1e-12 * values[1]):
+        return None
+    dy, dx = vectors[:, 1]
+    angle = np.arctan2(-dy, dx) % np.pi
+    off_axis = min(angle % (np.pi / 2), np.pi / 2 - angle % (np.pi / 2))
+    return None if np.rad2deg(off_axis) < AXIS_TOLERANCE_DEG else float(angle)
+
+
+def _along(values: np.ndarray, shape: tuple[int, int], direction: np.ndarray) -> np.ndarray:
+    """A 1-D kernel drawn as a line through the centre of a ``shape`` grid along ``direction``
+    (dy, dx), unit spacing, each tap shared between its four nearest pixels (bilinear)."""
+    out = np.zeros(shape)
+    centre = (np.array(shape) - 1) / 2
+    for j, value in enumerate(values):
+        point = centre + (j - (len(values) - 1) / 2) * direction
+        low = np.floor(point).astype(int)
+        for corner in np.ndindex(2, 2):
+            pixel = low + corner
+            weight = np.prod(np.where(corner, point - low, 1 - (point - low)))
+            if (pixel >= 0).all() and (pixel < shape).all():
+                out[tuple(pixel)] += value * weight
+    return out
+
+
+def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: bool,
+              jitter: float = 0.1) -> list[np.ndarray] | None:
+    """Factors that are lines along the target's long axis (:func:`principal_angle`); None where
+    there is none, or for multi-channel, non-2-D, frozen or dilated chains.
+
+    The target's profile along the axis (bilinear samples through the centre, as many as the
+    chain's lines span) is split by roots into 1-D factors as long as each layer is wide
+    (:func:`split_roots`; ``shuffle`` draws another root grouping), and each is drawn along
+    the axis into its layer.  ``jitter``: relative normal noise added where ``shuffle``.
+    """
+    from scipy import ndimage  # noqa: PLC0415  (only where a target has a slanted axis)
+
+    if (target.c_in != 1 or target.c_out != 1 or target.ndim != 2 or any(layer.frozen for layer in chain.layers)
+            or any(d != 1 for dil in chain.effective_dilations for d in dil)):
+        return None
+    kernel = np.pad(target.kernel[..., 0, 0], [((e - n) // 2, e - n - (e - n) // 2)
+                                               for e, n in zip(chain.extent, target.size)])
+    angle = principal_angle(kernel)
+    if angle is None:
+        return None
+    direction = np.array([-np.sin(angle), np.cos(angle)])
+    lengths = [min(layer.size) for layer in chain.layers]
+    span = sum(length - 1 for length in lengths) + 1
+    points = (np.array(kernel.shape)[:, None] - 1) / 2 + np.outer(direction, np.arange(span) - (span - 1) / 2)
+    profile = ndimage.map_coordinates(kernel, points, order=1, mode="constant")
+    pieces = split_roots(profile, lengths, rng if shuffle else None)
+    widths = chain.channels(1, 1)
+    factors = []
+    for i, (layer, piece) in enumerate(zip(chain.layers, pieces)):
+        drawn = _along(piece, layer.size, direction)
+        if shuffle:
+            drawn = drawn + jitter * np.linalg.norm(drawn) / np.sqrt(drawn.size) * rng.standard_normal(drawn.shape)
+        factor = np.zeros(layer.size + (widths[i], widths[i + 1]))
+        factor[..., 0, 0] = drawn
+        factors.append(factor)
     return factors
 
 
