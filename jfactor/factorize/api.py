@@ -145,10 +145,11 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
     new root groupings; the next quarter are lines along the target's slanted axis where it
-    has one (:func:`jfactor.factorize.init.line_init`; elsewhere these are random); the rest are random, for a broad
-    search, and every other one of them shares the target's grid symmetries ``group`` where
-    it has mirror ones (:func:`jfactor.factorize.symmetry.start_group`).  ``roots``/``svd``/
-    ``lines``: every restart uses that init, later ones with other root groupings (or ALS starts).
+    has one (:func:`jfactor.factorize.init.line_init`); the rest (and those, where it has
+    none) are random, for a broad search, and every other one of them shares the target's
+    grid symmetries ``group`` where it has mirror ones
+    (:func:`jfactor.factorize.symmetry.start_group`).  ``roots``/``svd``/``lines``: every
+    restart uses that init, later ones with other root groupings (or ALS starts).
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)

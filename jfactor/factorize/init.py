@@ -214,15 +214,16 @@ def _along(values: np.ndarray, shape: tuple[int, int], direction: np.ndarray) ->
 
 def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: bool,
               jitter: float = 0.1) -> list[np.ndarray] | None:
-    """Factors that are lines along the target's long axis (:func:`principal_angle`); None where
-    there is none, or for multi-channel, non-2-D, frozen or dilated chains.
+    """Factors that are lines along the target's long axis (:func:`principal_angle`), drawn in
+    channel 0 of wide chains; None where there is no such axis, for targets that are not
+    single-channel 2-D, and for chains with a frozen or dilated layer.
 
     The target's profile along the axis (bilinear samples through the centre, as many as the
     chain's lines span) is split by roots into 1-D factors as long as each layer is wide
     (:func:`split_roots`; ``shuffle`` draws another root grouping), and each is drawn along
     the axis into its layer.  ``jitter``: relative normal noise added where ``shuffle``.
     """
-    from scipy import ndimage  # noqa: PLC0415  (only where a target has a slanted axis)
+    from scipy import ndimage  # imported here: import jfactor stays lean
 
     if (target.c_in != 1 or target.c_out != 1 or target.ndim != 2 or any(layer.frozen for layer in chain.layers)
             or any(d != 1 for dil in chain.effective_dilations for d in dil)):
