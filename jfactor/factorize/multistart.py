@@ -11,7 +11,7 @@ perturbations ranked apart, :func:`jfactor.factorize.solve.refine`), and after e
 
 - ``exact``: the best error is at the float rounding floor: no start can do better;
 - ``repeated``: at least :attr:`SearchPolicy.hits` independent restarts (fresh, neither
-  perturbed nor symmetric starts) reached the
+  perturbed, symmetric nor line starts) reached the
   best error within a relative :data:`HIT_TOLERANCE`, and the last
   :attr:`SearchPolicy.patience` waves found nothing better;
 - ``stalled``: :attr:`SearchPolicy.min_restarts` restarts have run, at least
@@ -27,7 +27,8 @@ more often than fresh starts do.  So later waves mix fresh random starts and new
 groupings (independent evidence) with perturbations of the best so far, which start next to
 a minimum and go straight to LM.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
-(fresh starts only, symmetric starts left out: :mod:`jfactor.factorize.symmetry`), next to
+(fresh starts only, symmetric and line starts left out: :mod:`jfactor.factorize.symmetry`,
+:func:`jfactor.factorize.init.line_init`), next to
 the number of distinct minima and the runner-up.
 
 ``SearchPolicy(restarts=N)`` instead runs exactly N restarts in one wave, each refined to
@@ -134,7 +135,7 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
       errors: (R,) relative errors of every restart (inf where diverged).
       pruned: (R,) restarts screened out before converging (not local minima).
       independent: (R,) restarts that are independent evidence: fresh starts, neither derived
-        from an earlier restart's result nor confined to a symmetric subspace.
+        from an earlier restart's result nor confined to a structured family (symmetric or line starts).
       dtype: the run's dtype (sets the rounding floor).
     Returns:
       restarts, refined (restarts run to convergence), distinct_minima, best_error,
