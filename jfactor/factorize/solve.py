@@ -146,39 +146,32 @@ def _batched(function):
 
 # ---------------------------------------------------------------- first-order phase
 
-def _first_order_step(problem: Problem, frozen, target, images):
-    """One optimizer step of one restart as a scan body: carry (free, state, best, best value) -> loss."""
-    tx = problem.solver.transform()
-    value_fn = lambda p: loss(problem, p, frozen, target, images)  # noqa: E731
-    value_and_grad = (optax.value_and_grad_from_state(value_fn) if problem.solver.optimizer == "lbfgs"
-                      else lambda p, state: jax.value_and_grad(value_fn)(p))
-
-    def step(carry, _):
-        free, state, best, best_value = carry
-        value, grad = value_and_grad(free, state=state)
-        updates, state = tx.update(grad, state, free, value=value, grad=grad, value_fn=value_fn)
-        better = jnp.isfinite(value) & (value < best_value)
-        best = jax.tree.map(lambda b, p: jnp.where(better, p, b), best, free)
-        best_value = jnp.where(better, value, best_value)
-        return (optax.apply_updates(free, updates), state, best, best_value), value
-
-    return step
-
-
-def _as_stepped(problem: Problem, carry, frozen, target, images):
-    """``carry`` (B, S, ...) cast to the dtypes and strong types one step returns, so that
-    the scan's carry types match (optax 0.2.4's L-BFGS starts its line-search counter as
-    int64 under x64 and updates it as int32) and the second segment does not compile again."""
-    step = lambda c, fz, t, im: _first_order_step(problem, fz, t, im)(c, None)[0]  # noqa: E731
-    stepped = jax.eval_shape(_batched(step), carry, frozen, target, images)
-    return jax.tree.map(lambda x, s: lax.convert_element_type(x, s.dtype), carry, stepped)
-
-
 @cached_jit(static_argnames=("problem", "steps"))
 def first_order_segment(problem: Problem, carry, frozen, target, images, steps: int):
     """``steps`` optimizer steps; returns the new carry and the losses (B, R, steps)."""
-    one = lambda c, fz, t, im: lax.scan(_first_order_step(problem, fz, t, im), c, None, length=steps)  # noqa: E731
-    return _batched(one)(carry, frozen, target, images)
+    tx = problem.solver.transform()
+
+    def one(carry, frozen, target, images):
+        value_fn = lambda p: loss(problem, p, frozen, target, images)  # noqa: E731
+        value_and_grad = (optax.value_and_grad_from_state(value_fn) if problem.solver.optimizer == "lbfgs"
+                          else lambda p, state: jax.value_and_grad(value_fn)(p))
+
+        def step(carry, _):
+            free, state, best, best_value = carry
+            value, grad = value_and_grad(free, state=state)
+            updates, state = tx.update(grad, state, free, value=value, grad=grad, value_fn=value_fn)
+            better = jnp.isfinite(value) & (value < best_value)
+            best = jax.tree.map(lambda b, p: jnp.where(better, p, b), best, free)
+            best_value = jnp.where(better, value, best_value)
+            stepped = (optax.apply_updates(free, updates), state, best, best_value)
+            # the carry keeps its types: optax 0.2.4's L-BFGS counts line-search steps as int64 at
+            # init (under x64) and as int32 after a step, which the scan would reject
+            return jax.tree.map(lambda new, old: lax.convert_element_type(new, old.dtype), stepped, carry), value
+
+        return lax.scan(step, carry, None, length=steps)
+
+    free, state, best, best_value = carry
+    return _batched(lambda c, fz, t, im: one(c, fz, t, im))((free, state, best, best_value), frozen, target, images)
 
 
 # ---------------------------------------------------------------- Levenberg-Marquardt
@@ -464,7 +457,9 @@ def start(problem: Problem, free, frozen, target, images, fresh: int):
         return free, losses, None
     sub = jax.tree.map(lambda f: f[:, share], free)
     state = _batched(lambda f, fz, t, im: problem.solver.transform().init(f))(sub, frozen, target, images)
-    return free, losses, _as_stepped(problem, (sub, state, sub, losses[:, share]), frozen, target, images)
+    carry = (sub, state, sub, losses[:, share])
+    # strong types, as the segments return them: otherwise the second segment compiles again
+    return free, losses, jax.tree.map(lambda x: lax.convert_element_type(x, x.dtype), carry)
 
 
 @cached_jit(static_argnames=("problem", "fresh"))
