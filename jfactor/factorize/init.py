@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from jfactor.factorize.chain import Chain, Target
+from jfactor.factorize.chain import Chain, Target, check_chain
 
 INITS = ("auto", "roots", "svd", "lines", "random")
 ANISOTROPY = 4.0  # the least ratio of a target's second moments along and across its axis for line starts
@@ -132,6 +132,12 @@ def split_als(u: np.ndarray, sizes: list[int], dilations: list[int], rng: np.ran
     return _balance_1d(factors, u, dilations)
 
 
+def _in_extent(target: Target, chain: Chain) -> np.ndarray:
+    """A single-channel target's kernel zero-padded to the chain's extent, centred as
+    :func:`jfactor.factorize.chain.check_chain` places it: (*extent,)."""
+    return np.pad(target.kernel[..., 0, 0], check_chain(chain, target))
+
+
 def separable_init(target: Target, chain: Chain, method: str, rng: np.random.Generator,
                    shuffle: bool) -> list[np.ndarray] | None:
     """Rank-R separable factors for single-channel 1-D/2-D targets; None where undefined.
@@ -143,8 +149,7 @@ def separable_init(target: Target, chain: Chain, method: str, rng: np.random.Gen
     dilations = chain.effective_dilations
     if method == "roots" and any(d != 1 for dil in dilations for d in dil):
         return None
-    kernel = np.pad(target.kernel[..., 0, 0], [((e - n) // 2, e - n - (e - n) // 2)
-                                               for e, n in zip(chain.extent, target.size)])
+    kernel = _in_extent(target, chain)
 
     def split(vector, dim):
         sizes = [layer.size[dim] for layer in chain.layers]
@@ -228,8 +233,7 @@ def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: b
     if (target.c_in != 1 or target.c_out != 1 or target.ndim != 2 or any(layer.frozen for layer in chain.layers)
             or any(d != 1 for dil in chain.effective_dilations for d in dil)):
         return None
-    kernel = np.pad(target.kernel[..., 0, 0], [((e - n) // 2, e - n - (e - n) // 2)
-                                               for e, n in zip(chain.extent, target.size)])
+    kernel = _in_extent(target, chain)
     angle = principal_angle(kernel)
     if angle is None:
         return None
