@@ -283,38 +283,81 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     return jax.tree.map(lambda old, upd: jnp.where(state["done"], old, upd), state, new)
 
 
-@cached_jit(static_argnames=("problem", "steps"))
-def lm_segment(problem: Problem, state, free_template, frozen, target, images, steps: int):
-    """Up to ``steps`` LM iterations for K independent items, stopping once all converged.
-
-    Every argument but ``frozen`` and ``images`` carries the item axis K first (each item
-    is one restart of one target, with its own target).  Returns the state and the cost
-    history (K, steps); entries after an item's last iteration repeat its final cost.
-    """
-    iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, 0, None, 0, None))
-    history = jnp.zeros(state["cost"].shape + (steps,), state["cost"].dtype)
-
-    def cond(carry):
-        i, state, _ = carry
-        return (i < steps) & ~jnp.all(state["done"])
-
-    def body(carry):
-        i, state, history = carry
-        state = iterate(state, free_template, frozen, target, images)
-        return i + 1, state, lax.dynamic_update_index_in_dim(history, state["cost"], i, axis=-1)
-
-    last, state, history = lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, history))
-    filled = jnp.arange(steps) < last
-    return state, jnp.where(filled, history, state["cost"][..., None])
+def sizes(total: int, base: int = 2) -> tuple[int, ...]:
+    """``total`` divided by powers of ``base`` while it divides evenly and stays at least 4:
+    the few batch sizes that items are run in as they converge (each compiled once)."""
+    out = [total]
+    while out[-1] % base == 0 and out[-1] // base >= 4:
+        out.append(out[-1] // base)
+    return tuple(out)
 
 
 def bucket(count: int, total: int, base: int = 4) -> int:
-    """The batch size to run ``count`` live items in: ``total`` divided by a power of ``base``,
-    at least ``count`` and at least 4 (few sizes, so few compilations)."""
-    size = total
-    while size % base == 0 and size // base >= max(count, 4):
-        size //= base
-    return size
+    """The smallest of :func:`sizes` that holds ``count`` items (``total`` if none is smaller)."""
+    return min(size for size in sizes(total, base) if size >= count or size == total)
+
+
+def _groups(size: int, group: int) -> int:
+    """How many equal groups of at most ``group`` items ``size`` rows are split into."""
+    count = -(-size // group)
+    while size % count:
+        count += 1
+    return count
+
+
+@cached_jit(static_argnames=("problem", "steps", "group"))
+def lm_segment(problem: Problem, state, template, frozen, target, images, steps: int, group: int):
+    """Up to ``steps`` LM iterations of K independent items in one program, stopping once all converged.
+
+    ``state`` and ``target`` carry the item axis K first (each item is one restart of one
+    target, with its own target); ``template`` is one item's free factors (their shapes).
+    The items still running are kept at the front: once they fit in a smaller row count of
+    :func:`sizes`, a stable sort on ``done`` gathers them there and the iterations go on over
+    that prefix only, one ``lax.switch`` branch per row count, so converged items stop costing
+    work without a host round trip or a recompile.  A prefix of more than ``group`` rows runs
+    as a sequential map over equal groups of at most ``group`` items (on a CPU their
+    Jacobians then stay in cache).  Returns the state in the items' order and the cost
+    history (K, steps); entries after an item's last iteration repeat its final cost.
+    """
+    iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, None, None, 0, None))
+    counts = sizes(state["cost"].shape[0])
+
+    def on_prefix(size: int):
+        def branch(state, target):
+            head, rows = jax.tree.map(lambda a: a[:size], state), target[:size]
+            split = _groups(size, group)
+            if split == 1:
+                new = iterate(head, template, frozen, rows, images)
+            else:
+                fold = lambda a: a.reshape((split, size // split) + a.shape[1:])  # noqa: E731
+                new = lax.map(lambda part: iterate(part[0], template, frozen, part[1], images),
+                              (jax.tree.map(fold, head), fold(rows)))
+                new = jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), new)
+            return jax.tree.map(lambda a, b: a.at[:size].set(b), state, new)
+        return branch
+
+    def gather_running(state, target, order):
+        index = jnp.argsort(state["done"], stable=True)
+        return jax.tree.map(lambda a: a[index], state), target[index], order[index]
+
+    def cond(carry):
+        i, _, state, *_ = carry
+        return (i < steps) & ~jnp.all(state["done"])
+
+    def body(carry):
+        i, level, state, target, order, history = carry
+        fits = jnp.sum(jnp.asarray(counts) >= jnp.sum(~state["done"])).astype(jnp.int32) - 1
+        state, target, order = lax.cond(fits > level, gather_running, lambda *c: c, state, target, order)
+        level = jnp.maximum(level, fits)
+        state = lax.switch(level, [on_prefix(size) for size in counts], state, target)
+        return i + 1, level, state, target, order, history.at[order, i].set(state["cost"])
+
+    history = jnp.zeros(state["cost"].shape + (steps,), state["cost"].dtype)
+    zero = jnp.zeros((), jnp.int32)
+    last, _, state, _, order, history = lax.while_loop(
+        cond, body, (zero, zero, state, target, jnp.arange(counts[0]), history))
+    state = jax.tree.map(lambda a: a[jnp.argsort(order)], state)
+    return state, jnp.where(jnp.arange(steps) < last, history, state["cost"][..., None])
 
 
 def residual_size(objective, target, images) -> int:
@@ -331,13 +374,9 @@ def _residual_size(objective, target: tuple, images: tuple | None) -> int:
 
 
 def _group_size(problem: Problem, n: int, target, images, total: int) -> int:
-    """How many items one LM segment runs at once: all of them, except on a CPU with a dense
+    """How many items an LM iteration runs at once: all of them, except on a CPU with a dense
     solve, where groups are kept to ~8 MB of Jacobians so each iteration stays in cache
-    (one batch of thousands of Jacobians is memory-bound and slower than a loop of calls).
-
-    The groups run one after another: executing this jitted while-loop from two host
-    threads at once deadlocks XLA's CPU backend (jax 0.10.2), so they cannot share cores.
-    """
+    (one batch of thousands of Jacobians is memory-bound and slower than a loop of groups)."""
     if jax.default_backend() != "cpu":
         return total
     m = residual_size(problem.objective, target, images)
@@ -345,11 +384,6 @@ def _group_size(problem: Problem, n: int, target, images, total: int) -> int:
     if solver.linear_solver == "cg" or (solver.linear_solver == "auto" and not dense_solve(m, n)):
         return total
     return int(min(total, 2 ** int(np.log2(max(1, 8e6 // (m * n * target.dtype.itemsize))))))
-
-
-def _take(tree, index):
-    """The rows ``index`` of every leaf, as numpy arrays."""
-    return jax.tree.map(lambda a: np.asarray(a)[index], tree)
 
 
 def _kept(size: int, keep: float, floor: int) -> int:
@@ -373,11 +407,9 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
            exact_loss: float | None = None, screened: np.ndarray | None = None, fresh: int | None = None):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
 
-    Items are flattened to one axis, and converged ones are dropped between chunks: the
-    live ones are gathered into batches of at most :func:`_group_size` items divided by a
-    power of two, so a few slow restarts do not keep a whole batch of finished ones
-    iterating (a few extra compiles, one per batch size; an LM segment traces in ~0.1 s,
-    and halving instead of quartering the batches saved ~15% of a default search's time).
+    Items are flattened to one axis and each chunk is one :func:`lm_segment` call on all of
+    them, which keeps the running ones together as others converge (one compiled program
+    per chunk length, whatever converges when).
     ``prune = (keep, floor)`` screens restarts: after each chunk only the ``keep`` share of
     each target's still-running restarts with the lowest cost (at least ``floor``) goes on;
     the others stop and are marked in ``pruned`` (B, R).
@@ -391,28 +423,24 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     batch, restarts = state["cost"].shape
     pruned = np.zeros(batch * restarts, bool) if screened is None else screened.ravel().copy()
     total = batch * restarts
-    flat = lambda tree: jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), tree)  # noqa: E731
-    state, templates = flat(state), flat(free)
+    state = jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), state)
+    # on the host like the state: a slice of sharded factors would make the segment one program over
+    # every device they are sharded on, whose while-loop deadlocks XLA's CPU backend (jax 0.10.2)
+    template = jax.tree.map(lambda a: np.asarray(a[0, 0]), free)
     owner = np.repeat(np.arange(batch), restarts)
     stratum = 2 * owner + (np.tile(np.arange(restarts), batch) >= (restarts if fresh is None else fresh))
-    target = np.asarray(target)
+    target = np.asarray(target)[owner]
     steps = solver.refine_steps
     history = np.empty((total, steps), state["cost"].dtype)
-    live = np.flatnonzero(~state["done"] & ~pruned)
+    state["done"] |= pruned
+    live = np.flatnonzero(~state["done"])
     group = _group_size(problem, state["x"].shape[1], target[0], images, total)
     done = 0
     while done < steps and live.size:
         n = min(solver.chunk, steps - done)
-        history[:, done: done + n] = state["cost"][:, None]
-        for members in np.array_split(live, -(-live.size // group)):
-            size = bucket(members.size, group, base=2)
-            index = np.concatenate([members, np.repeat(members[:1], size - members.size)])
-            part, costs = lm_segment(problem, _take(state, index), _take(templates, index), frozen,
-                                     target[owner[index]], images, n)
-            part = _take(part, slice(members.size))
-            for key in state:
-                state[key][members] = part[key]
-            history[members, done: done + n] = np.asarray(costs)[: members.size]
+        state, costs = lm_segment(problem, state, template, frozen, target, images, n, group)
+        state = jax.tree.map(np.array, state)
+        history[:, done: done + n] = np.asarray(costs)
         done += n
         live = live[~state["done"][live]]
         stopped = (_survivors(state["cost"], live, stratum, *prune) if prune is not None and done < steps
@@ -421,6 +449,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
             solved = np.bincount(owner, weights=state["cost"] <= exact_loss, minlength=batch) > 0
             stopped = np.union1d(stopped, live[solved[owner[live]] & (state["cost"][live] > exact_loss)])
         pruned[stopped] = True
+        state["done"][stopped] = True
         live = np.setdiff1d(live, stopped)
         progress.advance(n, "refining (Levenberg-Marquardt)")
     history = history[:, :done]

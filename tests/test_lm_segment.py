@@ -1,0 +1,91 @@
+"""The on-device LM loop: items run alone or among others that converge at other times alike."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jfactor  # noqa: F401  (float64 on)
+from jfactor import kernels
+from jfactor.cache import compile_stats
+from jfactor.factorize import Chain, Solver
+from jfactor.factorize.chain import chain_kernel_numpy
+from jfactor.factorize.objectives import Objective
+from jfactor.factorize.solve import Problem, _lm_state, bucket, lm_segment, sizes
+
+CHAIN = Chain.build([3, 3])
+PROBLEM = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none"))
+STEPS = 12  # long enough for the rows to shrink, short enough that rounding has not grown chaotic
+
+
+def _items(count: int, seed: int):
+    """LM states of ``count`` items, one restart each of its own 5x5 target, and the targets.
+
+    Every other item starts next to an exact answer (its target is the chain of its start's
+    factors before a 1e-3 nudge) and converges within a few iterations; the others fit a
+    random kernel from a random start and take tens of iterations."""
+    rng = np.random.default_rng(seed)
+    free = [rng.normal(size=(count, 3, 3, 1, 1)) for _ in range(2)]
+    targets = []
+    for i in range(count):
+        if i % 2 == 0:
+            target = chain_kernel_numpy([f[i] for f in free], CHAIN)
+            for f in free:
+                f[i] += 1e-3 * rng.normal(size=f[i].shape)
+        else:
+            target = kernels.random_normal(5, seed=int(rng.integers(1 << 30)))[..., None, None]
+        targets.append(target)
+    targets = jnp.asarray(np.stack(targets))
+    free = tuple(jnp.asarray(f) for f in free)
+    state = jax.vmap(lambda f, t: _lm_state(PROBLEM, f, [None, None], t, None))(free, targets)
+    return state, jax.tree.map(lambda a: a[0], free), targets
+
+
+def _alone(state, template, targets, item: int):
+    """Item ``item`` run by itself (a batch of one)."""
+    one = jax.tree.map(lambda a: a[item: item + 1], state)
+    return lm_segment(PROBLEM, one, template, [None, None], targets[item: item + 1], None, STEPS, 1)
+
+
+@pytest.mark.parametrize("group", [16, 4])
+def test_an_item_runs_alike_alone_and_among_items_that_converge_earlier(group):
+    state, template, targets = _items(16, seed=0)
+    together, history = lm_segment(PROBLEM, state, template, [None, None], targets, None, STEPS, group)
+    iterations = np.asarray(together["iterations"])
+    # the premise: half the items stop within 6 iterations and the others run on, gathered into 8 rows
+    assert iterations[::2].max() <= 6 and np.all(iterations[1::2] == STEPS)
+    for item in range(16):
+        alone, alone_history = _alone(state, template, targets, item)
+        assert int(alone["iterations"][0]) == iterations[item]
+        assert bool(alone["done"][0]) == bool(together["done"][item])
+        np.testing.assert_allclose(np.asarray(together["x"][item]), np.asarray(alone["x"][0]), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(history[item]), np.asarray(alone_history[0]), rtol=1e-9, atol=1e-24)
+        # after its last iteration an item's history repeats its final cost
+        assert np.all(np.asarray(history[item, iterations[item]:]) == np.asarray(together["cost"][item]))
+
+
+def test_items_that_converge_at_other_times_run_in_the_same_program():
+    first, template, targets = _items(16, seed=1)
+    lm_segment(PROBLEM, first, template, [None, None], targets, None, STEPS, 16)
+    other, _, other_targets = _items(16, seed=2)
+    other["done"] = other["done"].at[::2].set(True)  # half the rows stopped before the segment starts
+    before = compile_stats()["programs"]
+    state, _ = lm_segment(PROBLEM, other, template, [None, None], other_targets, None, STEPS, 16)
+    assert compile_stats()["programs"] == before
+    stopped = np.asarray(other["x"])[::2]
+    np.testing.assert_array_equal(np.asarray(state["x"])[::2], stopped)  # items done on entry are left as they are
+    assert np.all(np.asarray(state["iterations"])[::2] == 0) and np.all(np.asarray(state["iterations"])[1::2] > 0)
+
+
+@given(total=st.integers(1, 5000), count=st.integers(0, 5000), base=st.sampled_from([2, 4]))
+def test_row_counts_divide_the_batch_and_the_bucket_holds_the_items(total, count, base):
+    rows = sizes(total, base)
+    assert rows[0] == total and list(rows) == sorted(rows, reverse=True)
+    assert all(total % r == 0 and (r >= 4 or r == total) for r in rows)
+    assert rows[-1] % base or rows[-1] // base < 4
+    count = min(count, total)
+    size = bucket(count, total, base)
+    assert size in rows and size >= count
+    assert all(r < count for r in rows if r < size)
