@@ -49,7 +49,7 @@ def _alone(state, template, targets, item: int):
     return lm_segment(PROBLEM, one, template, [None, None], targets[item: item + 1], None, STEPS, 1)
 
 
-@pytest.mark.parametrize("group", [16, 4])
+@pytest.mark.parametrize("group", [16, 5, 4])  # one block; blocks of 5 over 20 padded rows; blocks of 4
 def test_an_item_runs_alike_alone_and_among_items_that_converge_earlier(group):
     state, template, targets = _items(16, seed=0)
     together, history = lm_segment(PROBLEM, state, template, [None, None], targets, None, STEPS, group)

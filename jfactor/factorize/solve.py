@@ -297,44 +297,36 @@ def bucket(count: int, total: int, base: int = 4) -> int:
     return min(size for size in sizes(total, base) if size >= count or size == total)
 
 
-def _groups(size: int, group: int) -> int:
-    """How many equal groups of at most ``group`` items ``size`` rows are split into."""
-    count = -(-size // group)
-    while size % count:
-        count += 1
-    return count
-
-
 @cached_jit(static_argnames=("problem", "steps", "group"))
 def lm_segment(problem: Problem, state, template, frozen, target, images, steps: int, group: int):
     """Up to ``steps`` LM iterations of K independent items in one program, stopping once all converged.
 
     ``state`` and ``target`` carry the item axis K first (each item is one restart of one
     target, with its own target); ``template`` is one item's free factors (their shapes).
-    The items still running are kept at the front: once they fit in a smaller row count of
-    :func:`sizes`, a stable sort on ``done`` gathers them there and the iterations go on over
-    that prefix only, one ``lax.switch`` branch per row count, so converged items stop costing
-    work without a host round trip or a recompile.  A prefix of more than ``group`` rows runs
-    as a sequential map over equal groups of at most ``group`` items (on a CPU their
-    Jacobians then stay in cache).  Returns the state in the items' order and the cost
-    history (K, steps); entries after an item's last iteration repeat its final cost.
+    Each iteration runs the leading rows in blocks of ``group`` items, one after another (on
+    a CPU a block's Jacobians then stay in cache; elsewhere ``group`` is K, one block), and
+    once the items still running fit in fewer rows, a stable sort on ``done`` gathers them
+    to the front: whole blocks drop out, and below ``group`` the block shrinks to one of
+    :func:`sizes` (one ``lax.switch`` branch each).  So converged items stop costing work
+    without a host round trip or a recompile.  Returns the state in the items' order and
+    the cost history (K, steps); entries after an item's last iteration repeat its final cost.
     """
     iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, None, None, 0, None))
-    counts = sizes(state["cost"].shape[0])
+    items = state["cost"].shape[0]
+    blocks = sizes(group)
+    padded = -(-items // group) * group  # rows: the items, then done copies of the first
 
-    def on_prefix(size: int):
-        def branch(state, target):
-            head, rows = jax.tree.map(lambda a: a[:size], state), target[:size]
-            split = _groups(size, group)
-            if split == 1:
-                new = iterate(head, template, frozen, rows, images)
-            else:
-                fold = lambda a: a.reshape((split, size // split) + a.shape[1:])  # noqa: E731
-                new = lax.map(lambda part: iterate(part[0], template, frozen, part[1], images),
-                              (jax.tree.map(fold, head), fold(rows)))
-                new = jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), new)
-            return jax.tree.map(lambda a, b: a.at[:size].set(b), state, new)
-        return branch
+    def pad(a):
+        return jnp.concatenate([a, jnp.repeat(a[:1], padded - items, axis=0)])
+
+    def in_blocks(size: int):
+        def run(b, carry):
+            state, target = carry
+            rows = lambda a: lax.dynamic_slice_in_dim(a, b * size, size)  # noqa: E731
+            new = iterate(jax.tree.map(rows, state), template, frozen, rows(target), images)
+            return jax.tree.map(lambda a, n: lax.dynamic_update_slice_in_dim(a, n, b * size, 0), state, new), target
+
+        return lambda state, target, rows: lax.fori_loop(0, rows // size, run, (state, target))[0]
 
     def gather_running(state, target, order):
         index = jnp.argsort(state["done"], stable=True)
@@ -345,19 +337,24 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
         return (i < steps) & ~jnp.all(state["done"])
 
     def body(carry):
-        i, level, state, target, order, history = carry
-        fits = jnp.sum(jnp.asarray(counts) >= jnp.sum(~state["done"])).astype(jnp.int32) - 1
-        state, target, order = lax.cond(fits > level, gather_running, lambda *c: c, state, target, order)
-        level = jnp.maximum(level, fits)
-        state = lax.switch(level, [on_prefix(size) for size in counts], state, target)
-        return i + 1, level, state, target, order, history.at[order, i].set(state["cost"])
+        i, rows, state, target, order, history = carry
+        live = jnp.sum(~state["done"]).astype(jnp.int32)
+        level = jnp.maximum(jnp.sum(jnp.asarray(blocks) >= live).astype(jnp.int32) - 1, 0)
+        size = jnp.asarray(blocks, jnp.int32)[level]
+        needed = -(-live // size) * size
+        state, target, order = lax.cond(needed < rows, gather_running, lambda *c: c, state, target, order)
+        rows = jnp.minimum(rows, needed)
+        state = lax.switch(level, [in_blocks(size) for size in blocks], state, target, rows)
+        return i + 1, rows, state, target, order, history.at[order, i].set(state["cost"])
 
-    history = jnp.zeros(state["cost"].shape + (steps,), state["cost"].dtype)
-    zero = jnp.zeros((), jnp.int32)
-    last, _, state, _, order, history = lax.while_loop(
-        cond, body, (zero, zero, state, target, jnp.arange(counts[0]), history))
-    state = jax.tree.map(lambda a: a[jnp.argsort(order)], state)
-    return state, jnp.where(jnp.arange(steps) < last, history, state["cost"][..., None])
+    state = jax.tree.map(pad, state)
+    state["done"] = state["done"].at[items:].set(True)
+    history = jnp.zeros((padded, steps), state["cost"].dtype)
+    start = (jnp.zeros((), jnp.int32), jnp.asarray(padded, jnp.int32), state, pad(target), jnp.arange(padded), history)
+    last, _, state, _, order, history = lax.while_loop(cond, body, start)
+    unsorted = jnp.argsort(order)[:items]
+    state = jax.tree.map(lambda a: a[unsorted], state)
+    return state, jnp.where(jnp.arange(steps) < last, history[:items], state["cost"][..., None])
 
 
 def residual_size(objective, target, images) -> int:
