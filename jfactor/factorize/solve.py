@@ -285,7 +285,7 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
 
 def sizes(total: int, base: int = 2) -> tuple[int, ...]:
     """``total`` divided by powers of ``base`` while it divides evenly and stays at least 4:
-    the few batch sizes that items are run in as they converge (each compiled once)."""
+    the few batch sizes that items shrink to as they finish (few sizes, few programs)."""
     out = [total]
     while out[-1] % base == 0 and out[-1] // base >= 4:
         out.append(out[-1] // base)
@@ -314,6 +314,7 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
     iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, None, None, 0, None))
     items = state["cost"].shape[0]
     blocks = sizes(group)
+    block_sizes = jnp.asarray(blocks, jnp.int32)
     padded = -(-items // group) * group  # rows: the items, then done copies of the first
 
     def pad(a):
@@ -339,8 +340,8 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
     def body(carry):
         i, rows, state, target, order, history = carry
         live = jnp.sum(~state["done"]).astype(jnp.int32)
-        level = jnp.maximum(jnp.sum(jnp.asarray(blocks) >= live).astype(jnp.int32) - 1, 0)
-        size = jnp.asarray(blocks, jnp.int32)[level]
+        level = jnp.maximum(jnp.sum(block_sizes >= live) - 1, 0)  # the smallest block holding them, or blocks of group
+        size = block_sizes[level]
         needed = -(-live // size) * size
         state, target, order = lax.cond(needed < rows, gather_running, lambda *c: c, state, target, order)
         rows = jnp.minimum(rows, needed)
