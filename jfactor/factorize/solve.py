@@ -329,9 +329,9 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
 
         return lambda state, target, rows: lax.fori_loop(0, rows // size, run, (state, target))[0]
 
-    def gather_running(state, target, order):
+    def gather_running(state, target, order, history):
         index = jnp.argsort(state["done"], stable=True)
-        return jax.tree.map(lambda a: a[index], state), target[index], order[index]
+        return jax.tree.map(lambda a: a[index], state), target[index], order[index], history[index]
 
     def cond(carry):
         i, _, state, *_ = carry
@@ -343,19 +343,20 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
         level = jnp.maximum(jnp.sum(block_sizes >= live) - 1, 0)  # the smallest block holding them, or blocks of group
         size = block_sizes[level]
         needed = -(-live // size) * size
-        state, target, order = lax.cond(needed < rows, gather_running, lambda *c: c, state, target, order)
+        state, target, order, history = lax.cond(needed < rows, gather_running, lambda *c: c,
+                                                 state, target, order, history)
         rows = jnp.minimum(rows, needed)
         state = lax.switch(level, [in_blocks(size) for size in blocks], state, target, rows)
-        return i + 1, rows, state, target, order, history.at[order, i].set(state["cost"])
+        return i + 1, rows, state, target, order, lax.dynamic_update_index_in_dim(history, state["cost"], i, 1)
 
     state = jax.tree.map(pad, state)
-    state["done"] = state["done"].at[items:].set(True)
+    state["done"] = state["done"] | (jnp.arange(padded) >= items)
     history = jnp.zeros((padded, steps), state["cost"].dtype)
     start = (jnp.zeros((), jnp.int32), jnp.asarray(padded, jnp.int32), state, pad(target), jnp.arange(padded), history)
     last, _, state, _, order, history = lax.while_loop(cond, body, start)
     unsorted = jnp.argsort(order)[:items]
     state = jax.tree.map(lambda a: a[unsorted], state)
-    return state, jnp.where(jnp.arange(steps) < last, history[:items], state["cost"][..., None])
+    return state, jnp.where(jnp.arange(steps) < last, history[unsorted], state["cost"][..., None])
 
 
 def residual_size(objective, target, images) -> int:
