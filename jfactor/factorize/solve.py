@@ -170,8 +170,7 @@ def first_order_segment(problem: Problem, carry, frozen, target, images, steps: 
 
         return lax.scan(step, carry, None, length=steps)
 
-    free, state, best, best_value = carry
-    return _batched(lambda c, fz, t, im: one(c, fz, t, im))((free, state, best, best_value), frozen, target, images)
+    return _batched(one)(carry, frozen, target, images)
 
 
 # ---------------------------------------------------------------- Levenberg-Marquardt
@@ -432,16 +431,15 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     steps = solver.refine_steps
     history = np.empty((total, steps), state["cost"].dtype)
     state["done"] |= pruned
-    live = np.flatnonzero(~state["done"])
     group = _group_size(problem, state["x"].shape[1], target[0], images, total)
     done = 0
-    while done < steps and live.size:
+    while done < steps and not state["done"].all():
         n = min(solver.chunk, steps - done)
         state, costs = lm_segment(problem, state, template, frozen, target, images, n, group)
         state = jax.tree.map(np.array, state)
         history[:, done: done + n] = np.asarray(costs)
         done += n
-        live = live[~state["done"][live]]
+        live = np.flatnonzero(~state["done"])
         stopped = (_survivors(state["cost"], live, stratum, *prune) if prune is not None and done < steps
                    else np.zeros(0, int))
         if exact_loss is not None:
@@ -449,7 +447,6 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
             stopped = np.union1d(stopped, live[solved[owner[live]] & (state["cost"][live] > exact_loss)])
         pruned[stopped] = True
         state["done"][stopped] = True
-        live = np.setdiff1d(live, stopped)
         progress.advance(n, "refining (Levenberg-Marquardt)")
     history = history[:, :done]
     shaped = jax.tree.map(lambda a: a.reshape((batch, restarts) + a.shape[1:]), state)
