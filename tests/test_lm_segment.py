@@ -13,7 +13,7 @@ from jfactor.cache import compile_stats
 from jfactor.factorize import Chain, Solver
 from jfactor.factorize.chain import chain_kernel_numpy
 from jfactor.factorize.objectives import Objective
-from jfactor.factorize.solve import Problem, _lm_state, bucket, lm_segment, sizes
+from jfactor.factorize.solve import Problem, _lm_state, _next_block, bucket, lm_segment, sizes
 
 CHAIN = Chain.build([3, 3])
 PROBLEM = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none"))
@@ -46,13 +46,18 @@ def _items(count: int, seed: int):
 def _alone(state, template, targets, item: int):
     """Item ``item`` run by itself (a batch of one)."""
     one = jax.tree.map(lambda a: a[item: item + 1], state)
-    return lm_segment(PROBLEM, one, template, [None, None], targets[item: item + 1], None, STEPS, 1)
+    return lm_segment(PROBLEM, one, template, [None, None], targets[item: item + 1], None, STEPS, (1,))
 
 
-@pytest.mark.parametrize("group", [16, 5, 4])  # one block; blocks of 5 over 20 padded rows; blocks of 4
-def test_an_item_runs_alike_alone_and_among_items_that_converge_earlier(group):
+@pytest.mark.parametrize("blocks, cover", [
+    ((16, 8, 4), "one"),  # one block that shrinks as items converge
+    ((16, 8, 4, 2, 1), "exact"),  # blocks that cover the running items exactly
+    ((5,), "exact"),  # blocks of 5 over 20 padded rows
+    ((6, 3), "exact"),  # a remainder smaller than every block: covered by a block over done rows
+])
+def test_an_item_runs_alike_alone_and_among_items_that_converge_earlier(blocks, cover):
     state, template, targets = _items(16, seed=0)
-    together, history = lm_segment(PROBLEM, state, template, [None, None], targets, None, STEPS, group)
+    together, history = lm_segment(PROBLEM, state, template, [None, None], targets, None, STEPS, blocks, cover)
     iterations = np.asarray(together["iterations"])
     # the premise: half the items stop within 6 iterations and the others run on, gathered into 8 rows
     assert iterations[::2].max() <= 6 and np.all(iterations[1::2] == STEPS)
@@ -68,11 +73,11 @@ def test_an_item_runs_alike_alone_and_among_items_that_converge_earlier(group):
 
 def test_items_that_converge_at_other_times_run_in_the_same_program():
     first, template, targets = _items(16, seed=1)
-    lm_segment(PROBLEM, first, template, [None, None], targets, None, STEPS, 16)
+    lm_segment(PROBLEM, first, template, [None, None], targets, None, STEPS, (16, 8, 4, 2, 1))
     other, _, other_targets = _items(16, seed=2)
     other["done"] = other["done"].at[::2].set(True)  # half the rows stopped before the segment starts
     before = compile_stats()["programs"]
-    state, _ = lm_segment(PROBLEM, other, template, [None, None], other_targets, None, STEPS, 16)
+    state, _ = lm_segment(PROBLEM, other, template, [None, None], other_targets, None, STEPS, (16, 8, 4, 2, 1))
     assert compile_stats()["programs"] == before
     stopped = np.asarray(other["x"])[::2]
     np.testing.assert_array_equal(np.asarray(state["x"])[::2], stopped)  # items done on entry are left as they are
@@ -89,3 +94,22 @@ def test_row_counts_divide_the_batch_and_the_bucket_holds_the_items(total, count
     size = bucket(count, total, base)
     assert size in rows and size >= count
     assert all(r < count for r in rows if r < size)
+
+
+@given(total=st.integers(1, 300), live=st.integers(0, 300), least=st.sampled_from([1, 4]),
+       cover=st.sampled_from(["exact", "one"]))
+def test_blocks_cover_the_running_rows_and_stay_inside_the_padded_ones(total, live, least, cover):
+    blocks = sizes(total, least=least)
+    padded = blocks[0]
+    live = min(live, padded)
+    block_sizes = jnp.asarray(blocks, jnp.int32)
+    offset, used = 0, []
+    while offset < live:
+        size = blocks[int(_next_block(block_sizes, live - offset, cover))]
+        assert offset + size <= padded  # never past the rows there are
+        used.append(size)
+        offset += size
+    if cover == "exact" and blocks[-1] == 1:
+        assert offset == live  # no work on rows that do not run
+    if cover == "one" and live:
+        assert used == [min(b for b in blocks if b >= live)]  # one launch, the smallest block that holds them

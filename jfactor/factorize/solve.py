@@ -282,11 +282,11 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     return jax.tree.map(lambda old, upd: jnp.where(state["done"], old, upd), state, new)
 
 
-def sizes(total: int, base: int = 2) -> tuple[int, ...]:
-    """``total`` divided by powers of ``base`` while it divides evenly and stays at least 4:
+def sizes(total: int, base: int = 2, least: int = 4) -> tuple[int, ...]:
+    """``total`` divided by powers of ``base`` while it divides evenly and stays at least ``least``:
     the few batch sizes that items shrink to as they finish (few sizes, few programs)."""
     out = [total]
-    while out[-1] % base == 0 and out[-1] // base >= 4:
+    while out[-1] % base == 0 and out[-1] // base >= least:
         out.append(out[-1] // base)
     return tuple(out)
 
@@ -296,37 +296,61 @@ def bucket(count: int, total: int, base: int = 4) -> int:
     return min(size for size in sizes(total, base) if size >= count or size == total)
 
 
-@cached_jit(static_argnames=("problem", "steps", "group"))
-def lm_segment(problem: Problem, state, template, frozen, target, images, steps: int, group: int):
+COVERS = ("exact", "one")
+
+
+def _next_block(block_sizes, remaining, cover: str):
+    """Index into ``block_sizes`` (descending) of the block that runs next on ``remaining`` rows:
+    ``exact``, the largest block they fill (the smallest if none); ``one``, the smallest block that
+    holds them all (the largest if none)."""
+    if cover == "exact":
+        return jnp.minimum(jnp.sum(block_sizes > remaining), block_sizes.shape[0] - 1)
+    return jnp.maximum(jnp.sum(block_sizes >= remaining) - 1, 0)
+
+
+@cached_jit(static_argnames=("problem", "steps", "blocks", "cover"))
+def lm_segment(problem: Problem, state, template, frozen, target, images, steps: int, blocks: tuple[int, ...],
+               cover: str = "exact"):
     """Up to ``steps`` LM iterations of K independent items in one program, stopping once all converged.
 
     ``state`` and ``target`` carry the item axis K first (each item is one restart of one
     target, with its own target); ``template`` is one item's free factors (their shapes).
-    Each iteration runs the leading rows in blocks of ``group`` items, one after another (on
-    a CPU a block's Jacobians then stay in cache; elsewhere ``group`` is K, one block), and
-    once the items still running fit in fewer rows, a stable sort on ``done`` gathers them
-    to the front: whole blocks drop out, and below ``group`` the block shrinks to one of
-    :func:`sizes` (one ``lax.switch`` branch each).  So converged items stop costing work
-    without a host round trip or a recompile.  Returns the state in the items' order and
+    Once fewer items run than rows are in play, a stable sort on ``done`` gathers the running
+    ones to the front, and each iteration covers them with blocks, one after another, of the
+    sizes in ``blocks`` (descending, each dividing the first; one ``lax.switch`` branch each):
+    with ``cover="exact"`` the largest block they fill, then the rest likewise, so work follows
+    the running items (on a CPU, where a block's cost grows with its rows and a block of
+    ~8 MB of Jacobians stays in cache); with ``cover="one"`` the smallest block that holds
+    them (on an accelerator, where each block is a launch).  So converged items stop costing
+    work without a host round trip or a recompile.  Returns the state in the items' order and
     the cost history (K, steps); entries after an item's last iteration repeat its final cost.
     """
+    if cover not in COVERS:
+        raise ValueError(f"cover must be one of {COVERS}, got {cover!r}")
     iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, None, None, 0, None))
     items = state["cost"].shape[0]
-    blocks = sizes(group)
     block_sizes = jnp.asarray(blocks, jnp.int32)
-    padded = -(-items // group) * group  # rows: the items, then done copies of the first
+    padded = -(-items // blocks[0]) * blocks[0]  # rows: the items, then done copies of the first
 
     def pad(a):
         return jnp.concatenate([a, jnp.repeat(a[:1], padded - items, axis=0)])
 
-    def in_blocks(size: int):
-        def run(b, carry):
-            state, target = carry
-            rows = lambda a: lax.dynamic_slice_in_dim(a, b * size, size)  # noqa: E731
+    def block(size: int):
+        def run(offset, state, target):
+            rows = lambda a: lax.dynamic_slice_in_dim(a, offset, size)  # noqa: E731
             new = iterate(jax.tree.map(rows, state), template, frozen, rows(target), images)
-            return jax.tree.map(lambda a, n: lax.dynamic_update_slice_in_dim(a, n, b * size, 0), state, new), target
+            return jax.tree.map(lambda a, n: lax.dynamic_update_slice_in_dim(a, n, offset, 0), state, new)
 
-        return lambda state, target, rows: lax.fori_loop(0, rows // size, run, (state, target))[0]
+        return run
+
+    def run_rows(state, target, live):
+        def step(carry):
+            offset, state = carry
+            level = _next_block(block_sizes, live - offset, cover)
+            state = lax.switch(level, [block(size) for size in blocks], offset, state, target)
+            return offset + block_sizes[level], state
+
+        return lax.while_loop(lambda carry: carry[0] < live, step, (jnp.zeros((), jnp.int32), state))[1]
 
     def gather_running(state, target, order, history):
         index = jnp.argsort(state["done"], stable=True)
@@ -339,14 +363,11 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
     def body(carry):
         i, rows, state, target, order, history = carry
         live = jnp.sum(~state["done"]).astype(jnp.int32)
-        level = jnp.maximum(jnp.sum(block_sizes >= live) - 1, 0)  # the smallest block holding them, or blocks of group
-        size = block_sizes[level]
-        needed = -(-live // size) * size
-        state, target, order, history = lax.cond(needed < rows, gather_running, lambda *c: c,
+        state, target, order, history = lax.cond(live < rows, gather_running, lambda *c: c,
                                                  state, target, order, history)
-        rows = jnp.minimum(rows, needed)
-        state = lax.switch(level, [in_blocks(size) for size in blocks], state, target, rows)
-        return i + 1, rows, state, target, order, lax.dynamic_update_index_in_dim(history, state["cost"], i, 1)
+        state = run_rows(state, target, live)
+        return (i + 1, jnp.minimum(rows, live), state, target, order,
+                lax.dynamic_update_index_in_dim(history, state["cost"], i, 1))
 
     state = jax.tree.map(pad, state)
     state["done"] = state["done"] | (jnp.arange(padded) >= items)
@@ -371,17 +392,22 @@ def _residual_size(objective, target: tuple, images: tuple | None) -> int:
     return jax.eval_shape(objective.residual, struct(target), struct(target), struct(images)).shape[0]
 
 
-def _group_size(problem: Problem, n: int, target, images, total: int) -> int:
-    """How many items an LM iteration runs at once: all of them, except on a CPU with a dense
-    solve, where groups are kept to ~8 MB of Jacobians so each iteration stays in cache
-    (one batch of thousands of Jacobians is memory-bound and slower than a loop of groups)."""
+def _blocks(problem: Problem, n: int, target, images, total: int) -> tuple[tuple[int, ...], str]:
+    """The block sizes and cover of :func:`lm_segment` for ``total`` items of ``n`` parameters.
+
+    On a CPU, blocks of at most ~8 MB of dense Jacobians (so each stays in cache: one batch
+    of thousands is memory-bound and slower than a loop of blocks) halving down to one
+    item, covered exactly; elsewhere, or with the matrix-free solve, all items in one block,
+    shrinking by halves as they converge.
+    """
     if jax.default_backend() != "cpu":
-        return total
+        return sizes(total), "one"
     m = residual_size(problem.objective, target, images)
     solver = problem.solver
-    if solver.linear_solver == "cg" or (solver.linear_solver == "auto" and not dense_solve(m, n)):
-        return total
-    return int(min(total, 2 ** int(np.log2(max(1, 8e6 // (m * n * target.dtype.itemsize))))))
+    group = total
+    if solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n)):
+        group = int(min(total, 2 ** int(np.log2(max(1, 8e6 // (m * n * target.dtype.itemsize))))))
+    return sizes(group, least=1), "exact"
 
 
 def _kept(size: int, keep: float, floor: int) -> int:
@@ -431,11 +457,11 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     steps = solver.refine_steps
     history = np.empty((total, steps), state["cost"].dtype)
     state["done"] |= pruned
-    group = _group_size(problem, state["x"].shape[1], target[0], images, total)
+    blocks, cover = _blocks(problem, state["x"].shape[1], target[0], images, total)
     done = 0
     while done < steps and not state["done"].all():
         n = min(solver.chunk, steps - done)
-        state, costs = lm_segment(problem, state, template, frozen, target, images, n, group)
+        state, costs = lm_segment(problem, state, template, frozen, target, images, n, blocks, cover)
         state = jax.tree.map(np.array, state)
         history[:, done: done + n] = np.asarray(costs)
         done += n
