@@ -9,7 +9,7 @@ from jfactor import kernels
 from jfactor.errors import ConfigError
 from jfactor.factorize import Chain, Solver, Target, factorize
 from jfactor.factorize.api import _draw
-from jfactor.factorize.init import line_init, principal_angle
+from jfactor.factorize.init import _along, line_init, principal_angle
 
 
 def _distance_from_axis(factor: np.ndarray, angle: float) -> float:
@@ -24,6 +24,22 @@ def _distance_from_axis(factor: np.ndarray, angle: float) -> float:
 def test_the_long_axis_of_a_slanted_line_is_its_angle(size, degrees):
     angle = principal_angle(kernels.motion_blur(size, angle=degrees))
     assert angle is not None and abs(np.rad2deg(angle) - degrees) < 1.0
+
+
+@given(st.integers(1, 9), st.sampled_from([(3, 3), (5, 5), (9, 7)]), st.floats(0, np.pi), st.integers(0, 2 ** 31))
+def test_a_drawn_line_is_the_adjoint_of_bilinear_sampling_along_it(count, shape, angle, seed):
+    """<line drawn from v, K> = <v, K sampled bilinearly at the line's points> for every K: scipy's
+    ``map_coordinates`` (order 1) is the independent reference, drawing twice gives the same."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    values, image = rng.normal(size=count), rng.normal(size=shape)
+    direction = np.array([-np.sin(angle), np.cos(angle)])
+    points = (np.array(shape)[:, None] - 1) / 2 + np.outer(direction, np.arange(count) - (count - 1) / 2)
+    sampled = ndimage.map_coordinates(image, points, order=1, mode="grid-constant", cval=0.0)  # zeros outside
+    drawn = _along(values, shape, direction)
+    np.testing.assert_allclose(np.vdot(drawn, image), np.vdot(values, sampled), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(_along(values, shape, direction), drawn)
 
 
 @pytest.mark.parametrize("family", ["gaussian", "disk", "ring", "log", "gabor", "box"])

@@ -25,6 +25,7 @@ Inits are numpy (float64), built once per target before any compilation.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -53,6 +54,14 @@ def _units(roots: np.ndarray, tol: float = 1e-9) -> list[np.ndarray]:
     return units
 
 
+@functools.lru_cache(maxsize=256)
+def _root_units(core: bytes) -> tuple[np.ndarray, ...]:
+    """:func:`_units` of the roots of the float64 polynomial ``core`` (its bytes): computed once
+    per vector, as every restart splits the same few vectors."""
+    coefficients = np.frombuffer(core)
+    return tuple(_units(np.roots(coefficients))) if len(coefficients) > 1 else ()
+
+
 def split_roots(u: np.ndarray, sizes: list[int], rng: np.random.Generator | None = None) -> list[np.ndarray]:
     """1-D factors ``f_i`` of lengths ``sizes`` with ``convolve(f_1, ..., f_L) ~= u``.
 
@@ -64,8 +73,7 @@ def split_roots(u: np.ndarray, sizes: list[int], rng: np.random.Generator | None
     u = np.asarray(u, np.float64)
     nonzero = np.flatnonzero(u)
     lead, trail = nonzero[0], len(u) - 1 - nonzero[-1]
-    core = u[lead: len(u) - trail]
-    units = _units(np.roots(core)) if len(core) > 1 else []
+    units = list(_root_units(u[lead: len(u) - trail].tobytes()))
     units += [np.array([0.0])] * trail + [np.array([np.inf])] * lead
     if rng is None:
         units.sort(key=lambda unit: (np.isinf(unit[0]), abs(np.angle(unit[0]))))
@@ -138,6 +146,16 @@ def _in_extent(target: Target, chain: Chain) -> np.ndarray:
     return np.pad(target.kernel[..., 0, 0], check_chain(chain, target))
 
 
+@functools.lru_cache(maxsize=64)
+def _svd(kernel: bytes, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``numpy.linalg.svd`` of the float64 matrix ``kernel`` (its bytes, ``shape``), computed once
+    per target (read-only: every restart shares it)."""
+    factors = np.linalg.svd(np.frombuffer(kernel).reshape(shape))
+    for kept in factors:
+        kept.flags.writeable = False
+    return factors
+
+
 def separable_init(target: Target, chain: Chain, method: str, rng: np.random.Generator,
                    shuffle: bool) -> list[np.ndarray] | None:
     """Rank-R separable factors for single-channel 1-D/2-D targets; None where undefined.
@@ -162,7 +180,7 @@ def separable_init(target: Target, chain: Chain, method: str, rng: np.random.Gen
     if target.ndim == 1:
         terms = [(1.0, [kernel])]
     else:
-        u, s, vt = np.linalg.svd(kernel)
+        u, s, vt = _svd(kernel.tobytes(), kernel.shape)
         terms = [(s[r], [u[:, r], vt[r]]) for r in range(min(len(s), min(widths[1:-1] or [1])))]
     for r, (sigma, vectors) in enumerate(terms):
         per_dim = [split(v, dim) for dim, v in enumerate(vectors)]
@@ -204,17 +222,28 @@ def principal_angle(kernel: np.ndarray) -> float | None:
 def _along(values: np.ndarray, shape: tuple[int, int], direction: np.ndarray) -> np.ndarray:
     """A 1-D kernel drawn as a line through the centre of a ``shape`` grid along ``direction``
     (dy, dx), unit spacing, each tap shared between its four nearest pixels (bilinear)."""
-    out = np.zeros(shape)
+    taps, pixels, weights = _line_stencil(len(values), shape, tuple(direction))
+    out = np.zeros(math.prod(shape))
+    np.add.at(out, pixels, values[taps] * weights)  # tap after tap, in order
+    return out.reshape(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _line_stencil(count: int, shape: tuple[int, int], direction: tuple[float, float]):
+    """Which tap of a ``count``-tap line adds to which pixel (raveled) with which bilinear weight,
+    taps in order: (taps, pixels, weights), each (entries,)."""
     centre = (np.array(shape) - 1) / 2
-    for j, value in enumerate(values):
-        point = centre + (j - (len(values) - 1) / 2) * direction
+    taps, pixels, weights = [], [], []
+    for j in range(count):
+        point = centre + (j - (count - 1) / 2) * np.array(direction)
         low = np.floor(point).astype(int)
         for corner in np.ndindex(2, 2):
             pixel = low + corner
-            weight = np.prod(np.where(corner, point - low, 1 - (point - low)))
             if (pixel >= 0).all() and (pixel < shape).all():
-                out[tuple(pixel)] += value * weight
-    return out
+                taps.append(j)
+                pixels.append(np.ravel_multi_index(tuple(pixel), shape))
+                weights.append(np.prod(np.where(corner, point - low, 1 - (point - low))))
+    return np.array(taps, int), np.array(pixels, int), np.array(weights, np.float64)
 
 
 def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: bool,
@@ -228,20 +257,14 @@ def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: b
     (:func:`split_roots`; ``shuffle`` draws another root grouping), and each is drawn along
     the axis into its layer.  ``jitter``: relative normal noise added where ``shuffle``.
     """
-    from scipy import ndimage  # imported here: import jfactor stays lean
-
     if (target.c_in != 1 or target.c_out != 1 or target.ndim != 2 or any(layer.frozen for layer in chain.layers)
             or any(d != 1 for dil in chain.effective_dilations for d in dil)):
         return None
-    kernel = _in_extent(target, chain)
-    angle = principal_angle(kernel)
-    if angle is None:
-        return None
-    direction = np.array([-np.sin(angle), np.cos(angle)])
     lengths = [min(layer.size) for layer in chain.layers]
-    span = sum(length - 1 for length in lengths) + 1
-    points = (np.array(kernel.shape)[:, None] - 1) / 2 + np.outer(direction, np.arange(span) - (span - 1) / 2)
-    profile = ndimage.map_coordinates(kernel, points, order=1, mode="constant")
+    axis = _line_profile(_in_extent(target, chain).tobytes(), chain.extent, tuple(lengths))
+    if axis is None:
+        return None
+    direction, profile = axis
     pieces = split_roots(profile, lengths, rng if shuffle else None)
     widths = chain.channels(1, 1)
     factors = []
@@ -253,6 +276,26 @@ def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: b
         factor[..., 0, 0] = drawn
         factors.append(factor)
     return factors
+
+
+@functools.lru_cache(maxsize=64)
+def _line_profile(kernel: bytes, shape: tuple[int, ...], lengths: tuple[int, ...]):
+    """The long axis's direction (dy, dx) of the float64 kernel ``kernel`` (its bytes, ``shape``)
+    and its profile along that axis through the centre, as many bilinear samples as lines of
+    ``lengths`` span; None without a slanted axis (:func:`principal_angle`)."""
+    from scipy import ndimage  # imported here: import jfactor stays lean
+
+    kernel = np.frombuffer(kernel).reshape(shape)
+    angle = principal_angle(kernel)
+    if angle is None:
+        return None
+    direction = np.array([-np.sin(angle), np.cos(angle)])
+    span = sum(length - 1 for length in lengths) + 1
+    points = (np.array(shape)[:, None] - 1) / 2 + np.outer(direction, np.arange(span) - (span - 1) / 2)
+    profile = ndimage.map_coordinates(kernel, points, order=1, mode="constant")
+    for kept in (direction, profile):
+        kept.flags.writeable = False  # shared by every later call
+    return direction, profile
 
 
 def random_init(shapes: list[tuple[int, ...]], rng: np.random.Generator) -> list[np.ndarray]:
