@@ -395,10 +395,10 @@ def _residual_size(objective, target: tuple, images: tuple | None) -> int:
 def _blocks(problem: Problem, n: int, target, images, total: int) -> tuple[tuple[int, ...], str]:
     """The block sizes and cover of :func:`lm_segment` for ``total`` items of ``n`` parameters.
 
-    On a CPU, blocks of at most ~8 MB of dense Jacobians (so each stays in cache: one batch
-    of thousands is memory-bound and slower than a loop of blocks) halving down to one
-    item, covered exactly; elsewhere, or with the matrix-free solve, all items in one block,
-    shrinking by halves as they converge.
+    On a CPU, blocks halving down to one item, covered exactly (a block's cost grows with its
+    rows), and with the direct solve at most ~8 MB of dense Jacobians each (so each stays in
+    cache: one batch of thousands is memory-bound and slower than a loop of blocks); on an
+    accelerator, one block of all items, shrinking by halves as they converge.
     """
     if jax.default_backend() != "cpu":
         return sizes(total), "one"
