@@ -9,7 +9,8 @@ from jfactor import kernels
 from jfactor.errors import ConfigError
 from jfactor.factorize import Chain, Solver, Target, factorize
 from jfactor.factorize.api import _draw
-from jfactor.factorize.init import _along, line_init, principal_angle
+from jfactor.factorize.chain import check_chain
+from jfactor.factorize.init import _along, band_pass, blur_init, line_init, principal_angle
 
 
 def _distance_from_axis(factor: np.ndarray, angle: float) -> float:
@@ -99,3 +100,86 @@ def test_line_starts_find_lower_minima_than_random_ones_on_a_slanted_line(seed):
     run = lambda init: factorize(target, chain, init=init, restarts=32, baselines=(), seed=seed,  # noqa: E731
                                  solver=Solver(optimizer="none")).rel_error
     assert run("lines") < 0.9 * run("random")
+
+
+def _chain_kernel_scipy(factors, chain):
+    """The chain's kernel by scipy's full convolutions of the dilated factors (independent of jfactor's)."""
+    from scipy import signal
+
+    kernel = np.ones((1,) * chain.ndim)
+    for f, dilation in zip(factors, chain.effective_dilations):
+        spread = np.zeros([(k - 1) * d + 1 for k, d in zip(f.shape, dilation)])
+        spread[tuple(slice(None, None, d) for d in dilation)] = f
+        kernel = signal.convolve(kernel, spread)
+    return kernel
+
+
+def _is_blur(f):
+    """A positive, separable bump that peaks at the centre."""
+    centre = tuple((k - 1) // 2 for k in f.shape)
+    flat = f.reshape(f.shape[0], -1)
+    return bool((f > 0).all() and f[centre] == f.max() and np.linalg.matrix_rank(flat, tol=1e-10 * f.max()) == 1)
+
+
+@given(st.sampled_from([
+    (kernels.gabor(15), Chain.build([3, 5, 9])),
+    (kernels.gabor(11), Chain.build([3, 5, 5])),
+    (kernels.make("log", 9), Chain.build([3, 3], dilations=[1, 3])),
+    (np.array([1.0, -3.0, 2.0, 2.0, -3.0, 1.0, 0.5]), Chain.build([3, 3, 3], ndim=1)),
+]), st.integers(0, 2 ** 31))
+def test_blur_starts_are_blurs_and_one_least_squares_factor(case, seed):
+    """Every factor but one is a blur; the other minimises |target - chain| given them: the residual is
+    orthogonal to the chain's derivative along each of its taps (scipy's convolutions, not jfactor's)."""
+    kernel, chain = case
+    target = Target.from_array(kernel)
+    factors = [f[..., 0, 0] for f in blur_init(target, chain, np.random.default_rng(seed))]
+    padded = np.pad(kernel, check_chain(chain, target))
+    residual = padded - _chain_kernel_scipy(factors, chain)
+    fitted = [i for i, f in enumerate(factors) if not _is_blur(f)]
+    assert len(fitted) <= 1 and sum(map(_is_blur, factors)) >= len(factors) - 1
+    optimal = []
+    for i in range(len(factors)):
+        columns = []
+        for tap in np.ndindex(*factors[i].shape):
+            unit = np.zeros(factors[i].shape)
+            unit[tap] = 1.0
+            columns.append(_chain_kernel_scipy(factors[:i] + [unit] + factors[i + 1:], chain).ravel())
+        columns = np.stack(columns, axis=1)
+        optimal.append(np.abs(columns.T @ residual.ravel()).max()
+                       <= 1e-9 * np.linalg.norm(columns) * np.linalg.norm(padded))
+    assert any(optimal) and all(optimal[i] for i in fitted)
+    assert np.linalg.norm(residual) < np.linalg.norm(padded)
+
+
+@pytest.mark.parametrize("kernel, passes", [
+    (kernels.gabor(11), True), (kernels.make("log", 15), True), (kernels.gaussian(9, 2.0), False),
+    (kernels.disk(9), False), (kernels.motion_blur(11, angle=30.0), False),
+])
+def test_band_pass_targets_are_the_ones_with_little_gain_at_zero_frequency(kernel, passes):
+    assert band_pass(kernel) == passes
+
+
+@pytest.mark.parametrize("target, chain", [
+    (kernels.disk(9), Chain.build([5, 5])),  # low-pass
+    (kernels.gabor(9), Chain.build([5, 5], channels=2)),  # two channels
+    (kernels.gabor(9), Chain.build([5, 5], frozen={0: np.ones((5, 5))})),  # a frozen layer
+])
+def test_blur_starts_where_they_do_not_apply(target, chain):
+    assert blur_init(Target.from_array(target), chain, np.random.default_rng(0)) is None
+    with pytest.raises(ConfigError, match="init blurs: needs a single-channel band-pass target"):
+        factorize(target, chain, init="blurs", restarts=2, baselines=())
+
+
+def test_auto_draws_a_quarter_of_blur_starts_for_a_band_pass_target_and_does_not_count_them_as_independent():
+    target, chain = Target.from_array(kernels.gabor(11)), Chain.build([3, 5, 5])
+    starts, confined = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
+    blurs = np.arange(64 // 8 + 64 // 4, 64 // 8 + 64 // 2)  # after the root groupings and the line slots
+    assert confined[blurs].all() and not np.delete(confined, blurs).any()
+    assert all(sum(_is_blur(f[..., 0, 0]) for f in starts[r]) == 2 for r in blurs)
+
+
+def test_the_default_search_reaches_the_best_basin_of_a_15x15_gabor():
+    """Blur starts find the minimum (5.955e-3) that 4,096 restarts in waves without them missed
+    (6.059e-3); before them, seed 0 stopped at 7.004e-3."""
+    result = factorize(kernels.gabor(15), Chain.build([3, 5, 9]), baselines=())
+    assert result.rel_error <= 5.956e-3

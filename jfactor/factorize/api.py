@@ -25,7 +25,7 @@ from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
-from jfactor.factorize.init import INITS, line_init, random_init, separable_init
+from jfactor.factorize.init import INITS, blur_init, line_init, random_init, separable_init
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
@@ -133,6 +133,7 @@ NEEDS = {  # what a structured init needs of the target and chain (besides no fr
     "svd": "a single-channel 1-D or 2-D target",
     "lines": "a single-channel 2-D target with a slanted long axis (a line or motion blur at an angle) and a chain "
              "without dilation",
+    "blurs": "a single-channel band-pass target (little gain at zero frequency) and a chain of width 1",
 }
 
 
@@ -145,11 +146,13 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
     new root groupings; the next quarter are lines along the target's slanted axis where it
-    has one (:func:`jfactor.factorize.init.line_init`); the rest (and those, where it has
-    none) are random, for a broad search, and every other one of them shares the target's
-    grid symmetries ``group`` where it has mirror ones
-    (:func:`jfactor.factorize.symmetry.start_group`).  ``roots``/``svd``/``lines``: every
-    restart uses that init, later ones with other root groupings (or ALS starts).
+    has one (:func:`jfactor.factorize.init.line_init`), the next quarter blurs and one fitted
+    factor where the target passes a band and the chain has one channel (:func:`jfactor.factorize.init.blur_init`); the
+    rest (and those, where they do not apply) are random, for a broad search, and every other
+    one of them shares the target's grid symmetries ``group`` where it has mirror ones
+    (:func:`jfactor.factorize.symmetry.start_group`).  ``roots``/``svd``/``lines``/``blurs``:
+    every restart uses that init, later ones with other root groupings (or ALS starts, other
+    lines, other blurs).
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)
@@ -161,10 +164,14 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
         elif r < separable:
             kind = ("roots", "svd")[r] if wave == 0 else "roots"
         else:
-            kind = "lines" if r < separable + count // 4 else None
+            kind = ("lines" if r < separable + count // 4 else "blurs" if r < separable + count // 2
+                    else None)
         factors = None
         if kind == "lines":
             factors = line_init(target, chain, rng, shuffle=wave > 0 or r > (0 if init == "lines" else separable))
+            confined[r] = factors is not None
+        elif kind == "blurs":
+            factors = blur_init(target, chain, rng)
             confined[r] = factors is not None
         elif kind and structured:
             factors = separable_init(target, chain, kind, rng, shuffle=wave > 0 or r > 1)
