@@ -66,7 +66,10 @@ def test_an_item_runs_alike_alone_and_among_items_that_converge_earlier(blocks, 
         assert int(alone["iterations"][0]) == iterations[item]
         assert bool(alone["done"][0]) == bool(together["done"][item])
         np.testing.assert_allclose(np.asarray(together["x"][item]), np.asarray(alone["x"][0]), rtol=0, atol=1e-10)
-        np.testing.assert_allclose(np.asarray(history[item]), np.asarray(alone_history[0]), rtol=1e-9, atol=1e-24)
+        # costs agree to roundoff: 1e-9 of themselves, or of the start's cost once they near the float64
+        # floor (the batched Cholesky's last bits differ with the batch size)
+        np.testing.assert_allclose(np.asarray(history[item]), np.asarray(alone_history[0]), rtol=1e-9,
+                                   atol=1e-9 * float(alone_history[0, 0]))
         # after its last iteration an item's history repeats its final cost
         assert np.all(np.asarray(history[item, iterations[item]:]) == np.asarray(together["cost"][item]))
 

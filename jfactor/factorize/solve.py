@@ -210,18 +210,25 @@ def dense_solve(m: int, n: int) -> bool:
     return min(m * n * n, m * m * n) <= 3e8
 
 
-def _direct_step(jac, r, g, mu):
-    """``-(J^T J + mu D)^-1 g`` with Marquardt scaling ``D = diag(J^T J)``, solved directly.
+def _spd_solve(a, b):
+    """``a^-1 b`` for a symmetric positive definite ``a`` (n, n), b (n,), by Cholesky: NaN where
+    ``a`` is not numerically positive definite, which the LM step rejects like any failed step.
+    On XLA's CPU backend (jax 0.10.2, 2 cores) a batch of 64 solves takes 23 us per item at
+    n = 59 and 91 at n = 115 (LU: 40 and 167); the line, Gabor and ring targets' default
+    searches ran 9-29% faster than with LU, to the same minima."""
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), b)
 
-    LU, not Cholesky: batched Cholesky runs some 30x slower than LU on XLA's CPU backend.
-    """
+
+def _direct_step(jac, r, g, mu):
+    """``-(J^T J + mu D)^-1 g`` with Marquardt scaling ``D = diag(J^T J)``, solved directly
+    (:func:`_spd_solve`); jac (m, n), r (m,), g (n,)."""
     m, n = jac.shape
     d = jnp.sum(jac * jac, axis=0)
     d = jnp.maximum(d, 1e-9 * jnp.max(d) + jnp.finfo(jac.dtype).tiny)
     if m >= n:
-        return -jnp.linalg.solve(jac.T @ jac + mu * jnp.diag(d), g)
+        return -_spd_solve(jac.T @ jac + mu * jnp.diag(d), g)
     # fewer residuals than parameters: the dual (m x m) system, damped by mu * mean(D)
-    return -jac.T @ jnp.linalg.solve(jac @ jac.T + mu * jnp.mean(d) * jnp.eye(m, dtype=jac.dtype), r)
+    return -jac.T @ _spd_solve(jac @ jac.T + mu * jnp.mean(d) * jnp.eye(m, dtype=jac.dtype), r)
 
 
 def _matrix_free_step(problem: Problem, x, unravel, frozen, jvp, vjp, g, mu, iterations: int):
