@@ -426,7 +426,10 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         earlier = json.loads(path.read_text()) if path.exists() else {}  # the parts not rerun stay
         parts = sorted(set(earlier.get("parts", [])) | set(args.parts))
-        path.write_text(json.dumps({**earlier, **result, "parts": parts}, indent=2) + "\n")
+        part_devices = ({part: earlier.get("device") for part in earlier.get("parts", [])}
+                        | earlier.get("part_devices", {}) | {part: result["device"] for part in args.parts})
+        path.write_text(json.dumps({**earlier, **result, "parts": parts, "part_devices": part_devices}, indent=2)
+                        + "\n")
 
 
 if __name__ == "__main__":

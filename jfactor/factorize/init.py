@@ -306,12 +306,14 @@ def _line_profile(kernel: bytes, shape: tuple[int, ...], lengths: tuple[int, ...
 
 
 BLUR_WIDTHS = (0.5, 1.5)  # the range of a blur factor's standard deviation per axis, in taps
-BAND_PASS = 0.1  # the most a band-pass target's gain at zero frequency is of its peak gain
+BAND_PASS = 0.01  # the most a band-pass target's gain at zero frequency is of its peak gain (see band_pass)
 
 
 def band_pass(kernel: np.ndarray) -> bool:
     """Whether a single-channel kernel (*k,) passes a band: its gain at zero frequency (its sum)
-    is at most :data:`BAND_PASS` of its peak gain (on a grid of twice its size)."""
+    is at most :data:`BAND_PASS` of its peak gain (on a grid of twice its size).  Designed
+    band-pass filters (LoG, DoG, Gabor, derivatives) have none; a random 15x15 normal kernel's
+    is 7% of its peak, and blur starts cost it 4% of error at seed 0 of 3-5-9."""
     gain = np.abs(np.fft.fftn(kernel, s=[2 * k for k in kernel.shape], axes=range(kernel.ndim)))
     return bool(gain.flat[0] <= BAND_PASS * gain.max())
 
