@@ -191,7 +191,7 @@ def factorize(
     steps: Annotated[int, typer.Option(help="first-order steps")] = 200,
     refine: Annotated[str, typer.Option(help="lm (Levenberg-Marquardt) or none")] = "lm",
     refine_steps: Annotated[int, typer.Option(help="most LM iterations")] = 500,
-    init: Annotated[str, typer.Option(help="auto, roots, svd, lines or random")] = "auto",
+    init: Annotated[str, typer.Option(help="auto, roots, svd, lines, blurs or random")] = "auto",
     baselines: Annotated[str | None, typer.Option(help="comma-separated: svd,als,lstsq,wiener,"
                                                        "unsupervised_wiener,scipy_lm")] = None,
     seed: Annotated[int, typer.Option()] = 0,

@@ -1,8 +1,8 @@
 """``factorize``: the best chain of small kernels for a target kernel, and how good it is.
 
 A run normalises the target to unit norm (zero-padded to the chain's receptive field when
-that is larger), draws starting points in waves (root splitting / SVD / random, later also
-perturbations of the best so far), runs the optax phase and the Levenberg-Marquardt
+that is larger), draws starting points in waves (root splitting / SVD / lines / blurs /
+random, later also perturbations of the best so far), runs the optax phase and the Levenberg-Marquardt
 refinement on all restarts and targets of a wave in batched, jitted calls, screening them
 during LM, until :mod:`jfactor.factorize.multistart`'s stopping rule holds; it keeps the best
 restart per target, measures the result against the target and the baselines, and says how
@@ -256,8 +256,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
       budget_s: stop starting new waves after this many seconds.
       search: a :class:`SearchPolicy` with every knob of the waves (``restarts`` and
         ``budget_s``, where given, override its fields).
-      init: ``auto`` (root splitting and SVD for the first two where they apply, random
-        for the rest), ``roots``, ``svd`` or ``random``.
+      init: ``auto`` (root splitting and SVD for the first two where they apply, then line
+        and blur starts where they apply, random for the rest; see ``_draw``), ``roots``,
+        ``svd``, ``lines``, ``blurs`` or ``random``.
       dtype: ``float64`` or ``float32``.
       seed: target ``b`` draws its starts from ``numpy.random.default_rng(seed + b)``, so
         ``factorize_batch(ts, seed=s)[b]`` starts where ``factorize(ts[b], seed=s + b)`` does.
