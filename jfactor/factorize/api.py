@@ -2,12 +2,12 @@
 
 A run normalises the target to unit norm (zero-padded to the chain's receptive field when
 that is larger), draws starting points in waves (root splitting / SVD / lines / blurs /
-random, later also perturbations of the best so far), runs the optax phase and the Levenberg-Marquardt
-refinement on all restarts and targets of a wave in batched, jitted calls, screening them
-during LM, until :mod:`jfactor.factorize.multistart`'s stopping rule holds; it keeps the best
-restart per target, measures the result against the target and the baselines, and says how
-sure it is (``evidence``).  Non-finite restarts are dropped (and counted);
-if none is left the run fails rather than report a NaN.
+random, later also perturbations of the best so far), runs the optax phase and the
+Levenberg-Marquardt refinement on all restarts and targets of a wave in batched, jitted
+calls, screening them during LM, until :mod:`jfactor.factorize.multistart`'s stopping rule
+holds; it keeps the best restart per target, measures the result against the target and the
+baselines, and says how sure it is (``evidence``).  Non-finite restarts are dropped (and
+counted); if none is left the run fails rather than report a NaN.
 """
 
 from __future__ import annotations
@@ -147,12 +147,12 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
     new root groupings; the next quarter are lines along the target's slanted axis where it
     has one (:func:`jfactor.factorize.init.line_init`), the next quarter blurs and one fitted
-    factor where the target passes a band and the chain has one channel (:func:`jfactor.factorize.init.blur_init`); the
-    rest (and those, where they do not apply) are random, for a broad search, and every other
-    one of them shares the target's grid symmetries ``group`` where it has mirror ones
-    (:func:`jfactor.factorize.symmetry.start_group`).  ``roots``/``svd``/``lines``/``blurs``:
-    every restart uses that init, later ones with other root groupings (or ALS starts, other
-    lines, other blurs).
+    factor where the target passes a band and the chain has one channel
+    (:func:`jfactor.factorize.init.blur_init`); the rest (and those, where they do not apply)
+    are random, for a broad search, and every other one of them shares the target's grid
+    symmetries ``group`` where it has mirror ones (:func:`jfactor.factorize.symmetry.start_group`).
+    ``roots``/``svd``/``lines``/``blurs``: every restart uses that init, later ones with other
+    root groupings (or ALS starts, other lines, other blurs).
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)

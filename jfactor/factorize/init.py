@@ -37,7 +37,7 @@ import math
 
 import numpy as np
 
-from jfactor.factorize.chain import Chain, Target, check_chain
+from jfactor.factorize.chain import Chain, Target, chain_kernel_numpy, check_chain
 
 INITS = ("auto", "roots", "svd", "lines", "blurs", "random")
 ANISOTROPY = 4.0  # the least ratio of a target's second moments along and across its axis for line starts
@@ -335,8 +335,6 @@ def blur_init(target: Target, chain: Chain, rng: np.random.Generator) -> list[np
     unit tap at its origin) by its tap offset times its effective dilation, so the columns of
     the least-squares system are shifted copies of that one kernel.
     """
-    from jfactor.factorize.chain import chain_kernel_numpy  # the chain's kernel in numpy, no jax
-
     if (target.c_in != 1 or target.c_out != 1 or any(w > 1 for w in chain.widths)
             or any(layer.frozen for layer in chain.layers)):
         return None
