@@ -15,7 +15,7 @@ from jfactor import kernels
 from jfactor.errors import ConfigError
 from jfactor.factorize import Chain, Solver, factorize, factorize_batch
 from jfactor.factorize.chain import chain_kernel_numpy
-from jfactor.factorize.multistart import SearchPolicy, evidence, minima, stop_reason
+from jfactor.factorize.multistart import SearchPolicy, evidence, minima, perturb, stop_reason
 
 FAST = Solver(optimizer="none", refine_steps=100)
 SMALL = SearchPolicy(wave=16, floor=2, min_restarts=48, max_restarts=96)
@@ -311,3 +311,14 @@ def test_the_first_order_carry_keeps_its_types_from_segment_to_segment(optimizer
     types = lambda tree: [(a.dtype, jax.typeof(a).weak_type, a.shape) for a in jax.tree.leaves(tree)]  # noqa: E731
     assert types(after) == types(carry)
     assert np.isfinite(steps).all() and (np.asarray(after[3]) <= np.asarray(carry[3])).all()
+
+
+def test_perturbations_give_three_pairs_in_four_to_a_structured_move_and_noise_where_it_has_none():
+    elite = [[np.ones((3, 3, 1, 1))], [2 * np.ones((3, 3, 1, 1))]]
+    moved = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: [-factors[0]])
+    by_move = [i for i, hop in enumerate(moved) if (hop[0] < 0).all()]
+    assert len(by_move) == 12 and {int(-moved[i][0][0, 0, 0, 0]) for i in by_move} == {1, 2}
+    noise = perturb(elite, 16, np.random.default_rng(0))
+    declined = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: None)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(noise, declined))
+    assert not any(np.array_equal(hop[0], source[0]) for hop in noise for source in elite)

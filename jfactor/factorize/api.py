@@ -25,7 +25,7 @@ from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
-from jfactor.factorize.init import INITS, blur_init, line_init, random_init, separable_init
+from jfactor.factorize.init import INITS, blur_hop, blur_init, blur_target, line_init, random_init, separable_init
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
@@ -187,6 +187,16 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     return starts, confined
 
 
+def _blur_hops(target: Target, chain: Chain):
+    """``move(factors, rng)``: a blur hop (:func:`jfactor.factorize.init.blur_hop`) for a
+    target where blur starts apply and a chain of two or more layers; None elsewhere (noise
+    hops only)."""
+    kernel = blur_target(target, chain)
+    if kernel is None or len(chain.layers) < 2:
+        return None
+    return lambda factors, rng: blur_hop(factors, kernel, chain, rng)
+
+
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
     """User starting points for target ``b``, checked against the chain's factor shapes."""
     shapes = chain.factor_shapes(target.c_in, target.c_out)
@@ -317,6 +327,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
     groups = [symmetry.start_group(k, chain) for k in normalised]
+    moves = [_blur_hops(u, chain) for u in units]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
     residuals = residual_size(objective, normalised[0], objective_images)
@@ -333,7 +344,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)]
-                for factors in multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b])]
+                for factors in multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b],
+                                                  move=moves[b])]
         fresh, symmetric = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
         kind = np.arange(size) < size - len(hops)
         return own + fresh + hops, kind, kind & ~np.pad(symmetric, (len(own), len(hops)))

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -204,10 +205,22 @@ def elite(candidates: list[tuple[float, list]], count: int) -> list[tuple[float,
     return kept
 
 
-def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator) -> list[list[np.ndarray]]:
+def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
+            move: Callable[[list[np.ndarray], np.random.Generator], list[np.ndarray] | None] | None = None,
+            ) -> list[list[np.ndarray]]:
     """``count`` perturbed copies of the elite factor lists (best first): half of them of the
-    best, the rest spread over the others, with relative noise of 10% to 100% (log-spaced)."""
+    best, the rest spread over the others, with relative noise of 10% to 100% (log-spaced);
+    where ``move`` is given, three pairs in four of them are ``move(factors, rng)`` instead
+    (a structured hop such as :func:`jfactor.factorize.init.blur_hop`; noise where it gives
+    None).  On the 11x11 Gabor into 3-5-5 the default search reached the best known minimum
+    at 1 of 10 seeds with noise alone, 6 with half the hops blur hops, 10 with three in four
+    and 9 with all."""
     scales = rng.permutation(np.geomspace(0.1, 1.0, max(count, 1)))
     sources = [0 if i % 2 == 0 or len(elite) == 1 else 1 + (i // 2) % (len(elite) - 1) for i in range(count)]
-    return [[f + s * rng.standard_normal(f.shape) * (np.linalg.norm(f) / math.sqrt(f.size) + 1e-300)
-             for f in elite[source]] for source, s in zip(sources, scales)]
+    hops = []
+    for i, (source, s) in enumerate(zip(sources, scales)):
+        moved = move(elite[source], rng) if move is not None and (i // 2) % 4 else None
+        hops.append(moved if moved is not None else
+                    [f + s * rng.standard_normal(f.shape) * (np.linalg.norm(f) / math.sqrt(f.size) + 1e-300)
+                     for f in elite[source]])
+    return hops
