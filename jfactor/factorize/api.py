@@ -2,7 +2,7 @@
 
 A run normalises the target to unit norm (zero-padded to the chain's receptive field when
 that is larger), draws starting points in waves (root splitting / SVD / lines / blurs /
-random, later also perturbations of the best so far), runs the optax phase and the
+random, later also perturbations and blur hops from the best so far), runs the optax phase and the
 Levenberg-Marquardt refinement on all restarts and targets of a wave in batched, jitted
 calls, screening them during LM, until :mod:`jfactor.factorize.multistart`'s stopping rule
 holds; it keeps the best restart per target, measures the result against the target and the

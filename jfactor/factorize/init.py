@@ -24,7 +24,9 @@ width R reproduces the rank-R SVD truncation exactly (separable targets: exact).
   blurs.  On a 15x15 Gabor into 3-5-9 that is the best minimum known (5.955e-3, low-pass
   3x3 and 5x5 factors and a 9x9 one that is the Gabor deconvolved): 3 of 64 such starts
   reach it (LM alone), where 4,096 restarts in waves did not.  On low-pass targets (lines,
-  disks) none reached the best minimum in 64;
+  disks) none reached the best minimum in 64.  The same move from a minimum already found
+  (:func:`blur_hop`: one factor a new blur, another refitted, the rest kept) carries the
+  search between basins that noise around the minimum does not leave;
 - ``random``: normal factors scaled so the chain's kernel has the target's norm.
 
 Inits are numpy (float64), built once per target before any compilation.
