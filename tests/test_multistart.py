@@ -313,6 +313,43 @@ def test_the_first_order_carry_keeps_its_types_from_segment_to_segment(optimizer
     assert np.isfinite(steps).all() and (np.asarray(after[3]) <= np.asarray(carry[3])).all()
 
 
+def test_the_batched_lbfgs_phase_follows_optax_documented_loop_restart_by_restart():
+    """The vmapped L-BFGS phase reads the loss and gradient the line search stored instead of
+    ``optax.value_and_grad_from_state`` (whose ``lax.cond`` evaluates the objective anyway under
+    vmap); each restart's losses must still be those of optax's own loop on that restart alone."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jfactor.factorize import solve
+    from jfactor.factorize.objectives import Objective
+
+    chain = Chain.build([3, 3])
+    problem = solve.Problem(chain, 1, 1, Objective("kernel"), Solver())
+    target = kernels.make("ring", 5)[None, :, :, None, None]
+    target = target / np.linalg.norm(target)
+    rng = np.random.default_rng(1)
+    free = tuple(rng.standard_normal((1, 4) + shape) for shape in chain.factor_shapes(1, 1))
+    _, _, carry = solve.start(problem, free, (None, None), target, None, fresh=4)
+    _, losses = solve.first_order_segment(problem, carry, (None, None), target, None, steps=12)
+    assert np.asarray(losses).shape == (1, 2, 12)
+
+    def value_fn(params):  # the objective written out: half the squared error of the two 3x3 factors' convolution
+        approx = jax.scipy.signal.convolve2d(params[0][..., 0, 0], params[1][..., 0, 0], mode="full")
+        return 0.5 * jnp.sum((approx - target[0, ..., 0, 0]) ** 2)
+
+    tx = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(value_fn)
+    for row in range(2):  # the restarts that took the first-order phase
+        params = tuple(jnp.asarray(np.asarray(leaf[0, row])) for leaf in carry[0])
+        state, expected = tx.init(params), []
+        for _ in range(12):
+            value, grad = value_and_grad(params, state=state)
+            expected.append(float(value))
+            updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
+            params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(np.asarray(losses)[0, row], expected, rtol=1e-9)
+
 def test_perturbations_give_three_pairs_in_four_to_a_structured_move_and_noise_where_it_has_none():
     elite = [[np.ones((3, 3, 1, 1))], [2 * np.ones((3, 3, 1, 1))]]
     moved = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: [-factors[0]])
