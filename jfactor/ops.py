@@ -74,16 +74,26 @@ def conv_by_taps(x, kernel, *, strides: tuple, dilation: tuple, pads: Pads, grou
     return y.reshape(n, *out, cout)
 
 
+def pads_beyond_reach(size: tuple[int, ...], dilation, pads: Pads) -> bool:
+    """Whether a padding exceeds the reach ``d (k - 1)`` of a kernel of ``size`` (*k,), so that
+    some outputs see padding only (a chain's first layer padded for the whole chain).  XLA's CPU
+    convolution (jaxlib 0.10.2, an AVX-512 Intel Xeon) crashed the process (SIGSEGV in its
+    generated ``convolution_kernel``) in about one run of three on a float64 (4, 32, 32, 1) input
+    with a 3x3 kernel padded by 3 on each side; with ``--xla_cpu_max_isa=AVX2`` it did not."""
+    return any(max(lo, hi) > d * (k - 1) for k, d, (lo, hi) in zip(size, dilation, pads))
+
+
 def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
     """Apply one convolution: ``x`` (N, *S, C_in), ``kernel`` (*k, C_in/g, C_out) -> (N, *S', C_out).
 
-    float64 inputs of at least :data:`TAPS_FROM` values on the CPU run :func:`conv_by_taps`;
-    everything else, kernel algebra and the fold certificate's bounded probe included, XLA's
-    convolution (it compiles several times faster than the unrolled taps, and the crashes seen
-    were all on large inputs).
+    float64 inputs on the CPU run :func:`conv_by_taps` where XLA's convolution has crashed:
+    inputs of at least :data:`TAPS_FROM` values, and padding beyond the dilated kernel's reach
+    (:func:`pads_beyond_reach`); everything else, kernel algebra and the fold certificate's
+    bounded probe included, XLA's convolution (it compiles several times faster than the
+    unrolled taps).
     """
-    if (jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and math.prod(x.shape) >= TAPS_FROM
-            and jax.default_backend() == "cpu"):
+    if (jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and jax.default_backend() == "cpu"
+            and (math.prod(x.shape) >= TAPS_FROM or pads_beyond_reach(kernel.shape[:-2], dilation, pads))):
         y = conv_by_taps(x, kernel, strides=tuple(strides), dilation=tuple(dilation),
                          pads=tuple(tuple(p) for p in pads), groups=int(groups))
     else:

@@ -93,6 +93,28 @@ def test_large_float64_inputs_use_no_xla_convolution_on_the_cpu():
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("pads, dilation, by_taps", [
+    (((3, 3), (3, 3)), (1, 1), True),  # a chain's first layer padded for the whole chain: XLA crashed here
+    (((0, 3), (0, 0)), (1, 1), True),
+    (((5, 5), (5, 5)), (2, 2), True),
+    (((4, 4), (4, 4)), (2, 2), False),  # within the dilated kernel's reach
+    (((2, 2), (2, 2)), (1, 1), False),
+    (((2, 0), (-1, 1)), (1, 1), False),
+])
+def test_small_float64_inputs_padded_beyond_the_kernel_use_no_xla_convolution(pads, dilation, by_taps):
+    """XLA's CPU convolution crashed (SIGSEGV, about one process in three on an AVX-512 Xeon) on a
+    float64 (4, 32, 32, 1) input whose 3x3 kernel was padded by 3: such convolutions go tap by tap
+    on the CPU, and give the reference's result."""
+    rng = np.random.default_rng(1)
+    x, kernel = rng.standard_normal((4, 32, 32, 1)), rng.standard_normal((3, 3, 1, 2))
+    run = functools.partial(ops.conv, strides=(1, 1), dilation=dilation, pads=pads, groups=1)
+    program = str(jax.make_jaxpr(run)(x, kernel))
+    assert ("conv_general_dilated" not in program) == by_taps
+    assert "conv_general_dilated" in str(jax.make_jaxpr(run)(x.astype(np.float32), kernel.astype(np.float32)))
+    np.testing.assert_allclose(np.asarray(run(x, kernel)), reference.conv(x, kernel, None, 1, dilation, pads),
+                               atol=1e-12)
+
+
 def test_float64_convolutions_with_many_taps_run_in_a_loop_and_match_the_reference():
     rng = np.random.default_rng(3)
     x, kernel = rng.standard_normal((1, 30, 27, 4)), rng.standard_normal((13, 11, 2, 4))  # 143 taps: a loop
