@@ -39,6 +39,7 @@ CORE_TESTS = [
     "tests/test_factorize.py::test_the_seeds_known_factor_case_is_exact_and_wiener_is_not",
     "tests/test_factorize.py::test_batch_of_targets_in_one_call",
     "tests/test_multistart.py::test_the_first_order_carry_keeps_its_types_from_segment_to_segment",
+    "tests/test_multistart.py::test_the_batched_lbfgs_phase_follows_optax_documented_loop_restart_by_restart",
     "tests/test_config.py::test_weights_from_npy_and_npz_relative_to_the_config",
     "tests/test_cli.py::test_factorize_writes_the_contract_files",
     "tests/test_install.py::test_version_option_prints_the_versions",
