@@ -150,8 +150,8 @@ def _stored_value_and_grad(state):
     """The loss and gradient at the current point that L-BFGS's line search keeps in ``state``
     (put there for the first step by :func:`start`).  ``optax.value_and_grad_from_state`` chooses
     between them and a fresh evaluation with a ``lax.cond``, which under ``vmap`` becomes a
-    ``select`` that evaluates the objective at every step anyway (~10% of an L-BFGS step at 128
-    restarts); a non-finite stored loss would evaluate to the same value again."""
+    ``select`` that evaluates the objective at every step anyway (13-20% of an L-BFGS step at 16-128
+    restarts of a 43-parameter chain); a non-finite stored loss would evaluate to the same value again."""
     return optax.tree_utils.tree_get(state, "value"), optax.tree_utils.tree_get(state, "grad")
 
 
