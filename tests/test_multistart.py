@@ -350,6 +350,7 @@ def test_the_batched_lbfgs_phase_follows_optax_documented_loop_restart_by_restar
             params = optax.apply_updates(params, updates)
         np.testing.assert_allclose(np.asarray(losses)[0, row], expected, rtol=1e-9)
 
+
 def test_perturbations_give_three_pairs_in_four_to_a_structured_move_and_noise_where_it_has_none():
     elite = [[np.ones((3, 3, 1, 1))], [2 * np.ones((3, 3, 1, 1))]]
     moved = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: [-factors[0]])
