@@ -15,7 +15,7 @@ from jfactor import kernels
 from jfactor.errors import ConfigError
 from jfactor.factorize import Chain, Solver, factorize, factorize_batch
 from jfactor.factorize.chain import chain_kernel_numpy
-from jfactor.factorize.multistart import SearchPolicy, evidence, minima, perturb, stop_reason
+from jfactor.factorize.multistart import SearchPolicy, evidence, minima, perturb, stop_reason, warning
 
 FAST = Solver(optimizer="none", refine_steps=100)
 SMALL = SearchPolicy(wave=16, floor=2, min_restarts=48, max_restarts=96)
@@ -77,6 +77,18 @@ def test_stop_rule_cases():
     exact = [{"best_error": 1e-16, "best_hits": 1, "independent_hits": 1, "restarts": 64, "exact": True}]
     assert stop_reason(exact, policy, 1.0) == "exact"
     assert stop_reason(exact, SearchPolicy(restarts=8), 1.0) == "restarts"
+
+
+def test_the_warning_says_what_to_rerun():
+    found = {"exact": False, "best_hits": 1, "refined": 64, "restarts": 64}
+    assert warning({**found, "best_hits": 3}, "stalled", 5.0) is None
+    assert warning({**found, "exact": True}, "restarts", 5.0) is None
+    # a fixed count: more restarts or the adaptive search (a budget would not change a fixed count)
+    fixed = warning(found, "restarts", 5.0)
+    assert "reached by 1 of 64 refined restarts" in fixed and "--restarts 256" in fixed and "--budget-s" not in fixed
+    # an adaptive search: a longer budget
+    assert warning(found, "budget", 30.0).endswith("rerun with --budget-s 60")
+    assert warning(found, "max_restarts", 2.0).endswith("rerun with --budget-s 12")
 
 
 def test_a_target_with_an_exact_optimum_stops_in_the_first_wave():

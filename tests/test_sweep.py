@@ -57,7 +57,11 @@ def test_a_changed_target_file_reruns_the_cells_that_read_it(tmp_path):
     second = _sweep(config, tmp_path / "runs")
     assert _directory(second) == _directory(first)  # same config text: same sweep directory, resumed
     assert "target.npy" in second.stderr and "computing the cell again" in second.stderr
+    assert "reused" not in second.stderr  # both cells read the changed file
     assert all(float(row["rel_error"]) < 1e-10 for row in _table(_directory(second)))
+    third = _sweep(config, tmp_path / "runs")  # nothing changed: the cells are reused, and it says so
+    assert f"sweep: 2 of 2 cells were finished with the same inputs in {_directory(first)}" in third.stderr
+    assert _table(_directory(third)) == _table(_directory(second))
 
 
 def test_a_corrupt_cell_is_recomputed_with_a_warning(tmp_path):

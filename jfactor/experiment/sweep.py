@@ -156,17 +156,18 @@ def _lock(directory: Path, index: int) -> FileLock:
     return FileLock(directory / "cells" / f"{index:03d}.lock")
 
 
-def _run_cell(cell: dict, directory: Path, processes: Processes, lock: FileLock, *, wait: bool) -> dict | None:
-    """The cell's results, computed here unless finished; None if another process holds its
-    ``lock`` and ``wait`` is False."""
+def _run_cell(cell: dict, directory: Path, processes: Processes, lock: FileLock, *,
+              wait: bool) -> tuple[dict | None, bool]:
+    """The cell's results, computed here unless finished, and whether they were finished
+    before; (None, False) if another process holds its ``lock`` and ``wait`` is False."""
     try:
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
-        return None
+        return None, False
     try:
         results = _finished(directory / "cells" / f"{cell['index']:03d}" / "results.json", cell["inputs"],
                             cell["label"])
-        return results if results is not None else _compute(cell, directory, processes)
+        return (results, True) if results is not None else (_compute(cell, directory, processes), False)
     finally:
         lock.release()
 
@@ -201,7 +202,7 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
             except Timeout:
                 pass  # a concurrent sweep of the same config is running it
         processes.barrier(f"jfactor-sweep-{directory.name}-claimed")
-    payloads = {}
+    payloads, reused = {}, []
     bar = ProgressBar(progress, len(plans) if processes.index == 0 else len(mine),
                       f"sweep {config.name}" + (f" (process {processes.index}/{processes.count})"
                                                 if processes.count > 1 else ""))
@@ -209,12 +210,13 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
     def attempt(cell, wait: bool) -> bool:
         lock = locks[cell["index"]]
         try:
-            result = _run_cell(cell, directory, processes, lock, wait=wait)
+            result, finished = _run_cell(cell, directory, processes, lock, wait=wait)
         finally:
             while lock.is_locked:  # a claim holds it once more
                 lock.release()
         if result is not None:
             payloads[cell["index"]] = result
+            reused.extend([cell["index"]] if finished else [])
             bar.advance()
         return result is not None
 
@@ -229,6 +231,9 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
             if len(left) == len(others):
                 attempt(left.pop(0), wait=True)
             others = left
+    if reused:
+        print(f"sweep: {len(reused)} of {len(plans)} cells were finished with the same inputs in {directory} and "
+              "are reused, not recomputed (remove that directory to compute them again)", file=sys.stderr)
     rows = []
     for cell in plans:
         for entry in payloads[cell["index"]]["results"]:

@@ -186,12 +186,17 @@ def stop_reason(history: list[dict], policy: SearchPolicy, elapsed: float) -> st
 
 
 def warning(found: dict, stopped: str, elapsed: float) -> str | None:
-    """A plain warning when the best was reached by fewer than three restarts."""
+    """A plain warning when the best was reached by fewer than three restarts, with what to
+    rerun: a fixed restart count (``stopped == "restarts"``) grows fourfold or gives way to the
+    adaptive search; an adaptive search gets a longer budget."""
     if found["exact"] or found["best_hits"] >= 3:
         return None
-    budget = max(2 * elapsed, elapsed + 10)
+    if stopped == "restarts":
+        hint = f"rerun with --restarts {4 * found['restarts']}, or without --restarts (the adaptive search)"
+    else:
+        hint = f"rerun with --budget-s {max(2 * elapsed, elapsed + 10):.0f}"
     return (f"likely not the global optimum: the best was reached by {found['best_hits']} of "
-            f"{found['refined']} refined restarts (search stopped: {stopped}); rerun with --budget-s {budget:.0f}")
+            f"{found['refined']} refined restarts (search stopped: {stopped}); {hint}")
 
 
 def elite(candidates: list[tuple[float, list]], count: int) -> list[tuple[float, list]]:
