@@ -1,4 +1,7 @@
-"""A rich progress bar that is a no-op when disabled (library calls, tests, sweeps' inner runs)."""
+"""A rich progress bar on stderr that is a no-op when disabled (library calls, tests, sweeps' inner runs).
+
+On stderr, so that a command's stdout holds only its results (a pipe or file gets no blank
+lines where a transient bar stood)."""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ class ProgressBar:
     def __init__(self, enabled: bool, total: int, label: str):
         self.bar = None
         if enabled and total > 0:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), transient=True)
+                                TimeElapsedColumn(), transient=True, console=Console(stderr=True))
             self.task = self.bar.add_task(label, total=total)
 
     def __enter__(self):

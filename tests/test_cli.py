@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import jfactor as jf
 from jfactor.cli import app
+from jfactor.progress import ProgressBar
 from jfactor.stack_config import load_stack
 
 ROOT = Path(__file__).parent.parent
@@ -118,3 +119,13 @@ def test_search_prints_the_front(tmp_path):
     assert front and all(c["rel_error"] < 1e-8 for c in front[:1])
     assert summary["cheapest_under_budget"]["macs"] == min(c["macs"] for c in front if c["rel_error"] <= 1e-8)
     assert (tmp_path / "pareto.png").exists()
+
+
+def test_progress_goes_to_stderr_so_stdout_holds_only_results(capsys):
+    with ProgressBar(True, 2, "working") as bar:
+        bar.advance(2)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # a transient bar on stdout left blank lines in pipes and files
+    with ProgressBar(False, 2, "working") as bar:
+        bar.advance(2)
+    assert capsys.readouterr() == ("", "")

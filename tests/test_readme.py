@@ -27,3 +27,18 @@ def test_every_generated_readme_block_is_filled():
     assert not empty, f"README blocks with nothing in them: {empty}"
     for picture in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text):
         assert (ROOT / picture).is_file(), picture
+
+
+def test_a_script_that_rewrites_a_readme_block_says_so(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        from readme_block import replace_block
+    finally:
+        sys.path.pop(0)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table -->\nold\n<!-- /table -->\nrest\n")
+    assert replace_block("table", "new rows\n", readme)
+    assert readme.read_text() == "intro\n<!-- table -->\nnew rows\n<!-- /table -->\nrest\n"
+    assert f"rewrote the <!-- table --> block of {readme}" in capsys.readouterr().out
+    assert not replace_block("missing", "x", readme)
+    assert "has no <!-- missing --> block; not updated" in capsys.readouterr().out
