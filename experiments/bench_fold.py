@@ -302,8 +302,11 @@ def device_table(results: Path = devices.RESULTS, expected: tuple[str, ...] = ("
             runs.setdefault(path.parent.name, {}).setdefault((r["n"], r["method"], None), r)
     columns = list(runs) + [e for e in expected if e not in runs and not (e == "GPU" and set(runs) - {"cpu"})]
     keys = sorted({k for device in runs.values() for k in device}, key=lambda k: (k[1] != "auto", k[0], k[1]))
+    # a column's runs may come from different machines of one platform (bench_fold.json rerun on another CPU):
+    # the header names every one of them
     head = "| N | method | " + " | ".join(
-        f"{next(iter(runs[c].values()))['device']}" if c in runs else f"{c}: not yet measured" for c in columns) + " |"
+        " / ".join(dict.fromkeys(r["device"] for r in runs[c].values())) if c in runs else f"{c}: not yet measured"
+        for c in columns) + " |"
     lines = ["Warm stacks/s folding N copies of the seed's section-8 stack in float64, per device (the formulation "
              "that ran; the share of the device's ideal bound; the 1-minute load average of the machine, which "
              "other work shares):", "", head, "|---|---|" + "---|" * len(columns)]

@@ -52,3 +52,10 @@ def test_readme_table_puts_devices_side_by_side(tmp_path):
     table = bench_fold.device_table(tmp_path)
     assert "not yet measured" not in table and "| 100,000 | auto | 8,550/s (shift" in table
     assert "4,274,994/s (chain" in table  # 8,549.99 x 500
+    # a CPU column whose files come from two machines names both
+    methods = json.loads((ROOT / "experiments" / "results" / "cpu" / "bench_fold_methods.json").read_text())
+    for r in methods["sweep"]:
+        r["device"] = "cpu x1 (cpu; Another CPU, 2 cores)"
+    (cpu / "bench_fold_methods.json").write_text(json.dumps(methods))
+    head = next(line for line in bench_fold.device_table(tmp_path).splitlines() if line.startswith("| N |"))
+    assert "| cpu x1 (cpu; AMD EPYC, 2 cores) / cpu x1 (cpu; Another CPU, 2 cores) |" in head
