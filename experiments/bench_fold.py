@@ -277,12 +277,17 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def formulations(r: dict) -> str:
+    """The compositions one run's fold ran (``auto`` on a CPU picks per composition), e.g. ``shift``."""
+    return "/".join(sorted(set(r["bound"]["methods"])))
+
+
 def sweep_table(results: list[dict]) -> str:
     lines = ["| N | method (ran) | items/s (warm) | scipy items/s | speedup | compile s | peak MB | result MB | "
              "of bound (ideal / as streamed) | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['n']:,} | {r['method']} ({r['ran']}) | {r['items_per_s']:,.0f} | "
+        lines.append(f"| {r['n']:,} | {r['method']} ({formulations(r)}) | {r['items_per_s']:,.0f} | "
                      f"{r['baseline_items_per_s']:,.1f} | {r['speedup']:,.0f}x | "
                      f"{r['compile_s']:.2f} | {r['peak_mem_mb']:,.0f} | {r['output_mb']:,.0f} | "
                      f"{r['bound_fraction']:.1%} / {r['bound_fraction_as_moved']:.0%} | {r['max_abs_diff']:.1e} |")
@@ -314,8 +319,8 @@ def device_table(results: Path = devices.RESULTS, expected: tuple[str, ...] = ("
         cells = []
         for c in columns:
             r = next((r for (rn, rm, _), r in runs.get(c, {}).items() if (rn, rm) == (n, method)), None)
-            ran = "/".join(sorted(set(r["bound"]["methods"]))) if r else ""
-            cells.append("-" if r is None else f"{r['items_per_s']:,.0f}/s ({ran}, {r['bound_fraction']:.1%} of bound, "
+            cells.append("-" if r is None else f"{r['items_per_s']:,.0f}/s ({formulations(r)}, "
+                                               f"{r['bound_fraction']:.1%} of bound, "
                                                f"load {r['load_avg_1min']:.1f})")
         lines.append(f"| {n:,} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
