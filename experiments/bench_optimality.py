@@ -262,7 +262,10 @@ def main(argv=None) -> int:
     kept.setdefault("reference", {})
     kept.setdefault("default", {})
 
+    computed = []  # whether this run measured anything: only then does the JSON name this machine
+
     def save(_=None):
+        computed.append(True)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(kept, indent=1))
@@ -286,8 +289,9 @@ def main(argv=None) -> int:
             errors = ", ".join(f"{r['default']:.4e}" for r in run["seeds"])
             print(f"default: {entry['name']}: seeds 1-{args.seeds - 1}: {errors}", file=sys.stderr, flush=True)
             save()
-    kept.update({"device": devices.describe(), "platform": jax.default_backend(), "jax": jax.__version__})
-    save()
+    if computed:
+        kept.update({"device": devices.describe(), "platform": jax.default_backend(), "jax": jax.__version__})
+        save()
     def rows_of(entries):
         return [{**kept["default"][t["name"]], **verdicts(kept["default"][t["name"]], kept["reference"][t["name"]])}
                 for t in entries]
