@@ -116,3 +116,41 @@ def test_blocks_cover_the_running_rows_and_stay_inside_the_padded_ones(total, li
         assert offset == live  # no work on rows that do not run
     if cover == "one" and live:
         assert used == [min(b for b in blocks if b >= live)]  # one launch, the smallest block that holds them
+
+
+def test_a_limit_stops_a_long_segment_where_a_short_one_stops():
+    state, template, targets = _items(16, seed=3)
+    short, short_history = lm_segment(PROBLEM, state, template, [None, None], targets, None, 5, (16, 8, 4, 2, 1))
+    long, long_history = lm_segment(PROBLEM, state, template, [None, None], targets, None, 40, (16, 8, 4, 2, 1),
+                                    "exact", np.asarray(5, np.int32))
+    assert int(np.max(long["iterations"])) == 5
+    np.testing.assert_array_equal(np.asarray(long["x"]), np.asarray(short["x"]))
+    np.testing.assert_array_equal(np.asarray(long_history)[:, :5], np.asarray(short_history))
+    assert np.all(np.asarray(long_history)[:, 5:] == np.asarray(long["cost"])[:, None])
+
+
+def test_once_screening_can_stop_nothing_the_rest_runs_in_one_call(monkeypatch):
+    """Four restarts with a floor of four: no screening can stop one, so LM runs them to the end in
+    one call, to the points that segment after segment reaches."""
+    from jfactor.factorize import solve
+    from jfactor.progress import ProgressBar
+
+    state, template, targets = _items(4, seed=4)
+    state = jax.tree.map(lambda a: np.asarray(a)[None], state)  # one target's four restarts: (1, 4, ...)
+    free = tuple(np.asarray(f)[None, None] for f in template)
+    calls = []
+    original = solve.lm_segment
+    monkeypatch.setattr(solve, "lm_segment", lambda *a, **k: calls.append(a[6]) or original(*a, **k))
+    problem = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none", refine_steps=60, chunk=10))
+    run = lambda prune: solve.refine(problem, dict(state), free, [None, None], np.asarray(targets[:1]), None,  # noqa: E731
+                                     ProgressBar(False, 0, ""), prune)
+    screened, screened_history, pruned = run((0.5, 4))
+    assert calls == [60] and not pruned.any()
+    calls.clear()
+    chunked, chunked_history, _ = run(None)
+    assert len(calls) > 1 and set(calls) == {10}
+    np.testing.assert_array_equal(screened["x"], chunked["x"])
+    ran = screened_history.shape[-1]  # the one call reports the iterations it ran, chunks whole chunks
+    assert ran == int(np.max(screened["iterations"])) < chunked_history.shape[-1]
+    np.testing.assert_array_equal(screened_history, chunked_history[..., :ran])
+    assert np.all(chunked_history[..., ran:] == chunked["cost"][..., None])

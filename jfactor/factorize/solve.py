@@ -325,8 +325,11 @@ def _next_block(block_sizes, remaining, cover: str):
 
 @cached_jit(static_argnames=("problem", "steps", "blocks", "cover"))
 def lm_segment(problem: Problem, state, template, frozen, target, images, steps: int, blocks: tuple[int, ...],
-               cover: str = "exact"):
+               cover: str = "exact", limit=None):
     """Up to ``steps`` LM iterations of K independent items in one program, stopping once all converged.
+
+    ``limit`` (a traced int32, default ``steps``) stops it earlier: one program with a long
+    ``steps`` serves every remaining iteration budget.
 
     ``state`` and ``target`` carry the item axis K first (each item is one restart of one
     target, with its own target); ``template`` is one item's free factors (their shapes).
@@ -371,9 +374,11 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
         index = jnp.argsort(state["done"], stable=True)
         return jax.tree.map(lambda a: a[index], state), target[index], order[index], history[index]
 
+    limit = steps if limit is None else jnp.minimum(limit, steps)
+
     def cond(carry):
         i, _, state, *_ = carry
-        return (i < steps) & ~jnp.all(state["done"])
+        return (i < limit) & ~jnp.all(state["done"])
 
     def body(carry):
         i, rows, state, target, order, history = carry
@@ -442,6 +447,12 @@ def _survivors(cost, live, stratum, keep: float, floor: int) -> np.ndarray:
     return np.concatenate(pruned) if pruned else np.zeros(0, int)
 
 
+def _screening_over(live, stratum, keep: float, floor: int) -> bool:
+    """Whether no later screening can stop any of the ``live`` items (every stratum at its floor)."""
+    counts = np.unique(stratum[live], return_counts=True)[1]
+    return all(_kept(c, keep, floor) == c for c in counts)
+
+
 def refine(problem: Problem, state, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
            exact_loss: float | None = None, screened: np.ndarray | None = None, fresh: int | None = None):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
@@ -456,7 +467,8 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     which start near one and would always win) are screened separately.
     Once a target has a restart at or below ``exact_loss`` its other restarts stop too.
     Restarts marked in ``screened`` (B, R) (screened out of the first-order phase) do not run
-    and count as pruned.
+    and count as pruned.  Once screening can stop no more restarts, the rest runs to
+    convergence in one call (a target that turns exact in it lets its other restarts converge).
     """
     solver = problem.solver
     batch, restarts = state["cost"].shape
@@ -475,10 +487,14 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     blocks, cover = _blocks(problem, state["x"].shape[1], target[0], images, total)
     done = 0
     while done < steps and not state["done"].all():
-        n = min(solver.chunk, steps - done)
-        state, costs = lm_segment(problem, state, template, frozen, target, images, n, blocks, cover)
+        rest = prune is not None and _screening_over(np.flatnonzero(~state["done"]), stratum, *prune)
+        length = steps if rest else min(solver.chunk, steps - done)
+        before = state["iterations"]
+        state, costs = lm_segment(problem, state, template, frozen, target, images, length, blocks, cover,
+                                  np.asarray(steps - done, np.int32))
         state = jax.tree.map(np.array, state)
-        history[:, done: done + n] = np.asarray(costs)
+        n = int(np.max(state["iterations"] - before)) if rest else min(length, steps - done)
+        history[:, done: done + n] = np.asarray(costs)[:, :n]
         done += n
         live = np.flatnonzero(~state["done"])
         stopped = (_survivors(state["cost"], live, stratum, *prune) if prune is not None and done < steps
