@@ -447,12 +447,6 @@ def _survivors(cost, live, stratum, keep: float, floor: int) -> np.ndarray:
     return np.concatenate(pruned) if pruned else np.zeros(0, int)
 
 
-def _screening_over(live, stratum, keep: float, floor: int) -> bool:
-    """Whether no later screening can stop any of the ``live`` items (every stratum at its floor)."""
-    counts = np.unique(stratum[live], return_counts=True)[1]
-    return all(_kept(c, keep, floor) == c for c in counts)
-
-
 def refine(problem: Problem, state, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
            exact_loss: float | None = None, screened: np.ndarray | None = None, fresh: int | None = None):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
@@ -487,13 +481,15 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     blocks, cover = _blocks(problem, state["x"].shape[1], target[0], images, total)
     done = 0
     while done < steps and not state["done"].all():
-        rest = prune is not None and _screening_over(np.flatnonzero(~state["done"]), stratum, *prune)
+        # screening is over once it would stop none of the running items, whatever their costs
+        rest = prune is not None and not _survivors(state["cost"], np.flatnonzero(~state["done"]), stratum,
+                                                    *prune).size
         length = steps if rest else min(solver.chunk, steps - done)
         before = state["iterations"]
         state, costs = lm_segment(problem, state, template, frozen, target, images, length, blocks, cover,
                                   np.asarray(steps - done, np.int32))
         state = jax.tree.map(np.array, state)
-        n = int(np.max(state["iterations"] - before)) if rest else min(length, steps - done)
+        n = int(np.max(state["iterations"] - before)) if rest else length
         history[:, done: done + n] = np.asarray(costs)[:, :n]
         done += n
         live = np.flatnonzero(~state["done"])
