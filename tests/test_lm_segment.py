@@ -140,15 +140,15 @@ def test_once_screening_can_stop_nothing_the_rest_runs_in_one_call(monkeypatch):
     free = tuple(np.asarray(f)[None, None] for f in template)
     calls = []
     original = solve.lm_segment
-    monkeypatch.setattr(solve, "lm_segment", lambda *a, **k: calls.append(a[6]) or original(*a, **k))
+    monkeypatch.setattr(solve, "lm_segment", lambda *a, **k: calls.append((a[6], int(a[9]))) or original(*a, **k))
     problem = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none", refine_steps=60, chunk=10))
     run = lambda prune: solve.refine(problem, dict(state), free, [None, None], np.asarray(targets[:1]), None,  # noqa: E731
                                      ProgressBar(False, 0, ""), prune)
     screened, screened_history, pruned = run((0.5, 4))
-    assert calls == [60] and not pruned.any()
+    assert calls == [(60, 60)] and not pruned.any()
     calls.clear()
     chunked, chunked_history, _ = run(None)
-    assert len(calls) > 1 and set(calls) == {10}
+    assert len(calls) > 1 and set(calls) == {(60, 10)}  # one program (60 steps), stopped every 10
     np.testing.assert_array_equal(screened["x"], chunked["x"])
     ran = screened_history.shape[-1]  # the one call reports the iterations it ran, chunks whole chunks
     assert ran == int(np.max(screened["iterations"])) < chunked_history.shape[-1]

@@ -121,14 +121,23 @@ def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
     assert all(path.exists() for path in factorization_plots(result, tmp_path))
 
 
-def test_the_first_order_phase_screens_by_successive_halving_and_perturbations_skip_it():
+def test_the_first_order_phase_screens_by_successive_halving_and_perturbations_skip_it(monkeypatch):
     """16 L-BFGS starts, keep half, floor 2: 8 run 200/8 steps only, 4 more stop at 200/4, 2 at
     200/2 (each screened exactly there: segments run from one screening to the next); screened
     ones are marked pruned, are not refined, and their history repeats their best loss.
-    Restarts after ``fresh`` take no first-order step."""
+    Restarts after ``fresh`` take no first-order step.  Every segment of a phase is one program
+    per batch shape: its length is a traced limit, its static step count the phase's."""
+    from jfactor.factorize import solve
     from jfactor.factorize.objectives import Objective
     from jfactor.factorize.solve import Problem, optimise
     from jfactor.progress import ProgressBar
+
+    calls = {"first_order_segment": [], "lm_segment": []}
+    for name, steps_at in (("first_order_segment", 5), ("lm_segment", 6)):
+        original = getattr(solve, name)
+        monkeypatch.setattr(solve, name, lambda *a, _o=original, _n=name, _s=steps_at:
+                            calls[_n].append((a[_s], int(a[-1]), np.shape(a[1][3] if _s == 5 else a[1]["cost"])))
+                            or _o(*a))
 
     chain = Chain.build([3, 5])
     target = kernels.motion_blur(7, angle=30.0)[None, :, :, None, None]
@@ -151,6 +160,10 @@ def test_the_first_order_phase_screens_by_successive_halving_and_perturbations_s
     screened = np.flatnonzero(steps_run < 200)
     assert pruned[0, screened].all() and np.ptp(history[0, screened, 200:], axis=1).max() == 0
     assert np.ptp(history[0, ~pruned[0], 200:], axis=1).min() > 0  # the others were
+    assert [(steps, limit, shape[-1]) for steps, limit, shape in calls["first_order_segment"]] == \
+        [(200, 25, 16), (200, 25, 8), (200, 50, 4), (200, 100, 2)]
+    assert {steps for steps, _, _ in calls["lm_segment"]} == {40} and len(calls["lm_segment"]) > 1
+    assert len({shape for _, _, shape in calls["lm_segment"]}) == 1 and calls["lm_segment"][0][1] == 10
 
 
 def test_restarts_means_exactly_that_many_every_one_refined():
@@ -323,6 +336,30 @@ def test_the_first_order_carry_keeps_its_types_from_segment_to_segment(optimizer
     types = lambda tree: [(a.dtype, jax.typeof(a).weak_type, a.shape) for a in jax.tree.leaves(tree)]  # noqa: E731
     assert types(after) == types(carry)
     assert np.isfinite(steps).all() and (np.asarray(after[3]) <= np.asarray(carry[3])).all()
+
+
+def test_a_limit_stops_a_long_first_order_segment_where_a_short_one_stops():
+    """A segment of 30 steps with a limit of 7 is the 7-step segment, bit for bit; its losses past the
+    limit are NaN (not run)."""
+    import jax
+
+    from jfactor.factorize import solve
+    from jfactor.factorize.objectives import Objective
+
+    chain = Chain.build([3, 3])
+    problem = solve.Problem(chain, 1, 1, Objective("kernel"), Solver())
+    target = kernels.make("ring", 5)[None, :, :, None, None]
+    target = target / np.linalg.norm(target)
+    rng = np.random.default_rng(2)
+    free = tuple(rng.standard_normal((1, 6) + shape) for shape in chain.factor_shapes(1, 1))
+    _, _, carry = solve.start(problem, free, (None, None), target, None, fresh=6)
+    short, short_losses = solve.first_order_segment(problem, carry, (None, None), target, None, steps=7)
+    long, long_losses = solve.first_order_segment(problem, carry, (None, None), target, None, 30,
+                                                  np.asarray(7, np.int32))
+    for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(long)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(long_losses)[..., :7], np.asarray(short_losses))
+    assert np.isnan(np.asarray(long_losses)[..., 7:]).all()
 
 
 def test_the_batched_lbfgs_phase_follows_optax_documented_loop_restart_by_restart():

@@ -1,8 +1,8 @@
 """What a factorization will cost, estimated before it starts, and the budget it must fit.
 
 The estimate counts the arrays that dominate: the Levenberg-Marquardt Jacobians (dense
-solve) or the per-factor kernel products (matrix-free solve), and the ALS / lstsq
-baselines, which build one Jacobian per start.  It is an order of magnitude, not a
+solve) or the per-factor kernel products (matrix-free solve), every restart's loss history,
+and the ALS / lstsq baselines, which build one Jacobian per start.  It is an order of magnitude, not a
 measurement; it is shown with the progress bar and, past the memory budget, stops the
 run before any compute with a message naming what to change.
 
@@ -75,10 +75,10 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
             in_flight = items
             fft = 5 * extent * max(1.0, math.log2(extent)) * sum(a * b for a, b in zip(channels, channels[1:]))
             step = solver.cg_iterations * 2 * fft
-        memory["lm"] = per_item * in_flight
+        memory["lm"] = per_item * in_flight + items * solver.refine_steps * itemsize  # and every item's loss history
         flops += solver.refine_steps * items * step
     if solver.optimizer != "none" and solver.steps:
-        memory["first-order"] = items * (m + 8 * n) * itemsize
+        memory["first-order"] = items * (m + 8 * n + solver.steps) * itemsize
         flops += solver.steps * items * 6 * m * max(channels)
     baselines = set(baselines)
     if baselines & {"als", "lstsq"}:

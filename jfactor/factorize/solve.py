@@ -156,14 +156,20 @@ def _stored_value_and_grad(state):
 
 
 @cached_jit(static_argnames=("problem", "steps"))
-def first_order_segment(problem: Problem, carry, frozen, target, images, steps: int):
-    """``steps`` optimizer steps; returns the new carry and the losses (B, R, steps)."""
+def first_order_segment(problem: Problem, carry, frozen, target, images, steps: int, limit=None):
+    """Up to ``steps`` optimizer steps; returns the new carry and the losses (B, R, steps).
+
+    ``limit`` (a traced int32, default ``steps``) stops it earlier, so one program per batch
+    shape serves every segment length; losses past the last step are NaN.
+    """
     tx = problem.solver.transform()
+    limit = steps if limit is None else jnp.minimum(limit, steps)
 
     def one(carry, frozen, target, images):
         value_fn = lambda p: loss(problem, p, frozen, target, images)  # noqa: E731
 
-        def step(carry, _):
+        def step(i, carry_losses):
+            carry, losses = carry_losses
             free, state, best, best_value = carry
             value, grad = (_stored_value_and_grad(state) if problem.solver.optimizer == "lbfgs"
                            else jax.value_and_grad(value_fn)(free))
@@ -173,10 +179,11 @@ def first_order_segment(problem: Problem, carry, frozen, target, images, steps: 
             best_value = jnp.where(better, value, best_value)
             stepped = (optax.apply_updates(free, updates), state, best, best_value)
             # the carry keeps its types: optax 0.2.4's L-BFGS counts line-search steps as int64 at
-            # init (under x64) and as int32 after a step, which the scan would reject
-            return jax.tree.map(lambda new, old: lax.convert_element_type(new, old.dtype), stepped, carry), value
+            # init (under x64) and as int32 after a step, which the loop would reject
+            stepped = jax.tree.map(lambda new, old: lax.convert_element_type(new, old.dtype), stepped, carry)
+            return stepped, losses.at[i].set(value)
 
-        return lax.scan(step, carry, None, length=steps)
+        return lax.fori_loop(0, limit, step, (carry, jnp.full(steps, jnp.nan, carry[3].dtype)))
 
     return _batched(one)(carry, frozen, target, images)
 
@@ -484,10 +491,11 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
         # screening is over once it would stop none of the running items, whatever their costs
         rest = prune is not None and not _survivors(state["cost"], np.flatnonzero(~state["done"]), stratum,
                                                     *prune).size
-        length = steps if rest else min(solver.chunk, steps - done)
+        length = steps - done if rest else min(solver.chunk, steps - done)
         before = state["iterations"]
-        state, costs = lm_segment(problem, state, template, frozen, target, images, length, blocks, cover,
-                                  np.asarray(steps - done, np.int32))
+        # one program for every call: the iteration count is a traced limit, not a shape
+        state, costs = lm_segment(problem, state, template, frozen, target, images, steps, blocks, cover,
+                                  np.asarray(length, np.int32))
         state = jax.tree.map(np.array, state)
         n = int(np.max(state["iterations"] - before)) if rest else length
         history[:, done: done + n] = np.asarray(costs)[:, :n]
@@ -618,11 +626,13 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
                                        and (np.minimum(value.min(axis=1), floor) <= exact_loss).all()):
         n = ((int(np.ceil(rungs[0])) if rungs else solver.steps) - done if prune is not None
              else min(solver.chunk, solver.steps - done))
-        carry, losses = first_order_segment(problem, carry, frozen, target, images, n)
+        carry, losses = first_order_segment(problem, carry, frozen, target, images, solver.steps,
+                                            np.asarray(n, np.int32))
+        losses = np.asarray(losses)[..., :n]
         for full, part in zip(best, carry[2]):
             full[owner, rows] = np.asarray(part)
         value[owner, rows] = np.asarray(carry[3])
-        history[owner, rows, done: done + n] = np.asarray(losses)
+        history[owner, rows, done: done + n] = losses
         done += n
         progress.advance(n)
         if rungs and rungs[0] <= done < solver.steps:
