@@ -498,7 +498,8 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
                                   np.asarray(length, np.int32))
         state = jax.tree.map(np.array, state)
         n = int(np.max(state["iterations"] - before)) if rest else length
-        history[:, done: done + n] = np.asarray(costs)[:, :n]
+        # a screening chunk's columns are cut on the device: only they cross to the host
+        history[:, done: done + n] = np.asarray(costs if rest else lax.slice_in_dim(costs, 0, length, axis=1))[:, :n]
         done += n
         live = np.flatnonzero(~state["done"])
         stopped = (_survivors(state["cost"], live, stratum, *prune) if prune is not None and done < steps
@@ -628,7 +629,7 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
              else min(solver.chunk, solver.steps - done))
         carry, losses = first_order_segment(problem, carry, frozen, target, images, solver.steps,
                                             np.asarray(n, np.int32))
-        losses = np.asarray(losses)[..., :n]
+        losses = np.asarray(lax.slice_in_dim(losses, 0, n, axis=2))
         for full, part in zip(best, carry[2]):
             full[owner, rows] = np.asarray(part)
         value[owner, rows] = np.asarray(carry[3])
