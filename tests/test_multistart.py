@@ -315,6 +315,21 @@ def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monke
     assert np.load(next(tmp_path.glob("camera-*.npy"))).shape == decode().shape  # and replaced
 
 
+def _ring_carry(restarts: int, seed: int, optimizer: str = "lbfgs"):
+    """A 3x3 -> 3x3 chain fitting the 5x5 ring at unit norm from ``restarts`` random starts: the
+    problem, the target (1, 5, 5, 1, 1) and the first-order carry :func:`start` makes (half of them)."""
+    from jfactor.factorize import solve
+    from jfactor.factorize.objectives import Objective
+
+    chain = Chain.build([3, 3])
+    problem = solve.Problem(chain, 1, 1, Objective("kernel"), Solver(optimizer=optimizer))
+    target = kernels.make("ring", 5)[None, :, :, None, None]
+    target = target / np.linalg.norm(target)
+    rng = np.random.default_rng(seed)
+    free = tuple(rng.standard_normal((1, restarts) + shape) for shape in chain.factor_shapes(1, 1))
+    return problem, target, solve.start(problem, free, (None, None), target, None, fresh=restarts)[2]
+
+
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_the_first_order_carry_keeps_its_types_from_segment_to_segment(optimizer):
     """The carry ``start`` makes has the dtypes and weak types a segment returns, so one compiled
@@ -323,15 +338,8 @@ def test_the_first_order_carry_keeps_its_types_from_segment_to_segment(optimizer
     import jax
 
     from jfactor.factorize import solve
-    from jfactor.factorize.objectives import Objective
 
-    chain = Chain.build([3, 3])
-    problem = solve.Problem(chain, 1, 1, Objective("kernel"), Solver(optimizer=optimizer))
-    target = kernels.make("ring", 5)[None, :, :, None, None]
-    rng = np.random.default_rng(0)
-    free = tuple(rng.standard_normal((1, 4) + shape) for shape in chain.factor_shapes(1, 1))
-    target = target / np.linalg.norm(target)
-    _, _, carry = solve.start(problem, free, (None, None), target, None, fresh=4)
+    problem, target, carry = _ring_carry(4, seed=0, optimizer=optimizer)
     after, steps = solve.first_order_segment(problem, carry, (None, None), target, None, steps=3)
     types = lambda tree: [(a.dtype, jax.typeof(a).weak_type, a.shape) for a in jax.tree.leaves(tree)]  # noqa: E731
     assert types(after) == types(carry)
@@ -344,15 +352,8 @@ def test_a_limit_stops_a_long_first_order_segment_where_a_short_one_stops():
     import jax
 
     from jfactor.factorize import solve
-    from jfactor.factorize.objectives import Objective
 
-    chain = Chain.build([3, 3])
-    problem = solve.Problem(chain, 1, 1, Objective("kernel"), Solver())
-    target = kernels.make("ring", 5)[None, :, :, None, None]
-    target = target / np.linalg.norm(target)
-    rng = np.random.default_rng(2)
-    free = tuple(rng.standard_normal((1, 6) + shape) for shape in chain.factor_shapes(1, 1))
-    _, _, carry = solve.start(problem, free, (None, None), target, None, fresh=6)
+    problem, target, carry = _ring_carry(6, seed=2)
     short, short_losses = solve.first_order_segment(problem, carry, (None, None), target, None, steps=7)
     long, long_losses = solve.first_order_segment(problem, carry, (None, None), target, None, 30,
                                                   np.asarray(7, np.int32))
@@ -371,15 +372,8 @@ def test_the_batched_lbfgs_phase_follows_optax_documented_loop_restart_by_restar
     import optax
 
     from jfactor.factorize import solve
-    from jfactor.factorize.objectives import Objective
 
-    chain = Chain.build([3, 3])
-    problem = solve.Problem(chain, 1, 1, Objective("kernel"), Solver())
-    target = kernels.make("ring", 5)[None, :, :, None, None]
-    target = target / np.linalg.norm(target)
-    rng = np.random.default_rng(1)
-    free = tuple(rng.standard_normal((1, 4) + shape) for shape in chain.factor_shapes(1, 1))
-    _, _, carry = solve.start(problem, free, (None, None), target, None, fresh=4)
+    problem, target, carry = _ring_carry(4, seed=1)
     _, losses = solve.first_order_segment(problem, carry, (None, None), target, None, steps=12)
     assert np.asarray(losses).shape == (1, 2, 12)
 
