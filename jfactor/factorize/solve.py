@@ -181,7 +181,7 @@ def first_order_segment(problem: Problem, carry, frozen, target, images, steps: 
             # the carry keeps its types: optax 0.2.4's L-BFGS counts line-search steps as int64 at
             # init (under x64) and as int32 after a step, which the loop would reject
             stepped = jax.tree.map(lambda new, old: lax.convert_element_type(new, old.dtype), stepped, carry)
-            return stepped, losses.at[i].set(value)
+            return stepped, lax.dynamic_update_index_in_dim(losses, value, i, 0)
 
         return lax.fori_loop(0, limit, step, (carry, jnp.full(steps, jnp.nan, carry[3].dtype)))
 
