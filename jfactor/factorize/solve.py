@@ -460,7 +460,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
 
     Items are flattened to one axis and each chunk is one :func:`lm_segment` call on all of
     them, which keeps the running ones together as others converge (one compiled program
-    per chunk length, whatever converges when).
+    for every chunk and the rest alike, whatever converges when: a call's length is a traced limit).
     ``prune = (keep, floor)`` screens restarts: after each chunk only the ``keep`` share of
     each target's still-running restarts with the lowest cost (at least ``floor``) goes on;
     the others stop and are marked in ``pruned`` (B, R).
@@ -595,7 +595,7 @@ def finish(problem: Problem, free, lm_state, frozen, target, images):
 def first_order(problem: Problem, carry, frozen, target, images, progress, prune: tuple[float, int] | None = None,
                 exact_loss: float | None = None, others: np.ndarray | None = None):
     """The first-order phase on the S restarts that take it, ``chunk`` steps at a time (with
-    ``prune``, from one screening to the next: fewer calls, as many compiled programs).
+    ``prune``, from one screening to the next: fewer calls; one compiled program per batch shape).
 
     ``carry`` comes from :func:`start` (leaves (B, S, ...)).  ``prune = (keep, floor)``
     screens by successive halving with doubling budgets: after steps/2^k, ..., steps/4,
