@@ -498,8 +498,10 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
                                   np.asarray(length, np.int32))
         state = jax.tree.map(np.array, state)
         n = int(np.max(state["iterations"] - before)) if rest else length
-        # a screening chunk's columns are cut on the device: only they cross to the host
-        history[:, done: done + n] = np.asarray(costs if rest else lax.slice_in_dim(costs, 0, length, axis=1))[:, :n]
+        # a screening chunk's columns are cut on the device, so only they cross to the host; the
+        # rest's count varies from call to call (cut on the device, each count would compile a slice)
+        history[:, done: done + n] = (np.asarray(costs)[:, :n] if rest
+                                      else np.asarray(lax.slice_in_dim(costs, 0, n, axis=1)))
         done += n
         live = np.flatnonzero(~state["done"])
         stopped = (_survivors(state["cost"], live, stratum, *prune) if prune is not None and done < steps
