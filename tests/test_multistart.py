@@ -403,3 +403,11 @@ def test_perturbations_give_three_pairs_in_four_to_a_structured_move_and_noise_w
     declined = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: None)
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(noise, declined))
     assert not any(np.array_equal(hop[0], source[0]) for hop in noise for source in elite)
+
+
+def test_every_restart_of_a_fixed_count_run_is_independent_evidence():
+    """One wave, no perturbations: every start is fresh, the structured ones (root groupings, the SVD
+    fit, random starts projected onto the target's mirror symmetries) included."""
+    result = factorize(kernels.gaussian(5), Chain.build([3, 3]), restarts=6, baselines=(),
+                       solver=Solver(optimizer="none", refine_steps=50))
+    assert result.evidence["best_hits"] == 6 and result.evidence["independent_hits"] == 6
