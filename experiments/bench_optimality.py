@@ -17,10 +17,10 @@ default runs themselves (one of them may find a lower minimum than the reference
 once.  The default run is ``factorize(target, chain)`` with no restart count: restarts in
 waves until the stopping rule or the default budget, with seed 0 and then ``--seeds`` - 1 more
 seeds (how often it lands in the best basin).  Goal: every target within 1.01x of its
-best-known optimum (or both at the float64 floor, 1e-12), at no more than 1/10 of the time of
-the 1,024 plain restarts (timed again right after the default run, on the same machine state;
-both warmed up first, and any compile time left (a batch shape the warm-up did not meet, as
-jax's monitoring counts it) subtracted from both).  Every target is reported, met
+best-known optimum (or both at the float64 floor, 1e-12), in a median time over the seeds of
+no more than 1/10 of the time of the 1,024 plain restarts (timed again right after seed 0's
+run, on the same machine state; both warmed up first, and any compile time left (a batch
+shape the warm-up did not meet, as jax's monitoring counts it) subtracted from both).  Every target is reported, met
 or not, with the evidence the run returns.
 """
 
@@ -210,14 +210,20 @@ def verdicts(run: dict, ref: dict) -> dict:
             "within_margin": _within(run["default"], best),
             "seeds_within": sum(_within(r["default"], best) for r in [run, *run.get("seeds", [])]),
             "seeds": 1 + len(run.get("seeds", [])),
-            "time_share": run["time_s"] / run["plain_time_s"],
-            "fast_enough": bool(run["time_s"] <= TIME_SHARE * run["plain_time_s"])}
+            "median_s": median_time(run), "time_share": median_time(run) / run["plain_time_s"],
+            "fast_enough": bool(median_time(run) <= TIME_SHARE * run["plain_time_s"])}
+
+
+def median_time(run: dict) -> float:
+    """The median time of the default runs of every seed: one run's time moves by 10-20% on a
+    small machine, and the restarts a search takes differ from seed to seed."""
+    return float(np.median([r["time_s"] for r in [run, *run.get("seeds", [])]]))
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| target | chain | best known | 1,024 restarts | scipy LM | long search | default | ratio | default s | "
-             "share of 1,024 | restarts | minima | best hits | runner-up | stopped | seeds within |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "median s | share of 1,024 | restarts | minima | best hits | runner-up | stopped | seeds within |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["evidence"]
         runner = "-" if e["runner_up"] is None else f"{e['runner_up']:.3e}"
@@ -226,7 +232,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['target']} | {r['chain']} | {r['best_known']:.3e} | {r['plain_1024']:.3e} | {scipy} | "
                      f"{hop} | "
                      f"{r['default']:.3e} | {r['ratio']:.3f}{'' if r['within_margin'] else ' (miss)'} | "
-                     f"{r['time_s']:.2f} | {r['time_share']:.1%}{'' if r['fast_enough'] else ' (slow)'} | "
+                     f"{r['time_s']:.2f} | {r['median_s']:.2f} | "
+                     f"{r['time_share']:.1%}{'' if r['fast_enough'] else ' (slow)'} | "
                      f"{e['restarts']} | {e['distinct_minima']} | {e['best_hits']} | {runner} | {e['stopped']} | "
                      f"{r['seeds_within']}/{r['seeds']} |")
     met = sum(r["within_margin"] for r in rows)
@@ -234,7 +241,8 @@ def table(rows: list[dict]) -> str:
     fast = sum(r["fast_enough"] for r in rows)
     lines.append("")
     lines.append(f"Within {MARGIN}x of the best known: {met}/{len(rows)} with seed 0, {runs_met}/{runs} runs over "
-                 f"all seeds; at most {TIME_SHARE:.0%} of the time of the plain restarts: {fast}/{len(rows)}.")
+                 f"all seeds; median time at most {TIME_SHARE:.0%} of the time of the plain restarts: "
+                 f"{fast}/{len(rows)}.")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ over ten seeds of every target of ``experiments/bench_optimality.py`` run on to 
 restarts, no basin above the best drew more than two fresh restarts while the search
 stalled on it, so three of them stop no search early there, while the line, ring and
 camera-patch targets, whose best basin fresh line, symmetric and blur starts find again
-and again, stop after 192-448 restarts instead of 512.
+and again, stop after 192-512 restarts instead of 512.
 
 ``SearchPolicy(restarts=N)`` instead runs exactly N restarts in one wave, each refined to
 convergence, as a plain multistart.
