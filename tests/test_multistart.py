@@ -121,24 +121,6 @@ def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
     assert all(path.exists() for path in factorization_plots(result, tmp_path))
 
 
-def test_direct_restarts_skip_the_first_order_phase():
-    """Restarts named in ``direct`` (blur starts: a least-squares fit already) go straight to LM,
-    like perturbations; the other fresh ones take the first-order share."""
-    from jfactor.factorize.objectives import Objective
-    from jfactor.factorize.solve import Problem, optimise
-    from jfactor.progress import ProgressBar
-
-    chain = Chain.build([3, 3])
-    target = kernels.gabor(5)[None, :, :, None, None]
-    problem = Problem(chain, 1, 1, Objective("kernel"), Solver(first_order_share=1.0, steps=4, refine_steps=3))
-    rng = np.random.default_rng(0)
-    free = tuple(rng.standard_normal((1, 8) + shape) for shape in chain.factor_shapes(1, 1))
-    history = optimise(problem, free, (None, None), target / np.linalg.norm(target), None, ProgressBar(False, 0, ""),
-                       fresh=6, direct=(1, 4))[1]
-    ran = (~np.isnan(history[0, :, :4])).sum(axis=1)
-    assert ran.tolist() == [4, 0, 4, 4, 0, 4, 0, 0]
-
-
 def test_the_first_order_phase_screens_by_successive_halving_and_perturbations_skip_it(monkeypatch):
     """16 L-BFGS starts, keep half, floor 2: 8 run 200/8 steps only, 4 more stop at 200/4, 2 at
     200/2 (each screened exactly there: segments run from one screening to the next); screened

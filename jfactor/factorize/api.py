@@ -138,9 +138,8 @@ NEEDS = {  # what a structured init needs of the target and chain (besides no fr
 
 
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
-          group: list) -> tuple[list[list], np.ndarray]:
-    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, and
-    which of them are blur starts (count,): a least-squares fit already, they go straight to LM.
+          group: list) -> list[list]:
+    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``.
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
@@ -155,7 +154,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)
-    starts, blurs = [], np.zeros(count, bool)
+    starts = []
     separable = 2 if wave == 0 else count // 8  # the separable starts of an auto wave, lines next
     for r in range(count):
         if init != "auto":
@@ -170,7 +169,6 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             factors = line_init(target, chain, rng, shuffle=wave > 0 or r > (0 if init == "lines" else separable))
         elif kind == "blurs":
             factors = blur_init(target, chain, rng)
-            blurs[r] = factors is not None
         elif kind and structured:
             factors = separable_init(target, chain, kind, rng, shuffle=wave > 0 or r > 1)
         if factors is None and init in NEEDS:
@@ -182,7 +180,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
         elif any(w > 1 for w in chain.widths):  # wake the channels the separable terms leave unused
             factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
-    return starts, blurs
+    return starts
 
 
 def _blur_hops(target: Target, chain: Chain):
@@ -333,11 +331,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
     budget.check(cost, f"{first.name}: chain {chain.describe()}")
 
-    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray]:
-        """Wave ``wave``'s starts of target ``b``, which of them are fresh (size,): drawn without
+    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray]:
+        """Wave ``wave``'s starts of target ``b`` and which of them are fresh (size,): drawn without
         regard to the minima found so far (the user's, structured and random starts; they come
-        first), not perturbations of those minima (only fresh restarts are independent evidence),
-        and which are blur starts (size,)."""
+        first), not perturbations of those minima.  Only fresh restarts are independent evidence."""
         own = given[b] if wave == 0 else []
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
@@ -345,8 +342,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)]
                 for factors in multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b],
                                                   move=moves[b])]
-        fresh, blurs = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
-        return own + fresh + hops, np.arange(size) < size - len(hops), np.pad(blurs, (len(own), len(hops)))
+        fresh = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
+        return own + fresh + hops, np.arange(size) < size - len(hops)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None
@@ -363,19 +360,17 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         while live:
             drawn = [draw(b, wave) for b in live]
             if wave == 0:
-                records = [_Record(first_starts=s) for s, _, _ in drawn]
+                records = [_Record(first_starts=s) for s, _ in drawn]
             size_now = bucket(len(live), len(targets))
             rows = live + live[:1] * (size_now - len(live))
-            per_row = [s for s, _, _ in drawn] + [drawn[0][0]] * (size_now - len(live))
+            per_row = [s for s, _ in drawn] + [drawn[0][0]] * (size_now - len(live))
             free = tuple(jnp.asarray(np.stack([[s[i] for s in row] for row in per_row]), np_dtype)
                          for i in problem.free)
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
-            # blur starts go straight to LM where every target has them in the same slots (one program)
-            direct = tuple(np.flatnonzero(np.all([blurs for _, _, blurs in drawn], axis=0)).tolist())
             free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
                 lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
                                        quiet if policy.adaptive else bar, policy.prune, exact_loss,
-                                       min(int(fresh.sum()) for _, fresh, _ in drawn), direct),
+                                       min(int(fresh.sum()) for _, fresh in drawn)),
                 (wave_targets, free), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
             elapsed = time.perf_counter() - start

@@ -525,25 +525,23 @@ def _scale_to_unit(problem: Problem, free, frozen):
     return tuple(f * factor for f in free)
 
 
-def _first_order_share(problem: Problem, fresh: int, direct: tuple[int, ...] = ()) -> np.ndarray:
+def _first_order_share(problem: Problem, fresh: int) -> np.ndarray:
     """Indices of the restarts that take the first-order phase: a share of the ``fresh`` ones
-    (the first ``fresh`` of a wave; the rest perturb earlier minima and go straight to LM),
-    less the restarts in ``direct``, which go straight to LM too."""
+    (the first ``fresh`` of a wave; the rest perturb earlier minima and go straight to LM)."""
     if problem.solver.optimizer == "none" or problem.solver.steps == 0:
         return np.zeros(0, int)
-    share = np.flatnonzero(problem.solver.runs_first_order(fresh))
-    return share[~np.isin(share, direct)]
+    return np.flatnonzero(problem.solver.runs_first_order(fresh))
 
 
-@cached_jit(static_argnames=("problem", "fresh", "direct"))
-def start(problem: Problem, free, frozen, target, images, fresh: int, direct: tuple[int, ...] = ()):
+@cached_jit(static_argnames=("problem", "fresh"))
+def start(problem: Problem, free, frozen, target, images, fresh: int):
     """Starting points scaled to the target's norm, their losses (B, R), and the first-order
     carry of the restarts that take that phase (or None; see :func:`_first_order_share`)."""
     free = jax.vmap(jax.vmap(functools.partial(_scale_to_unit, problem), in_axes=(0, None)),
                     in_axes=(0, None))(free, frozen)
     finite = lambda value: jnp.where(jnp.isfinite(value), value, jnp.inf)  # noqa: E731
     losses = _batched(lambda f, fz, t, im: finite(loss(problem, f, fz, t, im)))(free, frozen, target, images)
-    share = _first_order_share(problem, fresh, direct)
+    share = _first_order_share(problem, fresh)
     if not share.size:
         return free, losses, None
     sub = jax.tree.map(lambda f: f[:, share], free)
@@ -561,15 +559,15 @@ def start(problem: Problem, free, frozen, target, images, fresh: int, direct: tu
     return free, losses, jax.tree.map(lambda x: lax.convert_element_type(x, x.dtype), carry)
 
 
-@cached_jit(static_argnames=("problem", "fresh", "direct"))
-def to_refine(problem: Problem, starts, best, frozen, target, images, fresh: int, direct: tuple[int, ...] = ()):
+@cached_jit(static_argnames=("problem", "fresh"))
+def to_refine(problem: Problem, starts, best, frozen, target, images, fresh: int):
     """Pick each restart's point (the first-order phase's ``best`` (B, S, ...) for the S
     restarts that took it, else its start), balance it; LM state or None."""
     free = starts
     if best is not None:
         restarts = starts[0].shape[1]
         took = np.zeros(restarts, bool)
-        took[_first_order_share(problem, fresh, direct)] = True
+        took[_first_order_share(problem, fresh)] = True
         row = np.maximum(np.cumsum(took) - 1, 0)  # each restart's row in the first-order phase
         pick = lambda s, b: jnp.where(took.reshape((1, -1) + (1,) * (s.ndim - 2)), b[:, row], s)  # noqa: E731
         free = jax.tree.map(pick, starts, best)
@@ -654,7 +652,7 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
 
 
 def optimise(problem: Problem, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
-             exact_loss: float | None = None, fresh: int | None = None, direct: tuple[int, ...] = ()):
+             exact_loss: float | None = None, fresh: int | None = None):
     """Both phases on a batch (B targets, R restarts); ``progress.advance`` per segment.
 
     Returns (free factors, history (B, R, steps) of the normalised loss, losses (B, R),
@@ -664,14 +662,13 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: tu
     (:func:`first_order`, :func:`refine`).  Once every target has a restart at or below
     ``exact_loss`` (a start, or the first-order phase's best), the phases stop and the other
     restarts count as pruned.  Only the first ``fresh`` restarts (default: all) may take the
-    first-order phase; the others perturb earlier minima and go straight to LM, as do the
-    restarts in ``direct`` (indices: starts that are already a least-squares fit).
+    first-order phase; the others perturb earlier minima and go straight to LM.
     """
     fresh = free[0].shape[1] if fresh is None else fresh
-    starts, initial, carry = start(problem, free, frozen, target, images, fresh, direct)
+    starts, initial, carry = start(problem, free, frozen, target, images, fresh)
     initial = np.asarray(initial)
     batch, restarts = initial.shape
-    share = _first_order_share(problem, fresh, direct)
+    share = _first_order_share(problem, fresh)
     lowest = initial.copy()
     screened = np.zeros((batch, restarts), bool)
     first = np.zeros((batch, share.size, 0))
@@ -679,7 +676,7 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: tu
     if carry is not None:
         best, lowest[:, share], first, screened[:, share] = first_order(
             problem, carry, frozen, target, images, progress, prune, exact_loss, initial.min(axis=1))
-    free, state = to_refine(problem, starts, best, frozen, target, images, fresh, direct)
+    free, state = to_refine(problem, starts, best, frozen, target, images, fresh)
     pruned = screened
     second = np.zeros((batch, restarts, 0))
     if exact_loss is not None and (lowest.min(axis=1) <= exact_loss).all():
