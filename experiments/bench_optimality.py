@@ -4,7 +4,7 @@
     python experiments/bench_optimality.py --reference        # (re)compute the best-known optima (long)
     python experiments/bench_optimality.py --tiny --json      # smoke run: two small targets, tiny reference
 
-Targets: lines at an angle, a ring, a disk, Gabors, a principal component of real image patches,
+Targets: lines at an angle, a ring, a disk, Gabors, a DoG, a principal component of real image patches,
 random kernels, a 1-D kernel whose roots cannot all be grouped into the chain's sizes, a 3-D
 kernel and a 2->2 channel kernel, each with a 2-4 layer chain whose receptive field is the
 target's size.  The best-known optimum of each is the lowest of every run kept: jfactor with ``--ref-restarts``
@@ -86,6 +86,7 @@ def target_set(tiny: bool = False) -> list[dict]:
         {"name": "disk 9x9", "kernel": kernels.disk(9), "chain": [5, 5], "channels": 1},
         {"name": "gabor 11x11", "kernel": kernels.gabor(11, theta=30.0), "chain": [3, 5, 5], "channels": 1},
         {"name": "gabor 15x15", "kernel": kernels.gabor(15), "chain": [3, 5, 9], "channels": 1},
+        {"name": "dog 15x15", "kernel": kernels.make("dog", 15), "chain": [3, 5, 9], "channels": 1},
         {"name": "camera patch PC2 9x9", "kernel": patch_component(9, 1), "chain": [3, 3, 5], "channels": 1},
         {"name": "random 7x7", "kernel": kernels.random_normal(7, seed=1), "chain": [3, 3, 3], "channels": 1},
         {"name": "1-D complex roots 13", "kernel": unpairable_1d(13), "chain": [4, 4, 4, 4], "channels": 1},

@@ -12,6 +12,7 @@ from jfactor.factorize.api import _draw
 from jfactor.factorize.chain import check_chain
 from jfactor.factorize.api import _blur_hops
 from jfactor.factorize.init import _along, band_pass, blur_hop, blur_init, blur_target, line_init, principal_angle
+from jfactor.factorize.symmetry import start_group
 
 
 def _distance_from_axis(factor: np.ndarray, angle: float) -> float:
@@ -186,7 +187,7 @@ def test_band_pass_targets_are_the_ones_with_little_gain_at_zero_frequency(kerne
 ])
 def test_blur_starts_and_hops_where_they_do_not_apply(target, chain):
     assert blur_init(Target.from_array(target), chain, np.random.default_rng(0)) is None
-    assert _blur_hops(Target.from_array(target), chain) is None
+    assert _blur_hops(Target.from_array(target), chain, []) is None
     with pytest.raises(ConfigError, match="init blurs: needs a single-channel band-pass target"):
         factorize(target, chain, init="blurs", restarts=2, baselines=())
 
@@ -204,12 +205,35 @@ def test_auto_draws_a_quarter_of_blur_starts_for_a_band_pass_target():
     (kernels.gabor(15), Chain.build([3, 5, 9]), 5.956e-3),
     # blur hops: before them, seed 0 stopped 1.017x above, 9 seeds in 10 at 1.1-1.3x
     (kernels.gabor(11, theta=30.0), Chain.build([3, 5, 5]), 9.2714e-3),
+    # isotropic blurs: with widths drawn per axis, seeds 0 and 2 stopped 3.1x above (9.83e-4)
+    (kernels.make("dog", 15), Chain.build([3, 5, 9]), 3.128e-4),
 ])
-def test_the_default_search_reaches_the_best_known_basin_of_a_gabor(target, chain, best):
+def test_the_default_search_reaches_the_best_known_basin_of_a_band_pass_target(target, chain, best):
     assert factorize(target, chain, baselines=()).rel_error <= best
+
+
+@pytest.mark.parametrize("kernel, chain, isotropic", [
+    (kernels.make("log", 15), Chain.build([3, 5, 9]), True),  # left alone by the transposition
+    (kernels.make("dog", 7), Chain.build([3, 3, 3]), True),
+    (kernels.gabor(11), Chain.build([3, 5, 5]), False),  # at 30 degrees: only the point reflection
+])
+def test_blur_starts_and_hops_are_isotropic_where_the_target_exchanges_its_axes(kernel, chain, isotropic):
+    target = Target.from_array(kernel)
+    group = start_group(kernel[..., None, None], chain)
+    starts = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=group)
+    blurs = [f[..., 0, 0] for factors in starts[64 // 8 + 64 // 4: 64 // 8 + 64 // 2] for f in factors
+             if _is_blur(f[..., 0, 0])]  # the blur slots (test_auto_draws_a_quarter_of_blur_starts...)
+    move, rng = _blur_hops(target, chain, group), np.random.default_rng(1)
+    for _ in range(16):
+        minimum = [rng.standard_normal(shape) for shape in chain.factor_shapes(1, 1)]
+        blurs += [f[..., 0, 0] for f, before in zip(move(minimum, rng), minimum) if _is_blur(f[..., 0, 0])
+                  and not np.array_equal(f, before)]
+    blurs = [f for f in blurs if f.shape[0] > 1]
+    assert len(blurs) >= 40
+    assert all(np.allclose(f, f.T, rtol=0, atol=1e-12 * f.max()) for f in blurs) == isotropic
 
 
 def test_a_one_layer_chain_has_no_blur_hops():
     """A hop replaces one factor and refits another: a single layer has nothing to keep."""
     assert blur_init(Target.from_array(kernels.gabor(9)), Chain.build([9]), np.random.default_rng(0)) is not None
-    assert _blur_hops(Target.from_array(kernels.gabor(9)), Chain.build([9])) is None
+    assert _blur_hops(Target.from_array(kernels.gabor(9)), Chain.build([9]), []) is None

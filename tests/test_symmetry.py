@@ -3,13 +3,14 @@
 import itertools
 
 import numpy as np
+import pytest
 import scipy.signal as sp
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jfactor import kernels
 from jfactor.factorize import Chain, factorize
-from jfactor.factorize.symmetry import grid_symmetries, start_group, symmetric_start
+from jfactor.factorize.symmetry import axis_orbits, grid_symmetries, start_group, symmetric_start
 
 
 def _spread(f, dilation):
@@ -98,3 +99,15 @@ def test_a_ring_reaches_its_best_basin_with_the_default_search():
     make the default search find it."""
     result = factorize(kernels.ring(11), Chain.build([3, 5, 5]), baselines=(), seed=0)
     assert result.rel_error <= 1.4538e-2 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("kernel, chain, orbits", [
+    (kernels.make("log", 9), Chain.build([3, 3, 3, 3]), (0, 0)),  # the eight maps of the square
+    (kernels.gabor(9), Chain.build([5, 5]), (0, 1)),  # only the point reflection
+    (kernels.make("log", 9), Chain.build([3, 3], dilations=[1, 3]), (0, 0)),
+    (kernels.gaussian(9, 2.0)[:, :, None] * np.exp(-np.arange(5.0))[None, None, :], Chain.build([5, 5], ndim=3),
+     (0, 0, 2)),  # round in the first two axes, not along the third
+])
+def test_axis_orbits_join_the_axes_the_targets_symmetries_exchange(kernel, chain, orbits):
+    padded = np.pad(kernel, [((e - k) // 2,) * 2 for e, k in zip(chain.extent, kernel.shape)])
+    assert axis_orbits(grid_symmetries(padded[..., None, None], chain), chain.ndim) == orbits

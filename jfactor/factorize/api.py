@@ -144,9 +144,9 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
     new root groupings; the next quarter are lines along the target's slanted axis where it
-    has one (:func:`jfactor.factorize.init.line_init`), the next quarter blurs and one fitted
-    factor where the target passes a band and the chain has one channel
-    (:func:`jfactor.factorize.init.blur_init`); the rest (and those, where they do not apply)
+    has one (:func:`jfactor.factorize.init.line_init`), the next quarter blurs (isotropic along
+    the axes ``group`` exchanges) and one fitted factor where the target passes a band and the
+    chain has one channel (:func:`jfactor.factorize.init.blur_init`); the rest (and those, where they do not apply)
     are random, for a broad search, and every other one of them shares the target's grid
     symmetries ``group`` where it has mirror ones (:func:`jfactor.factorize.symmetry.start_group`).
     ``roots``/``svd``/``lines``/``blurs``: every restart uses that init, later ones with other
@@ -154,6 +154,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)
+    orbits = symmetry.axis_orbits(group, chain.ndim)
     starts = []
     separable = 2 if wave == 0 else count // 8  # the separable starts of an auto wave, lines next
     for r in range(count):
@@ -168,7 +169,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
         if kind == "lines":
             factors = line_init(target, chain, rng, shuffle=wave > 0 or r > (0 if init == "lines" else separable))
         elif kind == "blurs":
-            factors = blur_init(target, chain, rng)
+            factors = blur_init(target, chain, rng, orbits)
         elif kind and structured:
             factors = separable_init(target, chain, kind, rng, shuffle=wave > 0 or r > 1)
         if factors is None and init in NEEDS:
@@ -183,14 +184,15 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     return starts
 
 
-def _blur_hops(target: Target, chain: Chain):
-    """``move(factors, rng)``: a blur hop (:func:`jfactor.factorize.init.blur_hop`) for a
-    target where blur starts apply and a chain of two or more layers; None elsewhere (noise
-    hops only)."""
+def _blur_hops(target: Target, chain: Chain, group: list):
+    """``move(factors, rng)``: a blur hop (:func:`jfactor.factorize.init.blur_hop`, its blurs
+    isotropic along the axes the target's symmetries ``group`` exchange) for a target where
+    blur starts apply and a chain of two or more layers; None elsewhere (noise hops only)."""
     kernel = blur_target(target, chain)
     if kernel is None or len(chain.layers) < 2:
         return None
-    return lambda factors, rng: blur_hop(factors, kernel, chain, rng)
+    orbits = symmetry.axis_orbits(group, chain.ndim)
+    return lambda factors, rng: blur_hop(factors, kernel, chain, rng, orbits)
 
 
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
@@ -323,7 +325,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
     groups = [symmetry.start_group(k, chain) for k in normalised]
-    moves = [_blur_hops(u, chain) for u in units]
+    moves = [_blur_hops(u, chain, g) for u, g in zip(units, groups)]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
     residuals = residual_size(objective, normalised[0], objective_images)

@@ -76,6 +76,18 @@ def start_group(kernel: np.ndarray, chain: Chain) -> list[tuple]:
     return group if any(element not in (identity, point_reflection) for element, _ in group) else []
 
 
+def axis_orbits(group: list[tuple], ndim: int) -> tuple[int, ...]:
+    """Each spatial axis's orbit under the axis permutations of ``group`` (as
+    :func:`grid_symmetries` gives it), named by its lowest axis: ``(0, 0)`` for a square
+    target the transposition leaves alone, ``(0, 1)`` without one."""
+    orbit = list(range(ndim))
+    for _ in range(ndim):  # an orbit's lowest axis spreads one exchange per pass
+        for (perm, _), _ in group:
+            for axis, moved in enumerate(perm):
+                orbit[axis] = orbit[moved] = min(orbit[axis], orbit[moved])
+    return tuple(orbit)
+
+
 def project(factor: np.ndarray, group: list[tuple], signed: bool) -> np.ndarray:
     """``mean_g s(g) g(factor)`` (``signed``) or ``mean_g g(factor)``: the factor's part with the
     group's sign character (or invariant under it)."""
