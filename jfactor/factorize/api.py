@@ -144,11 +144,12 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
     new root groupings; the next quarter are lines along the target's slanted axis where it
-    has one (:func:`jfactor.factorize.init.line_init`), the next quarter blurs (isotropic along
-    the axes ``group`` exchanges) and one fitted factor where the target passes a band and the
-    chain has one channel (:func:`jfactor.factorize.init.blur_init`); the rest (and those, where they do not apply)
-    are random, for a broad search, and every other one of them shares the target's grid
-    symmetries ``group`` where it has mirror ones (:func:`jfactor.factorize.symmetry.start_group`).
+    has one (:func:`jfactor.factorize.init.line_init`; every other pair grid-spaced), the next
+    quarter blurs (isotropic along the axes ``group`` exchanges) and one fitted factor where the
+    target passes a band and the chain has one channel (:func:`jfactor.factorize.init.blur_init`);
+    the rest (and those, where they do not apply) are random, for a broad search, and every
+    other one of them shares the target's grid symmetries ``group`` where it has mirror ones
+    (:func:`jfactor.factorize.symmetry.start_group`).
     ``roots``/``svd``/``lines``/``blurs``: every restart uses that init, later ones with other
     root groupings (or ALS starts, other lines, other blurs).
     """
@@ -167,7 +168,8 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
                     else None)
         factors = None
         if kind == "lines":
-            factors = line_init(target, chain, rng, shuffle=wave > 0 or r > (0 if init == "lines" else separable))
+            first = 0 if init == "lines" else separable  # the first line slot
+            factors = line_init(target, chain, rng, shuffle=wave > 0 or r > first, grid=(r - first) % 4 >= 2)
         elif kind == "blurs":
             factors = blur_init(target, chain, rng, orbits)
         elif kind and structured:
