@@ -82,7 +82,7 @@ def axis_orbits(group: list[tuple], ndim: int) -> tuple[int, ...]:
     target the transposition leaves alone, ``(0, 1)`` without one."""
     orbit = list(range(ndim))
     for _ in range(ndim):  # an orbit's lowest axis spreads one exchange per pass
-        for (perm, _), _ in group:
+        for (perm, _flips), _sign in group:
             for axis, moved in enumerate(perm):
                 orbit[axis] = orbit[moved] = min(orbit[axis], orbit[moved])
     return tuple(orbit)
