@@ -154,3 +154,25 @@ def test_once_screening_can_stop_nothing_the_rest_runs_in_one_call(monkeypatch):
     assert ran == int(np.max(screened["iterations"])) < chunked_history.shape[-1]
     np.testing.assert_array_equal(screened_history, chunked_history[..., :ran])
     assert np.all(chunked_history[..., ran:] == chunked["cost"][..., None])
+
+
+@pytest.mark.parametrize("grace", [0, 30])
+def test_perturbations_are_screened_only_after_the_grace_iterations(grace):
+    """Eight fresh restarts and eight perturbations of one target, screened every 10 LM
+    iterations (keep half, floor 1): fresh ones are screened from the first chunk on, the
+    perturbations (screened apart from them) not before ``grace`` iterations."""
+    from jfactor.factorize import solve
+    from jfactor.progress import ProgressBar
+
+    rng = np.random.default_rng(5)
+    target = jnp.asarray(kernels.random_normal(5, seed=11)[None, ..., None, None])
+    free = tuple(jnp.asarray(rng.normal(size=(1, 16, 3, 3, 1, 1))) for _ in range(2))
+    state = jax.vmap(jax.vmap(lambda f, t: _lm_state(PROBLEM, f, [None, None], t, None), in_axes=(0, None)))(
+        free, target)
+    problem = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none", refine_steps=60, chunk=10))
+    state, history, pruned = solve.refine(problem, state, free, [None, None], target, None, ProgressBar(False, 0, ""),
+                                          solve.Screening(0.5, 1, grace), fresh=8)
+    ran = np.asarray(state["iterations"])[0]
+    fresh, hops = ran[:8][pruned[0, :8]], ran[8:][pruned[0, 8:]]
+    assert fresh.size and hops.size and fresh.min() == 10
+    assert hops.min() == max(grace, 10)

@@ -48,6 +48,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jfactor.errors import ConfigError
+from jfactor.factorize.solve import Screening
 
 HIT_TOLERANCE = 1e-6  # two restarts found the same minimum if their errors agree to this
 EXACT = {"float64": 1e-12, "float32": 1e-6}  # relative errors at the rounding floor
@@ -65,6 +66,7 @@ class SearchPolicy:
       keep: share of a target's running restarts that survives each LM segment.
       floor: restarts per target and wave that are always refined to convergence.
       segment: LM iterations between two screenings.
+      grace: LM iterations before perturbations of earlier minima are first screened.
       hits: fresh restarts that must reach the best before the search may stop early; as
         many restarts of any kind must have reached it when it stops after ``min_restarts``.
       patience: waves in a row without a better minimum before the search may stop.
@@ -79,14 +81,16 @@ class SearchPolicy:
     keep: float = 0.5
     floor: int = 4
     segment: int = 10
+    grace: int = 50
     hits: int = 3
-    patience: int = 2
+    patience: int = 3
     min_restarts: int = 512
     max_restarts: int = 1024
     perturb: float = 0.5
 
     def __post_init__(self):
-        for name in ("restarts", "wave", "floor", "segment", "hits", "patience", "min_restarts", "max_restarts"):
+        for name in ("restarts", "wave", "floor", "segment", "grace", "hits", "patience", "min_restarts",
+                     "max_restarts"):
             value = getattr(self, name)
             if value is None and name == "restarts":
                 continue
@@ -108,9 +112,9 @@ class SearchPolicy:
         return self.wave if self.adaptive else self.restarts
 
     @property
-    def prune(self) -> tuple[float, int] | None:
+    def prune(self) -> Screening | None:
         """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`."""
-        return (self.keep, self.floor) if self.adaptive else None
+        return Screening(self.keep, self.floor, self.grace) if self.adaptive else None
 
 
 def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
