@@ -3,10 +3,11 @@
 Chain factorization has many local minima (line-like, ring and Gabor targets land 1.1-5x
 above the best one from most starts), and more starts help far more than longer runs.  So
 the default search draws restarts in waves of :attr:`SearchPolicy.wave`, screens them by
-successive halving (in the first-order phase at doubling step budgets,
+successive halving (in the first-order phase once, halfway,
 :func:`jfactor.factorize.solve.first_order`; in Levenberg-Marquardt after every segment only
 the better share of a target's still-running restarts goes on, fresh starts and
-perturbations ranked apart, :func:`jfactor.factorize.solve.refine`), and after every wave asks
+perturbations ranked apart, the perturbations after a grace, :func:`jfactor.factorize.solve.refine`),
+and after every wave asks
 :func:`stop_reason`:
 
 - ``exact``: the best error is at the float rounding floor: no start can do better;
@@ -66,7 +67,8 @@ class SearchPolicy:
       keep: share of a target's running restarts that survives each LM segment.
       floor: restarts per target and wave that are always refined to convergence.
       segment: LM iterations between two screenings.
-      grace: LM iterations before perturbations of earlier minima are first screened.
+      grace: LM iterations before perturbations of earlier minima are first screened (a hop
+        into a better basin crosses a plateau before it drops).
       hits: fresh restarts that must reach the best before the search may stop early; as
         many restarts of any kind must have reached it when it stops after ``min_restarts``.
       patience: waves in a row without a better minimum before the search may stop.
@@ -94,8 +96,9 @@ class SearchPolicy:
             value = getattr(self, name)
             if value is None and name == "restarts":
                 continue
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            least = 0 if name == "grace" else 1
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.budget_s is not None and not (math.isfinite(self.budget_s) and self.budget_s > 0):
             raise ConfigError(f"budget_s must be a positive number of seconds, got {self.budget_s!r}")
         for name in ("keep", "perturb"):
