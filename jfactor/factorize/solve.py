@@ -648,8 +648,8 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
     done = 0
     while done < solver.steps and not (exact_loss is not None
                                        and (np.minimum(value.min(axis=1), floor) <= exact_loss).all()):
-        n = ((halfway if done < (halfway or 0) else solver.steps) - done if prune is not None
-             else min(solver.chunk, solver.steps - done))
+        end = halfway if halfway is not None and done < halfway else solver.steps
+        n = end - done if prune is not None else min(solver.chunk, solver.steps - done)
         carry, losses = first_order_segment(problem, carry, frozen, target, images, solver.steps,
                                             np.asarray(n, np.int32))
         losses = np.asarray(lax.slice_in_dim(losses, 0, n, axis=2))
