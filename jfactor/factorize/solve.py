@@ -627,7 +627,7 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
     loses the best basins: an L-BFGS run's early loss says little about where it ends.  On
     the 13x13 disk into 5-9, the runs into the best basin ranked 10th-13th of 14 after 25
     and 50 steps, and with halving at 1/8, 1/4 and 1/2 of the steps 2 of 5 seeds found it,
-    4 of 5 with one screening at 1/2.)  The phase
+    4 of 5 with one screening at 1/2 and the search's patience at three waves.)  The phase
     stops early once every target has a loss at or below ``exact_loss`` here or in
     ``others`` (B,), the lowest start of its other restarts.
 
