@@ -144,7 +144,7 @@ def test_once_screening_can_stop_nothing_the_rest_runs_in_one_call(monkeypatch):
     problem = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none", refine_steps=60, chunk=10))
     run = lambda prune: solve.refine(problem, dict(state), free, [None, None], np.asarray(targets[:1]), None,  # noqa: E731
                                      ProgressBar(False, 0, ""), prune)
-    screened, screened_history, pruned = run((0.5, 4))
+    screened, screened_history, pruned = run(solve.Screening(0.5, 4))
     assert calls == [(60, 60)] and not pruned.any()
     calls.clear()
     chunked, chunked_history, _ = run(None)

@@ -147,7 +147,8 @@ def test_the_first_order_phase_screens_once_halfway_and_perturbations_skip_it(mo
     rng = np.random.default_rng(0)
     free = tuple(rng.standard_normal((1, 20) + shape) for shape in chain.factor_shapes(1, 1))
     free, history, losses, errors, diverged, pruned = optimise(problem, free, (None, None), target, None,
-                                                               ProgressBar(False, 0, ""), (0.5, 2), fresh=16)
+                                                               ProgressBar(False, 0, ""), solve.Screening(0.5, 2),
+                                                               fresh=16)
     first = history[0, :, :200]
     ran = (~np.isnan(first)).sum(axis=1)
     assert (ran[16:] == 0).all() and (ran[:16] == 200).all()  # perturbations skip; screened ones are filled

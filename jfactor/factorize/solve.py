@@ -452,18 +452,18 @@ class Screening(NamedTuple):
     grace: int = 0
 
 
-def _kept(size: int, keep: float, floor: int) -> int:
-    """How many of ``size`` running restarts survive a screening: the ``keep`` share, at least ``floor``."""
-    return min(size, max(floor, int(np.ceil(keep * size))))
+def _kept(size: int, prune: Screening) -> int:
+    """How many of ``size`` running restarts survive a screening: ``prune.keep`` of them, at least ``prune.floor``."""
+    return min(size, max(prune.floor, int(np.ceil(prune.keep * size))))
 
 
-def _survivors(cost, live, stratum, keep: float, floor: int) -> np.ndarray:
-    """Successive halving: of each stratum's ``live`` items keep the ``keep`` share with the
-    lowest ``cost`` (at least ``floor``); returns the live items to stop (pruned)."""
+def _survivors(cost, live, stratum, prune: Screening) -> np.ndarray:
+    """Successive halving: of each stratum's ``live`` items keep the ``prune.keep`` share with
+    the lowest ``cost`` (at least ``prune.floor``); returns the live items to stop (pruned)."""
     pruned = []
     for b in np.unique(stratum[live]):
         mine = live[stratum[live] == b]
-        count = _kept(mine.size, keep, floor)
+        count = _kept(mine.size, prune)
         if count < mine.size:
             pruned.append(mine[np.argsort(cost[mine], kind="stable")[count:]])
     return np.concatenate(pruned) if pruned else np.zeros(0, int)
@@ -492,7 +492,6 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     solver = problem.solver
     batch, restarts = state["cost"].shape
     pruned = np.zeros(batch * restarts, bool) if screened is None else screened.ravel().copy()
-    prune = None if prune is None else Screening(*prune)
     total = batch * restarts
     state = jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), state)
     # on the host like the state: a slice of sharded factors would make the segment one program over
@@ -510,7 +509,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     while done < steps and not state["done"].all():
         # screening is over once it would stop none of the running items, whatever their costs
         rest = prune is not None and not _survivors(state["cost"], np.flatnonzero(~state["done"]), stratum,
-                                                    prune.keep, prune.floor).size
+                                                    prune).size
         length = steps - done if rest else min(solver.chunk, steps - done)
         before = state["iterations"]
         # one program for every call: the iteration count is a traced limit, not a shape
@@ -527,7 +526,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
         stopped = np.zeros(0, int)
         if prune is not None and done < steps:
             screen = live if done >= prune.grace else live[~hop[live]]
-            stopped = _survivors(state["cost"], screen, stratum, prune.keep, prune.floor)
+            stopped = _survivors(state["cost"], screen, stratum, prune)
         if exact_loss is not None:
             solved = np.bincount(owner, weights=state["cost"] <= exact_loss, minlength=batch) > 0
             stopped = np.union1d(stopped, live[solved[owner[live]] & (state["cost"][live] > exact_loss)])
@@ -643,8 +642,7 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
     ran = np.full((batch, size), solver.steps)  # steps each restart ran before it was screened out
     owner = np.arange(batch)[:, None]
     floor = np.full(batch, np.inf) if others is None else others
-    prune = None if prune is None else Screening(*prune)
-    halfway = -(-solver.steps // 2) if prune is not None and _kept(size, prune.keep, prune.floor) < size else None
+    halfway = -(-solver.steps // 2) if prune is not None and _kept(size, prune) < size else None
     done = 0
     while done < solver.steps and not (exact_loss is not None
                                        and (np.minimum(value.min(axis=1), floor) <= exact_loss).all()):
@@ -660,7 +658,7 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
         done += n
         progress.advance(n)
         if done == halfway < solver.steps:
-            count = _kept(rows.shape[1], prune.keep, prune.floor)
+            count = _kept(rows.shape[1], prune)
             order = np.argsort(np.asarray(carry[3]), axis=1, kind="stable")
             ran[owner, np.take_along_axis(rows, order[:, count:], axis=1)] = done
             keep = order[:, :count]
@@ -671,7 +669,7 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
     return best, value, history, ran < solver.steps
 
 
-def optimise(problem: Problem, free, frozen, target, images, progress, prune: tuple[float, int] | None = None,
+def optimise(problem: Problem, free, frozen, target, images, progress, prune: Screening | None = None,
              exact_loss: float | None = None, fresh: int | None = None):
     """Both phases on a batch (B targets, R restarts); ``progress.advance`` per segment.
 
