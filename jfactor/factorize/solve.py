@@ -26,7 +26,8 @@ from jax.flatten_util import ravel_pytree
 
 from jfactor.cache import cached_jit
 from jfactor.errors import ConfigError
-from jfactor.factorize.chain import Chain, chain_jacobian, chain_jacobian_norms, chain_kernel
+from jfactor.factorize.chain import (Chain, chain_jacobian, chain_jacobian_norms, chain_kernel,
+                                     chain_normal_equations)
 from jfactor.factorize.objectives import Objective
 from jfactor.schema import unknown_key
 
@@ -216,6 +217,16 @@ def _jacobian(problem: Problem, free, frozen, target, images):
     return r, jac
 
 
+def _normal_equations(problem: Problem, free, frozen, target):
+    """``J^T J`` (n, n) and ``J^T r`` (n,) of the kernel objective (whose residual is the
+    kernel's error over the target's norm) by correlations (:func:`chain_normal_equations`)."""
+    factors = factors_of(problem, free, frozen)
+    scale = jnp.linalg.norm(target)
+    error = (chain_kernel(factors, problem.chain) - target) / scale
+    gram, gradient = chain_normal_equations(factors, problem.chain, problem.free, error)
+    return gram / scale**2, gradient / scale
+
+
 def dense_solve(m: int, n: int) -> bool:
     """Whether an LM step with an (m, n) Jacobian builds it and solves directly.
 
@@ -235,15 +246,22 @@ def _spd_solve(a, b):
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), b)
 
 
-def _direct_step(jac, r, g, mu):
+def _marquardt(d):
+    """The diagonal ``D`` of Marquardt's scaling from ``diag(J^T J)`` (n,), kept off zero."""
+    return jnp.maximum(d, 1e-9 * jnp.max(d) + jnp.finfo(d.dtype).tiny)
+
+
+def _normal_step(gram, g, mu):
     """``-(J^T J + mu D)^-1 g`` with Marquardt scaling ``D = diag(J^T J)``, solved directly
-    (:func:`_spd_solve`); jac (m, n), r (m,), g (n,)."""
-    m, n = jac.shape
-    d = jnp.sum(jac * jac, axis=0)
-    d = jnp.maximum(d, 1e-9 * jnp.max(d) + jnp.finfo(jac.dtype).tiny)
-    if m >= n:
-        return -_spd_solve(jac.T @ jac + mu * jnp.diag(d), g)
-    # fewer residuals than parameters: the dual (m x m) system, damped by mu * mean(D)
+    (:func:`_spd_solve`); gram (n, n), g (n,)."""
+    return -_spd_solve(gram + mu * jnp.diag(_marquardt(jnp.diag(gram))), g)
+
+
+def _dual_step(jac, r, mu):
+    """The same step with fewer residuals than parameters: the dual (m x m) system, damped by
+    ``mu`` times the mean of Marquardt's ``D``; jac (m, n), r (m,)."""
+    m = jac.shape[0]
+    d = _marquardt(jnp.sum(jac * jac, axis=0))
     return -jac.T @ _spd_solve(jac @ jac.T + mu * jnp.mean(d) * jnp.eye(m, dtype=jac.dtype), r)
 
 
@@ -275,20 +293,25 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     m, n = jax.eval_shape(fn, x).shape[0], x.shape[0]
     solver = problem.solver
     if solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n)):
-        r, jac = _jacobian(problem, unravel(x), frozen, target, images)
-        g = jac.T @ r
-        delta = _direct_step(jac, r, g, mu)
-        jd = jac @ delta
+        if m >= n and problem.objective.name == "kernel":  # J^T J without J (m n^2 saved)
+            gram, g = _normal_equations(problem, unravel(x), frozen, target)
+            delta = _normal_step(gram, g, mu)
+            curvature = jnp.vdot(delta, gram @ delta)
+        else:
+            r, jac = _jacobian(problem, unravel(x), frozen, target, images)
+            g = jac.T @ r
+            delta = _normal_step(jac.T @ jac, g, mu) if m >= n else _dual_step(jac, r, mu)
+            curvature = jnp.sum((jac @ delta) ** 2)
     else:
         r, jvp = jax.linearize(fn, x)
         transposed = jax.linear_transpose(jvp, x)
         vjp = lambda w: transposed(w)[0]  # noqa: E731
         g = vjp(r)
         delta = _matrix_free_step(problem, x, unravel, frozen, jvp, vjp, g, mu, solver.cg_iterations)
-        jd = jvp(delta)
+        curvature = jnp.sum(jvp(delta) ** 2)
     new_r = fn(x + delta)
     new_cost = 0.5 * jnp.vdot(new_r, new_r)
-    predicted = -jnp.vdot(g, delta) - 0.5 * jnp.vdot(jd, jd)  # the decrease the linear model promises
+    predicted = -jnp.vdot(g, delta) - 0.5 * curvature  # the decrease the linear model promises
     rho = (cost - new_cost) / jnp.where(predicted > 0, predicted, tiny)
     accept = jnp.isfinite(new_cost) & jnp.all(jnp.isfinite(delta)) & (new_cost < cost)
     small_step = jnp.linalg.norm(delta) <= 1e3 * eps * (jnp.linalg.norm(x) + 1e3 * eps)
