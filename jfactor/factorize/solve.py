@@ -275,8 +275,7 @@ def _matrix_free_step(problem: Problem, x, unravel, frozen, jvp, vjp, g, mu, ite
     _, kernel_jvp = jax.linearize(kernel_of, x)
     tiny = jnp.finfo(g.dtype).tiny
     along = jnp.sum(jvp(g) ** 2) / (jnp.sum(kernel_jvp(g) ** 2) + tiny)
-    d = chain_jacobian_norms(factors_of(problem, unravel(x), frozen), problem.chain, problem.free) * along
-    d = jnp.maximum(d, 1e-9 * jnp.max(d) + tiny)
+    d = _marquardt(chain_jacobian_norms(factors_of(problem, unravel(x), frozen), problem.chain, problem.free) * along)
     delta, _ = jax.scipy.sparse.linalg.cg(lambda v: vjp(jvp(v)) + mu * d * v, -g,
                                           M=lambda v: v / ((1 + mu) * d), tol=1e-10, maxiter=iterations)
     return delta
