@@ -346,6 +346,16 @@ def _others_spectrum(spectra, chain: Chain, i: int):
     return jnp.einsum("...ac,...db->...abcd", before, after)
 
 
+def _points(shape: tuple[int, ...]) -> np.ndarray:
+    """Every index of an array of ``shape``, in ``ravel`` order: (prod(shape), len(shape))."""
+    return np.stack(np.meshgrid(*[np.arange(k) for k in shape], indexing="ij"), -1).reshape(-1, len(shape))
+
+
+def _wrapped(offsets: np.ndarray, extent: tuple[int, ...]) -> np.ndarray:
+    """Flat indices into ``extent`` of ``offsets`` (..., nd) wrapped around it."""
+    return np.ravel_multi_index(tuple(np.moveaxis(offsets % np.array(extent), -1, 0)), extent)
+
+
 def chain_jacobian(factors, chain: Chain, free: tuple[int, ...]):
     """Jacobian of the folded kernel w.r.t. the free factors: (prod(extent) C_0 C_L, n_free).
 
@@ -363,10 +373,7 @@ def chain_jacobian(factors, chain: Chain, free: tuple[int, ...]):
         others = _others(spectra, chain, i)
         size = factors[i].shape[:nd]
         shift = np.array(chain.effective_dilations[i])
-        grid = np.stack(np.meshgrid(*[np.arange(e) for e in extent], indexing="ij"), -1).reshape(-1, nd)
-        taps = np.stack(np.meshgrid(*[np.arange(k) for k in size], indexing="ij"), -1).reshape(-1, nd)
-        source = (grid[:, None, :] - taps[None, :, :] * shift) % np.array(extent)
-        index = np.ravel_multi_index(tuple(np.moveaxis(source, -1, 0)), extent)  # (m_spatial, taps)
+        index = _wrapped(_points(extent)[:, None, :] - _points(size)[None, :, :] * shift, extent)  # (m_spatial, taps)
         block = others[index]  # (m_spatial, taps, C_0, C_L, C_{i-1}, C_i)
         block = jnp.transpose(block, (0, 2, 3, 1, 4, 5))
         blocks.append(block.reshape(block.shape[0] * block.shape[1] * block.shape[2], -1))
@@ -389,14 +396,12 @@ def chain_normal_equations(factors, chain: Chain, free: tuple[int, ...], residua
     axes = tuple(range(nd))
     spectra = _spectra(factors, chain)
     others = {i: _others_spectrum(spectra, chain, i) for i in free}  # (*freq, C_0, C_L, C_{i-1}, C_i)
-    shifts = {i: np.stack(np.meshgrid(*[np.arange(k) for k in factors[i].shape[:nd]], indexing="ij"), -1)
-              .reshape(-1, nd) * np.array(chain.effective_dilations[i]) for i in free}  # (taps, nd)
+    shifts = {i: _points(factors[i].shape[:nd]) * np.array(chain.effective_dilations[i]) for i in free}  # (taps, nd)
 
     def at(spectrum, offsets):
         """The correlation with this ``spectrum`` at ``offsets`` (..., nd), wrapped into the extent."""
         corr = jnp.fft.irfftn(spectrum, s=extent, axes=axes)
-        flat = np.ravel_multi_index(tuple(np.moveaxis(offsets % np.array(extent), -1, 0)), extent)
-        return corr.reshape((-1,) + corr.shape[nd:])[flat]
+        return corr.reshape((-1,) + corr.shape[nd:])[_wrapped(offsets, extent)]
 
     error = jnp.fft.rfftn(residual, axes=axes)
     gradient = jnp.concatenate([at(jnp.einsum("...ab,...abcd->...cd", error, jnp.conj(others[i])), shifts[i]).ravel()
