@@ -97,11 +97,11 @@ def test_line_starts_of_a_wide_chain_draw_the_line_in_its_first_channel():
     assert factors[1][..., 0, 0].any() and not np.delete(factors[1].reshape(9, 4), 0, axis=1).any()
 
 
-def test_auto_draws_a_quarter_of_line_starts():
+def test_auto_draws_half_line_starts_for_a_slanted_target():
     target = Target.from_array(kernels.motion_blur(11, angle=60.0))
     chain = Chain.build([3, 5, 5])
     starts = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
-    lines = np.arange(64 // 8, 64 // 8 + 64 // 4)
+    lines = np.arange(64 // 8, 64 // 8 + 64 // 2)
     for r in range(64):
         spread = max(_distance_from_axis(f[..., 0, 0], np.deg2rad(60.0)) for f in starts[r])
         assert (spread < 0.8) == (r in lines), r

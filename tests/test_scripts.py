@@ -28,17 +28,19 @@ def test_an_ablation_runs_tiny(tmp_path):
 
 def test_bench_optimality_runs_tiny(tmp_path):
     kept = tmp_path / "bench_optimality.json"
-    out = _run("experiments/bench_optimality.py", "--tiny", "--out", str(kept))
+    out = _run("experiments/bench_optimality.py", "--tiny", "--held-out", "2", "--out", str(kept))
     assert "| disk 5x5 | 3x3 -> 3x3, width 1 |" in out and "Within 1.01x of the best known:" in out
     row = next(line for line in out.splitlines() if line.startswith("| disk 5x5"))
-    assert row.endswith(" | 5/5 |") and "runs over all seeds" in out  # five seeds, each exact or at the best
+    # five seeds and two held-out ones (100, 101), each exact or at the best
+    assert row.endswith(" | 5/5 | 2/2 |") and "runs over seeds 0-4, " in out and "runs over the held-out seeds" in out
+    assert [r["seed"] for r in json.loads(kept.read_text())["default"]["disk 5x5"]["held_out"]] == [100, 101]
     # printing the kept table measures nothing, so it must not relabel the JSON with this machine
     data = json.loads(kept.read_text())
     long_search = data["reference"]["disk 5x5"]["basin_hopping"]  # the default's own seeds, run on
     assert long_search["seeds"] == [0, 1] and long_search["rel_error"] == min(long_search["errors"])
     data["device"] = "another machine"
     kept.write_text(json.dumps(data, indent=1))
-    again = _run("experiments/bench_optimality.py", "--tiny", "--out", str(kept))
+    again = _run("experiments/bench_optimality.py", "--tiny", "--held-out", "2", "--out", str(kept))
     assert again == out and json.loads(kept.read_text())["device"] == "another machine"
 
 

@@ -25,7 +25,8 @@ from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
-from jfactor.factorize.init import INITS, blur_hop, blur_init, blur_target, line_init, random_init, separable_init
+from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, has_line_axis, line_init, random_init,
+                                    separable_init)
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
@@ -143,10 +144,11 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
-    new root groupings; the next quarter are lines along the target's slanted axis where it
-    has one (:func:`jfactor.factorize.init.line_init`; every other pair grid-spaced), the next
-    quarter blurs (isotropic along the axes ``group`` exchanges) and one fitted factor where the
-    target passes a band and the chain has one channel (:func:`jfactor.factorize.init.blur_init`);
+    new root groupings; the next half are lines along the target's slanted axis where it has
+    one (:func:`jfactor.factorize.init.line_init`; every other pair grid-spaced; where it has
+    none, a quarter are random), the next quarter blurs (isotropic along the axes ``group``
+    exchanges) and one fitted factor where the target passes a band and the chain has one
+    channel (:func:`jfactor.factorize.init.blur_init`);
     the rest (and those, where they do not apply) are random, for a broad search, and every
     other one of them shares the target's grid symmetries ``group`` where it has mirror ones
     (:func:`jfactor.factorize.symmetry.start_group`).
@@ -158,13 +160,14 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     orbits = symmetry.axis_orbits(group, chain.ndim)
     starts = []
     separable = 2 if wave == 0 else count // 8  # the separable starts of an auto wave, lines next
+    lines = count // 2 if init == "auto" and has_line_axis(target, chain) else count // 4
     for r in range(count):
         if init != "auto":
             kind = None if init == "random" else init
         elif r < separable:
             kind = ("roots", "svd")[r] if wave == 0 else "roots"
         else:
-            kind = ("lines" if r < separable + count // 4 else "blurs" if r < separable + count // 2
+            kind = ("lines" if r < separable + lines else "blurs" if r < separable + lines + count // 4
                     else None)
         factors = None
         if kind == "lines":

@@ -262,6 +262,21 @@ def _line_stencil(count: int, shape: tuple[int, int], direction: tuple[float, fl
     return np.array(taps, int), np.array(pixels, int), np.array(weights, np.float64)
 
 
+def _axis(target: Target, chain: Chain, grid: bool = False):
+    """:func:`_line_profile` of a single-channel 2-D target for a chain without frozen or
+    dilated layers: its long axis's direction and profile, or None (no line starts)."""
+    if (target.c_in != 1 or target.c_out != 1 or target.ndim != 2 or any(layer.frozen for layer in chain.layers)
+            or any(d != 1 for dil in chain.effective_dilations for d in dil)):
+        return None
+    lengths = tuple(min(layer.size) for layer in chain.layers)
+    return _line_profile(_in_extent(target, chain).tobytes(), chain.extent, lengths, grid)
+
+
+def has_line_axis(target: Target, chain: Chain) -> bool:
+    """Whether :func:`line_init` applies: a slanted long axis, one channel, no frozen or dilated layer."""
+    return _axis(target, chain) is not None
+
+
 def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: bool,
               jitter: float = 0.1, grid: bool = False) -> list[np.ndarray] | None:
     """Factors that are lines along the target's long axis (:func:`principal_angle`), drawn in
@@ -276,13 +291,10 @@ def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: b
     fall on pixels' rows or columns, at 45 degrees on the diagonal's pixels) instead of one
     unit apart along the axis itself.
     """
-    if (target.c_in != 1 or target.c_out != 1 or target.ndim != 2 or any(layer.frozen for layer in chain.layers)
-            or any(d != 1 for dil in chain.effective_dilations for d in dil)):
-        return None
-    lengths = [min(layer.size) for layer in chain.layers]
-    axis = _line_profile(_in_extent(target, chain).tobytes(), chain.extent, tuple(lengths), grid)
+    axis = _axis(target, chain, grid)
     if axis is None:
         return None
+    lengths = [min(layer.size) for layer in chain.layers]
     direction, profile = axis
     pieces = split_roots(profile, lengths, rng if shuffle else None)
     widths = chain.channels(1, 1)
