@@ -216,8 +216,8 @@ def _within(error: float, best: float) -> bool:
 
 def verdicts(run: dict, ref: dict) -> dict:
     """The default run against the best-known optimum (kept reference) and the plain restarts' time."""
-    runs = seed_runs_of(run)
-    best = min(ref["best_known"], *(r["default"] for r in runs + run.get("held_out", [])))
+    runs, held_out = seed_runs_of(run), run.get("held_out", [])
+    best = min(ref["best_known"], *(r["default"] for r in runs + held_out))
     ratio = run["default"] / best if best > 0 else float("inf")
     median = float(np.median([r["time_s"] for r in runs]))
     return {"best_known": best, "plain_1024": ref["jfactor"]["rel_error"],
@@ -225,8 +225,7 @@ def verdicts(run: dict, ref: dict) -> dict:
             "scipy_lm": ref.get("scipy_lm", {}).get("rel_error"), "scipy_ran": "scipy_lm" in ref, "ratio": ratio,
             "within_margin": _within(run["default"], best),
             "seeds_within": sum(_within(r["default"], best) for r in runs), "seeds": len(runs),
-            "held_out_within": sum(_within(r["default"], best) for r in run.get("held_out", [])),
-            "held_out": len(run.get("held_out", [])),
+            "held_out_within": sum(_within(r["default"], best) for r in held_out), "held_out": len(held_out),
             # the median over the seeds: one run's time moves by 10-20% on a small machine, and the
             # restarts a search takes differ from seed to seed
             "median_s": median, "time_share": median / run["plain_time_s"],

@@ -33,9 +33,9 @@ def test_bench_optimality_runs_tiny(tmp_path):
     row = next(line for line in out.splitlines() if line.startswith("| disk 5x5"))
     # five seeds and two held-out ones (100, 101), each exact or at the best
     assert row.endswith(" | 5/5 | 2/2 |") and "runs over seeds 0-4, " in out and "runs over the held-out seeds" in out
-    assert [r["seed"] for r in json.loads(kept.read_text())["default"]["disk 5x5"]["held_out"]] == [100, 101]
-    # printing the kept table measures nothing, so it must not relabel the JSON with this machine
     data = json.loads(kept.read_text())
+    assert [r["seed"] for r in data["default"]["disk 5x5"]["held_out"]] == [100, 101]
+    # printing the kept table measures nothing, so it must not relabel the JSON with this machine
     long_search = data["reference"]["disk 5x5"]["basin_hopping"]  # the default's own seeds, run on
     assert long_search["seeds"] == [0, 1] and long_search["rel_error"] == min(long_search["errors"])
     data["device"] = "another machine"
