@@ -1,5 +1,6 @@
 """Restarts in waves: the stopping rule, the evidence, --restarts and --budget-s, the compile cache."""
 
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from jfactor import kernels
 from jfactor.errors import ConfigError
-from jfactor.factorize import Chain, Solver, factorize, factorize_batch
+from jfactor.factorize import Chain, Solver, factorize, factorize_batch, solve
 from jfactor.factorize.chain import chain_kernel_numpy
 from jfactor.factorize.multistart import SearchPolicy, evidence, minima, perturb, stop_reason, warning
 
@@ -188,7 +189,21 @@ def test_waves_in_a_batch_stop_per_target():
     assert results[1].evidence["waves"] > 1
 
 
-@pytest.mark.parametrize("field, value", [("restarts", 0), ("wave", -1), ("budget_s", -1.0), ("budget_s", float("nan")),
+@pytest.mark.parametrize("waves", [1, 2])
+def test_only_the_first_waves_take_the_first_order_phase(monkeypatch, waves):
+    phases = []
+    original = solve.first_order
+    monkeypatch.setattr(solve, "first_order", lambda *a, **k: phases.append(1) or original(*a, **k))
+    target, chain, solver = kernels.motion_blur(7, angle=30.0), Chain.build([3, 5]), Solver(steps=20, refine_steps=50)
+    result = factorize(target, chain, solver=solver, search=dataclasses.replace(SMALL, first_order_waves=waves),
+                       baselines=())
+    assert result.evidence["waves"] > 2 and len(phases) == waves
+    plain = factorize(target, chain, solver=solver, search=SearchPolicy(restarts=8, first_order_waves=0), baselines=())
+    assert len(phases) == waves + 1 and plain.evidence["waves"] == 1  # a plain multistart always takes it
+
+
+@pytest.mark.parametrize("field, value", [("restarts", 0), ("first_order_waves", -1), ("wave", -1),
+                                          ("budget_s", -1.0), ("budget_s", float("nan")),
                                           ("keep", 0.0), ("perturb", 1.5)])
 def test_bad_policies_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):

@@ -83,6 +83,8 @@ class SearchPolicy:
       min_restarts: restarts before the search may stop on perturbations' evidence.
       max_restarts: the most restarts per target.
       perturb: share of each later wave that perturbs the best factors so far.
+      first_order_waves: waves whose fresh restarts take the first-order phase (the solver's
+        ``first_order_share`` of them); the fresh restarts of later waves go straight to LM.
     """
 
     restarts: int | None = None
@@ -97,14 +99,15 @@ class SearchPolicy:
     min_restarts: int = 512
     max_restarts: int = 1024
     perturb: float = 0.5
+    first_order_waves: int = 1
 
     def __post_init__(self):
         for name in ("restarts", "wave", "floor", "segment", "grace", "hits", "patience", "min_restarts",
-                     "max_restarts"):
+                     "max_restarts", "first_order_waves"):
             value = getattr(self, name)
             if value is None and name == "restarts":
                 continue
-            least = 0 if name == "grace" else 1
+            least = 0 if name in ("grace", "first_order_waves") else 1
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.budget_s is not None and not (math.isfinite(self.budget_s) and self.budget_s > 0):
@@ -121,6 +124,11 @@ class SearchPolicy:
     @property
     def wave_size(self) -> int:
         return self.wave if self.adaptive else self.restarts
+
+    def first_order(self, wave: int) -> bool:
+        """Whether wave ``wave``'s fresh restarts may take the first-order phase (every restart of a
+        plain multistart does)."""
+        return not self.adaptive or wave < self.first_order_waves
 
     @property
     def prune(self) -> Screening | None:

@@ -692,7 +692,7 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
 
 
 def optimise(problem: Problem, free, frozen, target, images, progress, prune: Screening | None = None,
-             exact_loss: float | None = None, fresh: int | None = None):
+             exact_loss: float | None = None, fresh: int | None = None, first_order_phase: bool = True):
     """Both phases on a batch (B targets, R restarts); ``progress.advance`` per segment.
 
     Returns (free factors, history (B, R, steps) of the normalised loss, losses (B, R),
@@ -702,13 +702,16 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
     (:func:`first_order`, :func:`refine`).  Once every target has a restart at or below
     ``exact_loss`` (a start, or the first-order phase's best), the phases stop and the other
     restarts count as pruned.  Only the first ``fresh`` restarts (default: all) may take the
-    first-order phase; the others perturb earlier minima and go straight to LM.
+    first-order phase; the others perturb earlier minima and go straight to LM.  Without
+    ``first_order_phase`` every restart goes straight to LM (where the solver refines by LM).
     """
     fresh = free[0].shape[1] if fresh is None else fresh
-    starts, initial, carry = start(problem, free, frozen, target, images, fresh)
+    refines = problem.solver.refine == "lm" and problem.solver.refine_steps > 0
+    eligible = fresh if first_order_phase or not refines else 0  # restarts that may take the first-order phase
+    starts, initial, carry = start(problem, free, frozen, target, images, eligible)
     initial = np.asarray(initial)
     batch, restarts = initial.shape
-    share = _first_order_share(problem, fresh)
+    share = _first_order_share(problem, eligible)
     lowest = initial.copy()
     screened = np.zeros((batch, restarts), bool)
     first = np.zeros((batch, share.size, 0))
@@ -716,7 +719,7 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
     if carry is not None:
         best, lowest[:, share], first, screened[:, share] = first_order(
             problem, carry, frozen, target, images, progress, prune, exact_loss, initial.min(axis=1))
-    free, state = to_refine(problem, starts, best, frozen, target, images, fresh)
+    free, state = to_refine(problem, starts, best, frozen, target, images, eligible)
     pruned = screened
     second = np.zeros((batch, restarts, 0))
     if exact_loss is not None and (lowest.min(axis=1) <= exact_loss).all():
