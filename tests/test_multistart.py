@@ -202,6 +202,15 @@ def test_only_the_first_waves_take_the_first_order_phase(monkeypatch, waves):
     assert len(phases) == waves + 1 and plain.evidence["waves"] == 1  # a plain multistart always takes it
 
 
+@pytest.mark.parametrize("target, grace", [(kernels.log(7), 50), (kernels.motion_blur(7, angle=30.0), 20)])
+def test_blur_hops_get_the_longer_grace(monkeypatch, target, grace):
+    graces = set()
+    original = solve.refine
+    monkeypatch.setattr(solve, "refine", lambda *a, **k: graces.add(a[7].grace) or original(*a, **k))
+    result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=())
+    assert result.evidence["waves"] > 1 and graces == {grace}
+
+
 @pytest.mark.parametrize("field, value", [("restarts", 0), ("first_order_waves", -1), ("wave", -1),
                                           ("budget_s", -1.0), ("budget_s", float("nan")),
                                           ("keep", 0.0), ("perturb", 1.5)])

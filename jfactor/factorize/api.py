@@ -378,7 +378,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
             free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
                 lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
-                                       quiet if policy.adaptive else bar, policy.prune, exact_loss,
+                                       quiet if policy.adaptive else bar,
+                                       policy.prune(any(moves[b] is not None for b in live)), exact_loss,
                                        min(int(fresh.sum()) for _, fresh in drawn), policy.first_order(wave)),
                 (wave_targets, free), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
