@@ -64,7 +64,7 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
     extent = math.prod(chain.extent)
     channels = chain.channels(c_in, c_out)
     memory, flops = {}, 0.0
-    if solver.refine == "lm" and solver.refine_steps:
+    if solver.refines:
         dense = solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n))
         if dense:
             per_item = (m * n + min(m, n) ** 2) * itemsize

@@ -86,6 +86,11 @@ class Solver:
         if self.refine == "none" and self.optimizer != "none":
             object.__setattr__(self, "first_order_share", 1.0)  # nothing else would optimise the rest
 
+    @property
+    def refines(self) -> bool:
+        """Whether LM refines the restarts (``refine`` is ``lm`` with at least one step)."""
+        return self.refine == "lm" and self.refine_steps > 0
+
     def runs_first_order(self, restarts: int):
         """(restarts,) bool: which restarts take the first-order phase (spread evenly)."""
         r = np.arange(restarts)
@@ -616,7 +621,7 @@ def to_refine(problem: Problem, starts, best, frozen, target, images, fresh: int
         pick = lambda s, b: jnp.where(took.reshape((1, -1) + (1,) * (s.ndim - 2)), b[:, row], s)  # noqa: E731
         free = jax.tree.map(pick, starts, best)
     free = jax.vmap(jax.vmap(balance))(free)
-    if problem.solver.refine == "none" or problem.solver.refine_steps == 0:
+    if not problem.solver.refines:
         return free, None
     return free, _batched(functools.partial(_lm_state, problem))(free, frozen, target, images)
 
@@ -707,8 +712,7 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
     ``first_order_phase`` every restart goes straight to LM (where the solver refines by LM).
     """
     fresh = free[0].shape[1] if fresh is None else fresh
-    refines = problem.solver.refine == "lm" and problem.solver.refine_steps > 0
-    eligible = fresh if first_order_phase or not refines else 0  # restarts that may take the first-order phase
+    eligible = fresh if first_order_phase or not problem.solver.refines else 0  # may take the first-order phase
     starts, initial, carry = start(problem, free, frozen, target, images, eligible)
     initial = np.asarray(initial)
     batch, restarts = initial.shape
