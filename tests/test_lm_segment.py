@@ -171,7 +171,8 @@ def test_perturbations_are_screened_only_after_the_grace_iterations(grace):
         free, target)
     problem = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none", refine_steps=60, chunk=10))
     state, history, pruned = solve.refine(problem, state, free, [None, None], target, None, ProgressBar(False, 0, ""),
-                                          solve.Screening(0.5, 1, grace), fresh=8)
+                                          solve.Screening(0.5, 1), fresh=8,
+                                          graces=np.repeat([[0, grace]], 8, axis=1))
     ran = np.asarray(state["iterations"])[0]
     fresh, hops = ran[:8][pruned[0, :8]], ran[8:][pruned[0, 8:]]
     assert fresh.size and hops.size and fresh.min() == 10

@@ -202,13 +202,17 @@ def test_only_the_first_waves_take_the_first_order_phase(monkeypatch, waves):
     assert len(phases) == waves + 1 and plain.evidence["waves"] == 1  # a plain multistart always takes it
 
 
-@pytest.mark.parametrize("target, grace", [(kernels.log(7), 50), (kernels.motion_blur(7, angle=30.0), 0)])
-def test_blur_hops_get_the_longer_grace(monkeypatch, target, grace):
-    graces = set()
+@pytest.mark.parametrize("target, hop_graces", [(kernels.log(7), {0, 50}), (kernels.motion_blur(7, angle=30.0), {0})])
+def test_blur_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, hop_graces):
+    """A band-pass target's hops are blur hops (grace 50) and noise hops (none); a line's are all noise."""
+    seen = []
     original = solve.refine
-    monkeypatch.setattr(solve, "refine", lambda *a, **k: graces.add(a[7].grace) or original(*a, **k))
+    monkeypatch.setattr(solve, "refine", lambda *a, **k: seen.append((a[10], np.asarray(a[11])))
+                        or original(*a, **k))
     result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=())
-    assert result.evidence["waves"] > 1 and graces == {grace}
+    assert result.evidence["waves"] > 1 and len(seen) == result.evidence["waves"]
+    assert all((graces[:, :fresh] == 0).all() for fresh, graces in seen)
+    assert set().union(*(graces[:, fresh:].ravel().tolist() for fresh, graces in seen)) == hop_graces
 
 
 @pytest.mark.parametrize("field, value", [("restarts", 0), ("first_order_waves", -1), ("wave", -1),
@@ -422,12 +426,14 @@ def test_the_batched_lbfgs_phase_follows_optax_documented_loop_restart_by_restar
 
 def test_perturbations_give_three_pairs_in_four_to_a_structured_move_and_noise_where_it_has_none():
     elite = [[np.ones((3, 3, 1, 1))], [2 * np.ones((3, 3, 1, 1))]]
-    moved = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: [-factors[0]])
+    moved, marked = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: [-factors[0]])
     by_move = [i for i, hop in enumerate(moved) if (hop[0] < 0).all()]
     assert len(by_move) == 12 and {int(-moved[i][0][0, 0, 0, 0]) for i in by_move} == {1, 2}
-    noise = perturb(elite, 16, np.random.default_rng(0))
-    declined = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: None)
+    assert np.flatnonzero(marked).tolist() == by_move
+    noise, unmarked = perturb(elite, 16, np.random.default_rng(0))
+    declined, refused = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: None)
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(noise, declined))
+    assert not unmarked.any() and not refused.any()
     assert not any(np.array_equal(hop[0], source[0]) for hop in noise for source in elite)
 
 

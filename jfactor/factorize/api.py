@@ -340,19 +340,22 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
     budget.check(cost, f"{first.name}: chain {chain.describe()}")
 
-    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray]:
-        """Wave ``wave``'s starts of target ``b`` and which of them are fresh (size,): drawn without
+    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray]:
+        """Wave ``wave``'s starts of target ``b``, which of them are fresh (size,): drawn without
         regard to the minima found so far (the user's, structured and random starts; they come
-        first), not perturbations of those minima.  Only fresh restarts are independent evidence."""
+        first), not perturbations of those minima, and the LM iterations before each may be
+        screened (size,).  Only fresh restarts are independent evidence."""
         own = given[b] if wave == 0 else []
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
-        hops = [[f if w is None else w for f, w in zip(factors, chain.weights)]
-                for factors in multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b],
-                                                  move=moves[b])]
+        hops, moved = multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b], move=moves[b])
+        hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
         fresh = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
-        return own + fresh + hops, np.arange(size) < size - len(hops)
+        independent = np.arange(size) < size - len(hops)
+        structured = np.zeros(size, bool)
+        structured[size - len(hops):] = moved
+        return own + fresh + hops, independent, policy.graces(independent, structured)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None
@@ -369,19 +372,20 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         while live:
             drawn = [draw(b, wave) for b in live]
             if wave == 0:
-                records = [_Record(first_starts=s) for s, _ in drawn]
+                records = [_Record(first_starts=s) for s, _, _ in drawn]
             size_now = bucket(len(live), len(targets))
             rows = live + live[:1] * (size_now - len(live))
-            per_row = [s for s, _ in drawn] + [drawn[0][0]] * (size_now - len(live))
-            free = tuple(jnp.asarray(np.stack([[s[i] for s in row] for row in per_row]), np_dtype)
+            padded_rows = drawn + drawn[:1] * (size_now - len(live))
+            free = tuple(jnp.asarray(np.stack([[s[i] for s in starts] for starts, _, _ in padded_rows]), np_dtype)
                          for i in problem.free)
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
+            graces = np.stack([g for _, _, g in padded_rows])
             free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
                 lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
-                                       quiet if policy.adaptive else bar,
-                                       policy.prune(any(moves[b] is not None for b in live)), exact_loss,
-                                       min(int(fresh.sum()) for _, fresh in drawn), policy.first_order(wave)),
-                (wave_targets, free), mesh=mesh, shard=shard)
+                                       quiet if policy.adaptive else bar, policy.prune(), exact_loss,
+                                       min(int(fresh.sum()) for _, fresh, _ in drawn), policy.first_order(wave),
+                                       batch[2]),
+                (wave_targets, free, graces), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
             elapsed = time.perf_counter() - start
             for j, b in enumerate(live):

@@ -85,11 +85,11 @@ class SearchPolicy:
       keep: share of a target's running restarts that survives each LM segment.
       floor: restarts per target and wave that are always refined to convergence.
       segment: LM iterations between two screenings.
-      grace: LM iterations before perturbations of earlier minima are first screened (a hop
-        into a better basin crosses a plateau before it drops), where some of them are blur
-        hops (band-pass targets; on the 9x9 Gabor into 5-5 a grace of 30 lost 10 of 10 seeds).
-      noise_grace: the same where every perturbation is noise: over seeds 200-209 of the 13
-        such targets of ``experiments/bench_optimality.py``, 20 iterations left every target's
+      grace: LM iterations before a structured hop (a blur hop, on band-pass targets) is first
+        screened: a hop into a better basin crosses a plateau before it drops (on the 9x9 Gabor
+        into 5-5 a grace of 30 for every hop lost 10 of 10 seeds).
+      noise_grace: the same for a noise hop: over seeds 200-209 of the 13 targets without blur
+        hops of ``experiments/bench_optimality.py``, 20 iterations left every target's
         count of runs within 1.01x of its best known where 50 did (109 of 130) and took 18-26%
         off the median time of those whose searches run to 512 restarts; none (0: screened
         from the first segment on, apart from the fresh restarts) left them there too (the 2->2
@@ -149,12 +149,15 @@ class SearchPolicy:
         plain multistart does)."""
         return not self.adaptive or wave < self.first_order_waves
 
-    def prune(self, blur_hops: bool) -> Screening | None:
-        """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`, for a wave
-        whose perturbations include blur hops (``blur_hops``) or are all noise."""
-        if not self.adaptive:
-            return None
-        return Screening(self.keep, self.floor, self.grace if blur_hops else self.noise_grace)
+    def prune(self) -> Screening | None:
+        """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`."""
+        return Screening(self.keep, self.floor) if self.adaptive else None
+
+    def graces(self, fresh: np.ndarray, moved: np.ndarray) -> np.ndarray:
+        """LM iterations before each restart of a wave may be screened (R,): none for the
+        ``fresh`` ones, ``grace`` for the structured hops among the others (``moved``, as
+        :func:`perturb` marks them), ``noise_grace`` for the noise hops."""
+        return np.where(fresh, 0, np.where(moved, self.grace, self.noise_grace))
 
 
 def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
@@ -260,20 +263,21 @@ def elite(candidates: list[tuple[float, list]], count: int) -> list[tuple[float,
 
 def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
             move: Callable[[list[np.ndarray], np.random.Generator], list[np.ndarray] | None] | None = None,
-            ) -> list[list[np.ndarray]]:
+            ) -> tuple[list[list[np.ndarray]], np.ndarray]:
     """``count`` perturbed copies of the elite factor lists (best first): half of them of the
     best, the rest spread over the others, with relative noise of 10% to 100% (log-spaced);
     where ``move`` is given, three pairs in four of them are ``move(factors, rng)`` instead
     (a structured hop such as :func:`jfactor.factorize.init.blur_hop`; noise where it gives
     None).  On the 11x11 Gabor into 3-5-5 the default search reached the best known minimum
     at 1 of 10 seeds with noise alone, 6 with half the hops blur hops, 10 with three in four
-    and 9 with all."""
+    and 9 with all.  Returns the hops and which of them ``move`` made (count,)."""
     scales = rng.permutation(np.geomspace(0.1, 1.0, max(count, 1)))
     sources = [0 if i % 2 == 0 or len(elite) == 1 else 1 + (i // 2) % (len(elite) - 1) for i in range(count)]
-    hops = []
+    hops, moved = [], np.zeros(count, bool)
     for i, (source, s) in enumerate(zip(sources, scales)):
-        moved = move(elite[source], rng) if move is not None and (i // 2) % 4 else None
-        hops.append(moved if moved is not None else
+        hop = move(elite[source], rng) if move is not None and (i // 2) % 4 else None
+        moved[i] = hop is not None
+        hops.append(hop if hop is not None else
                     [f + s * rng.standard_normal(f.shape) * (np.linalg.norm(f) / math.sqrt(f.size) + 1e-300)
                      for f in elite[source]])
-    return hops
+    return hops, moved

@@ -472,12 +472,10 @@ class Screening(NamedTuple):
     Attributes:
       keep: the share of a target's running restarts that survives a screening.
       floor: restarts per target that survive every screening.
-      grace: LM iterations before perturbations of earlier minima are first screened.
     """
 
     keep: float
     floor: int
-    grace: int = 0
 
 
 def _kept(size: int, prune: Screening) -> int:
@@ -498,7 +496,8 @@ def _survivors(cost, live, stratum, prune: Screening) -> np.ndarray:
 
 
 def refine(problem: Problem, state, free, frozen, target, images, progress, prune: Screening | None = None,
-           exact_loss: float | None = None, screened: np.ndarray | None = None, fresh: int | None = None):
+           exact_loss: float | None = None, screened: np.ndarray | None = None, fresh: int | None = None,
+           graces: np.ndarray | None = None):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
 
     Items are flattened to one axis and each chunk is one :func:`lm_segment` call on all of
@@ -508,10 +507,10 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     of each target's still-running restarts with the lowest cost (at least ``floor``) goes on;
     the others stop and are marked in ``pruned`` (B, R).
     The first ``fresh`` restarts of a target and the others (perturbations of earlier minima,
-    which start near one and would always win) are screened separately, the perturbations
-    only after ``grace`` iterations: a hop that leaves its minimum for a better basin crosses
-    a plateau first (on the 9x9 Gabor into 5-5, each hop into the best basin ranked 30th of
-    32 for 40 iterations and first at 50).
+    which start near one and would always win) are screened separately, each restart only
+    after its ``graces`` (B, R) LM iterations (default: none): a hop that leaves its minimum
+    for a better basin may cross a plateau first (on the 9x9 Gabor into 5-5, each blur hop
+    into the best basin ranked 30th of 32 for 40 iterations and first at 50).
     Once a target has a restart at or below ``exact_loss`` its other restarts stop too.
     Restarts marked in ``screened`` (B, R) (screened out of the first-order phase) do not run
     and count as pruned.  Once screening can stop no more restarts, the rest runs to
@@ -528,6 +527,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     owner = np.repeat(np.arange(batch), restarts)
     hop = np.tile(np.arange(restarts), batch) >= (restarts if fresh is None else fresh)
     stratum = 2 * owner + hop
+    ready = np.zeros(total, int) if graces is None else np.asarray(graces).ravel()  # first screening, per item
     target = np.asarray(target)[owner]
     steps = solver.refine_steps
     history = np.empty((total, steps), state["cost"].dtype)
@@ -553,7 +553,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
         live = np.flatnonzero(~state["done"])
         stopped = np.zeros(0, int)
         if prune is not None and done < steps:
-            screen = live if done >= prune.grace else live[~hop[live]]
+            screen = live[done >= ready[live]]
             stopped = _survivors(state["cost"], screen, stratum, prune)
         if exact_loss is not None:
             solved = np.bincount(owner, weights=state["cost"] <= exact_loss, minlength=batch) > 0
@@ -698,7 +698,8 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
 
 
 def optimise(problem: Problem, free, frozen, target, images, progress, prune: Screening | None = None,
-             exact_loss: float | None = None, fresh: int | None = None, first_order_phase: bool = True):
+             exact_loss: float | None = None, fresh: int | None = None, first_order_phase: bool = True,
+             graces: np.ndarray | None = None):
     """Both phases on a batch (B targets, R restarts); ``progress.advance`` per segment.
 
     Returns (free factors, history (B, R, steps) of the normalised loss, losses (B, R),
@@ -708,7 +709,8 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
     (:func:`first_order`, :func:`refine`).  Once every target has a restart at or below
     ``exact_loss`` (a start, or the first-order phase's best), the phases stop and the other
     restarts count as pruned.  Only the first ``fresh`` restarts (default: all) may take the
-    first-order phase; the others perturb earlier minima and go straight to LM.  Without
+    first-order phase; the others perturb earlier minima and go straight to LM.  ``graces``
+    (B, R): LM iterations before each restart may be screened (:func:`refine`).  Without
     ``first_order_phase`` every restart goes straight to LM (where the solver refines by LM).
     """
     fresh = free[0].shape[1] if fresh is None else fresh
@@ -732,7 +734,7 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
         state = None  # the starts, or the first-order phase's best points, stand
     elif state is not None:
         state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss,
-                                       screened, fresh)
+                                       screened, fresh, graces)
     free, losses, errors = finish(problem, free, state, frozen, target, images)
     losses, errors = np.asarray(losses), np.asarray(errors)
     took_first = np.zeros(restarts, bool)
