@@ -25,8 +25,8 @@ from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
-from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, has_line_axis, line_init, random_init,
-                                    separable_init)
+from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, fit_target, has_line_axis, impulse_start,
+                                    line_init, random_init, separable_init)
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
@@ -151,13 +151,17 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     channel (:func:`jfactor.factorize.init.blur_init`);
     the rest (and those, where they do not apply) are random, for a broad search, and every
     other one of them shares the target's grid symmetries ``group`` where it has mirror ones
-    (:func:`jfactor.factorize.symmetry.start_group`).
+    (:func:`jfactor.factorize.symmetry.start_group`).  Where a factor can be refitted (one
+    channel, :func:`jfactor.factorize.init.fit_target`), a quarter of the starts after the
+    root groupings, neither grid-spaced lines nor symmetric ones, become impulse starts
+    (:func:`jfactor.factorize.init.impulse_start`).
     ``roots``/``svd``/``lines``/``blurs``: every restart uses that init, later ones with other
     root groupings (or ALS starts, other lines, other blurs).
     """
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     structured = not any(layer.frozen for layer in chain.layers)
     orbits = symmetry.axis_orbits(group, chain.ndim)
+    fit = fit_target(target, chain) if init == "auto" and len(chain.layers) > 1 else None
     starts = []
     separable = 2 if wave == 0 else count // 8  # the separable starts of an auto wave, lines next
     # half, not a quarter, where lines apply: 124 of 140 default runs of the line targets of
@@ -187,6 +191,8 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             factors = symmetry.symmetric_start(noise, group, rng) if symmetric else noise
         elif any(w > 1 for w in chain.widths):  # wake the channels the separable terms leave unused
             factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
+        if fit is not None and r >= separable and r % 2 == 0 and (r - separable) % 4 < 2:
+            factors = impulse_start(factors, fit, chain, rng)
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
     return starts
 
