@@ -101,7 +101,7 @@ def test_a_target_with_an_exact_optimum_stops_in_the_first_wave():
 
 def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
     target = kernels.motion_blur(7, angle=30.0)
-    result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=())
+    result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=(), seed=1)
     found = result.evidence
     assert found["waves"] > 1 and found["stopped"] in ("repeated", "stalled", "max_restarts")
     assert found["restarts"] == len(result.restart_errors) == 16 * found["waves"]
@@ -114,7 +114,7 @@ def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
     assert result.restart_errors[result.best] == pytest.approx(result.rel_error, rel=1e-9)
     assert found["refined"] == int((~result.pruned & np.isfinite(result.restart_errors)).sum())
     assert (found["warning"] is None) == (found["best_hits"] >= 3)
-    # the best comes from a later wave here: the loss plot must find it in that wave's history
+    # the best comes from a later wave at this seed: the loss plot must find it in that wave's history
     assert result.best >= result.history.shape[0]
     assert result.history[result.history_row, -1] == pytest.approx(0.5 * found["best_error"] ** 2, rel=1e-6)
     from jfactor.report import factorization_plots
