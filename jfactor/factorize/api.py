@@ -139,8 +139,9 @@ NEEDS = {  # what a structured init needs of the target and chain (besides no fr
 
 
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
-          group: list) -> list[list]:
-    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``.
+          group: list) -> tuple[list[list], np.ndarray]:
+    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, and
+    which of them are independent evidence (count,): all but the impulse starts.
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
@@ -154,7 +155,10 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     (:func:`jfactor.factorize.symmetry.start_group`).  Where a factor can be refitted (one
     channel, :func:`jfactor.factorize.init.fit_target`), a quarter of the starts after the
     root groupings, neither grid-spaced lines nor symmetric ones, become impulse starts
-    (:func:`jfactor.factorize.init.impulse_start`).
+    (:func:`jfactor.factorize.init.impulse_start`).  Those gather in few basins, which on some
+    targets lie far above the best (the 11x11 line at 45 degrees: 2-4x), so their hits do not
+    count towards ``repeated`` (:mod:`jfactor.factorize.multistart`): counted, they stopped one
+    search in ten there at 3.97x after 256 restarts.
     ``roots``/``svd``/``lines``/``blurs``: every restart uses that init, later ones with other
     root groupings (or ALS starts, other lines, other blurs).
     """
@@ -162,7 +166,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     structured = not any(layer.frozen for layer in chain.layers)
     orbits = symmetry.axis_orbits(group, chain.ndim)
     fit = fit_target(target, chain) if init == "auto" and len(chain.layers) > 1 else None
-    starts = []
+    starts, independent = [], np.ones(count, bool)
     separable = 2 if wave == 0 else count // 8  # the separable starts of an auto wave, lines next
     # half, not a quarter, where lines apply: 124 of 140 default runs of the line targets of
     # experiments/bench_optimality.py within 1.01x of the best known instead of 111
@@ -193,8 +197,9 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
         if fit is not None and r >= separable and r % 2 == 0 and (r - separable) % 4 < 2:
             factors = impulse_start(factors, fit, chain, rng)
+            independent[r] = False
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
-    return starts
+    return starts, independent
 
 
 def _blur_hops(target: Target, chain: Chain, group: list):
@@ -346,22 +351,23 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
     budget.check(cost, f"{first.name}: chain {chain.describe()}")
 
-    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray]:
-        """Wave ``wave``'s starts of target ``b``, which of them are fresh (size,): drawn without
-        regard to the minima found so far (the user's, structured and random starts; they come
-        first), not perturbations of those minima, and the LM iterations before each may be
-        screened (size,).  Only fresh restarts are independent evidence."""
+    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray, np.ndarray]:
+        """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without
+        regard to the minima found so far: the user's, structured and random starts; they come
+        first), not perturbations of those minima; which are independent evidence (the fresh
+        ones but impulse starts); and the LM iterations before each may be screened."""
         own = given[b] if wave == 0 else []
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
         hops, moved = multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b], move=moves[b])
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
-        fresh = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
-        independent = np.arange(size) < size - len(hops)
+        sampled, evidence = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
+        fresh = np.arange(size) < size - len(hops)
         structured = np.zeros(size, bool)
         structured[size - len(hops):] = moved
-        return own + fresh + hops, independent, policy.graces(independent, structured)
+        independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
+        return own + sampled + hops, fresh, independent, policy.graces(fresh, structured)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None
@@ -378,25 +384,25 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         while live:
             drawn = [draw(b, wave) for b in live]
             if wave == 0:
-                records = [_Record(first_starts=s) for s, _, _ in drawn]
+                records = [_Record(first_starts=s) for s, *_ in drawn]
             size_now = bucket(len(live), len(targets))
             rows = live + live[:1] * (size_now - len(live))
             padded_rows = drawn + drawn[:1] * (size_now - len(live))
-            free = tuple(jnp.asarray(np.stack([[s[i] for s in starts] for starts, _, _ in padded_rows]), np_dtype)
+            free = tuple(jnp.asarray(np.stack([[s[i] for s in starts] for starts, *_ in padded_rows]), np_dtype)
                          for i in problem.free)
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
-            graces = np.stack([g for _, _, g in padded_rows])
+            graces = np.stack([row[-1] for row in padded_rows])
             free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
                 lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
                                        quiet if policy.adaptive else bar, policy.prune(), exact_loss,
-                                       min(int(fresh.sum()) for _, fresh, _ in drawn), policy.first_order(wave),
+                                       min(int(fresh.sum()) for _, fresh, *_ in drawn), policy.first_order(wave),
                                        batch[2]),
                 (wave_targets, free, graces), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
             elapsed = time.perf_counter() - start
             for j, b in enumerate(live):
                 records[b].add([f[j] for f in free], history[j], losses[j], errors[j], diverged[j], pruned[j],
-                               drawn[j][1], solver.refine == "lm")
+                               drawn[j][2], solver.refine == "lm")
                 records[b].found.append(multistart.evidence(records[b].joined("errors"), records[b].joined("pruned"),
                                                             records[b].joined("independent"), dtype))
                 records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed)

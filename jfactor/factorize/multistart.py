@@ -29,7 +29,8 @@ groupings (independent evidence) with perturbations of the best so far, which st
 a minimum and go straight to LM.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
 (fresh starts only), next to the number of distinct minima and the runner-up.  Fresh
-structured starts (root groupings, lines, blurs, symmetric and impulse starts) count as independent:
+structured starts (root groupings, lines, blurs, symmetric starts; not the impulse starts of
+``jfactor.factorize.api._draw``, which gather in few basins) count as independent:
 over ten seeds of every target of ``experiments/bench_optimality.py`` run on to 1,024
 restarts, no basin above the best drew more than two fresh restarts while the search
 stalled on it, so three of them stop no search early there, while the line, ring and
