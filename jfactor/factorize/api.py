@@ -153,9 +153,11 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     the rest (and those, where they do not apply) are random, for a broad search, and every
     other one of them shares the target's grid symmetries ``group`` where it has mirror ones
     (:func:`jfactor.factorize.symmetry.start_group`).  Where a factor can be refitted (one
-    channel, :func:`jfactor.factorize.init.fit_target`), a quarter of the starts after the
-    root groupings, neither grid-spaced lines nor symmetric ones, become impulse starts
-    (:func:`jfactor.factorize.init.impulse_start`).  Those gather in few basins, which on some
+    channel, :func:`jfactor.factorize.init.fit_target`), about a quarter of the starts after
+    the root groupings and the first line, neither grid-spaced lines nor symmetric ones,
+    become impulse starts (:func:`jfactor.factorize.init.impulse_start`); with two layers,
+    where an impulse and a refit leave nothing random, only the first two of the first wave
+    (one per layer).  Those gather in few basins, which on some
     targets lie far above the best (the 11x11 line at 45 degrees: 2-4x), so their hits do not
     count towards ``repeated`` (:mod:`jfactor.factorize.multistart`): counted, they stopped one
     search in ten there at 3.97x after 256 restarts.
@@ -171,6 +173,10 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     # half, not a quarter, where lines apply: 124 of 140 default runs of the line targets of
     # experiments/bench_optimality.py within 1.01x of the best known instead of 111
     lines = count // 2 if init == "auto" and has_line_axis(target, chain) else count // 4
+    # impulse starts: even slots (not symmetric) of the unit-spaced line pairs, after the first line (unshuffled)
+    impulses = [r for r in range(separable + 1, count) if r % 2 == 0 and (r - separable) % 4 < 2 and fit is not None]
+    if len(chain.layers) == 2:  # an impulse and a refit leave nothing random: each layer's once
+        impulses = impulses[:2] if wave == 0 else []
     for r in range(count):
         if init != "auto":
             kind = None if init == "random" else init
@@ -195,8 +201,8 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             factors = symmetry.symmetric_start(noise, group, rng) if symmetric else noise
         elif any(w > 1 for w in chain.widths):  # wake the channels the separable terms leave unused
             factors = [f + 1e-3 * n for f, n in zip(factors, noise)]
-        if fit is not None and r >= separable and r % 2 == 0 and (r - separable) % 4 < 2:
-            factors = impulse_start(factors, fit, chain, rng)
+        if r in impulses:
+            factors = impulse_start(factors, fit, chain, rng, impulses.index(r) if len(chain.layers) == 2 else None)
             independent[r] = False
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
     return starts, independent
@@ -283,7 +289,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
       search: a :class:`SearchPolicy` with every knob of the waves (``restarts`` and
         ``budget_s``, where given, override its fields).
       init: ``auto`` (root splitting and SVD for the first two where they apply, then line
-        and blur starts where they apply, random for the rest; see ``_draw``), ``roots``,
+        and blur starts where they apply, random for the rest, some of them impulse starts;
+        see ``_draw``), ``roots``,
         ``svd``, ``lines``, ``blurs`` or ``random``.
       dtype: ``float64`` or ``float32``.
       seed: target ``b`` draws its starts from ``numpy.random.default_rng(seed + b)``, so
@@ -364,10 +371,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
         sampled, evidence = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
         fresh = np.arange(size) < size - len(hops)
-        structured = np.zeros(size, bool)
-        structured[size - len(hops):] = moved
+        hop_moved = np.zeros(size, bool)
+        hop_moved[size - len(hops):] = moved
         independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
-        return own + sampled + hops, fresh, independent, policy.graces(fresh, structured)
+        return own + sampled + hops, fresh, independent, policy.graces(fresh, hop_moved)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None

@@ -34,13 +34,14 @@ width R reproduces the rank-R SVD truncation exactly (separable targets: exact).
   minimum of the 15x15 DoG into 3-5-9 (3.13e-4, blurs of widths 0.86 and 1.2 and the 9x9
   fitted) lies in a window of width space that 2 of 144 isotropic starts on a grid reach
   (all others end 3.1x above it), and anisotropic widths, drawn per axis, almost never do;
-- impulse starts (:func:`impulse_start`, a quarter of the ``auto`` starts): one factor a
-  unit impulse, a layer that passes its input on, another refitted by least squares given
-  the rest.  The best chain of a line often leaves its smallest layer near an impulse: on the
+- impulse starts (:func:`impulse_start`, about a quarter of the ``auto`` starts of chains of
+  three or more layers; two starts in all for two layers, where nothing random is left): one
+  factor a unit impulse, a layer that passes its input on, another refitted by least squares
+  given the rest.  The best chain of a line often leaves its smallest layer near an impulse: on the
   15x15 line at 60 degrees into 3-5-9, 216 of 512 line starts with the 3x3 an impulse and
   the 5x5 refitted reached the best minimum, 0 of 512 line starts as they are; on the 13x13
-  disk into 5-9, 256 of 256 random starts with the 9x9 an impulse and the 5x5 refitted, 2 of
-  256 as they are.  They do not help everywhere (an 11x11 line at 45 degrees: every pairing
+  disk into 5-9, the one start with the 9x9 an impulse and the 5x5 refitted does, 2 of 256
+  random starts.  They do not help everywhere (an 11x11 line at 45 degrees: every pairing
   ends 2-6x above the best, which grid-spaced line starts reach; so grid-spaced lines and
   symmetric starts are left as they are);
 - ``random``: normal factors scaled so the chain's kernel has the target's norm.
@@ -436,23 +437,32 @@ def blur_hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: n
     known led back to it in 64 of 64 tries, these hops to the best in 2 of 64.
     """
     blurred, fitted = rng.choice(len(factors), 2, replace=False)
-    factors = list(factors)
-    factors[blurred] = _blur(chain.layers[blurred].size, rng, orbits)
-    return _fit_factor(factors, int(fitted), kernel, chain)
+    return _replaced(factors, int(blurred), _blur(chain.layers[blurred].size, rng, orbits), int(fitted), kernel, chain)
 
 
-def impulse_start(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain,
-                  rng: np.random.Generator) -> list[np.ndarray]:
-    """``factors`` (width 1, (*k_i, 1, 1), two or more) with one factor (drawn) a centred unit
-    impulse, a layer that passes its input on, and another (drawn) refitted to ``kernel``
-    (:func:`fit_target`) by least squares given the rest, the others kept (see the module
-    docstring)."""
-    held, fitted = rng.choice(len(factors), 2, replace=False)
+def impulse_start(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: np.random.Generator,
+                  held: int | None = None) -> list[np.ndarray]:
+    """``factors`` (width 1, (*k_i, 1, 1), two or more) with factor ``held`` (drawn where None) a
+    unit impulse at its centre (the lower of the two middle taps of an even size, where the
+    chain centres the target), a layer that passes its input on, and another (drawn) refitted
+    to ``kernel`` (:func:`fit_target`) by least squares given the rest, the others kept (see
+    the module docstring)."""
+    if held is None:
+        held, fitted = rng.choice(len(factors), 2, replace=False)
+    else:
+        fitted = rng.choice([i for i in range(len(factors)) if i != held])
     size = chain.layers[held].size
+    impulse = np.zeros(size + (1, 1))
+    impulse[tuple((k - 1) // 2 for k in size)] = 1.0
+    return _replaced(factors, int(held), impulse, int(fitted), kernel, chain)
+
+
+def _replaced(factors: list[np.ndarray], replaced: int, factor: np.ndarray, fitted: int, kernel: np.ndarray,
+              chain: Chain) -> list[np.ndarray]:
+    """``factors`` with factor ``replaced`` set to ``factor`` and factor ``fitted`` refitted (:func:`_fit_factor`)."""
     factors = list(factors)
-    factors[held] = np.zeros(size + (1, 1))
-    factors[held][tuple(k // 2 for k in size)] = 1.0
-    return _fit_factor(factors, int(fitted), kernel, chain)
+    factors[replaced] = factor
+    return _fit_factor(factors, fitted, kernel, chain)
 
 
 def random_init(shapes: list[tuple[int, ...]], rng: np.random.Generator) -> list[np.ndarray]:

@@ -13,7 +13,7 @@ and after every wave asks
 - ``exact``: the best error is at the float rounding floor: no start can do better;
 - ``repeated``: at least :attr:`SearchPolicy.hits` independent restarts (fresh: drawn
   without regard to the minima found so far, random or structured, not perturbations of
-  them) reached the best error within a relative :data:`HIT_TOLERANCE`, and the last
+  them; impulse starts excepted) reached the best error within a relative :data:`HIT_TOLERANCE`, and the last
   :attr:`SearchPolicy.patience` waves found nothing better;
 - ``stalled``: :attr:`SearchPolicy.min_restarts` restarts have run, at least
   :attr:`SearchPolicy.hits` of them (perturbations included) reached the best, and the last
@@ -28,7 +28,7 @@ more often than fresh starts do.  So later waves mix fresh random starts and new
 groupings (independent evidence) with perturbations of the best so far, which start next to
 a minimum and go straight to LM.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
-(fresh starts only), next to the number of distinct minima and the runner-up.  Fresh
+(independent fresh starts only), next to the number of distinct minima and the runner-up.  Fresh
 structured starts (root groupings, lines, blurs, symmetric starts; not the impulse starts of
 ``jfactor.factorize.api._draw``, which gather in few basins) count as independent:
 over ten seeds of every target of ``experiments/bench_optimality.py`` run on to 1,024
@@ -96,7 +96,7 @@ class SearchPolicy:
         from the first segment on, apart from the fresh restarts) left them there too (the 2->2
         kernel one run more) and took another 10-20% off the motion blur, the line at 60 degrees
         and the 13x13 disk.
-      hits: fresh restarts that must reach the best before the search may stop early; as
+      hits: independent restarts that must reach the best before the search may stop early; as
         many restarts of any kind must have reached it when it stops after ``min_restarts``.
       patience: waves in a row without a better minimum before the search may stop.
       min_restarts: restarts before the search may stop on perturbations' evidence.
@@ -187,8 +187,8 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
     Args:
       errors: (R,) relative errors of every restart (inf where diverged).
       pruned: (R,) restarts screened out before converging (not local minima).
-      independent: (R,) restarts that are independent evidence: fresh starts, not derived
-        from an earlier restart's result.
+      independent: (R,) restarts that are independent evidence: fresh starts (not derived
+        from an earlier restart's result) other than impulse starts.
       dtype: the run's dtype (sets the rounding floor).
     Returns:
       restarts, refined (restarts run to convergence), distinct_minima, best_error,
