@@ -11,9 +11,8 @@ from jfactor import kernels
 from jfactor.errors import ConfigError
 from jfactor.factorize import Chain, Solver, Target, factorize
 from jfactor.factorize.api import _draw
-from jfactor.factorize.chain import check_chain
+from jfactor.factorize.chain import chain_kernel_numpy, check_chain
 from jfactor.factorize.api import _blur_hops
-from jfactor.factorize.chain import chain_kernel_numpy
 from jfactor.factorize.init import (_along, band_pass, blur_hop, blur_init, blur_target, fit_target, impulse_start,
                                     line_init, principal_angle)
 from jfactor.factorize.symmetry import start_group

@@ -174,7 +174,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     # experiments/bench_optimality.py within 1.01x of the best known instead of 111
     lines = count // 2 if init == "auto" and has_line_axis(target, chain) else count // 4
     # impulse starts: even slots (not symmetric) of the unit-spaced line pairs, after the first line (unshuffled)
-    impulses = [r for r in range(separable + 1, count) if r % 2 == 0 and (r - separable) % 4 < 2 and fit is not None]
+    impulses = [] if fit is None else [r for r in range(separable + 1, count) if r % 2 == 0 and (r - separable) % 4 < 2]
     if len(chain.layers) == 2:  # an impulse and a refit leave nothing random: each layer's once
         impulses = impulses[:2] if wave == 0 else []
     for r in range(count):

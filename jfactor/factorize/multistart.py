@@ -13,8 +13,8 @@ and after every wave asks
 - ``exact``: the best error is at the float rounding floor: no start can do better;
 - ``repeated``: at least :attr:`SearchPolicy.hits` independent restarts (fresh: drawn
   without regard to the minima found so far, random or structured, not perturbations of
-  them; impulse starts excepted) reached the best error within a relative :data:`HIT_TOLERANCE`, and the last
-  :attr:`SearchPolicy.patience` waves found nothing better;
+  them; impulse starts excepted) reached the best error within a relative
+  :data:`HIT_TOLERANCE`, and the last :attr:`SearchPolicy.patience` waves found nothing better;
 - ``stalled``: :attr:`SearchPolicy.min_restarts` restarts have run, at least
   :attr:`SearchPolicy.hits` of them (perturbations included) reached the best, and the last
   :attr:`SearchPolicy.patience` waves, half of whose starts perturb the best factors (basin
@@ -28,8 +28,8 @@ more often than fresh starts do.  So later waves mix fresh random starts and new
 groupings (independent evidence) with perturbations of the best so far, which start next to
 a minimum and go straight to LM.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
-(independent fresh starts only), next to the number of distinct minima and the runner-up.  Fresh
-structured starts (root groupings, lines, blurs, symmetric starts; not the impulse starts of
+(independent fresh starts only), next to the number of distinct minima and the runner-up.
+Fresh structured starts (root groupings, lines, blurs, symmetric starts; not the impulse starts of
 ``jfactor.factorize.api._draw``, which gather in few basins) count as independent:
 over ten seeds of every target of ``experiments/bench_optimality.py`` run on to 1,024
 restarts, no basin above the best drew more than two fresh restarts while the search
