@@ -202,21 +202,25 @@ def test_only_the_first_waves_take_the_first_order_phase(monkeypatch, waves):
     assert len(phases) == waves + 1 and plain.evidence["waves"] == 1  # a plain multistart always takes it
 
 
-@pytest.mark.parametrize("target, hop_graces", [(kernels.log(7), {0, 50}), (kernels.motion_blur(7, angle=30.0), {0})])
-def test_blur_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, hop_graces):
-    """A band-pass target's hops are blur hops (grace 50) and noise hops (none); a line's are all noise."""
+@pytest.mark.parametrize("target, sizes, hop_graces", [(kernels.log(7), [3, 5], {0, 50}),
+                                                       (kernels.log(7), [3, 3, 3], {0, 20}),
+                                                       (kernels.motion_blur(7, angle=30.0), [3, 5], {0})])
+def test_blur_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, sizes, hop_graces):
+    """A band-pass target's hops are blur hops and noise hops (no grace); a line's are all noise.
+    A blur hop waits ``grace`` (50) on two layers, where it keeps no factor of its minimum, and
+    ``partial_grace`` (20) on three, where it keeps one."""
     seen = []
     original = solve.refine
     monkeypatch.setattr(solve, "refine", lambda *a, **k: seen.append((a[10], np.asarray(a[11])))
                         or original(*a, **k))
-    result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=())
+    result = factorize(target, Chain.build(sizes), solver=FAST, search=SMALL, baselines=())
     assert result.evidence["waves"] > 1 and len(seen) == result.evidence["waves"]
     assert all((graces[:, :fresh] == 0).all() for fresh, graces in seen)
     assert set().union(*(graces[:, fresh:].ravel().tolist() for fresh, graces in seen)) == hop_graces
 
 
 @pytest.mark.parametrize("field, value", [("restarts", 0), ("first_order_waves", -1), ("wave", -1),
-                                          ("budget_s", -1.0), ("budget_s", float("nan")),
+                                          ("partial_grace", -1), ("budget_s", -1.0), ("budget_s", float("nan")),
                                           ("keep", 0.0), ("perturb", 1.5)])
 def test_bad_policies_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):

@@ -86,9 +86,15 @@ class SearchPolicy:
       keep: share of a target's running restarts that survives each LM segment.
       floor: restarts per target and wave that are always refined to convergence.
       segment: LM iterations between two screenings.
-      grace: LM iterations before a structured hop (a blur hop, on band-pass targets) is first
-        screened: a hop into a better basin crosses a plateau before it drops (on the 9x9 Gabor
-        into 5-5 a grace of 30 for every hop lost 10 of 10 seeds).
+      grace: LM iterations before a structured hop that keeps no factor of its minimum (a blur
+        hop, on band-pass targets, of a two-layer chain: one factor a blur, the other refitted)
+        is first screened: a hop into a better basin crosses a plateau before it drops (on the
+        9x9 Gabor into 5-5 a grace of 30 for every hop lost 10 of 10 seeds).
+      partial_grace: the same for a structured hop that keeps a factor of its minimum (a blur hop
+        of a chain of three or more layers): over seeds 340-349 of the 11x11 and 15x15 Gabors and
+        the DoG of ``experiments/bench_optimality.py``, 20 iterations left all 30 runs within
+        1.01x of their best known, as 50 did, in 18-23% less median time; 10 or none lost the
+        11x11 Gabor one run (1.017x).
       noise_grace: the same for a noise hop: over seeds 200-209 of the 13 targets without blur
         hops of ``experiments/bench_optimality.py``, 20 iterations left every target's
         count of runs within 1.01x of its best known where 50 did (109 of 130) and took 18-26%
@@ -113,6 +119,7 @@ class SearchPolicy:
     floor: int = 4
     segment: int = 10
     grace: int = 50
+    partial_grace: int = 20
     noise_grace: int = 0
     hits: int = 3
     patience: int = 3
@@ -122,12 +129,12 @@ class SearchPolicy:
     first_order_waves: int = 1
 
     def __post_init__(self):
-        for name in ("restarts", "wave", "floor", "segment", "grace", "noise_grace", "hits", "patience",
-                     "min_restarts", "max_restarts", "first_order_waves"):
+        for name in ("restarts", "wave", "floor", "segment", "grace", "partial_grace", "noise_grace", "hits",
+                     "patience", "min_restarts", "max_restarts", "first_order_waves"):
             value = getattr(self, name)
             if value is None and name == "restarts":
                 continue
-            least = 0 if name in ("grace", "noise_grace", "first_order_waves") else 1
+            least = 0 if name in ("grace", "partial_grace", "noise_grace", "first_order_waves") else 1
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.budget_s is not None and not (math.isfinite(self.budget_s) and self.budget_s > 0):
@@ -154,11 +161,12 @@ class SearchPolicy:
         """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`."""
         return Screening(self.keep, self.floor) if self.adaptive else None
 
-    def graces(self, fresh: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    def graces(self, fresh: np.ndarray, moved: np.ndarray, partial: bool) -> np.ndarray:
         """LM iterations before each restart of a wave may be screened (R,): none for the
-        ``fresh`` ones, ``grace`` for the structured hops among the others (``moved``, as
-        :func:`perturb` marks them), ``noise_grace`` for the noise hops."""
-        return np.where(fresh, 0, np.where(moved, self.grace, self.noise_grace))
+        ``fresh`` ones, ``partial_grace`` (where the structured hops keep a factor of their
+        minimum, ``partial``) or ``grace`` for the structured hops among the others (``moved``,
+        as :func:`perturb` marks them), ``noise_grace`` for the noise hops."""
+        return np.where(fresh, 0, np.where(moved, self.partial_grace if partial else self.grace, self.noise_grace))
 
 
 def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
