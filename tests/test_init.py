@@ -110,7 +110,7 @@ def _impulse(factor: np.ndarray) -> bool:
 def test_auto_draws_half_line_starts_for_a_slanted_target():
     target = Target.from_array(kernels.motion_blur(11, angle=60.0))
     chain = Chain.build([3, 5, 5])
-    starts, _ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
+    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
     lines = np.arange(64 // 8, 64 // 8 + 64 // 2)
     for r in range(64):
         if any(map(_impulse, starts[r])):
@@ -136,7 +136,7 @@ def test_a_quarter_of_the_starts_are_impulse_starts_each_refitted_by_least_squar
 
     target, chain = Target.from_array(kernel), Chain.build(sizes)
     group = start_group(kernel[..., None, None], chain)
-    starts, independent = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=group)
+    starts, independent, _ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=group)
     separable = 2 if wave == 0 else 64 // 8
     expected = [r for r in range(separable + 1, 64) if r % 2 == 0 and (r - separable) % 4 < 2]
     if len(sizes) == 2:
@@ -256,7 +256,7 @@ def test_blur_starts_and_hops_where_they_do_not_apply(target, chain):
 
 def test_auto_draws_a_quarter_of_blur_starts_for_a_band_pass_target():
     target, chain = Target.from_array(kernels.gabor(11)), Chain.build([3, 5, 5])
-    starts, _ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
+    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
     blurs = np.arange(64 // 8 + 64 // 4, 64 // 8 + 64 // 2)  # after the root groupings and the line slots
     for r in range(64):
         if not any(map(_impulse, starts[r])):  # test_a_quarter_of_the_starts_are_impulse_starts
@@ -309,7 +309,7 @@ def test_impulse_starts_take_the_default_search_to_the_best_basin_of_a_15x15_mot
 def test_blur_starts_and_hops_are_isotropic_where_the_target_exchanges_its_axes(kernel, chain, isotropic):
     target = Target.from_array(kernel)
     group = start_group(kernel[..., None, None], chain)
-    starts, _ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=group)
+    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=group)
     blurs = [f[..., 0, 0] for factors in starts[64 // 8 + 64 // 4: 64 // 8 + 64 // 2] for f in factors
              if _is_blur(f[..., 0, 0])]  # the blur slots (test_auto_draws_a_quarter_of_blur_starts...)
     move, rng = _blur_hops(target, chain, group), np.random.default_rng(1)

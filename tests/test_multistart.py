@@ -202,20 +202,22 @@ def test_only_the_first_waves_take_the_first_order_phase(monkeypatch, waves):
     assert len(phases) == waves + 1 and plain.evidence["waves"] == 1  # a plain multistart always takes it
 
 
-@pytest.mark.parametrize("target, sizes, hop_graces", [(kernels.log(7), [3, 5], {0, 50}),
-                                                       (kernels.log(7), [3, 3, 3], {0, 20}),
-                                                       (kernels.motion_blur(7, angle=30.0), [3, 5], {0})])
-def test_blur_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, sizes, hop_graces):
+@pytest.mark.parametrize("target, sizes, fresh_graces, hop_graces", [(kernels.log(7), [3, 5], {0, 50}, {0, 50}),
+                                                                     (kernels.log(7), [3, 3, 3], {0}, {0, 20}),
+                                                                     (kernels.motion_blur(7, angle=30.0), [3, 5], {0},
+                                                                      {0})])
+def test_blur_starts_and_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, sizes, fresh_graces,
+                                                                       hop_graces):
     """A band-pass target's hops are blur hops and noise hops (no grace); a line's are all noise.
-    A blur hop waits ``grace`` (50) on two layers, where it keeps no factor of its minimum, and
-    ``partial_grace`` (20) on three, where it keeps one."""
+    On two layers, where a blur hop keeps no factor of its minimum, blur starts and hops wait
+    ``grace`` (50); on three, blur hops ``partial_grace`` (20) and fresh starts none."""
     seen = []
     original = solve.refine
     monkeypatch.setattr(solve, "refine", lambda *a, **k: seen.append((a[10], np.asarray(a[11])))
                         or original(*a, **k))
     result = factorize(target, Chain.build(sizes), solver=FAST, search=SMALL, baselines=())
     assert result.evidence["waves"] > 1 and len(seen) == result.evidence["waves"]
-    assert all((graces[:, :fresh] == 0).all() for fresh, graces in seen)
+    assert set().union(*(graces[:, :fresh].ravel().tolist() for fresh, graces in seen)) == fresh_graces
     assert set().union(*(graces[:, fresh:].ravel().tolist() for fresh, graces in seen)) == hop_graces
 
 

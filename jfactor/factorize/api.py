@@ -139,9 +139,10 @@ NEEDS = {  # what a structured init needs of the target and chain (besides no fr
 
 
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
-          group: list) -> tuple[list[list], np.ndarray]:
-    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, and
-    which of them are independent evidence (count,): all but the impulse starts.
+          group: list) -> tuple[list[list], np.ndarray, np.ndarray]:
+    """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, which
+    of them are independent evidence (count,): all but the impulse starts, and which are blur
+    starts (count,).
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
@@ -168,7 +169,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     structured = not any(layer.frozen for layer in chain.layers)
     orbits = symmetry.axis_orbits(group, chain.ndim)
     fit = fit_target(target, chain) if init == "auto" and len(chain.layers) > 1 else None
-    starts, independent = [], np.ones(count, bool)
+    starts, independent, blurred = [], np.ones(count, bool), np.zeros(count, bool)
     separable = 2 if wave == 0 else count // 8  # the separable starts of an auto wave, lines next
     # half, not a quarter, where lines apply: 124 of 140 default runs of the line targets of
     # experiments/bench_optimality.py within 1.01x of the best known instead of 111
@@ -191,6 +192,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             factors = line_init(target, chain, rng, shuffle=wave > 0 or r > first, grid=(r - first) % 4 >= 2)
         elif kind == "blurs":
             factors = blur_init(target, chain, rng, orbits)
+            blurred[r] = factors is not None
         elif kind and structured:
             factors = separable_init(target, chain, kind, rng, shuffle=wave > 0 or r > 1)
         if factors is None and init in NEEDS:
@@ -204,8 +206,9 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
         if r in impulses:
             factors = impulse_start(factors, fit, chain, rng, impulses.index(r) if len(chain.layers) == 2 else None)
             independent[r] = False
+            blurred[r] = False
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
-    return starts, independent
+    return starts, independent, blurred
 
 
 def _blur_hops(target: Target, chain: Chain, group: list):
@@ -369,13 +372,12 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
         hops, moved = multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b], move=moves[b])
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
-        sampled, evidence = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
+        sampled, evidence, blurs = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
         fresh = np.arange(size) < size - len(hops)
-        hop_moved = np.zeros(size, bool)
-        hop_moved[size - len(hops):] = moved
+        blurred = np.concatenate([np.zeros(len(own), bool), blurs, moved])
         independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
         # a blur hop replaces one factor and refits another: on three or more layers it keeps the rest
-        return own + sampled + hops, fresh, independent, policy.graces(fresh, hop_moved, len(chain.layers) > 2)
+        return own + sampled + hops, fresh, independent, policy.graces(fresh, blurred, len(chain.layers) > 2)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None

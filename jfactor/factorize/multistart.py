@@ -86,15 +86,18 @@ class SearchPolicy:
       keep: share of a target's running restarts that survives each LM segment.
       floor: restarts per target and wave that are always refined to convergence.
       segment: LM iterations between two screenings.
-      grace: LM iterations before a structured hop that keeps no factor of its minimum (a blur
-        hop, on band-pass targets, of a two-layer chain: one factor a blur, the other refitted)
-        is first screened: a hop into a better basin crosses a plateau before it drops (on the
-        9x9 Gabor into 5-5 a grace of 30 for every hop lost 10 of 10 seeds).
-      partial_grace: the same for a structured hop that keeps a factor of its minimum (a blur hop
-        of a chain of three or more layers): over seeds 340-349 of the 11x11 and 15x15 Gabors and
-        the DoG of ``experiments/bench_optimality.py``, 20 iterations left all 30 runs within
-        1.01x of their best known, as 50 did, in 18-23% less median time; 10 or none lost the
-        11x11 Gabor one run (1.017x).
+      grace: LM iterations before a blur start of a two-layer chain, fresh or a hop (one factor
+        a blur, the other refitted: such a hop keeps nothing of its minimum), is first screened:
+        a start into a better basin crosses a plateau before it drops (on the 9x9 Gabor into 5-5
+        a grace of 30 for every hop lost 10 of 10 seeds; with the fresh blur starts screened from
+        the first segment on, as before this grace covered them too, 39 of 60 runs over seeds
+        340-399 landed within 1.01x of the best known instead of 46, in 9% less time).
+      partial_grace: the same for a blur hop of a chain of three or more layers, which keeps a
+        factor of its minimum (fresh blur starts there wait none): over seeds 340-349 of the 11x11
+        and 15x15 Gabors and the DoG of ``experiments/bench_optimality.py``, 20 iterations left all
+        30 runs within 1.01x of their best known, as 50 did, in 18-23% less median time; 10 or
+        none lost the 11x11 Gabor one run (1.017x).  (A grace of 20 for their fresh blur starts
+        too changed no run and cost 2-6%.)
       noise_grace: the same for a noise hop: over seeds 200-209 of the 13 targets without blur
         hops of ``experiments/bench_optimality.py``, 20 iterations left every target's
         count of runs within 1.01x of its best known where 50 did (109 of 130) and took 18-26%
@@ -161,12 +164,16 @@ class SearchPolicy:
         """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`."""
         return Screening(self.keep, self.floor) if self.adaptive else None
 
-    def graces(self, fresh: np.ndarray, moved: np.ndarray, partial: bool) -> np.ndarray:
-        """LM iterations before each restart of a wave may be screened (R,): none for the
-        ``fresh`` ones, ``partial_grace`` (where the structured hops keep a factor of their
-        minimum, ``partial``) or ``grace`` for the structured hops among the others (``moved``,
-        as :func:`perturb` marks them), ``noise_grace`` for the noise hops."""
-        return np.where(fresh, 0, np.where(moved, self.partial_grace if partial else self.grace, self.noise_grace))
+    def graces(self, fresh: np.ndarray, blurred: np.ndarray, partial: bool) -> np.ndarray:
+        """LM iterations before each restart of a wave may be screened (R,), from which are
+        ``fresh`` and which ``blurred`` (blur starts and the hops :func:`perturb` marks as moved),
+        on a chain whose blur hops keep a factor of their minimum (``partial``: three or more
+        layers) or not: ``grace`` for the blur starts and hops of a two-layer chain,
+        ``partial_grace`` for the blur hops of a deeper one, ``noise_grace`` for the other hops,
+        none for the other fresh starts."""
+        hop = self.partial_grace if partial else self.grace
+        return np.where(blurred, np.where(fresh, 0 if partial else self.grace, hop),
+                        np.where(fresh, 0, self.noise_grace))
 
 
 def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
