@@ -125,8 +125,9 @@ def _scipy_reference(entry: dict, starts: int) -> dict:
 
 def _plain_reference(entry: dict, restarts: int, timings: int = 1) -> dict:
     """``restarts`` plain restarts of one target: the best error, how many restarts reached it,
-    and the median time of ``timings`` warm runs (one run's time moved by up to 60% between two
-    runs of this bench on the 2-core CPU)."""
+    and the median time of ``timings`` (>= 1) warm runs (one run's time moved by up to 60% between
+    two runs of this bench on the 2-core CPU; the default's time it is held to is the median of
+    its five seeds' runs, :func:`verdicts`)."""
     chain = _chain(entry)
     factorize(entry["kernel"], chain, restarts=restarts, baselines=())  # compile
     runs = [factorize(entry["kernel"], chain, restarts=restarts, baselines=()) for _ in range(timings)]

@@ -196,9 +196,9 @@ assert all(a.evidence["waves"] > 1 and a.evidence["refined"] < a.evidence["resta
 
 
 def test_batched_factorization_sharded_over_devices_matches():
-    """Five targets over four CPU devices (padded to eight), a fixed restart count and the default
-    search (waves in which targets stop at different times, screening, per-restart graces):
-    the same factors and evidence as on one device."""
+    """Five targets over four CPU devices (padded to eight): with a fixed restart count the same
+    factors as on one device; with the default search (waves, screening, per-restart graces) the
+    same evidence."""
     import os
     import subprocess
     import sys

@@ -13,8 +13,8 @@ from jfactor.factorize import Chain, Solver, Target, factorize
 from jfactor.factorize.api import _draw
 from jfactor.factorize.chain import chain_kernel_numpy, check_chain
 from jfactor.factorize.api import _blur_hops
-from jfactor.factorize.init import (_along, band_pass, blur_hop, blur_init, blur_target, fit_target, impulse_start,
-                                    line_init, principal_angle)
+from jfactor.factorize.init import (_along, band_pass, blur_hop, blur_init, blur_target, fit_target, has_line_axis,
+                                    impulse_start, line_init, principal_angle)
 from jfactor.factorize.symmetry import start_group
 
 
@@ -153,6 +153,24 @@ def test_a_quarter_of_the_starts_are_impulse_starts_each_refitted_by_least_squar
             residual = signal.convolve(rest, spatial[j]) - in_extent
             gradients.append(np.abs(signal.correlate(residual, rest, mode="valid")).max())
         assert min(gradients) < 1e-10, r
+
+
+@pytest.mark.parametrize("kernel, sizes, wave", [(kernels.gabor(9), [3, 3, 5], 0), (kernels.gabor(9), [3, 3, 5], 1),
+                                                 (kernels.log(9), [5, 5], 1), (kernels.motion_blur(9), [5, 5], 1)])
+def test_blur_starts_are_marked_in_their_slots_but_where_an_impulse_start_replaced_them(kernel, sizes, wave):
+    """The blur slots (after the root groupings and the lines) of a band-pass target, less the
+    impulse starts, are marked as blur starts, and each marked start is blurs (positive
+    everywhere) but for one fitted factor; a low-pass target has none."""
+    target, chain = Target.from_array(kernel), Chain.build(sizes)
+    group = start_group(kernel[..., None, None], chain)
+    starts, independent, blurred = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=group)
+    separable = 2 if wave == 0 else 64 // 8
+    lines = 32 if has_line_axis(target, chain) else 16
+    slots = set(range(separable + lines, separable + lines + 16)) if blur_target(target, chain) is not None else set()
+    assert set(np.flatnonzero(blurred)) == slots - set(np.flatnonzero(~independent))
+    assert (slots - set(np.flatnonzero(blurred))) == (slots & set(np.flatnonzero(~independent)))
+    for r in np.flatnonzero(blurred):
+        assert sum((f > 0).all() for f in starts[r]) >= len(sizes) - 1, r
 
 
 @pytest.mark.parametrize("seed", [0, 1])

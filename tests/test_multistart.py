@@ -202,6 +202,15 @@ def test_only_the_first_waves_take_the_first_order_phase(monkeypatch, waves):
     assert len(phases) == waves + 1 and plain.evidence["waves"] == 1  # a plain multistart always takes it
 
 
+@pytest.mark.parametrize("partial, expected", [(False, [0, 50, 7, 50]), (True, [0, 0, 7, 20])])
+def test_graces_by_kind_of_start(partial, expected):
+    """Fresh, fresh blur start, noise hop, blur hop: on two layers (not ``partial``) blur starts
+    and hops wait ``grace``; on more, blur hops ``partial_grace`` and fresh starts none."""
+    policy = SearchPolicy(grace=50, partial_grace=20, noise_grace=7)
+    fresh, blurred = np.array([True, True, False, False]), np.array([False, True, False, True])
+    assert policy.graces(fresh, blurred, partial=partial).tolist() == expected
+
+
 @pytest.mark.parametrize("target, sizes, fresh_graces, hop_graces", [(kernels.log(7), [3, 5], {0, 50}, {0, 50}),
                                                                      (kernels.log(7), [3, 3, 3], {0}, {0, 20}),
                                                                      (kernels.motion_blur(7, angle=30.0), [3, 5], {0},

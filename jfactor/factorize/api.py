@@ -142,7 +142,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
           group: list) -> tuple[list[list], np.ndarray, np.ndarray]:
     """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, which
     of them are independent evidence (count,): all but the impulse starts, and which are blur
-    starts (count,).
+    starts (count,): an impulse start made from one is not.
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
     they apply (single channel, no frozen layer); later waves give an eighth of their starts
@@ -372,12 +372,13 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
         hops, moved = multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b], move=moves[b])
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
-        sampled, evidence, blurs = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave, groups[b])
+        sampled, evidence, blur_starts = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave,
+                                               groups[b])
         fresh = np.arange(size) < size - len(hops)
-        blurred = np.concatenate([np.zeros(len(own), bool), blurs, moved])
+        blurred = np.concatenate([np.zeros(len(own), bool), blur_starts, moved])
         independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
         # a blur hop replaces one factor and refits another: on three or more layers it keeps the rest
-        return own + sampled + hops, fresh, independent, policy.graces(fresh, blurred, len(chain.layers) > 2)
+        return own + sampled + hops, fresh, independent, policy.graces(fresh, blurred, partial=len(chain.layers) > 2)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None

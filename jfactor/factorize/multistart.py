@@ -6,7 +6,7 @@ the default search draws restarts in waves of :attr:`SearchPolicy.wave`, screens
 successive halving (in the first-order phase once, halfway,
 :func:`jfactor.factorize.solve.first_order`; in Levenberg-Marquardt after every segment only
 the better share of a target's still-running restarts goes on, fresh starts and
-perturbations ranked apart, the perturbations after a grace, :func:`jfactor.factorize.solve.refine`),
+perturbations ranked apart, blur starts and hops after a grace, :func:`jfactor.factorize.solve.refine`),
 and after every wave asks
 :func:`stop_reason`:
 
@@ -89,9 +89,10 @@ class SearchPolicy:
       grace: LM iterations before a blur start of a two-layer chain, fresh or a hop (one factor
         a blur, the other refitted: such a hop keeps nothing of its minimum), is first screened:
         a start into a better basin crosses a plateau before it drops (on the 9x9 Gabor into 5-5
-        a grace of 30 for every hop lost 10 of 10 seeds; with the fresh blur starts screened from
-        the first segment on, as before this grace covered them too, 39 of 60 runs over seeds
-        340-399 landed within 1.01x of the best known instead of 46, in 9% less time).
+        a grace of 30 for every hop lost 10 of 10 seeds; screening its fresh blur starts from the
+        first segment on, as the search did before, 39 of 60 runs over seeds 340-399 landed
+        within 1.01x of the best known instead of 46, in 9% less time).  LM iterations only: a
+        fresh start that takes the first-order phase may be screened out there first.
       partial_grace: the same for a blur hop of a chain of three or more layers, which keeps a
         factor of its minimum (fresh blur starts there wait none): over seeds 340-349 of the 11x11
         and 15x15 Gabors and the DoG of ``experiments/bench_optimality.py``, 20 iterations left all
@@ -164,15 +165,15 @@ class SearchPolicy:
         """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`."""
         return Screening(self.keep, self.floor) if self.adaptive else None
 
-    def graces(self, fresh: np.ndarray, blurred: np.ndarray, partial: bool) -> np.ndarray:
+    def graces(self, fresh: np.ndarray, blurred: np.ndarray, *, partial: bool) -> np.ndarray:
         """LM iterations before each restart of a wave may be screened (R,), from which are
         ``fresh`` and which ``blurred`` (blur starts and the hops :func:`perturb` marks as moved),
         on a chain whose blur hops keep a factor of their minimum (``partial``: three or more
         layers) or not: ``grace`` for the blur starts and hops of a two-layer chain,
         ``partial_grace`` for the blur hops of a deeper one, ``noise_grace`` for the other hops,
         none for the other fresh starts."""
-        hop = self.partial_grace if partial else self.grace
-        return np.where(blurred, np.where(fresh, 0 if partial else self.grace, hop),
+        blur_hop_grace = self.partial_grace if partial else self.grace
+        return np.where(blurred, np.where(fresh, 0 if partial else self.grace, blur_hop_grace),
                         np.where(fresh, 0, self.noise_grace))
 
 

@@ -508,9 +508,9 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     the others stop and are marked in ``pruned`` (B, R).
     The first ``fresh`` restarts of a target and the others (perturbations of earlier minima,
     which start near one and would always win) are screened separately, each restart only
-    after its ``graces`` (B, R) LM iterations (default: none): a hop that leaves its minimum
-    for a better basin may cross a plateau first (on the 9x9 Gabor into 5-5, each blur hop
-    into the best basin ranked 30th of 32 for 40 iterations and first at 50).
+    after its ``graces`` (B, R) LM iterations (default: none): a start or a hop that leaves its
+    minimum for a better basin may cross a plateau first (on the 9x9 Gabor into 5-5, each blur
+    hop into the best basin ranked 30th of 32 for 40 iterations and first at 50).
     Once a target has a restart at or below ``exact_loss`` its other restarts stop too.
     Restarts marked in ``screened`` (B, R) (screened out of the first-order phase) do not run
     and count as pruned.  Once screening can stop no more restarts, the rest runs to
