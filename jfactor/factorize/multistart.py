@@ -172,9 +172,8 @@ class SearchPolicy:
         layers) or not: ``grace`` for the blur starts and hops of a two-layer chain,
         ``partial_grace`` for the blur hops of a deeper one, ``noise_grace`` for the other hops,
         none for the other fresh starts."""
-        blur_hop_grace = self.partial_grace if partial else self.grace
-        return np.where(blurred, np.where(fresh, 0 if partial else self.grace, blur_hop_grace),
-                        np.where(fresh, 0, self.noise_grace))
+        blur = np.where(fresh, 0 if partial else self.grace, self.partial_grace if partial else self.grace)
+        return np.where(blurred, blur, np.where(fresh, 0, self.noise_grace))
 
 
 def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
