@@ -89,7 +89,7 @@ def target_set(tiny: bool = False) -> list[dict]:
         {"name": "line 11x11 at 30", "kernel": kernels.motion_blur(11, angle=30.0), "chain": [3, 5, 5], "channels": 1},
         {"name": "line 11x11 at 45", "kernel": kernels.motion_blur(11, angle=45.0), "chain": [3, 5, 5], "channels": 1},
         {"name": "motion_blur 15x15", "kernel": kernels.motion_blur(15), "chain": [3, 5, 9], "channels": 1},
-        {"name": "line 15x15 at 60", "kernel": kernels.motion_blur(15, angle=60.0), "chain": [3, 5, 9], "channels": 1},
+        {"name": "line 15x15 at 15", "kernel": kernels.motion_blur(15, angle=15.0), "chain": [3, 5, 9], "channels": 1},
         {"name": "ring 11x11", "kernel": kernels.ring(11), "chain": [3, 5, 5], "channels": 1},
         {"name": "ring 15x15", "kernel": kernels.ring(15), "chain": [3, 5, 9], "channels": 1},
         {"name": "disk 9x9", "kernel": kernels.disk(9), "chain": [5, 5], "channels": 1},

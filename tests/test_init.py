@@ -13,8 +13,8 @@ from jfactor.factorize import Chain, Solver, Target, factorize
 from jfactor.factorize.api import _draw
 from jfactor.factorize.chain import chain_kernel_numpy, check_chain
 from jfactor.factorize.api import _blur_hops
-from jfactor.factorize.init import (_along, band_pass, blur_hop, blur_init, blur_target, fit_target, has_line_axis,
-                                    impulse_start, line_init, principal_angle)
+from jfactor.factorize.init import (_along, band_pass, blur_hop, blur_init, blur_target, comb_spacings, fit_target,
+                                    has_line_axis, impulse_start, line_init, principal_angle)
 from jfactor.factorize.symmetry import start_group
 
 
@@ -111,12 +111,32 @@ def test_auto_draws_half_line_starts_for_a_slanted_target():
     target = Target.from_array(kernels.motion_blur(11, angle=60.0))
     chain = Chain.build([3, 5, 5])
     starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
-    lines = np.arange(64 // 8, 64 // 8 + 64 // 2)
+    lines = list(range(64 // 8, 64 // 8 + 64 // 2)) + [61, 63]  # and the two comb starts, lines too
     for r in range(64):
         if any(map(_impulse, starts[r])):
             continue  # test_a_quarter_of_the_starts_are_impulse_starts
         spread = max(_distance_from_axis(f[..., 0, 0], np.deg2rad(60.0)) for f in starts[r])
         assert (spread < 0.8) == (r in lines), r
+
+
+@pytest.mark.parametrize("sizes, spacings", [([3, 5, 9], [1, 2, 4]), ([9, 5, 3], [4, 2, 1]), ([3, 5, 5], [1, 2, 4]),
+                                              ([3, 3, 3], [1, 2, 2]), ([5, 7], [1, 2])])
+def test_comb_spacings_double_by_size_as_far_as_each_layer_fits(sizes, spacings):
+    assert comb_spacings(Chain.build(sizes)) == spacings
+
+
+@pytest.mark.parametrize("wave", [0, 1])
+def test_two_comb_starts_per_wave_on_a_slanted_target(wave):
+    """The last two odd slots are dilated lines, not independent evidence: at 60 degrees (grid steps
+    one row and 0.58 columns) the 3x3's taps fill its three rows, the first 5x5's (two steps apart)
+    rows 0, 2 and 4, the second 5x5's (four steps) rows 0 and 4; the other slot's spacings are drawn."""
+    target, chain = Target.from_array(kernels.motion_blur(11, angle=60.0)), Chain.build([3, 5, 5])
+    starts, independent, _ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=[])
+    assert not independent[61] and not independent[63] and independent[59] and independent[62 - 2 * (wave == 0)]
+    rows = [tuple(np.flatnonzero(np.abs(f[..., 0, 0]).sum(axis=1) > 1e-12)) for f in starts[63]]
+    assert rows == [(0, 1, 2), (0, 2, 4), (0, 4)]
+    for r in (61, 63):
+        assert max(_distance_from_axis(f[..., 0, 0], np.deg2rad(60.0)) for f in starts[r]) < 0.8
 
 
 @pytest.mark.parametrize("kernel, sizes, wave", [
@@ -142,7 +162,8 @@ def test_a_quarter_of_the_starts_are_impulse_starts_each_refitted_by_least_squar
     if len(sizes) == 2:
         expected = expected[:2] if wave == 0 else []
     assert [r for r in range(64) if any(map(_impulse, starts[r]))] == expected
-    assert np.flatnonzero(~independent).tolist() == expected  # not independent evidence
+    combs = [61, 63] if has_line_axis(target, chain) else []  # test_two_comb_starts_per_wave_on_a_slanted_target
+    assert np.flatnonzero(~independent).tolist() == sorted(expected + combs)  # not independent evidence
     in_extent = np.pad(target.kernel[..., 0, 0], check_chain(chain, target))
     for r in expected:
         spatial = [f[..., 0, 0] for f in starts[r]]

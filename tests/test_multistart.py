@@ -101,7 +101,7 @@ def test_a_target_with_an_exact_optimum_stops_in_the_first_wave():
 
 def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
     target = kernels.motion_blur(7, angle=30.0)
-    result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=(), seed=1)
+    result = factorize(target, Chain.build([3, 5]), solver=FAST, search=SMALL, baselines=(), seed=0)
     found = result.evidence
     assert found["waves"] > 1 and found["stopped"] in ("repeated", "stalled", "max_restarts")
     assert found["restarts"] == len(result.restart_errors) == 16 * found["waves"]

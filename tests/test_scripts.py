@@ -1,9 +1,12 @@
 """The experiment scripts run (tiny sizes); their numbers live in experiments/, not in tests."""
 
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).parent.parent
 
@@ -65,3 +68,31 @@ def test_onnx_references_runs_on_one_light_model(tmp_path):
     out = _run("experiments/onnx_references.py", "--models", "squeezenet", "--out", str(tmp_path / "refs.json"))
     assert "node cases:" in out and "| squeezenet |" in out
     assert (tmp_path / "refs.json").exists()
+
+
+def _grid_maps(ndim: int):
+    """Every flip-then-permute of ``ndim`` spatial axes (the square grid's symmetries)."""
+    for perm in itertools.permutations(range(ndim)):
+        for flips in itertools.product((False, True), repeat=ndim):
+            yield lambda k, perm=perm, flips=flips: np.transpose(
+                np.flip(k, [a for a in range(ndim) if flips[a]]) if any(flips) else k,
+                perm + tuple(range(ndim, k.ndim)))
+
+
+def test_bench_optimality_targets_are_distinct_problems():
+    """No target is another's mirror image, transpose or negative with the same chain: that one
+    would have the same best and the same basins (a 15x15 line at 60 degrees is the 30-degree
+    motion blur transposed, and both stood in the set once)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import bench_optimality
+
+    targets = bench_optimality.target_set()
+    for a, b in itertools.combinations(targets, 2):
+        ka, kb = np.asarray(a["kernel"], np.float64), np.asarray(b["kernel"], np.float64)
+        if ka.shape != kb.shape or sorted(a["chain"]) != sorted(b["chain"]) or a["channels"] != b["channels"]:
+            continue
+        ndim = ka.ndim if a["channels"] == 1 and ka.ndim <= 3 else ka.ndim - 2
+        for grid_map in _grid_maps(ndim):
+            moved = grid_map(ka)
+            cosine = abs(np.vdot(moved, kb)) / (np.linalg.norm(moved) * np.linalg.norm(kb))
+            assert cosine < 0.999, f"{a['name']} and {b['name']} are one problem (|cos| {cosine:.6f})"

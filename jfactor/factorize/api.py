@@ -25,8 +25,8 @@ from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
-from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, fit_target, has_line_axis, impulse_start,
-                                    line_init, random_init, separable_init)
+from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, comb_init, fit_target, has_line_axis,
+                                    impulse_start, line_init, random_init, separable_init)
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
@@ -141,7 +141,7 @@ NEEDS = {  # what a structured init needs of the target and chain (besides no fr
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
           group: list) -> tuple[list[list], np.ndarray, np.ndarray]:
     """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, which
-    of them are independent evidence (count,): all but the impulse starts, and which are blur
+    of them are independent evidence (count,): all but the impulse and comb starts, and which are blur
     starts (count,): an impulse start made from one is not.
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
@@ -161,7 +161,9 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     (one per layer).  Those gather in few basins, which on some
     targets lie far above the best (the 11x11 line at 45 degrees: 2-4x), so their hits do not
     count towards ``repeated`` (:mod:`jfactor.factorize.multistart`): counted, they stopped one
-    search in ten there at 3.97x after 256 restarts.
+    search in ten there at 3.97x after 256 restarts.  Where lines apply, the last start and the
+    one two before it are comb starts (:func:`jfactor.factorize.init.comb_init`: the doubling
+    spacings, then random ones), not independent evidence either (a basin per spacing).
     ``roots``/``svd``/``lines``/``blurs``: every restart uses that init, later ones with other
     root groupings (or ALS starts, other lines, other blurs).
     """
@@ -178,6 +180,9 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     impulses = [] if fit is None else [r for r in range(separable + 1, count) if r % 2 == 0 and (r - separable) % 4 < 2]
     if len(chain.layers) == 2:  # an impulse and a refit leave nothing random: each layer's once
         impulses = impulses[:2] if wave == 0 else []
+    # comb starts: two odd slots at the end (the doubling spacings, then random ones) where lines apply
+    combs = ({r: r == count - 3 for r in (count - 1, count - 3) if r > separable and r not in impulses}
+             if init == "auto" and has_line_axis(target, chain) else {})
     for r in range(count):
         if init != "auto":
             kind = None if init == "random" else init
@@ -187,7 +192,10 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             kind = ("lines" if r < separable + lines else "blurs" if r < separable + lines + count // 4
                     else None)
         factors = None
-        if kind == "lines":
+        if r in combs:
+            factors = comb_init(target, chain, rng, shuffle=combs[r])
+            independent[r] = False
+        elif kind == "lines":
             first = 0 if init == "lines" else separable  # the first line slot
             factors = line_init(target, chain, rng, shuffle=wave > 0 or r > first, grid=(r - first) % 4 >= 2)
         elif kind == "blurs":

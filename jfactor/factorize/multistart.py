@@ -13,7 +13,7 @@ and after every wave asks
 - ``exact``: the best error is at the float rounding floor: no start can do better;
 - ``repeated``: at least :attr:`SearchPolicy.hits` independent restarts (fresh: drawn
   without regard to the minima found so far, random or structured, not perturbations of
-  them; impulse starts excepted) reached the best error within a relative
+  them; impulse and comb starts excepted) reached the best error within a relative
   :data:`HIT_TOLERANCE`, and the last :attr:`SearchPolicy.patience` waves found nothing better;
 - ``stalled``: :attr:`SearchPolicy.min_restarts` restarts have run, at least
   :attr:`SearchPolicy.hits` of them (perturbations included) reached the best, and the last
@@ -29,7 +29,7 @@ groupings (independent evidence) with perturbations of the best so far, which st
 a minimum and go straight to LM.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
 (independent fresh starts only), next to the number of distinct minima and the runner-up.
-Fresh structured starts (root groupings, lines, blurs, symmetric starts; not the impulse starts of
+Fresh structured starts (root groupings, lines, blurs, symmetric starts; not the impulse and comb starts of
 ``jfactor.factorize.api._draw``, which gather in few basins) count as independent:
 over ten seeds of every target of ``experiments/bench_optimality.py`` run on to 1,024
 restarts, no basin above the best drew more than two fresh restarts while the search
@@ -203,7 +203,7 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
       errors: (R,) relative errors of every restart (inf where diverged).
       pruned: (R,) restarts screened out before converging (not local minima).
       independent: (R,) restarts that are independent evidence: fresh starts (not derived
-        from an earlier restart's result) other than impulse starts.
+        from an earlier restart's result) other than impulse and comb starts.
       dtype: the run's dtype (sets the rounding floor).
     Returns:
       restarts, refined (restarts run to convergence), distinct_minima, best_error,
