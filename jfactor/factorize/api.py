@@ -180,7 +180,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     impulses = [] if fit is None else [r for r in range(separable + 1, count) if r % 2 == 0 and (r - separable) % 4 < 2]
     if len(chain.layers) == 2:  # an impulse and a refit leave nothing random: each layer's once
         impulses = impulses[:2] if wave == 0 else []
-    # comb starts: two odd slots at the end (the doubling spacings, then random ones) where lines apply
+    # comb starts: the last slot (the doubling spacings) and the one two before it (random ones) where lines apply
     combs = ({r: r == count - 3 for r in (count - 1, count - 3) if r > separable and r not in impulses}
              if init == "auto" and has_line_axis(target, chain) else {})
     for r in range(count):
