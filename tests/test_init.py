@@ -125,17 +125,20 @@ def test_comb_spacings_double_by_size_as_far_as_each_layer_fits(sizes, spacings)
     assert comb_spacings(Chain.build(sizes)) == spacings
 
 
-@pytest.mark.parametrize("wave", [0, 1])
-def test_two_comb_starts_per_wave_on_a_slanted_target(wave):
-    """The last two odd slots are dilated lines, not independent evidence: at 60 degrees (grid steps
-    one row and 0.58 columns) the 3x3's taps fill its three rows, the first 5x5's (two steps apart)
-    rows 0, 2 and 4, the second 5x5's (four steps) rows 0 and 4; the other slot's spacings are drawn."""
+@pytest.mark.parametrize("count, wave", [(64, 0), (64, 1), (63, 0), (33, 1)])
+def test_two_comb_starts_per_wave_on_a_slanted_target(count, wave):
+    """The last two odd slots are dilated lines, not independent evidence (an odd count too, whose
+    last slot may be an impulse start's): at 60 degrees (grid steps one row and 0.58 columns) the
+    doubling one's 3x3 taps fill its three rows, the first 5x5's (two steps apart) rows 0, 2 and 4,
+    the second 5x5's (four steps) rows 0 and 4; the other one's spacings are drawn."""
     target, chain = Target.from_array(kernels.motion_blur(11, angle=60.0)), Chain.build([3, 5, 5])
-    starts, independent, _ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=[])
-    assert not independent[61] and not independent[63] and independent[59] and independent[62 - 2 * (wave == 0)]
-    rows = [tuple(np.flatnonzero(np.abs(f[..., 0, 0]).sum(axis=1) > 1e-12)) for f in starts[63]]
+    starts, independent, _ = _draw(target, chain, "auto", count, np.random.default_rng(0), wave=wave, group=[])
+    last = count - 1 if count % 2 == 0 else count - 2
+    assert not independent[last] and not independent[last - 2] and independent[last - 4]
+    assert not any(map(_impulse, starts[last])) and not any(map(_impulse, starts[last - 2]))
+    rows = [tuple(np.flatnonzero(np.abs(f[..., 0, 0]).sum(axis=1) > 1e-12)) for f in starts[last]]
     assert rows == [(0, 1, 2), (0, 2, 4), (0, 4)]
-    for r in (61, 63):
+    for r in (last, last - 2):
         assert max(_distance_from_axis(f[..., 0, 0], np.deg2rad(60.0)) for f in starts[r]) < 0.8
 
 

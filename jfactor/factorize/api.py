@@ -161,9 +161,10 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     (one per layer).  Those gather in few basins, which on some
     targets lie far above the best (the 11x11 line at 45 degrees: 2-4x), so their hits do not
     count towards ``repeated`` (:mod:`jfactor.factorize.multistart`): counted, they stopped one
-    search in ten there at 3.97x after 256 restarts.  Where lines apply, the last start and the
-    one two before it are comb starts (:func:`jfactor.factorize.init.comb_init`: the doubling
-    spacings, then random ones), not independent evidence either (a basin per spacing).
+    search in ten there at 3.97x after 256 restarts.  Where lines apply, the last odd slot and the
+    odd one before it, where they come after the separable starts, are comb starts
+    (:func:`jfactor.factorize.init.comb_init`: the doubling spacings, then random ones), not
+    independent evidence either (a basin per spacing).
     ``roots``/``svd``/``lines``/``blurs``: every restart uses that init, later ones with other
     root groupings (or ALS starts, other lines, other blurs).
     """
@@ -180,8 +181,10 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     impulses = [] if fit is None else [r for r in range(separable + 1, count) if r % 2 == 0 and (r - separable) % 4 < 2]
     if len(chain.layers) == 2:  # an impulse and a refit leave nothing random: each layer's once
         impulses = impulses[:2] if wave == 0 else []
-    # comb starts: the last slot (the doubling spacings) and the one two before it (random ones) where lines apply
-    combs = ({r: r == count - 3 for r in (count - 1, count - 3) if r > separable and r not in impulses}
+    # comb starts where lines apply: the last odd slot (the doubling spacings) and the odd one before it (random
+    # ones), never an impulse slot (even)
+    last = count - 1 - (count % 2)
+    combs = ({r: r == last - 2 for r in (last, last - 2) if r > separable}
              if init == "auto" and has_line_axis(target, chain) else {})
     for r in range(count):
         if init != "auto":
@@ -373,7 +376,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without
         regard to the minima found so far: the user's, structured and random starts; they come
         first), not perturbations of those minima; which are independent evidence (the fresh
-        ones but impulse starts); and the LM iterations before each may be screened."""
+        ones but impulse and comb starts); and the LM iterations before each may be screened."""
         own = given[b] if wave == 0 else []
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0

@@ -21,7 +21,7 @@ width R reproduces the rank-R SVD truncation exactly (separable targets: exact).
   Taps one unit apart along the axis, or (``grid``) one pixel apart along its dominant grid
   axis: at 45 degrees those fall on the diagonal's pixels, and on an 11x11 line at 45
   degrees into 3-5-5, 15 of 128 such starts reached its best minimum, 1 of 128 unit-spaced;
-- comb starts (:func:`comb_init`, two of every ``auto`` wave of a target with a slanted axis):
+- comb starts (:func:`comb_init`, two of an ``auto`` wave of a target with a slanted axis):
   dilated lines, layer after layer (smallest first) a short line along the axis whose taps
   lie 1, 2, 4, ... grid steps apart, so few taps span the whole line, as in a dilated
   cascade.  On a 15x15 line at 15 degrees into 3-5-9 the best minimum known (1.411e-2; 1,024
@@ -326,9 +326,10 @@ def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: b
 
 
 def comb_spacings(chain: Chain, rng: np.random.Generator | None = None) -> list[int]:
-    """Tap spacing per layer of a comb start (:func:`comb_init`): layers by size, smallest
-    first, 1, 2, 4, ... grid steps, each cut to the largest spacing that still puts the
-    layer's end taps on its border; with ``rng``, each a random such spacing instead."""
+    """Tap spacing per layer of a comb start (:func:`comb_init`): layers by size (the smaller
+    side), smallest first, 1, 2, 4, ... grid steps, each cut to the largest spacing that divides
+    that side less one, so the end taps fall on the layer's border along the axis's dominant
+    grid axis (even sides: 1); with ``rng``, each a random such spacing instead."""
     lengths = [min(layer.size) for layer in chain.layers]
     fitting = [[s for s in range(1, max(k, 2)) if (k - 1) % s == 0] or [1] for k in lengths]
     spacings = [0] * len(lengths)
