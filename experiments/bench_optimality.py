@@ -4,7 +4,7 @@
     python experiments/bench_optimality.py --reference        # (re)compute the best-known optima (long)
     python experiments/bench_optimality.py --tiny --json      # smoke run: two small targets, tiny reference
 
-Targets: lines at three angles, two rings, two disks, three Gabors, a DoG, a principal component of real image patches,
+Targets: lines at four angles, two rings, two disks, three Gabors, a DoG, a principal component of real image patches,
 random kernels, a 1-D kernel whose roots cannot all be grouped into the chain's sizes, a 3-D
 kernel and a 2->2 channel kernel, each with a 2-4 layer chain whose receptive field is the
 target's size.  The best-known optimum of each is the lowest of every run kept: jfactor with ``--ref-restarts``
@@ -90,6 +90,7 @@ def target_set(tiny: bool = False) -> list[dict]:
         {"name": "line 11x11 at 45", "kernel": kernels.motion_blur(11, angle=45.0), "chain": [3, 5, 5], "channels": 1},
         {"name": "motion_blur 15x15", "kernel": kernels.motion_blur(15), "chain": [3, 5, 9], "channels": 1},
         {"name": "line 15x15 at 15", "kernel": kernels.motion_blur(15, angle=15.0), "chain": [3, 5, 9], "channels": 1},
+        {"name": "line 15x15 at 40", "kernel": kernels.motion_blur(15, angle=40.0), "chain": [3, 5, 9], "channels": 1},
         {"name": "ring 11x11", "kernel": kernels.ring(11), "chain": [3, 5, 5], "channels": 1},
         {"name": "ring 15x15", "kernel": kernels.ring(15), "chain": [3, 5, 9], "channels": 1},
         {"name": "disk 9x9", "kernel": kernels.disk(9), "chain": [5, 5], "channels": 1},
