@@ -176,7 +176,8 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     separable = 2 if wave == 0 else count // 8  # the separable starts of an auto wave, lines next
     # half, not a quarter, where lines apply: 124 of 140 default runs of the line targets of
     # experiments/bench_optimality.py within 1.01x of the best known instead of 111
-    lines = count // 2 if init == "auto" and has_line_axis(target, chain) else count // 4
+    slanted = init == "auto" and has_line_axis(target, chain)  # line and comb starts apply
+    lines = count // 2 if slanted else count // 4
     # impulse starts: even slots (not symmetric) of the unit-spaced line pairs, after the first line (unshuffled)
     impulses = [] if fit is None else [r for r in range(separable + 1, count) if r % 2 == 0 and (r - separable) % 4 < 2]
     if len(chain.layers) == 2:  # an impulse and a refit leave nothing random: each layer's once
@@ -184,8 +185,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     # comb starts where lines apply: the last odd slot (the doubling spacings) and the odd one before it (random
     # ones), never an impulse slot (even)
     last = count - 1 - (count % 2)
-    combs = ({r: r == last - 2 for r in (last, last - 2) if r > separable}
-             if init == "auto" and has_line_axis(target, chain) else {})
+    combs = {r: r == last - 2 for r in (last, last - 2) if r > separable} if slanted else {}
     for r in range(count):
         if init != "auto":
             kind = None if init == "random" else init

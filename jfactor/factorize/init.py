@@ -313,13 +313,22 @@ def line_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: b
     lengths = [min(layer.size) for layer in chain.layers]
     direction, profile = axis
     pieces = split_roots(profile, lengths, rng if shuffle else None)
-    widths = chain.channels(1, 1)
-    factors = []
-    for i, (layer, piece) in enumerate(zip(chain.layers, pieces)):
+    drawings = []
+    for layer, piece in zip(chain.layers, pieces):
         drawn = _along(piece, layer.size, direction)
         if shuffle:
             drawn = drawn + jitter * np.linalg.norm(drawn) / np.sqrt(drawn.size) * rng.standard_normal(drawn.shape)
-        factor = np.zeros(layer.size + (widths[i], widths[i + 1]))
+        drawings.append(drawn)
+    return _in_channel_zero(drawings, chain)
+
+
+def _in_channel_zero(drawings: list[np.ndarray], chain: Chain) -> list[np.ndarray]:
+    """Spatial ``drawings`` (one (*k_i,) per layer) as factors (*k_i, C_{i-1}, C_i) of a chain of
+    one input and one output channel, each in its channel 0, zero elsewhere."""
+    widths = chain.channels(1, 1)
+    factors = []
+    for i, drawn in enumerate(drawings):
+        factor = np.zeros(drawn.shape + (widths[i], widths[i + 1]))
         factor[..., 0, 0] = drawn
         factors.append(factor)
     return factors
@@ -349,15 +358,11 @@ def comb_init(target: Target, chain: Chain, rng: np.random.Generator, shuffle: b
     if axis is None:
         return None
     direction, _ = axis
-    widths = chain.channels(1, 1)
-    factors = []
-    for i, (layer, spacing) in enumerate(zip(chain.layers, comb_spacings(chain, rng if shuffle else None))):
-        count = (min(layer.size) - 1) // spacing + 1
-        taps = 1.0 + jitter * rng.standard_normal(count)
-        factor = np.zeros(layer.size + (widths[i], widths[i + 1]))
-        factor[..., 0, 0] = _along(taps, layer.size, direction * spacing)
-        factors.append(factor)
-    return factors
+    drawings = []
+    for layer, spacing in zip(chain.layers, comb_spacings(chain, rng if shuffle else None)):
+        taps = 1.0 + jitter * rng.standard_normal((min(layer.size) - 1) // spacing + 1)
+        drawings.append(_along(taps, layer.size, direction * spacing))
+    return _in_channel_zero(drawings, chain)
 
 
 @functools.lru_cache(maxsize=64)
