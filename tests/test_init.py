@@ -12,7 +12,7 @@ from jfactor.errors import ConfigError
 from jfactor.factorize import Chain, Solver, Target, factorize
 from jfactor.factorize.api import _draw
 from jfactor.factorize.chain import chain_kernel_numpy, check_chain
-from jfactor.factorize.api import _blur_hops
+from jfactor.factorize.api import _blur_hops, _refits
 from jfactor.factorize.init import (_along, band_pass, blur_hop, blur_init, blur_target, comb_spacings, fit_target,
                                     has_line_axis, impulse_start, line_init, principal_angle)
 from jfactor.factorize.symmetry import start_group
@@ -273,6 +273,24 @@ def test_blur_hops_keep_all_factors_but_a_new_blur_and_a_least_squares_one(case,
     fitted = [i for i in range(len(hop)) if i not in kept + blurred]
     assert (len(kept), len(blurred), len(fitted)) == (len(hop) - 2, 1, 1)
     assert _least_squares(hop, fitted[0], np.pad(kernel, check_chain(chain, target)), chain)
+
+
+@given(st.sampled_from(BLUR_CASES + [(kernels.ring(9), Chain.build([3, 5, 5]))]), st.integers(0, 2 ** 31))
+def test_a_refit_keeps_all_factors_but_one_least_squares_one(case, seed):
+    kernel, chain = case
+    target = Target.from_array(kernel)
+    rng = np.random.default_rng(seed)
+    child = [rng.standard_normal(shape) for shape in chain.factor_shapes(1, 1)]
+    refitted = [f[..., 0, 0] for f in _refits(target, chain)(child, rng)]
+    changed = [i for i, f in enumerate(refitted) if not np.array_equal(f, child[i][..., 0, 0])]
+    assert len(changed) == 1
+    assert _least_squares(refitted, changed[0], np.pad(kernel, check_chain(chain, target)), chain)
+
+
+@pytest.mark.parametrize("chain", [Chain.build([5, 5], channels=2), Chain.build([5, 5], frozen={0: np.ones((5, 5))}),
+                                   Chain.build([9])])
+def test_no_refits_where_a_factor_cannot_be_refitted_or_the_chain_has_one_layer(chain):
+    assert _refits(Target.from_array(kernels.ring(9)), chain) is None
 
 
 @pytest.mark.parametrize("kernel, passes", [

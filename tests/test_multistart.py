@@ -16,7 +16,7 @@ from jfactor import kernels
 from jfactor.errors import ConfigError
 from jfactor.factorize import Chain, Solver, factorize, factorize_batch, solve
 from jfactor.factorize.chain import chain_kernel_numpy
-from jfactor.factorize.multistart import SearchPolicy, evidence, minima, perturb, stop_reason, warning
+from jfactor.factorize.multistart import SearchPolicy, crossover, evidence, minima, perturb, stop_reason, warning
 
 FAST = Solver(optimizer="none", refine_steps=100)
 SMALL = SearchPolicy(wave=16, floor=2, min_restarts=48, max_restarts=96)
@@ -450,6 +450,45 @@ def test_perturbations_give_three_pairs_in_four_to_a_structured_move_and_noise_w
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(noise, declined))
     assert not unmarked.any() and not refused.any()
     assert not any(np.array_equal(hop[0], source[0]) for hop in noise for source in elite)
+
+
+def _elite(parents: int, layers: int) -> list[list[np.ndarray]]:
+    """Factor lists whose every factor says whose it is: parent p's factor i is 10 p + i + 1 everywhere."""
+    return [[np.full((3, 3, 1, 1), 10.0 * p + i + 1) for i in range(layers)] for p in range(parents)]
+
+
+def _parents(hop: list[np.ndarray], elite: list[list[np.ndarray]]) -> list[int] | None:
+    """Which parent each factor of ``hop`` is a copy of (up to sign), None where one is no parent's."""
+    found = [[p for p in range(len(elite)) if np.array_equal(np.abs(f), elite[p][i])] for i, f in enumerate(hop)]
+    return [p[0] for p in found] if all(found) else None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 4), st.integers(2, 4), st.integers(0, 2 ** 31))
+def test_a_crossover_child_copies_each_factor_from_a_parent_never_all_from_one(parents, layers, seed):
+    elite = _elite(parents, layers)
+    child = crossover(elite, np.random.default_rng(seed))
+    taken = _parents(child, elite)
+    assert taken is not None and len(set(taken)) >= 2
+    child[0][...] = -1.0  # copies: the parents keep their factors
+    assert all(f.min() > 0 for factors in elite for f in factors)
+
+
+def test_crossovers_take_the_noise_hops_of_the_other_half_every_other_one_refitted():
+    elite, negate_first = _elite(3, 3), lambda factors, rng: [-factors[0]] + factors[1:]
+    hops, moved = perturb(elite, 16, np.random.default_rng(0), cross=True, refit=negate_first)
+    children = [i for i, hop in enumerate(hops) if _parents(hop, elite) is not None]
+    assert children == list(range(1, 16, 2)) and not moved.any()
+    assert all(len(set(_parents(hops[i], elite))) >= 2 for i in children)
+    assert [i for i in children if (hops[i][0] < 0).all()] == list(range(3, 16, 4))
+    # with structured moves, only the noise hops of the other half (pairs 0 and 4 of 8)
+    with_moves, _ = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: [f + 0.5 for f in factors],
+                            cross=True)
+    assert [i for i, hop in enumerate(with_moves) if _parents(hop, elite) is not None] == [1, 9]
+    # one minimum, or no crossing (a one-layer chain): noise only
+    for elite_, cross in ((elite[:1], True), (elite, False)):
+        noise, _ = perturb(elite_, 16, np.random.default_rng(0), cross=cross)
+        assert not any(_parents(hop, elite) for hop in noise)
 
 
 def test_every_restart_of_a_fixed_count_run_but_the_impulse_starts_is_independent_evidence():

@@ -26,7 +26,7 @@ from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
 from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, comb_init, fit_target, has_line_axis,
-                                    impulse_start, line_init, random_init, separable_init)
+                                    impulse_start, line_init, random_init, refit_one, separable_init)
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
@@ -233,6 +233,16 @@ def _blur_hops(target: Target, chain: Chain, group: list):
     return lambda factors, rng: blur_hop(factors, kernel, chain, rng, orbits)
 
 
+def _refits(target: Target, chain: Chain):
+    """``refit(factors, rng)``: one factor (drawn) refitted by least squares given the others
+    (:func:`jfactor.factorize.init.refit_one`) where a factor can be refitted
+    (:func:`jfactor.factorize.init.fit_target`) and the chain has two or more layers; None elsewhere."""
+    kernel = fit_target(target, chain)
+    if kernel is None or len(chain.layers) < 2:
+        return None
+    return lambda factors, rng: refit_one(factors, kernel, chain, rng)
+
+
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
     """User starting points for target ``b``, checked against the chain's factor shapes."""
     shapes = chain.factor_shapes(target.c_in, target.c_out)
@@ -365,6 +375,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
     groups = [symmetry.start_group(k, chain) for k in normalised]
     moves = [_blur_hops(u, chain, g) for u, g in zip(units, groups)]
+    refits = [_refits(u, chain) for u in units]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
     residuals = residual_size(objective, normalised[0], objective_images)
@@ -381,7 +392,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
-        hops, moved = multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b], move=moves[b])
+        hops, moved = multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b], move=moves[b],
+                                         cross=len(problem.free) > 1, refit=refits[b])
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
         sampled, evidence, blur_starts = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave,
                                                groups[b])

@@ -509,6 +509,14 @@ def impulse_start(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, r
     return _replaced(factors, int(held), impulse, int(fitted), kernel, chain)
 
 
+def refit_one(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain,
+              rng: np.random.Generator) -> list[np.ndarray]:
+    """``factors`` (width 1, (*k_i, 1, 1), two or more) with one (drawn) refitted to ``kernel``
+    (:func:`fit_target`) by least squares given the others (a crossover child's, see
+    :func:`jfactor.factorize.multistart.crossover`)."""
+    return _fit_factor(factors, int(rng.integers(len(factors))), kernel, chain)
+
+
 def _replaced(factors: list[np.ndarray], replaced: int, factor: np.ndarray, fitted: int, kernel: np.ndarray,
               chain: Chain) -> list[np.ndarray]:
     """``factors`` with factor ``replaced`` set to ``factor`` and factor ``fitted`` refitted (:func:`_fit_factor`)."""
