@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from jfactor import kernels
 from jfactor.errors import ConfigError
-from jfactor.factorize import Chain, Solver, factorize, factorize_batch, solve
+from jfactor.factorize import Chain, Solver, factorize, factorize_batch, multistart, solve
 from jfactor.factorize.chain import chain_kernel_numpy
 from jfactor.factorize.multistart import SearchPolicy, crossover, evidence, minima, perturb, stop_reason, warning
 
@@ -489,6 +489,21 @@ def test_crossovers_take_the_noise_hops_of_the_other_half_every_other_one_refitt
     for elite_, cross in ((elite[:1], True), (elite, False)):
         noise, _ = perturb(elite_, 16, np.random.default_rng(0), cross=cross)
         assert not any(_parents(hop, elite) for hop in noise)
+
+
+@pytest.mark.parametrize("target, chain, crossing", [
+    (kernels.ring(7), Chain.build([3, 5]), True), (kernels.motion_blur(7, angle=30.0), Chain.build([3, 3, 3]), True),
+    (kernels.log(7), Chain.build([3, 5]), False),  # band-pass: blur hops instead
+    (kernels.ring(7), Chain.build([3, 5], frozen={0: np.ones((3, 3))}), False),  # one free layer
+])
+def test_crossovers_where_two_or_more_layers_are_free_and_no_blur_hops_apply(monkeypatch, target, chain, crossing):
+    seen = []
+    original = multistart.perturb
+    monkeypatch.setattr(multistart, "perturb",
+                        lambda *a, **k: seen.append((len(a[0]), k["cross"])) or original(*a, **k))
+    result = factorize(target, chain, solver=FAST, search=SMALL, baselines=())
+    assert result.evidence["waves"] > 1 and {cross for _, cross in seen} == {crossing}
+    assert any(elite > 1 for elite, _ in seen) or not crossing  # two minima to cross (one free layer: one minimum)
 
 
 def test_every_restart_of_a_fixed_count_run_but_the_impulse_starts_is_independent_evidence():

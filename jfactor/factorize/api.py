@@ -392,8 +392,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
+        # crossovers where no blur hops apply (see jfactor.factorize.multistart)
         hops, moved = multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b], move=moves[b],
-                                         cross=len(problem.free) > 1, refit=refits[b])
+                                         cross=len(problem.free) > 1 and moves[b] is None, refit=refits[b])
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
         sampled, evidence, blur_starts = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave,
                                                groups[b])
