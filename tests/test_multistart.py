@@ -476,19 +476,22 @@ def test_a_crossover_child_copies_each_factor_from_a_parent_never_all_from_one(p
 
 def test_crossovers_take_the_noise_hops_of_the_other_half_every_other_one_refitted():
     elite, negate_first = _elite(3, 3), lambda factors, rng: [-factors[0]] + factors[1:]
-    hops, moved = perturb(elite, 16, np.random.default_rng(0), cross=True, refit=negate_first)
+    hops, moved = perturb(elite, 16, np.random.default_rng(0), parents=elite, refit=negate_first)
     children = [i for i, hop in enumerate(hops) if _parents(hop, elite) is not None]
     assert children == list(range(1, 16, 2)) and not moved.any()
     assert all(len(set(_parents(hops[i], elite))) >= 2 for i in children)
     assert [i for i in children if (hops[i][0] < 0).all()] == list(range(3, 16, 4))
     # with structured moves, only the noise hops of the other half (pairs 0 and 4 of 8)
     with_moves, _ = perturb(elite, 16, np.random.default_rng(0), move=lambda factors, rng: [f + 0.5 for f in factors],
-                            cross=True)
+                            parents=elite)
     assert [i for i, hop in enumerate(with_moves) if _parents(hop, elite) is not None] == [1, 9]
-    # one minimum, or no crossing (a one-layer chain): noise only
-    for elite_, cross in ((elite[:1], True), (elite, False)):
-        noise, _ = perturb(elite_, 16, np.random.default_rng(0), cross=cross)
+    # one parent, or none (a one-layer chain): noise only
+    for parents in (elite[:1], None):
+        noise, _ = perturb(elite, 16, np.random.default_rng(0), parents=parents)
         assert not any(_parents(hop, elite) for hop in noise)
+    # parents beyond the minima the hops perturb
+    crossed, _ = perturb(elite[:1], 16, np.random.default_rng(0), parents=elite)
+    assert [i for i, hop in enumerate(crossed) if _parents(hop, elite) is not None] == list(range(1, 16, 2))
 
 
 @pytest.mark.parametrize("target, chain, crossing", [
@@ -500,10 +503,10 @@ def test_crossovers_where_two_or_more_layers_are_free_and_no_blur_hops_apply(mon
     seen = []
     original = multistart.perturb
     monkeypatch.setattr(multistart, "perturb",
-                        lambda *a, **k: seen.append((len(a[0]), k["cross"])) or original(*a, **k))
+                        lambda *a, **k: seen.append(k["parents"]) or original(*a, **k))
     result = factorize(target, chain, solver=FAST, search=SMALL, baselines=())
-    assert result.evidence["waves"] > 1 and {cross for _, cross in seen} == {crossing}
-    assert any(elite > 1 for elite, _ in seen) or not crossing  # two minima to cross (one free layer: one minimum)
+    assert result.evidence["waves"] > 1 and {parents is not None for parents in seen} == {crossing}
+    assert any(len(parents) > 1 for parents in seen if parents) or not crossing  # one free layer: one minimum
 
 
 def test_every_restart_of_a_fixed_count_run_but_the_impulse_starts_is_independent_evidence():

@@ -35,7 +35,8 @@ from jfactor.sharding import sharded_call
 from jfactor.schema import unknown_key
 
 DEFAULT_IMAGES = ("camera", "astronaut", "coins")
-ELITE = 4  # distinct minima whose factors later waves perturb
+ELITE = 8  # distinct minima kept: crossovers' parents
+HOP_SOURCES = 4  # of them, the best ones, whose factors later waves perturb (noise and blur hops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,8 +394,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
         # crossovers where no blur hops apply (see jfactor.factorize.multistart)
-        hops, moved = multistart.perturb([full(iter(free)) for _, free in elite], count, rngs[b], move=moves[b],
-                                         cross=len(problem.free) > 1 and moves[b] is None, refit=refits[b])
+        crossing = len(problem.free) > 1 and moves[b] is None
+        hops, moved = multistart.perturb([full(iter(free)) for _, free in elite[:HOP_SOURCES]], count, rngs[b],
+                                         move=moves[b], refit=refits[b],
+                                         parents=[full(iter(free)) for _, free in elite] if crossing else None)
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
         sampled, evidence, blur_starts = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave,
                                                groups[b])

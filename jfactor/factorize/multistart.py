@@ -27,12 +27,12 @@ minima, the best by 2 of them, while perturbations of good minima land in better
 more often than fresh starts do.  So later waves mix fresh random starts and new root
 groupings (independent evidence) with perturbations of the best so far, which start next to
 a minimum and go straight to LM.  Half of those perturb the best; where no blur hops apply,
-the others are crossovers (:func:`crossover`): each factor copied from one of the best minima,
-every other child with one factor refitted by least squares.  Over seeds 400-419 of the 14
-targets of ``experiments/bench_optimality.py`` without blur hops, 252 of 280 runs landed within
-1.01x of the best known instead of 243, none fewer on any target; in place of a band-pass
-target's few noise hops they took the 9x9 Gabor into 5-5 from 37 of its seeds 420-469 within
-1.01x to 24.  The evidence
+the others are crossovers (:func:`crossover`): each factor copied from one of the eight best
+minima, every other child with one factor refitted by least squares.  Over seeds 400-419 of
+the 14 targets of ``experiments/bench_optimality.py`` without blur hops, 259 of 280 runs landed
+within 1.01x of the best known instead of 243 (252 with the four best as parents), none fewer
+on any target; in place of a band-pass target's few noise hops they took the 9x9 Gabor into
+5-5 from 37 of its seeds 420-469 within 1.01x to 24.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
 (independent fresh starts only), next to the number of distinct minima and the runner-up.
 Fresh structured starts (root groupings, lines, blurs, symmetric starts; not the impulse and comb starts of
@@ -285,7 +285,7 @@ def elite(candidates: list[tuple[float, list]], count: int) -> list[tuple[float,
 
 def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
             move: Callable[[list[np.ndarray], np.random.Generator], list[np.ndarray] | None] | None = None,
-            cross: bool = False,
+            parents: list[list[np.ndarray]] | None = None,
             refit: Callable[[list[np.ndarray], np.random.Generator], list[np.ndarray]] | None = None,
             ) -> tuple[list[list[np.ndarray]], np.ndarray]:
     """``count`` perturbed copies of the elite factor lists (best first): half of them of the
@@ -296,9 +296,10 @@ def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
     at 1 of 10 seeds with noise alone, 6 with half the hops blur hops, 10 with three in four
     and 9 with all.
 
-    With ``cross`` (a chain of two or more free layers) and two or more minima, the noise hops
-    of the other half (odd slots) are :func:`crossover` children instead, every other one with
-    one factor refitted (``refit(factors, rng)``, where given: a least-squares refit such as
+    Where two or more ``parents`` are given (the best minima, best first, ``elite`` among them;
+    for a chain of two or more free layers), the noise hops of the other half (odd slots) are
+    :func:`crossover` children of them instead, every other one with one factor refitted
+    (``refit(factors, rng)``, where given: a least-squares refit such as
     :func:`jfactor.factorize.init.refit_one`).  Returns the hops and which of them ``move``
     made (count,)."""
     scales = rng.permutation(np.geomspace(0.1, 1.0, max(count, 1)))
@@ -307,8 +308,8 @@ def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
     for i, (source, s) in enumerate(zip(sources, scales)):
         hop = move(elite[source], rng) if move is not None and (i // 2) % 4 else None
         moved[i] = hop is not None
-        if hop is None and cross and len(elite) > 1 and i % 2 == 1:
-            hop = crossover(elite, rng)
+        if hop is None and parents is not None and len(parents) > 1 and i % 2 == 1:
+            hop = crossover(parents, rng)
             if refit is not None and i % 4 == 3:
                 hop = refit(hop, rng)
         hops.append(hop if hop is not None else
