@@ -318,14 +318,14 @@ def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
     return hops, moved
 
 
-def crossover(elite: list[list[np.ndarray]], rng: np.random.Generator) -> list[np.ndarray]:
-    """A child of two or more elite minima (factor lists of equal shapes, two or more lists): each
-    factor a copy of that factor of a parent drawn among them, not all of one parent.
+def crossover(parents: list[list[np.ndarray]], rng: np.random.Generator) -> list[np.ndarray]:
+    """A child of two or more minima ``parents`` (factor lists of equal shapes): each factor a
+    copy of that factor of a parent drawn among them, not all of one parent.
 
     Good minima share good factors: on the 15x15 ring into 3-5-9, whose best basin 1 plain
     restart in about 1,000 reaches, children of the three best minima above it (1.03-1.47x)
     with one factor refitted reached it 5 times in 128, noise hops of them (30%) none."""
-    parents = rng.integers(len(elite), size=len(elite[0]))
-    if len(set(parents.tolist())) == 1:  # one parent would give back its own minimum
-        parents[rng.integers(len(parents))] = (parents[0] + 1 + rng.integers(len(elite) - 1)) % len(elite)
-    return [np.array(elite[p][i]) for i, p in enumerate(parents)]
+    picks = rng.integers(len(parents), size=len(parents[0]))
+    if len(set(picks.tolist())) == 1:  # one parent would give back its own minimum
+        picks[rng.integers(len(picks))] = (picks[0] + 1 + rng.integers(len(parents) - 1)) % len(parents)
+    return [np.array(parents[p][i]) for i, p in enumerate(picks)]
