@@ -474,6 +474,16 @@ def test_a_crossover_child_copies_each_factor_from_a_parent_never_all_from_one(p
     assert all(f.min() > 0 for factors in elite for f in factors)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 4), st.integers(0, 2 ** 31))
+def test_a_crossover_mixes_the_free_factors_where_a_frozen_layer_is_the_same_in_every_parent(parents, seed):
+    elite = _elite(parents, 3)
+    for factors in elite:
+        factors[0] = np.full((3, 3, 1, 1), 0.5)  # a frozen layer: one weight in every parent
+    child = crossover(elite, np.random.default_rng(seed))
+    assert child[0][0, 0, 0, 0] == 0.5 and len(set(_parents(child[1:], [f[1:] for f in elite]))) == 2
+
+
 def test_crossovers_take_the_noise_hops_of_the_other_half_every_other_one_refitted():
     elite, negate_first = _elite(3, 3), lambda factors, rng: [-factors[0]] + factors[1:]
     hops, moved = perturb(elite, 16, np.random.default_rng(0), parents=elite, refit=negate_first)

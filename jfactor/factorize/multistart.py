@@ -26,13 +26,14 @@ The landscape has a funnel: on a line-like target 256 plain restarts found 177 d
 minima, the best by 2 of them, while perturbations of good minima land in better ones far
 more often than fresh starts do.  So later waves mix fresh random starts and new root
 groupings (independent evidence) with perturbations of the best so far, which start next to
-a minimum and go straight to LM.  Half of those perturb the best; where no blur hops apply,
-the others are crossovers (:func:`crossover`): each factor copied from one of the eight best
-minima, every other child with one factor refitted by least squares.  Over seeds 400-419 of
-the 14 targets of ``experiments/bench_optimality.py`` without blur hops, 259 of 280 runs landed
-within 1.01x of the best known instead of 243 (252 with the four best as parents), none fewer
-on any target; in place of a band-pass target's few noise hops they took the 9x9 Gabor into
-5-5 from 37 of its seeds 420-469 within 1.01x to 24.  The evidence
+a minimum and go straight to LM.  Half of those perturb the best; where two or more layers
+are free and no blur hops apply, the others are crossovers (:func:`crossover`): each factor
+copied from one of the eight best minima, every other child with one factor refitted by least
+squares (one channel, no frozen layer).  Over seeds 400-419 of the 14 targets of
+``experiments/bench_optimality.py`` without blur hops, 259 of 280 runs landed within 1.01x of
+the best known instead of 243 (252 with the four best as parents), none fewer on any target;
+in place of a band-pass target's few noise hops they took the 9x9 Gabor into 5-5 from 37 of
+its seeds 420-469 within 1.01x to 24.  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
 (independent fresh starts only), next to the number of distinct minima and the runner-up.
 Fresh structured starts (root groupings, lines, blurs, symmetric starts; not the impulse and comb starts of
@@ -320,12 +321,15 @@ def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
 
 def crossover(parents: list[list[np.ndarray]], rng: np.random.Generator) -> list[np.ndarray]:
     """A child of two or more minima ``parents`` (factor lists of equal shapes): each factor a
-    copy of that factor of a parent drawn among them, not all of one parent.
+    copy of that factor of a parent drawn among them, the factors the parents differ in (not
+    frozen layers') not all of one parent.
 
     Good minima share good factors: on the 15x15 ring into 3-5-9, whose best basin 1 plain
     restart in about 1,000 reaches, children of the three best minima above it (1.03-1.47x)
     with one factor refitted reached it 5 times in 128, noise hops of them (30%) none."""
     picks = rng.integers(len(parents), size=len(parents[0]))
-    if len(set(picks.tolist())) == 1:  # one parent would give back its own minimum
-        picks[rng.integers(len(picks))] = (picks[0] + 1 + rng.integers(len(parents) - 1)) % len(parents)
+    mixed = [i for i in range(len(picks)) if any(not np.array_equal(p[i], parents[0][i]) for p in parents[1:])]
+    if len(set(picks[mixed].tolist())) == 1:  # one parent would give back its own minimum
+        first = picks[mixed[0]]
+        picks[mixed[rng.integers(len(mixed))]] = (first + 1 + rng.integers(len(parents) - 1)) % len(parents)
     return [np.array(parents[p][i]) for i, p in enumerate(picks)]
