@@ -393,11 +393,11 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
+        minima = [full(iter(free)) for _, free in elite]
         # crossovers where no blur hops apply (see jfactor.factorize.multistart)
         crossing = len(problem.free) > 1 and moves[b] is None
-        hops, moved = multistart.perturb([full(iter(free)) for _, free in elite[:HOP_SOURCES]], count, rngs[b],
-                                         move=moves[b], refit=refits[b],
-                                         parents=[full(iter(free)) for _, free in elite] if crossing else None)
+        hops, moved = multistart.perturb(minima[:HOP_SOURCES], count, rngs[b], move=moves[b], refit=refits[b],
+                                         parents=minima if crossing else None)
         hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
         sampled, evidence, blur_starts = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave,
                                                groups[b])
