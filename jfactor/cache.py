@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
+from jfactor.errors import ConfigError
 from jfactor.rundir import write_with
 
 ENV = "JFACTOR_COMPILE_CACHE"
@@ -68,7 +69,11 @@ def enable_compilation_cache(path, *, min_compile_time_s: float = 0.0) -> Path:
     your process: keep it private.
     """
     path = Path(path).expanduser().resolve()
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        raise ConfigError(f"compile cache {path}: cannot make the directory ({exc.strerror}); give another path "
+                          f"(--compile-cache or {ENV}) or switch it off ({ENV}=off)") from None
     if jax.config.jax_compilation_cache_dir not in (None, str(path)):
         compilation_cache.reset_cache()  # jax opened another directory already
     jax.config.update("jax_compilation_cache_dir", str(path))

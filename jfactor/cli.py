@@ -42,7 +42,10 @@ def _group(
     """Fold linear convolution stacks exactly; factorize large kernels into small ones."""
     from jfactor.cache import configure
 
-    configure(compile_cache, use_compile_cache)
+    try:
+        configure(compile_cache, use_compile_cache)
+    except EXPECTED as exc:
+        _fail(exc)
 
 
 def _fail(exc: Exception) -> None:
@@ -139,6 +142,9 @@ def _target_spec(target, family, size, params, stack) -> dict:
     if target is not None:
         return {"file": str(Path(target).resolve())}
     if family is not None:
+        for text in params:
+            if "=" not in text:
+                raise typer.BadParameter(f"--param {text!r}: expected key=value (for example sigma=2.0)")
         return {"family": family, "size": size,
                 "params": {k: parse_value(v) for k, v in (p.split("=", 1) for p in params)}}
     return {"stack": str(Path(stack).resolve())}

@@ -24,6 +24,9 @@ def _files(tmp_path: Path) -> None:
         {"conv": {"kernel_size": 3, "filters": 1, "use_bias": False, "bias": [1.0]}}]}))
     (tmp_path / "nosweep.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]}}))
     (tmp_path / "dupstack.yaml").write_text("input_shape: [8, 8, 1]\ninput_shape: [9, 9, 1]\nlayers: []\n")
+    (tmp_path / "floatsizes.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 2.5]}}))
+    (tmp_path / "noimages.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
+                                                            "objective": {"name": "images", "images": []}}))
 
 
 # (command line after `jfactor`, text the one line must contain); {d} is the test's directory
@@ -46,6 +49,13 @@ CASES = [
     ("search --family gaussian --size 5 --budget -1", "--budget"),
     ("search --family gaussian --size 5 --slack -1", "--slack"),
     ("search --target {d}/dir.npy", "is a directory"),
+    ("search --family gaussian --size 5 --layers -1", "layers must be positive integers"),
+    ("factorize --family gaussian --size 5 --chain 3,3 --seed -1", "seed"),
+    ("factorize --family gaussian --size 5 --param sigma --chain 3,3", "--param 'sigma'"),
+    ("factorize --family gaussian --size 5 --chain 100001", "exceeds the budget"),
+    ("--compile-cache {d}/t.npy factorize --family gaussian --size 5 --chain 3,3", "compile cache"),
+    ("run {d}/floatsizes.yaml", "chain.sizes[1]"),
+    ("run {d}/noimages.yaml", "objective.images"),
 ]
 
 

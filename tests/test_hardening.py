@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from jfactor import kernels, ops, rundir
 from jfactor.errors import ConfigError, StackError
 from jfactor.factorize import Chain, Solver, factorize
+from jfactor.factorize.chain import FactorizationError
 from jfactor.factorize.metrics import norm
+from jfactor.factorize.npconv import correlate_valid
 from jfactor.fold import fold, probe_input_shape
 from jfactor.stack_config import stack_from_dict
 from tests import reference
@@ -168,14 +170,59 @@ def test_any_finite_scale_gives_the_same_relative_error(scale):
 
 def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkeypatch):
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1e-6")
+    images = np.zeros((1, 8, 8, 1))  # the user's: not counted (the default ones would be the largest part)
     with pytest.raises(ConfigError, match=r"exceeds the budget .*JFACTOR_MEMORY_BUDGET_GB.*restarts"):
-        factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=4, solver=FAST, baselines=())
+        factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=4, solver=FAST, baselines=(),
+                  images=images)
     with pytest.raises(ConfigError, match=r"\(als\).*drop the als"):
         factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=4,
-                  solver=Solver(optimizer="none", refine="none"), baselines=("als",))
+                  solver=Solver(optimizer="none", refine="none"), baselines=("als",), images=images)
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "-1")
     with pytest.raises(ConfigError, match="JFACTOR_MEMORY_BUDGET_GB"):
         factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=2, solver=FAST, baselines=())
+
+
+def test_huge_chains_stop_at_the_memory_budget_before_any_array_is_made():
+    """A 100,000-wide chain would pad the target to 75 GB and the metric's images to 30 TB: the
+    budget check comes first (it once ran out of memory in numpy)."""
+    with pytest.raises(ConfigError, match=r"\(images\) exceeds the budget.*smaller chain sizes"):
+        factorize(kernels.make("gaussian", 9), Chain.build([100_001]), restarts=1, solver=FAST, baselines=())
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"seed": 1.5}, "seed must be a non-negative integer"),
+    ({"images": np.full((2, 16, 16, 1), np.nan)}, "images have non-finite values"),
+    ({"images": np.ones((2, 4, 4, 1))}, r"images \(4, 4\) are smaller than the kernel .* \(5, 5\)"),
+])
+def test_bad_factorize_options_are_refused_by_name(options, named):
+    with pytest.raises(ConfigError, match=named):
+        factorize(kernels.make("gaussian", 5), Chain.build([3, 3]), restarts=1, solver=FAST, baselines=(), **options)
+
+
+@pytest.mark.parametrize("chain", ["3,3", [3, 3], None])
+def test_a_chain_that_is_not_a_chain_is_refused_by_name(chain):
+    with pytest.raises(ConfigError, match="chain must be a Chain"):
+        factorize(kernels.make("gaussian", 5), chain, restarts=1, solver=FAST, baselines=())
+
+
+@pytest.mark.parametrize("sizes", [[3.0], [3, None], [True, 3], [(3, 3.5)], ["3"]])
+def test_chain_sizes_that_are_not_positive_integers_are_refused_by_name(sizes):
+    with pytest.raises(FactorizationError, match="size must be a positive integer"):
+        Chain.build(sizes)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_valid_correlation_matches_scipy(data):
+    """The output metric's correlation (by FFT) against scipy's direct one, 1-3 dims."""
+    ndim = data.draw(st.integers(1, 3))
+    kernel_shape = data.draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim))
+    x_shape = [k + data.draw(st.integers(0, 6)) for k in kernel_shape]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    x, kernel = rng.standard_normal(x_shape), rng.standard_normal(kernel_shape)
+    np.testing.assert_allclose(correlate_valid(x, kernel), sp.correlate(x, kernel, mode="valid", method="direct"),
+                               rtol=0, atol=1e-12)
 
 
 def test_an_empty_batch_is_refused_by_name():

@@ -43,7 +43,7 @@ from jfactor.schema import Strict, load_yaml, unknown_key, validate
 from jfactor.stack_config import StackConfig, WeightSpec, _Builder, stack_from_dict
 
 PositiveInt = Annotated[int, Field(strict=True, gt=0)]
-Sizes = Annotated[Any, Field(description="an int or one per spatial dim")]
+Sizes = Annotated[PositiveInt | list[PositiveInt], Field(description="an int or one per spatial dim")]
 
 
 class TargetSpec(Strict):
@@ -88,9 +88,9 @@ class ChainSpec(Strict):
 
 class ObjectiveSpec(Strict):
     name: Literal[OBJECTIVES] = "kernel"  # type: ignore[valid-type]
-    p: Annotated[float, Field(ge=2)] = 2.0
+    p: Annotated[float, Field(ge=2, allow_inf_nan=False)] = 2.0
     pad: PositiveInt = 4
-    images: list[str] = ["camera", "astronaut", "coins"]
+    images: list[str] = Field(["camera", "astronaut", "coins"], min_length=1)
     image_size: PositiveInt = 96
     crops: PositiveInt = 2
 
@@ -131,7 +131,7 @@ class SweepSpec(Strict):
 class ExperimentConfig(Strict):
     name: str = "experiment"
     description: str | None = None
-    seed: Annotated[int, Field(strict=True)] = 0
+    seed: Annotated[int, Field(strict=True, ge=0)] = 0
     dtype: Literal["float32", "float64"] = "float64"
     target: TargetSpec | None = None
     stack: str | StackConfig | None = None

@@ -13,6 +13,7 @@ counted); if none is left the run fails rather than report a NaN.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -244,6 +245,20 @@ def _refits(target: Target, chain: Chain):
     return lambda factors, rng: refit_one(factors, kernel, chain, rng)
 
 
+def _checked_images(images, target: Target, extent: tuple[int, ...]) -> np.ndarray:
+    """The user's ``images`` as float64 (B, *spatial, C_in), each spatial size at least the kernel's
+    ``extent`` they are filtered with, all finite; a :class:`ConfigError` naming what is wrong."""
+    images = np.asarray(images, np.float64)
+    if images.ndim != target.ndim + 2 or images.shape[-1] != target.c_in:
+        raise ConfigError(f"images must be (B, *spatial, {target.c_in}), got {images.shape}")
+    if any(n < k for n, k in zip(images.shape[1:-1], extent)):
+        raise ConfigError(f"images {images.shape[1:-1]} are smaller than the kernel they are filtered with "
+                          f"{extent} (the chain's extent or the target's): give larger images")
+    if not np.isfinite(images).all():
+        raise ConfigError("images have non-finite values (NaN or inf)")
+    return images
+
+
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
     """User starting points for target ``b``, checked against the chain's factor shapes."""
     shapes = chain.factor_shapes(target.c_in, target.c_out)
@@ -336,6 +351,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     policy = dataclasses.replace(search or SearchPolicy(), **{k: v for k, v in
                                                               (("restarts", restarts), ("budget_s", budget_s))
                                                               if v is not None or search is None})
+    if not isinstance(chain, Chain):
+        raise ConfigError(f"chain must be a Chain (for example Chain.build([3, 5, 9])), got {type(chain).__name__}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     targets = [_as_target(t, f"targets[{i}]") for i, t in enumerate(targets)]
     if not targets:
         raise ConfigError("factorize_batch needs at least one target")
@@ -358,19 +377,30 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     if not problem.free:
         raise FactorizationError("every layer of the chain is frozen: there is nothing to learn")
     np_dtype = np.dtype(dtype)
-    if images is None:
-        images = load_images(DEFAULT_IMAGES, size=max(64 if first.ndim < 3 else 16, 4 * max(chain.extent)), count=2,
-                             c_in=first.c_in, seed=seed, ndim=first.ndim)
-    images = np.asarray(images, np.float64)
-    if images.ndim != first.ndim + 2 or images.shape[-1] != first.c_in:
-        raise ConfigError(f"images must be (B, *spatial, {first.c_in}), got {images.shape}")
-
+    size = policy.wave_size
+    extent = tuple(chain.extent)  # the target zero-padded to it
+    side = max(64 if first.ndim < 3 else 16, 4 * max(extent))  # the default images'
+    if images is not None:
+        images = _checked_images(images, first, extent)
+    # the whole cost from shapes, before any array is made (a huge chain once ran out of memory padding its target)
+    image_shape = images.shape if images is not None else (2 * len(DEFAULT_IMAGES),) + (side,) * first.ndim + (
+        first.c_in,)
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, np_dtype)  # noqa: E731
+    residuals = residual_size(objective, spec(extent + first.kernel.shape[-2:]),
+                              spec(image_shape) if objective.name == "images" else None)
+    cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
+                           size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu",
+                           arrays=budget.arrays(extent + first.kernel.shape[-2:], len(targets),
+                                                0 if images is not None else math.prod(image_shape)))
+    budget.check(cost, f"{first.name}: chain {chain.describe()}")
     norms = [metrics.norm(t.kernel) for t in targets]
     padded = [np.pad(t.kernel, list(padding) + [(0, 0), (0, 0)]) for t in targets]
     normalised = np.stack([p / n for p, n in zip(padded, norms)])
+    if images is None:
+        images = load_images(DEFAULT_IMAGES, size=side, count=2, c_in=first.c_in, seed=seed, ndim=first.ndim)
+
     if starts is not None and len(starts) != len(targets):
         raise ConfigError(f"starts has {len(starts)} entries for {len(targets)} targets (one list per target)")
-    size = policy.wave_size
     given = [_given_starts(g, chain, first, size, b) for b, g in enumerate(starts or [[]] * len(targets))]
     rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
@@ -379,10 +409,6 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     refits = [_refits(u, chain) for u in units]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
-    residuals = residual_size(objective, normalised[0], objective_images)
-    cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
-                           size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu")
-    budget.check(cost, f"{first.name}: chain {chain.describe()}")
 
     def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray, np.ndarray]:
         """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without

@@ -2,7 +2,8 @@
 
 The estimate counts the arrays that dominate: the Levenberg-Marquardt Jacobians (dense
 solve) or the per-factor kernel products (matrix-free solve), every restart's loss history,
-and the ALS / lstsq baselines, which build one Jacobian per start.  It is an order of magnitude, not a
+the ALS / lstsq baselines, which build one Jacobian per start, and the default images of the
+output-space metric (checked before they are made).  It is an order of magnitude, not a
 measurement; it is shown with the progress bar and, past the memory budget, stops the
 run before any compute with a message naming what to change.
 
@@ -47,7 +48,7 @@ def _size(nbytes: float) -> str:
 
 
 def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int, items: int, restarts: int,
-             solver, itemsize: int, baselines=(), *, cpu: bool = True) -> Estimate:
+             solver, itemsize: int, baselines=(), *, cpu: bool = True, arrays: dict | None = None) -> Estimate:
     """The cost of factorizing ``items`` (targets x restarts) with ``chain``.
 
     Args:
@@ -55,6 +56,7 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
       residuals: length ``m`` of the objective's residual (the kernel's size for ``kernel``).
       solver: the :class:`~jfactor.factorize.Solver`; ``itemsize`` bytes per number.
       cpu: LM groups on a CPU hold ~8 MB of dense Jacobians at a time (see ``solve``).
+      arrays: bytes of further parts (:func:`arrays`), counted as they are.
     """
     from jfactor.factorize.solve import dense_solve
 
@@ -86,7 +88,16 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
         widest = max(sizes)
         memory["als"] = starts * (m * widest + widest * widest) * 8
         flops += ALS_SWEEPS * starts * sum(m * s * s for s in sizes)
+    memory.update(arrays or {})
     return Estimate(memory, flops)
+
+
+def arrays(targets: tuple[int, ...], count: int, image_values: int = 0) -> dict:
+    """Bytes of the float64 arrays a run makes before it starts, for :func:`estimate`'s ``arrays``:
+    ``count`` targets of shape ``targets`` (zero-padded to the chain's extent; three copies) and
+    ``image_values`` values of the default images of the output-space metric (four copies: the
+    resize that makes them and the FFTs that filter them)."""
+    return {"targets": 3 * count * math.prod(targets) * 8, "images": 4 * image_values * 8}
 
 
 def memory_budget() -> float:
@@ -116,6 +127,9 @@ def check(cost: Estimate, what: str) -> None:
         "lm": "use fewer restarts, fewer channels or smaller chain sizes, or set solver.linear_solver: cg",
         "first-order": "use fewer restarts or channels",
         "als": "drop the als and lstsq baselines (baselines: [svd]) or use fewer restarts",
+        "targets": "use smaller chain sizes or dilations (the target is zero-padded to the chain's extent)",
+        "images": "use smaller chain sizes or dilations (the output metric filters images four times the "
+                  "chain's extent)",
     }[part]
     raise ConfigError(
         f"{what}: estimated peak memory {_size(cost.peak_bytes)} ({part}) exceeds the budget "

@@ -39,6 +39,8 @@ class Candidate:
 def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2, 3),
                slack: int = 2, limit: int = 200) -> list[Chain]:
     """Chains from the given sets whose receptive field is within [size, size + slack] per dim."""
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in layers):
+        raise FactorizationError(f"layers must be positive integers, got {list(layers)}")
     found = []
     single = target.c_in == 1 and target.c_out == 1
     for n in layers:
