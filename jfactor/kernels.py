@@ -138,4 +138,10 @@ def make(name: str, size: int, **params) -> np.ndarray:
             raise ConfigError(f"kernel family {name!r}: {unknown_key(key, accepted, 'parameter')}")
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
         raise ConfigError(f"kernel family {name!r}: size must be a positive integer, got {size!r}")
-    return function(int(size), **params)
+    with np.errstate(all="ignore"):  # a size too small for the family divides by zero
+        kernel = function(int(size), **params)
+    if not np.isfinite(kernel).all():
+        raise ConfigError(f"kernel family {name!r}: size {size} with {params or 'the default parameters'} gives "
+                          "non-finite values (too small for the family, or a parameter out of range): use a larger "
+                          "size or other parameters")
+    return kernel

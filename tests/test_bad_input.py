@@ -52,6 +52,7 @@ CASES = [
     ("search --family gaussian --size 5 --layers -1", "layers must be positive integers"),
     ("factorize --family gaussian --size 5 --chain 3,3 --seed -1", "seed"),
     ("factorize --family gaussian --size 5 --param sigma --chain 3,3", "--param 'sigma'"),
+    ("factorize --family log --size 1 --chain 3,3", "too small for the family"),
     ("factorize --family gaussian --size 5 --chain 100001", "exceeds the budget"),
     ("--compile-cache {d}/t.npy factorize --family gaussian --size 5 --chain 3,3", "compile cache"),
     ("run {d}/floatsizes.yaml", "chain.sizes[1]"),
