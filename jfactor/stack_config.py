@@ -215,9 +215,12 @@ class _Builder:
             except (TypeError, ValueError) as exc:
                 self.fail(where, f"values are not a rectangular array of numbers: {exc}")
         else:
-            return weights.initialize(spec.init, shape, seed=spec.seed, mean=spec.mean,
-                                      std=std if spec.std is None else spec.std,
-                                      low=spec.low, high=spec.high)
+            try:
+                return weights.initialize(spec.init, shape, seed=spec.seed, mean=spec.mean,
+                                          std=std if spec.std is None else spec.std,
+                                          low=spec.low, high=spec.high)
+            except ConfigError as exc:
+                self.fail(where, str(exc))
         if shape is not None and array.shape != tuple(shape):
             self.fail(where, f"has shape {array.shape}, expected {tuple(shape)}")
         return array

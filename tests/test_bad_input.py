@@ -24,6 +24,8 @@ def _files(tmp_path: Path) -> None:
         {"conv": {"kernel_size": 3, "filters": 1, "use_bias": False, "bias": [1.0]}}]}))
     (tmp_path / "nosweep.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]}}))
     (tmp_path / "dupstack.yaml").write_text("input_shape: [8, 8, 1]\ninput_shape: [9, 9, 1]\nlayers: []\n")
+    (tmp_path / "randint.yaml").write_text(yaml.safe_dump({"input_shape": [8, 8, 1], "layers": [
+        {"conv": {"kernel_size": 3, "filters": 1, "weights": {"init": "randint", "low": 3, "high": 1}}}]}))
     (tmp_path / "floatsizes.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 2.5]}}))
     (tmp_path / "noimages.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
                                                             "objective": {"name": "images", "images": []}}))
@@ -35,6 +37,7 @@ CASES = [
     ("fold {d}/bias.yaml", "use_bias"),
     ("fold {d}/dupstack.yaml", "input_shape' is written twice"),
     ("fold {d}/broken.yaml", "broken.yaml"),
+    ("fold {d}/randint.yaml", "randint.yaml: layers[0].conv.weights: randint needs high > low"),
     ("factorize --target {d}/dir.npy --chain 3,3", "is a directory"),
     ("factorize --target {d}/missing.npy --chain 3,3", "missing.npy"),
     ("factorize --target {d}/t.npy --chain 3,x", "--chain"),

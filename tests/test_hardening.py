@@ -194,6 +194,7 @@ def test_huge_chains_stop_at_the_memory_budget_before_any_array_is_made():
     ({"seed": 1.5}, "seed must be a non-negative integer"),
     ({"images": np.full((2, 16, 16, 1), np.nan)}, "images have non-finite values"),
     ({"images": np.ones((2, 4, 4, 1))}, r"images \(4, 4\) are smaller than the kernel .* \(5, 5\)"),
+    ({"images": np.zeros((2, 16, 16, 1)), "objective": "images"}, "images objective .* all zero"),
 ])
 def test_bad_factorize_options_are_refused_by_name(options, named):
     with pytest.raises(ConfigError, match=named):
