@@ -2,8 +2,9 @@
 
 The estimate counts the arrays that dominate: the Levenberg-Marquardt Jacobians (dense
 solve) or the per-factor kernel products (matrix-free solve), every restart's loss history,
-the ALS / lstsq baselines, which build one Jacobian per start, and the default images of the
-output-space metric (checked before they are made).  It is an order of magnitude, not a
+the ALS / lstsq baselines, which build one Jacobian per start, and the targets padded to the
+chain's extent and the default images of the output-space metric (all from shapes, before
+any of them is made).  It is an order of magnitude, not a
 measurement; it is shown with the progress bar and, past the memory budget, stops the
 run before any compute with a message naming what to change.
 
