@@ -18,18 +18,19 @@ from jfactor.errors import StackError
 Padding = str | tuple[tuple[int, int], ...]
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def positive_ints(value, name: str, where: str) -> int | tuple[int, ...]:
     """An int >= 1, or a non-empty sequence of them (returned as a tuple)."""
-    if _is_int(value):
+    if is_int(value):
         if value < 1:
             raise StackError(f"{where}: {name} must be a positive integer, got {value!r}")
         return int(value)
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0:
-        if all(_is_int(v) and v >= 1 for v in value):
+        if all(is_int(v) and v >= 1 for v in value):
             return tuple(int(v) for v in value)
     raise StackError(
         f"{where}: {name} must be a positive integer or a list of them, got {value!r}"
@@ -53,15 +54,15 @@ def padding_spec(value, where: str):
         if value.lower() in ("valid", "same"):
             return value.lower()
         raise StackError(f"{where}: padding must be 'valid', 'same', an int or per-dim pairs, got {value!r}")
-    if _is_int(value):
+    if is_int(value):
         return int(value)
     if isinstance(value, Sequence) and len(value) > 0:
         entries = []
         for entry in value:
-            if _is_int(entry):
+            if is_int(entry):
                 entries.append((int(entry), int(entry)))
             elif (isinstance(entry, Sequence) and len(entry) == 2
-                  and all(_is_int(v) for v in entry)):
+                  and all(is_int(v) for v in entry)):
                 entries.append((int(entry[0]), int(entry[1])))
             else:
                 break

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfactor._checks import is_int
 from jfactor.cache import compile_stats
 from jfactor.errors import ConfigError
 from jfactor.factorize import baselines as baseline_lib
@@ -353,7 +354,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                                                               if v is not None or search is None})
     if not isinstance(chain, Chain):
         raise ConfigError(f"chain must be a Chain (for example Chain.build([3, 5, 9])), got {type(chain).__name__}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     targets = [_as_target(t, f"targets[{i}]") for i, t in enumerate(targets)]
     if not targets:
@@ -388,12 +389,12 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     # the whole cost from shapes, before any array is made (a huge chain once ran out of memory padding its target)
     image_shape = images.shape if images is not None else (2 * len(DEFAULT_IMAGES),) + (side,) * first.ndim + (
         first.c_in,)
+    padded_shape = extent + first.kernel.shape[-2:]
     spec = lambda shape: jax.ShapeDtypeStruct(shape, np_dtype)  # noqa: E731
-    residuals = residual_size(objective, spec(extent + first.kernel.shape[-2:]),
-                              spec(image_shape) if objective.name == "images" else None)
+    residuals = residual_size(objective, spec(padded_shape), spec(image_shape) if objective.name == "images" else None)
     cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu",
-                           arrays=budget.arrays(extent + first.kernel.shape[-2:], len(targets),
+                           arrays=budget.arrays(padded_shape, len(targets),
                                                 0 if images is not None else math.prod(image_shape)))
     budget.check(cost, f"{first.name}: chain {chain.describe()}")
     norms = [metrics.norm(t.kernel) for t in targets]

@@ -19,6 +19,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from jfactor._checks import is_int
 from jfactor.errors import JFactorError
 from jfactor.factorize.npconv import convolve_full
 from jfactor.layers import Conv
@@ -31,12 +32,11 @@ class FactorizationError(JFactorError):
 
 
 def _per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
-    positive = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1  # noqa: E731
     try:
         values = (value,) * ndim if isinstance(value, (int, np.integer)) else tuple(value)
     except TypeError:  # neither an integer nor a sequence of them (a float, None)
         values = ()
-    if len(values) != ndim or not all(positive(v) for v in values):
+    if len(values) != ndim or not all(is_int(v) and v >= 1 for v in values):
         raise FactorizationError(f"{name} must be a positive integer or {ndim} of them, got {value!r}")
     return tuple(int(v) for v in values)
 

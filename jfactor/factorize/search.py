@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+from jfactor._checks import is_int
 from jfactor.factorize.api import Factorization, factorize
 from jfactor.factorize.chain import Chain, FactorizationError, Target
 from jfactor.progress import ProgressBar
@@ -39,7 +40,7 @@ class Candidate:
 def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2, 3),
                slack: int = 2, limit: int = 200) -> list[Chain]:
     """Chains from the given sets whose receptive field is within [size, size + slack] per dim."""
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in layers):
+    if not all(is_int(n) and n >= 1 for n in layers):
         raise FactorizationError(f"layers must be positive integers, got {list(layers)}")
     found = []
     single = target.c_in == 1 and target.c_out == 1
