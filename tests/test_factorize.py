@@ -46,6 +46,18 @@ def test_the_seeds_known_factor_case_is_exact_and_wiener_is_not():
         assert result.baselines[name]["time_s"] >= 0
 
 
+@pytest.mark.parametrize("size", [1, 2])
+def test_wiener_baselines_run_on_targets_smaller_than_their_regulariser(size):
+    """skimage's Wiener filters regularise with a 3x3 Laplacian: a 1x1 or 2x2 target into one layer
+    (the known part an impulse) still gets an error, not a broadcasting failure as its note."""
+    target = np.random.default_rng(size).standard_normal((size, size))
+    result = factorize(target, Chain.build([size]), solver=FAST, restarts=2,
+                       baselines=("wiener", "unsupervised_wiener"))
+    for name in ("wiener", "unsupervised_wiener"):
+        assert "note" not in result.baselines[name], result.baselines[name]
+        assert 0 < result.baselines[name]["rel_error"] < 1
+
+
 def test_a_box_known_factor_of_the_seeds_upsampled_kernel():
     """Section 5's 6x6 kernel (A2 repeated 2x) is a 2x2 box after A2 dilated by 2: learn the rest."""
     a2 = np.array([[1, 1, 1], [0, 0, 0], [0, 0, 1]], float)
