@@ -25,8 +25,8 @@
 #     -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 #     typing-extensions==4.16.0 flatbuffers==25.12.19
 #
-# The project is used from the checkout (PYTHONPATH), not installed: pyproject pins Python
-# 3.11 and jax 0.10.2 for the CPU, and the device's jax is newer.
+# The project is used from the checkout (PYTHONPATH), not installed: constraints.txt pins
+# jax 0.10.2 for Python 3.11 on the CPU, and the device's Python and jax are newer.
 set -uo pipefail
 
 out=${1:?usage: experiments/device_check.sh OUTDIR}

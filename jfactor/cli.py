@@ -36,8 +36,9 @@ def _group(
     use_compile_cache: Annotated[bool, typer.Option(
         "--compile-cache-on/--no-compile-cache", help="reuse compiled code across runs (a second run of the "
                                                       "same geometry skips compiling)")] = True,
-    _version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                           help="print the versions of jfactor, jax and Python, and exit")] = False,
+    _version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="print the versions of jfactor, jax, jaxlib and Python, and exit")] = False,
 ) -> None:
     """Fold linear convolution stacks exactly; factorize large kernels into small ones."""
     from jfactor.cache import configure
