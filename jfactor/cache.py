@@ -18,6 +18,7 @@ import importlib.metadata
 import inspect
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import jax
@@ -110,10 +111,33 @@ def beside(name: str) -> Path | None:
     return None if root is None else Path(root) / name
 
 
+RELEASE_DIGITS = 16  # of the release digest, naming its folder of kept programs
+KEPT_RELEASES = 2  # folders of kept programs left after pruning: this release's and the newest other
+
+
 def programs_directory() -> Path | None:
-    """``programs/`` beside the compile cache in use (None: no cache, or a jaxlib older than
-    :data:`KEEPS_FROM`, so nothing is kept)."""
-    return None if _jaxlib_version() < KEEPS_FROM else beside("programs")
+    """``programs/<release>/`` beside the compile cache in use, one folder per :func:`_release`
+    (None: no cache, or a jaxlib older than :data:`KEEPS_FROM`, so nothing is kept)."""
+    root = None if _jaxlib_version() < KEEPS_FROM else beside("programs")
+    return None if root is None else root / _release()[:RELEASE_DIGITS]
+
+
+def prune_releases(directory: Path, keep: int = KEPT_RELEASES) -> list[Path]:
+    """Remove the folders of kept programs beside ``directory`` (this release's) but the
+    ``keep - 1`` most recently modified others, and programs kept directly in their parent by
+    versions before folders: an edit or an upgrade makes a release's programs stale for good, and
+    the newest other stays so that switching between two versions does not trace again.  Only
+    folders named by a release digest are touched.  Returns what it removed."""
+    others = [path for path in directory.parent.iterdir() if path != directory and path.is_dir()
+              and len(path.name) == RELEASE_DIGITS and all(c in "0123456789abcdef" for c in path.name)]
+    others.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    stale = others[keep - 1:] + sorted(directory.parent.glob("*.pickle"))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,8 +200,11 @@ def _program(jitted, name: str, static: dict, tree, specs: list, directory: Path
             return None
         try:
             kept = pickle.dumps((bytes(exported.serialize()), out_tree))
+            fresh = not directory.exists()
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_with(path, lambda handle: handle.write(kept))
+            if fresh:  # this release's first program: the stale ones go
+                prune_releases(directory)
         except Exception:  # unwritable, or serialization fails: kept in this process only
             pass
     call = jax.jit(exported.call)

@@ -285,7 +285,9 @@ def test_a_second_process_loads_traced_programs_instead_of_tracing_them(tmp_path
 
     first, traced = run("one")
     assert programs <= traced
-    kept = sorted((tmp_path / "cache" / "programs").iterdir())
+    releases = list((tmp_path / "cache" / "programs").iterdir())
+    assert len(releases) == 1  # one folder per release of jfactor and its jax
+    kept = sorted(releases[0].iterdir())
     assert {p.name.split("-")[0] for p in kept} == programs
     second, traced = run("two")
     assert not programs & traced
@@ -339,9 +341,32 @@ def test_no_programs_are_kept_with_a_jaxlib_that_crashes_running_them(tmp_path, 
         monkeypatch.setattr(cache, "_jaxlib_version", lambda: (0, 8))
         assert cache.programs_directory() is None
         monkeypatch.setattr(cache, "_jaxlib_version", lambda: cache.KEEPS_FROM)
-        assert cache.programs_directory() == tmp_path / "programs"
+        assert cache.programs_directory() == tmp_path / "programs" / cache._release()[:cache.RELEASE_DIGITS]
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_kept_programs_of_stale_releases_are_pruned_but_the_newest_other(tmp_path):
+    """An edit or an upgrade makes a release's kept programs stale: the first program kept for a
+    new release removes the others' folders but the newest, and programs kept loose by versions
+    before folders; folders not named by a release digest stay."""
+    import os
+
+    from jfactor import cache
+
+    root = tmp_path / "programs"
+    older, newer, current = (root / name for name in ("0" * 16, "a" * 16, "f" * 16))
+    for age, folder in ((300, older), (100, newer)):
+        (folder).mkdir(parents=True)
+        (folder / "lm_segment-x.pickle").write_bytes(b"kept")
+        os.utime(folder, (os.path.getatime(folder) - age,) * 2)
+    (root / "lm_segment-loose.pickle").write_bytes(b"kept before folders")
+    (root / "notes").mkdir()
+    current.mkdir()
+    removed = cache.prune_releases(current)
+    assert sorted(p.name for p in removed) == ["0" * 16, "lm_segment-loose.pickle"]
+    assert sorted(p.name for p in root.iterdir()) == ["a" * 16, "f" * 16, "notes"]
+    assert (newer / "lm_segment-x.pickle").read_bytes() == b"kept"
 
 
 def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
