@@ -137,7 +137,8 @@ def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 
     size = chain.layers[i].size
 
     def run():
-        # skimage regularises with a 3x3 Laplacian, so the padded image needs 3 pixels per dim
+        # skimage regularises with a 3x3 Laplacian, so the padded image needs 3 pixels per dim:
+        # grow each side by half the shortfall, rounded up
         pad = [(k - 1 + grow, k - 1 + grow) for k, n in zip(known.shape, target.shape)
                for grow in [max(0, 4 - n - 2 * (k - 1)) // 2]]
         image = np.pad(target[..., 0, 0], pad)
