@@ -232,10 +232,38 @@ def test_blur_starts_and_hops_get_the_longer_grace_and_noise_hops_none(monkeypat
 
 @pytest.mark.parametrize("field, value", [("restarts", 0), ("first_order_waves", -1), ("wave", -1),
                                           ("partial_grace", -1), ("budget_s", -1.0), ("budget_s", float("nan")),
-                                          ("keep", 0.0), ("perturb", 1.5)])
+                                          ("keep", 0.0), ("perturb", 1.5), ("cutoff", 0.9),
+                                          ("cutoff", float("inf")), ("cutoff", True), ("cutoff_after", -1)])
 def test_bad_policies_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         SearchPolicy(**{field: value})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.floats(1e-6, 10.0), st.booleans()), min_size=1, max_size=30),
+       st.lists(st.one_of(st.just(np.inf), st.floats(1e-6, 10.0)), min_size=3, max_size=3), st.floats(1.0, 3.0))
+def test_the_cutoff_stops_the_running_restarts_far_above_their_targets_best(items, before, cutoff):
+    owner = np.array([b for b, _, _ in items])
+    cost = np.array([c for _, c, _ in items])
+    live = np.flatnonzero([running for *_, running in items])
+    batch = int(owner.max()) + 1
+    far = solve._above_cutoff(cost, live, owner, np.array(before[:batch]), cutoff)
+    for i in range(len(items)):  # by hand: the target's best is its best before or any of its current costs
+        best = min([before[owner[i]]] + [c for b, c, _ in items if b == owner[i]])
+        assert (i in far) == (i in live and cost[i] > cutoff**2 * best)
+
+
+def test_the_cutoff_stops_survivors_as_pruned_not_as_minima():
+    target, chain = kernels.motion_blur(7, angle=30.0), Chain.build([3, 5])
+    runs = {cutoff: factorize(target, chain, solver=FAST, search=dataclasses.replace(SMALL, cutoff=cutoff,
+                                                                                      cutoff_after=5),
+                              baselines=(), seed=0) for cutoff in (None, 1.0)}
+    off, on = runs[None], runs[1.0]
+    assert on.pruned.sum() > off.pruned.sum()
+    assert on.evidence["refined"] == int((~on.pruned & np.isfinite(on.restart_errors)).sum())
+    assert on.evidence["best_error"] == pytest.approx(on.rel_error, rel=1e-9)
+    # what runs on past the cutoff within a wave is at most the wave's and earlier waves' best then
+    assert on.evidence["refined"] < off.evidence["refined"]
 
 
 def _cli(args, env, tmp_path):

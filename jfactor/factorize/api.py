@@ -460,12 +460,13 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                          for i in problem.free)
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
             graces = np.stack([row[-1] for row in padded_rows])
+            best_before = np.array([records[b].best_loss if wave else np.inf for b in rows])
             free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
                 lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
                                        quiet if policy.adaptive else bar, policy.prune(), exact_loss,
                                        min(int(fresh.sum()) for _, fresh, *_ in drawn), policy.first_order(wave),
-                                       batch[2]),
-                (wave_targets, free, graces), mesh=mesh, shard=shard)
+                                       batch[2], batch[3]),
+                (wave_targets, free, graces, best_before), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
             elapsed = time.perf_counter() - start
             for j, b in enumerate(live):

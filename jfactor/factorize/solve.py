@@ -472,10 +472,16 @@ class Screening(NamedTuple):
     Attributes:
       keep: the share of a target's running restarts that survives a screening.
       floor: restarts per target that survive every screening.
+      cutoff: once screening is over, a restart still running after ``cutoff_after`` LM
+        iterations stops if its loss is above ``cutoff**2`` times the target's lowest so far
+        (:func:`_above_cutoff`; None: every survivor runs to convergence).
+      cutoff_after: LM iterations before that check.
     """
 
     keep: float
     floor: int
+    cutoff: float | None = None
+    cutoff_after: int = 0
 
 
 def _kept(size: int, prune: Screening) -> int:
@@ -495,9 +501,19 @@ def _survivors(cost, live, stratum, prune: Screening) -> np.ndarray:
     return np.concatenate(pruned) if pruned else np.zeros(0, int)
 
 
+def _above_cutoff(cost, live, owner, best_before, cutoff: float) -> np.ndarray:
+    """The ``live`` items whose ``cost`` is above ``cutoff**2`` times their target's lowest:
+    the lower of ``best_before`` (B,), the target's best loss before this batch, and the lowest
+    current cost of its items (every cost is one its factors attain).  ``owner`` (items,):
+    each item's target.  The loss is half the squared error, so for the kernel objective this
+    is an error above ``cutoff`` times the best."""
+    reference = np.minimum(best_before, [cost[owner == b].min(initial=np.inf) for b in range(best_before.size)])
+    return live[cost[live] > cutoff**2 * reference[owner[live]]]
+
+
 def refine(problem: Problem, state, free, frozen, target, images, progress, prune: Screening | None = None,
            exact_loss: float | None = None, screened: np.ndarray | None = None, fresh: int | None = None,
-           graces: np.ndarray | None = None):
+           graces: np.ndarray | None = None, best_before: np.ndarray | None = None):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
 
     Items are flattened to one axis and each chunk is one :func:`lm_segment` call on all of
@@ -514,7 +530,11 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     Once a target has a restart at or below ``exact_loss`` its other restarts stop too.
     Restarts marked in ``screened`` (B, R) (screened out of the first-order phase) do not run
     and count as pruned.  Once screening can stop no more restarts, the rest runs to
-    convergence in one call (a target that turns exact in it lets its other restarts converge).
+    convergence in one call (a target that turns exact in it lets its other restarts converge),
+    but where ``prune.cutoff`` is set, first up to ``prune.cutoff_after`` iterations, after which
+    the survivors far above their target's best (:func:`_above_cutoff`, ``best_before`` (B,) its
+    best loss before this batch, default none) stop as pruned: their minima cannot be the best,
+    and the slowest of them run on alone, where an iteration costs the most per restart.
     """
     solver = problem.solver
     batch, restarts = state["cost"].shape
@@ -533,12 +553,19 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     history = np.empty((total, steps), state["cost"].dtype)
     state["done"] |= pruned
     blocks, cover = _blocks(problem, state["x"].shape[1], target[0], images, total)
+    best_before = np.full(batch, np.inf) if best_before is None else np.asarray(best_before, float)
+    cut = prune is None or prune.cutoff is None  # whether the cutoff is behind (or off)
     done = 0
     while done < steps and not state["done"].all():
         # screening is over once it would stop none of the running items, whatever their costs
         rest = prune is not None and not _survivors(state["cost"], np.flatnonzero(~state["done"]), stratum,
                                                     prune).size
-        length = steps - done if rest else min(solver.chunk, steps - done)
+        if rest and not cut and done >= prune.cutoff_after:
+            far = _above_cutoff(state["cost"], np.flatnonzero(~state["done"]), owner, best_before, prune.cutoff)
+            pruned[far] = state["done"][far] = True
+            cut = True
+            continue
+        length = (steps if cut else prune.cutoff_after) - done if rest else min(solver.chunk, steps - done)
         before = state["iterations"]
         # one program for every call: the iteration count is a traced limit, not a shape
         state, costs = lm_segment(problem, state, template, frozen, target, images, steps, blocks, cover,
@@ -699,7 +726,7 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
 
 def optimise(problem: Problem, free, frozen, target, images, progress, prune: Screening | None = None,
              exact_loss: float | None = None, fresh: int | None = None, first_order_phase: bool = True,
-             graces: np.ndarray | None = None):
+             graces: np.ndarray | None = None, best_before: np.ndarray | None = None):
     """Both phases on a batch (B targets, R restarts); ``progress.advance`` per segment.
 
     Returns (free factors, history (B, R, steps) of the normalised loss, losses (B, R),
@@ -710,7 +737,8 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
     ``exact_loss`` (a start, or the first-order phase's best), the phases stop and the other
     restarts count as pruned.  Only the first ``fresh`` restarts (default: all) may take the
     first-order phase; the others perturb earlier minima and go straight to LM.  ``graces``
-    (B, R): LM iterations before each restart may be screened (:func:`refine`).  Without
+    (B, R): LM iterations before each restart may be screened, and ``best_before`` (B,) each target's
+    best loss before this batch, for ``prune.cutoff`` (:func:`refine`).  Without
     ``first_order_phase`` every restart goes straight to LM (where the solver refines by LM).
     """
     fresh = free[0].shape[1] if fresh is None else fresh
@@ -734,7 +762,7 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
         state = None  # the starts, or the first-order phase's best points, stand
     elif state is not None:
         state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss,
-                                       screened, fresh, graces)
+                                       screened, fresh, graces, best_before)
     free, losses, errors = finish(problem, free, state, frozen, target, images)
     losses, errors = np.asarray(losses), np.asarray(errors)
     took_first = np.zeros(restarts, bool)
