@@ -460,7 +460,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                          for i in problem.free)
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
             graces = np.stack([row[-1] for row in padded_rows])
-            best_before = np.array([records[b].best_loss if wave else np.inf for b in rows])
+            best_before = np.array([records[b].best_loss for b in rows])
             free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
                 lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
                                        quiet if policy.adaptive else bar, policy.prune(), exact_loss,

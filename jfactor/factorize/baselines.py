@@ -139,8 +139,8 @@ def wiener(target: np.ndarray, chain: Chain, *, unsupervised: bool, seed: int = 
     def run():
         # skimage regularises with a 3x3 Laplacian, so the padded image needs 3 pixels per dim:
         # grow each side by half the shortfall, rounded up
-        pad = [(k - 1 + grow, k - 1 + grow) for k, n in zip(known.shape, target.shape)
-               for grow in [max(0, 4 - n - 2 * (k - 1)) // 2]]
+        grow = [max(0, 4 - n - 2 * (k - 1)) // 2 for k, n in zip(known.shape, target.shape)]
+        pad = [(k - 1 + g, k - 1 + g) for k, g in zip(known.shape, grow)]
         image = np.pad(target[..., 0, 0], pad)
         if unsupervised:
             estimate, _ = restoration.unsupervised_wiener(image, known, clip=False, rng=np.random.default_rng(seed))

@@ -74,6 +74,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jfactor._checks import is_int
 from jfactor.errors import ConfigError
 from jfactor.factorize.solve import Screening
 
@@ -159,7 +160,7 @@ class SearchPolicy:
             if value is None and name == "restarts":
                 continue
             least = 0 if name in ("grace", "partial_grace", "noise_grace", "first_order_waves", "cutoff_after") else 1
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            if not is_int(value) or value < least:
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.cutoff is not None and not (isinstance(self.cutoff, (int, float)) and not isinstance(self.cutoff, bool)
                                             and math.isfinite(self.cutoff) and self.cutoff >= 1):

@@ -507,7 +507,8 @@ def _above_cutoff(cost, live, owner, best_before, cutoff: float) -> np.ndarray:
     current cost of its items (every cost is one its factors attain).  ``owner`` (items,):
     each item's target.  The loss is half the squared error, so for the kernel objective this
     is an error above ``cutoff`` times the best."""
-    reference = np.minimum(best_before, [cost[owner == b].min(initial=np.inf) for b in range(best_before.size)])
+    reference = np.array(best_before, float)
+    np.minimum.at(reference, owner, cost)
     return live[cost[live] > cutoff**2 * reference[owner[live]]]
 
 
@@ -558,10 +559,10 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     done = 0
     while done < steps and not state["done"].all():
         # screening is over once it would stop none of the running items, whatever their costs
-        rest = prune is not None and not _survivors(state["cost"], np.flatnonzero(~state["done"]), stratum,
-                                                    prune).size
+        running = np.flatnonzero(~state["done"])
+        rest = prune is not None and not _survivors(state["cost"], running, stratum, prune).size
         if rest and not cut and done >= prune.cutoff_after:
-            far = _above_cutoff(state["cost"], np.flatnonzero(~state["done"]), owner, best_before, prune.cutoff)
+            far = _above_cutoff(state["cost"], running, owner, best_before, prune.cutoff)
             pruned[far] = state["done"][far] = True
             cut = True
             continue
