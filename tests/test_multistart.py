@@ -92,6 +92,9 @@ def test_the_warning_says_what_to_rerun():
     # one that ran all its restarts: a longer budget would give the same answer, other seeds may not
     capped = warning({**found, "restarts": 1024}, "max_restarts", 2.0)
     assert "ran all its 1024 restarts" in capped and "--seed" in capped and "--budget-s" not in capped
+    # a policy asking for fewer hits stopped it early: other seeds, and no claim that it ran all its restarts
+    early = warning({**found, "best_hits": 2, "restarts": 512}, "stalled", 2.0)
+    assert early.endswith("rerun with other --seed values and keep the best") and "ran all its" not in early
 
 
 def test_a_target_with_an_exact_optimum_stops_in_the_first_wave():

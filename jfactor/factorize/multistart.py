@@ -279,8 +279,9 @@ def stop_reason(history: list[dict], policy: SearchPolicy, elapsed: float) -> st
 def warning(found: dict, stopped: str, elapsed: float) -> str | None:
     """A plain warning when the best was reached by fewer than three restarts, with what to
     rerun: a fixed restart count (``stopped == "restarts"``) grows fourfold or gives way to the
-    adaptive search; an adaptive search stopped by its budget gets a longer one; one that ran
-    all its restarts (``max_restarts``), which a longer budget would repeat to the digit,
+    adaptive search; an adaptive search stopped by its budget gets a longer one; any other
+    adaptive stop (all its restarts run, ``max_restarts``, which a longer budget would repeat to
+    the digit; or ``repeated``/``stalled`` under a policy asking for fewer than three hits)
     other seeds."""
     if found["exact"] or found["best_hits"] >= 3:
         return None
@@ -289,7 +290,9 @@ def warning(found: dict, stopped: str, elapsed: float) -> str | None:
     elif stopped == "budget":
         hint = f"rerun with --budget-s {max(2 * elapsed, elapsed + 10):.0f}"
     else:
-        hint = f"the search ran all its {found['restarts']} restarts; rerun with other --seed values and keep the best"
+        hint = "rerun with other --seed values and keep the best"
+        if stopped == "max_restarts":
+            hint = f"the search ran all its {found['restarts']} restarts; {hint}"
     return (f"likely not the global optimum: the best was reached by {found['best_hits']} of "
             f"{found['refined']} refined restarts (search stopped: {stopped}); {hint}")
 
