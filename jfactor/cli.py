@@ -205,8 +205,9 @@ def factorize(
     out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="print result.json only")] = False,
-    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write kernels.png, spectrum.png "
-                                                                           "and loss.png (default: not with --json)")]
+    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write kernels.png, spectrum.png, "
+                                                                           "loss.png and search.png (default: not "
+                                                                           "with --json)")]
     = None,
 ) -> None:
     """Learn the best chain of small kernels for a target; compare with the baselines."""

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jfactor.factorize import Factorization  # noqa: E402
+from jfactor.factorize import Factorization, multistart  # noqa: E402
 from jfactor.rundir import write_with  # noqa: E402
 
 
@@ -98,12 +98,57 @@ def plot_loss(result: Factorization, path) -> Path:
     return _save(fig, path)
 
 
+def found_minima(result: Factorization) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct minima the refined restarts reached, best first, grouped as the evidence
+    groups them (:func:`jfactor.factorize.multistart.minima`): each one's relative error (M,)
+    and how many restarts reached it (M,)."""
+    errors = result.restart_errors
+    refined = np.flatnonzero(~result.pruned & np.isfinite(errors))
+    groups = multistart.minima(errors[refined], multistart.EXACT[result.settings["dtype"]])
+    return (np.array([errors[refined[g[0]]] for g in groups], float),
+            np.array([g.size for g in groups], int))
+
+
+def plot_search(result: Factorization, path) -> Path:
+    """How sure the best is: every refined restart's error in the order they ran, the best so
+    far and the waves (left); each distinct minimum against the restarts that reached it (right)."""
+    found = result.evidence
+    errors = np.maximum(result.restart_errors, 1e-17)
+    refined = ~result.pruned & np.isfinite(errors)
+    order = np.arange(1, errors.size + 1)
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    ax.semilogy(order[refined], errors[refined], ".", color="0.6", ms=4, label="refined restart")
+    ax.semilogy(order, np.minimum.accumulate(np.where(refined, errors, np.inf)), color="C3", lw=1.6,
+                drawstyle="steps-post", label="best so far")
+    for wave in range(1, found["waves"]):
+        ax.axvline(wave * errors.size / found["waves"] + 0.5, color="k", ls=":", lw=0.6)
+    ax.set_xlabel(f"restart ({found['waves']} wave(s), dotted)")
+    ax.set_ylabel("relative error")
+    _title(ax, f"{found['restarts']} restarts, {found['refined']} refined; stopped: {found['stopped']}")
+    ax.legend(fontsize=8)
+    minima, hits = found_minima(result)
+    ratio = minima / max(minima[0], 1e-17) if minima.size else minima
+    right.vlines(ratio, 0, hits, color="0.5")
+    right.plot(ratio[1:], hits[1:], "o", color="0.5", ms=4)
+    if minima.size:
+        right.plot(ratio[0], hits[0], "o", color="C3", label=f"best: relative error {minima[0]:.4g}")
+        right.legend(fontsize=8)
+    right.set_xscale("log" if ratio.size and ratio.max() > 10 else "linear")
+    right.set_xlabel("the minimum's error / the best's")
+    right.set_ylabel("restarts that reached it")
+    _title(right, f"{found['distinct_minima']} distinct minima; the best reached by {found['best_hits']} "
+                  f"({found['independent_hits']} from independent starts)"
+           + (f". {found['warning']}" if found.get("warning") else ""))
+    return _save(fig, path)
+
+
 def factorization_plots(result: Factorization, directory, stem: str = "") -> list[Path]:
     directory = Path(directory)
     prefix = f"{stem}_" if stem else ""
     return [plot_kernels(result, directory / f"{prefix}kernels.png"),
             plot_spectra(result, directory / f"{prefix}spectrum.png"),
-            plot_loss(result, directory / f"{prefix}loss.png")]
+            plot_loss(result, directory / f"{prefix}loss.png"),
+            plot_search(result, directory / f"{prefix}search.png")]
 
 
 def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", title: str = "") -> Path:

@@ -93,7 +93,7 @@ def test_factorize_writes_the_contract_files(tmp_path):
     assert approx.shape == (9, 9)  # the target's own layout
     factors = np.load(out / "factors.npz")
     assert [factors[f"layer{i}"].shape for i in range(3)] == [(3, 3, 1, 1), (3, 3, 1, 1), (5, 5, 1, 1)]
-    for name in ("kernels.png", "spectrum.png", "loss.png"):
+    for name in ("kernels.png", "spectrum.png", "loss.png", "search.png"):
         assert (out / name).exists()
 
 

@@ -122,9 +122,14 @@ def test_a_multimodal_target_keeps_going_and_says_how_sure_it_is(tmp_path):
     # the best comes from a later wave at this seed: the loss plot must find it in that wave's history
     assert result.best >= result.history.shape[0]
     assert result.history[result.history_row, -1] == pytest.approx(0.5 * found["best_error"] ** 2, rel=1e-6)
-    from jfactor.report import factorization_plots
+    from jfactor.report import factorization_plots, found_minima
 
     assert all(path.exists() for path in factorization_plots(result, tmp_path))
+    # the search picture's minima are the evidence's: as many, the best first with its hits, every refined restart once
+    minima, hits = found_minima(result)
+    assert minima.size == found["distinct_minima"] and hits[0] == found["best_hits"]
+    assert minima[0] == pytest.approx(found["best_error"], rel=1e-12) and minima[1] == pytest.approx(found["runner_up"])
+    assert np.all(np.diff(minima) > 0) and hits.sum() == found["refined"]
 
 
 def test_the_first_order_phase_screens_once_halfway_and_perturbations_skip_it(monkeypatch):

@@ -213,7 +213,8 @@ def _report(payload: dict) -> str:
                 lines += [f"### Baselines, chain {entry['chain']}", "",
                           markdown_table(rows, ["method", "rel_error", "time_s", "note"]), ""]
             lines += [f"![kernels](chain{i}_kernels.png)", f"![spectrum](chain{i}_spectrum.png)",
-                      f"![loss](chain{i}_loss.png)", ""] if config["plots"] else []
+                      f"![loss](chain{i}_loss.png)",
+                      f"![search](chain{i}_search.png)", ""] if config["plots"] else []
         if config["plots"] and len(chains) > 1:
             lines += ["![error vs cost](error_vs_macs.png)", ""]
     lines += ["Relative error is |approx - target|_F / |target|_F; spectral error is the worst-case "
