@@ -216,31 +216,44 @@ def test_only_the_first_waves_take_the_first_order_phase(monkeypatch, waves):
 def test_graces_by_kind_of_start(partial, expected):
     """Fresh, fresh blur start, noise hop, blur hop: on two layers (not ``partial``) blur starts
     and hops wait ``grace``; on more, blur hops ``partial_grace`` and fresh starts none."""
-    policy = SearchPolicy(grace=50, partial_grace=20, noise_grace=7)
+    policy = SearchPolicy(grace=50, partial_grace=20, noise_grace=7, first_wave_grace=30)
     fresh, blurred = np.array([True, True, False, False]), np.array([False, True, False, True])
-    assert policy.graces(fresh, blurred, partial=partial).tolist() == expected
+    assert policy.graces(fresh, blurred, partial=partial, wave=1).tolist() == expected
 
 
-@pytest.mark.parametrize("target, sizes, fresh_graces, hop_graces", [(kernels.log(7), [3, 5], {0, 50}, {0, 50}),
-                                                                     (kernels.log(7), [3, 3, 3], {0}, {0, 20}),
-                                                                     (kernels.motion_blur(7, angle=30.0), [3, 5], {0},
-                                                                      {0})])
+@pytest.mark.parametrize("partial, expected", [(False, [0, 30, 0, 50, 0, 30]), (True, [0, 30, 0, 30, 0, 30])])
+def test_every_other_fresh_start_of_the_first_wave_waits_the_first_wave_grace(partial, expected):
+    """Six fresh starts, the fourth a blur start: the odd places wait ``first_wave_grace`` in the
+    first wave unless a grace of their own is set (a two-layer chain's blur start: ``grace``)."""
+    policy = SearchPolicy(grace=50, partial_grace=20, first_wave_grace=30)
+    fresh, blurred = np.ones(6, bool), np.array([False, False, False, True, False, False])
+    assert policy.graces(fresh, blurred, partial=partial, wave=0).tolist() == expected
+    assert policy.graces(fresh, blurred, partial=partial, wave=1).tolist() == [0, 0, 0, 0 if partial else 50, 0, 0]
+
+
+@pytest.mark.parametrize("target, sizes, fresh_graces, hop_graces",
+                         [(kernels.log(7), [3, 5], {0, 30, 50}, {0, 50}), (kernels.log(7), [3, 3, 3], {0, 30}, {0, 20}),
+                          (kernels.motion_blur(7, angle=30.0), [3, 5], {0, 30}, {0})])
 def test_blur_starts_and_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, sizes, fresh_graces,
                                                                        hop_graces):
     """A band-pass target's hops are blur hops and noise hops (no grace); a line's are all noise.
     On two layers, where a blur hop keeps no factor of its minimum, blur starts and hops wait
-    ``grace`` (50); on three, blur hops ``partial_grace`` (20) and fresh starts none."""
+    ``grace`` (50); on three, blur hops ``partial_grace`` (20) and fresh starts none; every other
+    fresh start of the first wave without a grace of its own ``first_wave_grace`` (30 here)."""
     seen = []
     original = solve.refine
     monkeypatch.setattr(solve, "refine", lambda *a, **k: seen.append((a[10], np.asarray(a[11])))
                         or original(*a, **k))
-    result = factorize(target, Chain.build(sizes), solver=FAST, search=SMALL, baselines=())
+    result = factorize(target, Chain.build(sizes), solver=FAST, search=dataclasses.replace(SMALL, first_wave_grace=30),
+                       baselines=())
     assert result.evidence["waves"] > 1 and len(seen) == result.evidence["waves"]
+    assert 30 in seen[0][1][:, :seen[0][0]] and all(30 not in graces for _, graces in seen[1:])
     assert set().union(*(graces[:, :fresh].ravel().tolist() for fresh, graces in seen)) == fresh_graces
     assert set().union(*(graces[:, fresh:].ravel().tolist() for fresh, graces in seen)) == hop_graces
 
 
-@pytest.mark.parametrize("field, value", [("restarts", 0), ("first_order_waves", -1), ("wave", -1),
+@pytest.mark.parametrize("field, value", [("restarts", 0), ("first_order_waves", -1), ("first_wave_grace", -1),
+                                          ("wave", -1),
                                           ("partial_grace", -1), ("budget_s", -1.0), ("budget_s", float("nan")),
                                           ("keep", 0.0), ("perturb", 1.5), ("cutoff", 0.9),
                                           ("cutoff", float("inf")), ("cutoff", True), ("cutoff_after", -1)])

@@ -52,15 +52,20 @@ restarts left seeds 0-4 where 512 left them (76 of 85 within 1.01x) but lost 3 o
 seeds 5-9 (the 11x11 line at 45 degrees 4.6x above its best, the 15x15 line at 60 degrees and
 the 9x9 Gabor), after 384 lost 2.
 
-Only the first wave's fresh restarts take the first-order phase (the solver's share of them,
-:attr:`SearchPolicy.first_order_waves`); later waves' fresh restarts go straight to LM.  The
-L-BFGS phase cost about half of a search, and where it ran in every wave its polished fresh
-restarts drew the 13x13 disk's search into a basin 1.3x above the best often enough to stop
-there (`repeated` at 256 restarts, 4 of 10 seeds).  Over seeds 200-209 of the 17 targets of
-``experiments/bench_optimality.py`` 148 of 170 runs landed within 1.01x of the best known
-instead of 145, in 13.2 s instead of 18.2 s of median times in all (the 13x13 disk gained
-five seeds, the 11x11 ring and the line at 60 degrees one each; the motion blur lost two, the
-2->2 kernel and the line at 45 degrees one each).
+No wave takes the first-order phase by default (:attr:`SearchPolicy.first_order_waves`, 0):
+every restart goes straight to LM, and every other fresh start of the first wave (the ones the
+phase took before) is screened only after :attr:`SearchPolicy.first_wave_grace` LM iterations.
+Over seeds 400-439 of the 18 targets of ``experiments/bench_optimality.py`` that took 672 of 720
+runs within 1.01x of the best known where L-BFGS on those starts (200 steps, screened once
+after 100) took 659 (the 15x15 ring 16 of 40 instead of 10, the line at 40 degrees 39 instead
+of 36, the 2->2 kernel 33 instead of 32, the 9x9 Gabor 31 instead of 28), in less time on most
+targets (the 11x11 Gabor's median 0.39-0.44 s against 0.48-0.50 s; the 2->2 kernel's the same
+or more, up to 2.39 s against 1.77 s).  With no grace either, 329 of 360 over seeds 400-419
+(333 with L-BFGS); with a grace of 20 for every fresh start of the first wave, 192 of 220 on
+eleven targets (193); with 50 for all of them, as good as for half but slower.  Before, the
+phase ran in the first wave only: where it ran in every wave its polished fresh restarts drew
+the 13x13 disk's search into a basin 1.3x above the best often enough to stop there
+(`repeated` at 256 restarts, 4 of 10 seeds).
 
 ``SearchPolicy(restarts=N)`` instead runs exactly N restarts in one wave, each refined to
 convergence, as a plain multistart (every restart may take the first-order phase).
@@ -122,6 +127,9 @@ class SearchPolicy:
       perturb: share of each later wave that perturbs the best factors so far.
       first_order_waves: waves whose fresh restarts take the first-order phase (the solver's
         ``first_order_share`` of them); the fresh restarts of later waves go straight to LM.
+      first_wave_grace: LM iterations before every other fresh start of the first wave (one
+        without a grace of its own) is first screened: a fresh start bound for a rare basin
+        may rank low for a while (see the module docstring).
       cutoff: once screening is over, a restart still running after ``cutoff_after`` LM
         iterations stops (as pruned, not a refined minimum) if its error is above ``cutoff``
         times the best so far (the loss above ``cutoff**2`` times; None: every survivor runs to
@@ -149,17 +157,20 @@ class SearchPolicy:
     min_restarts: int = 512
     max_restarts: int = 1024
     perturb: float = 0.5
-    first_order_waves: int = 1
+    first_order_waves: int = 0
+    first_wave_grace: int = 50
     cutoff: float | None = 1.5
     cutoff_after: int = 50
 
     def __post_init__(self):
         for name in ("restarts", "wave", "floor", "segment", "grace", "partial_grace", "noise_grace", "hits",
-                     "patience", "min_restarts", "max_restarts", "first_order_waves", "cutoff_after"):
+                     "patience", "min_restarts", "max_restarts", "first_order_waves", "first_wave_grace",
+                     "cutoff_after"):
             value = getattr(self, name)
             if value is None and name == "restarts":
                 continue
-            least = 0 if name in ("grace", "partial_grace", "noise_grace", "first_order_waves", "cutoff_after") else 1
+            least = 0 if name in ("grace", "partial_grace", "noise_grace", "first_order_waves", "first_wave_grace",
+                                 "cutoff_after") else 1
             if not is_int(value) or value < least:
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.cutoff is not None and not (isinstance(self.cutoff, (int, float)) and not isinstance(self.cutoff, bool)
@@ -189,15 +200,20 @@ class SearchPolicy:
         """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`."""
         return Screening(self.keep, self.floor, self.cutoff, self.cutoff_after) if self.adaptive else None
 
-    def graces(self, fresh: np.ndarray, blurred: np.ndarray, *, partial: bool) -> np.ndarray:
-        """LM iterations before each restart of a wave may be screened (R,), from which are
-        ``fresh`` and which ``blurred`` (blur starts and the hops :func:`perturb` marks as moved),
-        on a chain whose blur hops keep a factor of their minimum (``partial``: three or more
-        layers) or not: ``grace`` for the blur starts and hops of a two-layer chain,
+    def graces(self, fresh: np.ndarray, blurred: np.ndarray, *, partial: bool, wave: int) -> np.ndarray:
+        """LM iterations before each restart of wave ``wave`` may be screened (R,), from which
+        are ``fresh`` and which ``blurred`` (blur starts and the hops :func:`perturb` marks as
+        moved), on a chain whose blur hops keep a factor of their minimum (``partial``: three or
+        more layers) or not: ``grace`` for the blur starts and hops of a two-layer chain,
         ``partial_grace`` for the blur hops of a deeper one, ``noise_grace`` for the other hops,
-        none for the other fresh starts."""
+        ``first_wave_grace`` for every other one (odd places) of the first wave's other fresh
+        starts, none for the rest."""
         blur = np.where(fresh, 0 if partial else self.grace, self.partial_grace if partial else self.grace)
-        return np.where(blurred, blur, np.where(fresh, 0, self.noise_grace))
+        graces = np.where(blurred, blur, np.where(fresh, 0, self.noise_grace))
+        if wave == 0:
+            odd = np.arange(fresh.size) % 2 == 1
+            graces = np.where(fresh & odd & (graces == 0), self.first_wave_grace, graces)
+        return graces
 
 
 def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:

@@ -50,7 +50,7 @@ class Solver:
       first_order_share: the fraction of restarts that run the first-order phase; the
         others go straight to LM.  The two reach different minima, and a portfolio of
         both finds the best one more often than either alone.  (The adaptive search gives
-        the phase to its first wave only: :attr:`SearchPolicy.first_order_waves`.)
+        the phase to none of its waves by default: :attr:`SearchPolicy.first_order_waves`.)
       linear_solver: how LM solves for its step: ``dense`` (the Jacobian built, a direct
         solve), ``cg`` (matrix-free preconditioned conjugate gradients, ``cg_iterations`` at
         most) or ``auto`` (dense while it is cheap, see :func:`dense_solve`).
