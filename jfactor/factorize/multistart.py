@@ -59,7 +59,7 @@ Over seeds 400-439 of the 18 targets of ``experiments/bench_optimality.py`` that
 runs within 1.01x of the best known where L-BFGS on those starts (200 steps, screened once
 after 100) took 659 (the 15x15 ring 16 of 40 instead of 10, the line at 40 degrees 39 instead
 of 36, the 2->2 kernel 33 instead of 32, the 9x9 Gabor 31 instead of 28), in less time on most
-targets (the 11x11 Gabor's median 0.39-0.44 s against 0.48-0.50 s; the 2->2 kernel's the same
+targets (the 11x11 Gabor's median 0.39-0.43 s against 0.48-0.50 s; the 2->2 kernel's the same
 or more, up to 2.39 s against 1.77 s).  With no grace either, 329 of 360 over seeds 400-419
 (333 with L-BFGS); with a grace of 20 for every fresh start of the first wave, 192 of 220 on
 eleven targets (193); with 50 for all of them, as good as for half but slower.  Before, the
