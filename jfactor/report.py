@@ -100,13 +100,11 @@ def plot_loss(result: Factorization, path) -> Path:
 
 def found_minima(result: Factorization) -> tuple[np.ndarray, np.ndarray]:
     """The distinct minima the refined restarts reached, best first, grouped as the evidence
-    groups them (:func:`jfactor.factorize.multistart.minima`): each one's relative error (M,)
+    groups them (:func:`jfactor.factorize.multistart.refined_minima`): each one's relative error (M,)
     and how many restarts reached it (M,)."""
     errors = result.restart_errors
-    refined = np.flatnonzero(~result.pruned & np.isfinite(errors))
-    groups = multistart.minima(errors[refined], multistart.EXACT[result.settings["dtype"]])
-    return (np.array([errors[refined[g[0]]] for g in groups], float),
-            np.array([g.size for g in groups], int))
+    groups = multistart.refined_minima(errors, result.pruned, multistart.EXACT[result.settings["dtype"]])
+    return np.array([errors[g[0]] for g in groups], float), np.array([g.size for g in groups], int)
 
 
 def plot_search(result: Factorization, path) -> Path:

@@ -94,8 +94,7 @@ def test_run_directory_holds_everything_and_is_never_reused(tmp_path):
     report = (a / "report.md").read_text()
     assert "3x3 -> 5x5" in report and "chain0_kernels.png" in report and "chain0_search.png" in report
     for name in ("chain0_kernels.png", "chain0_spectrum.png", "chain0_loss.png", "chain0_search.png",
-                 "chain0_factors.npz",
-                 "chain0_approx.npy", "config.yaml"):
+                 "chain0_factors.npz", "chain0_approx.npy", "config.yaml"):
         assert (a / name).exists(), name
     assert yaml.safe_load((a / "config.yaml").read_text())["restarts"] == 2
     # same config and seed, same numbers

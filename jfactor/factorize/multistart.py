@@ -236,6 +236,13 @@ def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
     return [np.asarray(g) for g in groups]
 
 
+def refined_minima(errors: np.ndarray, pruned: np.ndarray, floor: float) -> list[np.ndarray]:
+    """The distinct minima (:func:`minima`) of the refined restarts (neither ``pruned`` nor
+    diverged) among ``errors`` (R,), best first: each one's restarts as indices into ``errors``."""
+    index = np.flatnonzero(~pruned & np.isfinite(errors))
+    return [index[group] for group in minima(errors[index], floor)]
+
+
 def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dtype: str) -> dict:
     """What the restarts say about how sure the best is.
 
@@ -252,18 +259,16 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
       rounding floor).
     """
     floor = EXACT[dtype]
-    refined = ~pruned & np.isfinite(errors)
-    index = np.flatnonzero(refined)
-    groups = minima(errors[index], floor)
-    best = index[groups[0]] if groups else np.zeros(0, int)
+    groups = refined_minima(errors, pruned, floor)
+    best = groups[0] if groups else np.zeros(0, int)
     return {
         "restarts": int(errors.size),
-        "refined": int(index.size),
+        "refined": int(np.sum(~pruned & np.isfinite(errors))),
         "distinct_minima": len(groups),
         "best_error": float(errors[best[0]]) if best.size else None,
         "best_hits": int(best.size),
         "independent_hits": int(independent[best].sum()),
-        "runner_up": float(errors[index[groups[1][0]]]) if len(groups) > 1 else None,
+        "runner_up": float(errors[groups[1][0]]) if len(groups) > 1 else None,
         "exact": bool(best.size) and float(errors[best[0]]) <= floor,
     }
 
