@@ -50,6 +50,10 @@ width R reproduces the rank-R SVD truncation exactly (separable targets: exact).
   random starts.  They do not help everywhere (an 11x11 line at 45 degrees: every pairing
   ends 2-6x above the best, which grid-spaced line starts reach; so grid-spaced lines and
   symmetric starts are left as they are);
+- redraw hops (:func:`redraw_hop`, from a minimum already found, where the target has mirror
+  symmetries and the chain three or more layers): one factor a new symmetric random draw,
+  another refitted, the rest kept.  Good minima share factors, and a minimum one factor
+  away from a better one lies in a basin its noise hops do not leave;
 - ``random``: normal factors scaled so the chain's kernel has the target's norm.
 
 Inits are numpy (float64), built once per target before any compilation.
@@ -62,6 +66,7 @@ import math
 
 import numpy as np
 
+from jfactor.factorize import symmetry
 from jfactor.factorize.chain import Chain, Target, chain_kernel_numpy, check_chain
 
 INITS = ("auto", "roots", "svd", "lines", "blurs", "random")
@@ -490,6 +495,23 @@ def blur_hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: n
     """
     blurred, fitted = rng.choice(len(factors), 2, replace=False)
     return _replaced(factors, int(blurred), _blur(chain.layers[blurred].size, rng, orbits), int(fitted), kernel, chain)
+
+
+def redraw_hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: np.random.Generator,
+               group: list[tuple]) -> list[np.ndarray]:
+    """A hop from a minimum's ``factors`` (width 1, (*k_i, 1, 1), three or more) of ``kernel``
+    (:func:`fit_target`) to another basin: one factor (drawn) replaced by a normal draw projected
+    onto the target's mirror symmetries ``group`` (:func:`jfactor.factorize.symmetry.project`)
+    and another (drawn) refitted by least squares given the rest, the others kept.
+
+    On the 15x15 ring into 3-5-9 the best minimum shares its 9x9 factor (up to sign) with a
+    minimum 1.026x above it: from that minimum 30 of 128 such hops that redrew the 3x3 and
+    refitted the 5x5 reached the best, 1 of 128 with a draw not projected, and none of 128
+    noise hops.
+    """
+    drawn, fitted = rng.choice(len(factors), 2, replace=False)
+    draw = symmetry.project(rng.standard_normal(factors[drawn].shape), group, signed=False)
+    return _replaced(factors, int(drawn), draw, int(fitted), kernel, chain)
 
 
 def impulse_start(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: np.random.Generator,

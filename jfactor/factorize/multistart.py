@@ -333,6 +333,7 @@ def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
             move: Callable[[list[np.ndarray], np.random.Generator], list[np.ndarray] | None] | None = None,
             parents: list[list[np.ndarray]] | None = None,
             refit: Callable[[list[np.ndarray], np.random.Generator], list[np.ndarray]] | None = None,
+            redraw: Callable[[list[np.ndarray], np.random.Generator], list[np.ndarray]] | None = None,
             ) -> tuple[list[list[np.ndarray]], np.ndarray]:
     """``count`` perturbed copies of the elite factor lists (best first): half of them of the
     best, the rest spread over the others, with relative noise of 10% to 100% (log-spaced);
@@ -346,7 +347,9 @@ def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
     for a chain of two or more free layers), the noise hops of the other half (odd slots) are
     :func:`crossover` children of them instead, every other one with one factor refitted
     (``refit(factors, rng)``, where given: a least-squares refit such as
-    :func:`jfactor.factorize.init.refit_one`).  Returns the hops and which of them ``move``
+    :func:`jfactor.factorize.init.refit_one`).  Where ``redraw`` is given, the noise hops of the
+    best (even slots) are ``redraw(factors, rng)`` instead (a redraw hop such as
+    :func:`jfactor.factorize.init.redraw_hop`).  Returns the hops and which of them ``move``
     made (count,)."""
     scales = rng.permutation(np.geomspace(0.1, 1.0, max(count, 1)))
     sources = [0 if i % 2 == 0 or len(elite) == 1 else 1 + (i // 2) % (len(elite) - 1) for i in range(count)]
@@ -354,6 +357,8 @@ def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
     for i, (source, s) in enumerate(zip(sources, scales)):
         hop = move(elite[source], rng) if move is not None and (i // 2) % 4 else None
         moved[i] = hop is not None
+        if hop is None and redraw is not None and i % 2 == 0:
+            hop = redraw(elite[source], rng)
         if hop is None and parents is not None and len(parents) > 1 and i % 2 == 1:
             hop = crossover(parents, rng)
             if refit is not None and i % 4 == 3:
