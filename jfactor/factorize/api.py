@@ -244,10 +244,11 @@ def _redraw_hops(target: Target, chain: Chain, group: list):
 
     Over seeds 400-439 of ``experiments/bench_optimality.py``, the 15x15 ring into 3-5-9 landed
     within 1.01x of its best known in 32 of 40 runs with them instead of 16, the 11x11 line at 45
-    degrees in 40 instead of 38, the 11x11 ring in 40 as before.  On every target without mirror
-    symmetries (lines at other angles, the motion blur, random kernels) they took 12-37% more
-    time, whose unprojected draws reach new basins no more often than noise does (on the 15x15
-    ring 1 of 128 against 30 of 128 projected), and the line at 40 degrees 36 runs instead of 39.
+    degrees in 40 instead of 38, the 11x11 ring in 40 as before.  On the targets without mirror
+    symmetries (lines at other angles, the motion blur, random kernels), where the draw is not
+    projected, they gained no run, took 15-37% more time and lost the line at 40 degrees 3 runs;
+    from the ring's 1.026x trap unprojected draws reached its best in 1 of 128 hops, projected
+    ones in 30.
     """
     kernel = fit_target(target, chain)
     if not group or kernel is None or len(chain.layers) < 3 or _blur_hops(target, chain, group) is not None:

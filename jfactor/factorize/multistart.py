@@ -29,7 +29,9 @@ groupings (independent evidence) with perturbations of the best so far, which st
 a minimum and go straight to LM.  Half of those perturb the best; where two or more layers
 are free and no blur hops apply, the others are crossovers (:func:`crossover`): each factor
 copied from one of the eight best minima, every other child with one factor refitted by least
-squares (one channel, no frozen layer).  Over seeds 400-419 of the 14 targets of
+squares (one channel, no frozen layer); where the target has mirror symmetries and the chain
+three or more layers, the perturbations of the best are redraw hops instead of noise
+(:func:`jfactor.factorize.init.redraw_hop`).  Over seeds 400-419 of the 14 targets of
 ``experiments/bench_optimality.py`` without blur hops, 259 of 280 runs landed within 1.01x of
 the best known instead of 243 (252 with the four best as parents), none fewer on any target;
 in place of a band-pass target's few noise hops they took the 9x9 Gabor into 5-5 from 37 of
