@@ -506,7 +506,7 @@ def redraw_hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng:
 
     On the 15x15 ring into 3-5-9 the best minimum shares its 9x9 factor (up to sign) with a
     minimum 1.026x above it: from that minimum 30 of 128 such hops that redrew the 3x3 and
-    refitted the 5x5 reached the best, 1 of 128 with a draw not projected, and none of 128
+    refitted the 5x5 reached the best, 1 of 128 with a draw not projected, and none of 64
     noise hops.
     """
     drawn, fitted = rng.choice(len(factors), 2, replace=False)
