@@ -287,14 +287,19 @@ def test_a_refit_keeps_all_factors_but_one_least_squares_one(case, seed):
     assert _least_squares(refitted, changed[0], np.pad(kernel, check_chain(chain, target)), chain)
 
 
-def _d4_invariant(factor: np.ndarray) -> bool:
-    """Whether a square 2-D factor is left alone by both mirrors and the transposition."""
-    return all(np.allclose(factor, image, rtol=0, atol=1e-12 * np.abs(factor).max())
-               for image in (factor[::-1], factor[:, ::-1], factor.T))
+def _mirror_invariant(factor: np.ndarray) -> bool:
+    """Whether a cubic N-d factor is left alone by the mirror along every axis and every exchange of two axes."""
+    images = [np.flip(factor, a) for a in range(factor.ndim)]
+    images += [np.swapaxes(factor, a, b) for a in range(factor.ndim) for b in range(a + 1, factor.ndim)]
+    return all(np.allclose(factor, image, rtol=0, atol=1e-12 * np.abs(factor).max()) for image in images)
+
+
+_SHELL = np.exp(-(np.sqrt(((np.indices((7, 7, 7)) - 3.0) ** 2).sum(0)) - 2.5) ** 2)  # a 3-D ring: all 48 symmetries
 
 
 @given(st.sampled_from([(kernels.ring(15), Chain.build([3, 5, 9])), (kernels.ring(9), Chain.build([3, 3, 5])),
-                        (kernels.disk(11), Chain.build([3, 3, 3, 5]))]), st.integers(0, 2 ** 31))
+                        (kernels.disk(11), Chain.build([3, 3, 3, 5])),
+                        (_SHELL, Chain.build([3, 3, 3], ndim=3))]), st.integers(0, 2 ** 31))
 def test_a_redraw_hop_keeps_all_factors_but_a_symmetric_draw_and_a_least_squares_one(case, seed):
     kernel, chain = case
     target, rng = Target.from_array(kernel), np.random.default_rng(seed)
@@ -307,8 +312,8 @@ def test_a_redraw_hop_keeps_all_factors_but_a_symmetric_draw_and_a_least_squares
     fitted = [i for i in changed if _least_squares(hop, i, padded, chain)]
     drawn = [i for i in changed if i not in fitted]
     assert (len(kept), len(fitted), len(drawn)) == (len(hop) - 2, 1, 1)
-    assert all(_d4_invariant(hop[i]) for i in drawn)  # the draw: projected onto the ring's mirrors
-    assert not _d4_invariant(minimum[changed[0]][..., 0, 0])  # (the minimum's factors are not)
+    assert all(_mirror_invariant(hop[i]) for i in drawn)  # the draw: projected onto the target's mirrors
+    assert not _mirror_invariant(minimum[changed[0]][..., 0, 0])  # (the minimum's factors are not)
 
 
 @pytest.mark.parametrize("kernel, chain", [
@@ -316,6 +321,8 @@ def test_a_redraw_hop_keeps_all_factors_but_a_symmetric_draw_and_a_least_squares
     (kernels.motion_blur(11, angle=30.0), Chain.build([3, 5, 5])),  # no mirror symmetry
     (kernels.make("log", 15), Chain.build([3, 5, 9])),  # band-pass: blur hops instead
     (kernels.ring(9), Chain.build([3, 3, 5], channels=2)),  # no factor can be refitted
+    (np.convolve(np.arange(1.0, 5.0), np.arange(4.0, 0.0, -1.0)), Chain.build([3, 3, 3], ndim=1)),  # 1-D: its
+    # mirror is the point reflection, which gives no symmetric starts either
 ])
 def test_no_redraw_hops_without_mirrors_a_third_layer_a_refit_or_where_blur_hops_apply(kernel, chain):
     group = start_group(kernel[..., None, None], chain)
