@@ -582,9 +582,9 @@ def test_crossovers_take_the_noise_hops_of_the_other_half_every_other_one_refitt
 
 def test_redraw_hops_take_the_noise_hops_of_the_best_and_leave_the_crossovers():
     elite, shift = _elite(3, 3), lambda factors, rng: [f + 100.0 for f in factors]
-    hops, moved = perturb(elite, 16, np.random.default_rng(0), parents=elite, redraw=shift)
+    hops, _ = perturb(elite, 16, np.random.default_rng(0), parents=elite, redraw=shift)
     redrawn = [i for i, hop in enumerate(hops) if all(f.min() > 100 for f in hop)]
-    assert redrawn == list(range(0, 16, 2)) and not moved.any()
+    assert redrawn == list(range(0, 16, 2))
     assert all(np.array_equal(hops[i][0] - 100.0, elite[0][0]) for i in redrawn)  # of the best
     assert [i for i, hop in enumerate(hops) if _parents(hop, elite) is not None] == list(range(1, 16, 2))
 

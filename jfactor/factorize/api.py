@@ -238,17 +238,19 @@ def _blur_hops(target: Target, chain: Chain, group: list):
 
 def _redraw_hops(target: Target, chain: Chain, group: list):
     """``redraw(factors, rng)``: a redraw hop (:func:`jfactor.factorize.init.redraw_hop`, its
-    draw projected onto the target's mirror symmetries ``group``) for a target that has them,
-    where no blur hops apply (:func:`_blur_hops`), a factor can be refitted and the chain has
-    three or more layers (with two a hop would keep nothing of its minimum); None elsewhere.
+    draw projected onto the target's mirror symmetries ``group``, :func:`symmetry.start_group`)
+    for a target that has them (not a 1-D one: its mirror is the point reflection, which gives
+    no symmetric starts), where no blur hops apply (:func:`_blur_hops`), a factor can be
+    refitted (one channel, width 1, no frozen layer) and the chain has three or more layers
+    (with two a hop would keep nothing of its minimum); None elsewhere.
 
     Over seeds 400-439 of ``experiments/bench_optimality.py``, the 15x15 ring into 3-5-9 landed
     within 1.01x of its best known in 32 of 40 runs with them instead of 16, the 11x11 line at 45
-    degrees in 40 instead of 38, the 11x11 ring in 40 as before.  On the targets without mirror
-    symmetries (lines at other angles, the motion blur, random kernels), where the draw is not
-    projected, they gained no run, took 15-37% more time and lost the line at 40 degrees 3 runs;
-    from the ring's 1.026x trap unprojected draws reached its best in 1 of 128 hops, projected
-    ones in 30.
+    degrees in 40 instead of 38, the 11x11 ring in 40 as before.  A trial of them on every
+    target without blur hops, with the draw unprojected where the target has no mirrors (lines
+    at other angles, the motion blur, random kernels), gained those targets no run, took them
+    15-37% more time and lost the line at 40 degrees 3 runs; from the ring's 1.026x minimum
+    unprojected draws reached its best in 1 of 128 hops, projected ones in 30.
     """
     kernel = fit_target(target, chain)
     if not group or kernel is None or len(chain.layers) < 3 or _blur_hops(target, chain, group) is not None:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -493,8 +494,7 @@ def blur_hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: n
     On the 11x11 Gabor at 30 degrees into 3-5-5, noise around a minimum 1.017x above the best
     known led back to it in 64 of 64 tries, these hops to the best in 2 of 64.
     """
-    blurred, fitted = rng.choice(len(factors), 2, replace=False)
-    return _replaced(factors, int(blurred), _blur(chain.layers[blurred].size, rng, orbits), int(fitted), kernel, chain)
+    return _hop(factors, kernel, chain, rng, lambda i: _blur(chain.layers[i].size, rng, orbits))
 
 
 def redraw_hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: np.random.Generator,
@@ -509,9 +509,8 @@ def redraw_hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng:
     refitted the 5x5 reached the best, 1 of 128 with a draw not projected, and none of 64
     noise hops.
     """
-    drawn, fitted = rng.choice(len(factors), 2, replace=False)
-    draw = symmetry.project(rng.standard_normal(factors[drawn].shape), group, signed=False)
-    return _replaced(factors, int(drawn), draw, int(fitted), kernel, chain)
+    return _hop(factors, kernel, chain, rng,
+                lambda i: symmetry.project(rng.standard_normal(factors[i].shape), group, signed=False))
 
 
 def impulse_start(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: np.random.Generator,
@@ -537,6 +536,14 @@ def refit_one(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain,
     (:func:`fit_target`) by least squares given the others (a crossover child's, see
     :func:`jfactor.factorize.multistart.crossover`)."""
     return _fit_factor(factors, int(rng.integers(len(factors))), kernel, chain)
+
+
+def _hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: np.random.Generator,
+         new: Callable[[int], np.ndarray]) -> list[np.ndarray]:
+    """``factors`` with one factor (drawn) replaced by ``new(its index)`` and another (drawn)
+    refitted (:func:`_replaced`): the move of :func:`blur_hop` and :func:`redraw_hop`."""
+    replaced, fitted = rng.choice(len(factors), 2, replace=False)
+    return _replaced(factors, int(replaced), new(int(replaced)), int(fitted), kernel, chain)
 
 
 def _replaced(factors: list[np.ndarray], replaced: int, factor: np.ndarray, fitted: int, kernel: np.ndarray,

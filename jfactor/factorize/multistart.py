@@ -29,13 +29,14 @@ groupings (independent evidence) with perturbations of the best so far, which st
 a minimum and go straight to LM.  Half of those perturb the best; where two or more layers
 are free and no blur hops apply, the others are crossovers (:func:`crossover`): each factor
 copied from one of the eight best minima, every other child with one factor refitted by least
-squares (one channel, no frozen layer); where the target has mirror symmetries and the chain
-three or more layers, the perturbations of the best are redraw hops instead of noise
-(:func:`jfactor.factorize.init.redraw_hop`).  Over seeds 400-419 of the 14 targets of
+squares (one channel, no frozen layer).  Over seeds 400-419 of the 14 targets of
 ``experiments/bench_optimality.py`` without blur hops, 259 of 280 runs landed within 1.01x of
 the best known instead of 243 (252 with the four best as parents), none fewer on any target;
 in place of a band-pass target's few noise hops they took the 9x9 Gabor into 5-5 from 37 of
-its seeds 420-469 within 1.01x to 24.  The evidence
+its seeds 420-469 within 1.01x to 24.  Where, besides, the target has mirror symmetries that
+give symmetric starts, a factor can be refitted and the chain has three or more layers, the
+perturbations of the best are redraw hops instead of noise
+(:func:`jfactor.factorize.init.redraw_hop`, :func:`jfactor.factorize.api._redraw_hops`).  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
 (independent fresh starts only), next to the number of distinct minima and the runner-up.
 Fresh structured starts (root groupings, lines, blurs, symmetric starts; not the impulse and comb starts of
@@ -351,8 +352,9 @@ def perturb(elite: list[list[np.ndarray]], count: int, rng: np.random.Generator,
     (``refit(factors, rng)``, where given: a least-squares refit such as
     :func:`jfactor.factorize.init.refit_one`).  Where ``redraw`` is given, the noise hops of the
     best (even slots) are ``redraw(factors, rng)`` instead (a redraw hop such as
-    :func:`jfactor.factorize.init.redraw_hop`).  Returns the hops and which of them ``move``
-    made (count,)."""
+    :func:`jfactor.factorize.init.redraw_hop`; not marked: screened as noise hops are, a grace
+    of 20 LM iterations for them gained the 15x15 ring no run).  Returns the hops and which of
+    them ``move`` made (count,)."""
     scales = rng.permutation(np.geomspace(0.1, 1.0, max(count, 1)))
     sources = [0 if i % 2 == 0 or len(elite) == 1 else 1 + (i // 2) % (len(elite) - 1) for i in range(count)]
     hops, moved = [], np.zeros(count, bool)
