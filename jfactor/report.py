@@ -112,7 +112,7 @@ def plot_search(result: Factorization, path) -> Path:
     far and the waves (left); each distinct minimum against the restarts that reached it (right)."""
     found = result.evidence
     errors = np.maximum(result.restart_errors, 1e-17)
-    refined = ~result.pruned & np.isfinite(errors)
+    refined = multistart.refined(result.restart_errors, result.pruned)
     order = np.arange(1, errors.size + 1)
     fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     ax.semilogy(order[refined], errors[refined], ".", color="0.6", ms=4, label="refined restart")

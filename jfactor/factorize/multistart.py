@@ -239,10 +239,16 @@ def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
     return [np.asarray(g) for g in groups]
 
 
+def refined(errors: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+    """Which restarts were refined to a minimum (R,): neither ``pruned`` (R,) nor diverged (their
+    ``errors`` (R,) not finite)."""
+    return ~pruned & np.isfinite(errors)
+
+
 def refined_minima(errors: np.ndarray, pruned: np.ndarray, floor: float) -> list[np.ndarray]:
-    """The distinct minima (:func:`minima`) of the refined restarts (neither ``pruned`` nor
-    diverged) among ``errors`` (R,), best first: each one's restarts as indices into ``errors``."""
-    index = np.flatnonzero(~pruned & np.isfinite(errors))
+    """The distinct minima (:func:`minima`) of the :func:`refined` restarts among ``errors``
+    (R,), best first: each one's restarts as indices into ``errors``."""
+    index = np.flatnonzero(refined(errors, pruned))
     return [index[group] for group in minima(errors[index], floor)]
 
 
@@ -266,7 +272,7 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
     best = groups[0] if groups else np.zeros(0, int)
     return {
         "restarts": int(errors.size),
-        "refined": int(np.sum(~pruned & np.isfinite(errors))),
+        "refined": int(refined(errors, pruned).sum()),
         "distinct_minima": len(groups),
         "best_error": float(errors[best[0]]) if best.size else None,
         "best_hits": int(best.size),
