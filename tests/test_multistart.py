@@ -232,13 +232,14 @@ def test_every_other_fresh_start_of_the_first_wave_waits_the_first_wave_grace(pa
 
 
 @pytest.mark.parametrize("target, sizes, fresh_graces, hop_graces",
-                         [(kernels.log(7), [3, 5], {0, 30, 50}, {0, 50}), (kernels.log(7), [3, 3, 3], {0, 30}, {0, 20}),
+                         [(kernels.log(7), [3, 5], {0, 30, 100}, {0, 100}),
+                          (kernels.log(7), [3, 3, 3], {0, 30}, {0, 20}),
                           (kernels.motion_blur(7, angle=30.0), [3, 5], {0, 30}, {0})])
 def test_blur_starts_and_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, sizes, fresh_graces,
                                                                        hop_graces):
     """A band-pass target's hops are blur hops and noise hops (no grace); a line's are all noise.
     On two layers, where a blur hop keeps no factor of its minimum, blur starts and hops wait
-    ``grace`` (50); on three, blur hops ``partial_grace`` (20) and fresh starts none; every other
+    ``grace`` (100); on three, blur hops ``partial_grace`` (20) and fresh starts none; every other
     fresh start of the first wave without a grace of its own ``first_wave_grace`` (30 here)."""
     seen = []
     original = solve.refine

@@ -38,7 +38,7 @@ from jfactor.errors import ConfigError
 from jfactor.factorize import BASELINES, DEFAULT_BASELINES, Chain, Objective, Solver, Target
 from jfactor.factorize.init import INITS
 from jfactor.factorize.objectives import OBJECTIVES, load_images
-from jfactor.factorize.solve import LINEAR_SOLVERS, OPTIMIZERS, REFINES, SCHEDULES
+from jfactor.factorize.solve import HESSIANS, LINEAR_SOLVERS, OPTIMIZERS, REFINES, SCHEDULES
 from jfactor.schema import Strict, load_yaml, unknown_key, validate
 from jfactor.stack_config import StackConfig, WeightSpec, _Builder, stack_from_dict
 
@@ -110,6 +110,7 @@ class SolverSpec(Strict):
     first_order_share: Annotated[float, Field(ge=0, le=1)] = 0.5
     linear_solver: Literal[LINEAR_SOLVERS] = "auto"  # type: ignore[valid-type]
     cg_iterations: PositiveInt = 100
+    hessian: Literal[HESSIANS] = "gauss-newton"  # type: ignore[valid-type]
     chunk: PositiveInt = 100
 
 

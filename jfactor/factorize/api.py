@@ -25,7 +25,7 @@ from jfactor.cache import compile_stats
 from jfactor.errors import ConfigError
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
-from jfactor.factorize import multistart, symmetry
+from jfactor.factorize import multistart, solve, symmetry
 from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
 from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, comb_init, fit_target, has_line_axis,
                                     impulse_start, line_init, random_init, redraw_hop, refit_one, separable_init)
@@ -435,6 +435,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     refits = [_refits(u, chain) for u in units]
     redraws = [_redraw_hops(u, chain, g) for u, g in zip(units, groups)]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
+    # blur starts and hops of a two-layer chain take the exact Hessian (SearchPolicy.exact_hessian)
+    exact_blurs = (policy.exact_hessian and len(chain.layers) == 2 and any(m is not None for m in moves)
+                   and solve.takes_exact_hessian(problem, residuals))
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
 
     def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray, np.ndarray]:
@@ -458,8 +461,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         blurred = np.concatenate([np.zeros(len(own), bool), blur_starts, moved])
         independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
         # a blur hop replaces one factor and refits another: on three or more layers it keeps the rest
-        return own + sampled + hops, fresh, independent, policy.graces(fresh, blurred, partial=len(chain.layers) > 2,
-                                                                       wave=wave)
+        return (own + sampled + hops, fresh, independent,
+                policy.graces(fresh, blurred, partial=len(chain.layers) > 2, wave=wave), blurred & exact_blurs)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None
@@ -483,14 +486,15 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
             free = tuple(jnp.asarray(np.stack([[s[i] for s in starts] for starts, *_ in padded_rows]), np_dtype)
                          for i in problem.free)
             wave_targets = jnp.asarray(normalised[rows], np_dtype)
-            graces = np.stack([row[-1] for row in padded_rows])
+            graces = np.stack([row[3] for row in padded_rows])
+            exact = np.stack([row[4] for row in padded_rows])
             best_before = np.array([records[b].best_loss for b in rows])
             free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
                 lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
                                        quiet if policy.adaptive else bar, policy.prune(), exact_loss,
                                        min(int(fresh.sum()) for _, fresh, *_ in drawn), policy.first_order(wave),
-                                       batch[2], batch[3]),
-                (wave_targets, free, graces, best_before), mesh=mesh, shard=shard)
+                                       batch[2], batch[3], batch[4] if exact_blurs else None),
+                (wave_targets, free, graces, best_before, exact), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
             elapsed = time.perf_counter() - start
             for j, b in enumerate(live):

@@ -421,6 +421,43 @@ def chain_normal_equations(factors, chain: Chain, free: tuple[int, ...], residua
     return jnp.block([[blocks[i, j] for j in free] for i in free]), gradient
 
 
+def chain_second_order(factors, chain: Chain, free: tuple[int, ...], residual):
+    """``sum_x r(x) d^2 K(x)``, the Hessian of ``|r|^2 / 2`` less ``J^T J`` (n_free, n_free), where
+    ``K`` is the folded kernel and ``r`` (``residual``, shaped like it) is ``K`` minus a target.
+
+    ``K`` is linear in each factor, so the diagonal blocks are zero; the block of factors
+    ``i < j`` at taps ``(t, s)`` is the cross-correlation of ``r`` with the chain of every
+    factor but those two (``i``'s and ``j``'s slots left open: before ``i``, between them,
+    after ``j``) at ``D_i t + D_j s``: one inverse FFT per pair and a gather, as in
+    :func:`chain_normal_equations`, whose layout it shares.
+    """
+    nd = chain.ndim
+    extent = chain.extent
+    axes = tuple(range(nd))
+    spectra = _spectra(factors, chain)
+    freq_shape = spectra[0].shape[:nd]
+    dtype = spectra[0].dtype
+    channels = chain.channels(spectra[0].shape[-2], spectra[-1].shape[-1])
+    shifts = {i: _points(factors[i].shape[:nd]) * np.array(chain.effective_dilations[i]) for i in free}
+    error = jnp.fft.rfftn(residual, axes=axes)  # (*freq, C_0, C_L)
+    sizes = [factors[i].size for i in free]
+    blocks = {}
+    for a, i in enumerate(free):
+        blocks[i, i] = jnp.zeros((sizes[a], sizes[a]), residual.dtype)
+        for j in free[a + 1:]:
+            before = _product(spectra[:i], freq_shape, channels[0], dtype)  # (*freq, C_0, C_{i-1})
+            between = _product(spectra[i + 1:j], freq_shape, channels[i + 1], dtype)  # (*freq, C_i, C_{j-1})
+            after = _product(spectra[j + 1:], freq_shape, channels[j + 1], dtype)  # (*freq, C_j, C_L)
+            spectrum = jnp.einsum("...ab,...ac,...de,...fb->...cdef", error, jnp.conj(before), jnp.conj(between),
+                                  jnp.conj(after))
+            corr = jnp.fft.irfftn(spectrum, s=extent, axes=axes)
+            pair = corr.reshape((-1,) + corr.shape[nd:])[_wrapped(shifts[i][:, None] + shifts[j][None, :], extent)]
+            pair = jnp.transpose(pair, (0, 2, 3, 1, 4, 5))  # (T_i, C_{i-1}, C_i, T_j, C_{j-1}, C_j)
+            blocks[i, j] = pair.reshape(pair.shape[0] * pair.shape[1] * pair.shape[2], -1)
+            blocks[j, i] = blocks[i, j].T
+    return jnp.block([[blocks[i, j] for j in free] for i in free])
+
+
 def chain_jacobian_norms(factors, chain: Chain, free: tuple[int, ...]):
     """Squared column norms of :func:`chain_jacobian` (n_free,), without building it.
 

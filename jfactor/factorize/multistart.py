@@ -107,8 +107,12 @@ class SearchPolicy:
         a start into a better basin crosses a plateau before it drops (on the 9x9 Gabor into 5-5
         a grace of 30 for every hop lost 10 of 10 seeds; screening its fresh blur starts from the
         first segment on, as the search did before, 39 of 60 runs over seeds 340-399 landed
-        within 1.01x of the best known instead of 46, in 9% less time).  LM iterations only: a
-        fresh start that takes the first-order phase may be screened out there first.
+        within 1.01x of the best known instead of 46, in 9% less time; those were Gauss-Newton
+        steps with a grace of 50).  With the exact Hessian (``exact_hessian``) the runs into the
+        best basin cross it in 76-98 iterations, ranked in the worst sixth of their blur starts
+        at 50: over seeds 400-439 a grace of 70 took 26 of 40 runs there, 85 took 40, 100 took
+        39, in about as many LM iterations as 85.  LM iterations only: a fresh start that takes
+        the first-order phase may be screened out there first.
       partial_grace: the same for a blur hop of a chain of three or more layers, which keeps a
         factor of its minimum (fresh blur starts there wait none): over seeds 340-349 of the 11x11
         and 15x15 Gabors and the DoG of ``experiments/bench_optimality.py``, 20 iterations left all
@@ -144,6 +148,20 @@ class SearchPolicy:
         15 degrees 20% less, the 9x9 Gabor 16%, the 15x15 ring 10%, the DoG and the motion blur
         5-8%; none slower beyond this machine's noise).
       cutoff_after: LM iterations before the cutoff applies.
+      exact_hessian: whether the blur starts and hops of a two-layer chain (those that wait
+        ``grace``) take LM steps on the loss's exact Hessian instead of Gauss-Newton's ``J^T J``
+        (:func:`jfactor.factorize.solve.refine`; the kernel objective, where the step comes
+        from the normal equations).  The plateau they cross is a saddle region (the Hessian
+        has negative eigenvalues there), which ``J^T J`` cannot see: from 512 blur starts of
+        the 9x9 Gabor into 5-5, LM reached the best known from 9 (7 at another seed) with it,
+        from none without; from 512 random starts 3 and none.  In the default search (grace
+        100) 39 of seeds 400-439 landed within 1.01x of the best known instead of 31, 30 of the
+        held-out 440-469 instead of 23, in about 20% more LM iterations (Gauss-Newton steps with
+        a grace of 100: 35 and 27).  For every restart of
+        every target (``Solver(hessian="full")``) it lost runs elsewhere: 648 of 720 over seeds
+        400-439 of the 18 targets of ``experiments/bench_optimality.py`` against 685 (the line
+        at 40 degrees 26 of 40 against 39, the 15x15 ring 16 against 28, the 11x11 Gabor 29
+        against 38).
     """
 
     restarts: int | None = None
@@ -152,7 +170,7 @@ class SearchPolicy:
     keep: float = 0.5
     floor: int = 4
     segment: int = 10
-    grace: int = 50
+    grace: int = 100
     partial_grace: int = 20
     noise_grace: int = 0
     hits: int = 3
@@ -164,6 +182,7 @@ class SearchPolicy:
     first_wave_grace: int = 50
     cutoff: float | None = 1.5
     cutoff_after: int = 50
+    exact_hessian: bool = True
 
     def __post_init__(self):
         for name in ("restarts", "wave", "floor", "segment", "grace", "partial_grace", "noise_grace", "hits",
@@ -179,6 +198,8 @@ class SearchPolicy:
         if self.cutoff is not None and not (isinstance(self.cutoff, (int, float)) and not isinstance(self.cutoff, bool)
                                             and math.isfinite(self.cutoff) and self.cutoff >= 1):
             raise ConfigError(f"cutoff must be a number >= 1 (or None: off), got {self.cutoff!r}")
+        if not isinstance(self.exact_hessian, bool):
+            raise ConfigError(f"exact_hessian must be true or false, got {self.exact_hessian!r}")
         if self.budget_s is not None and not (math.isfinite(self.budget_s) and self.budget_s > 0):
             raise ConfigError(f"budget_s must be a positive number of seconds, got {self.budget_s!r}")
         for name in ("keep", "perturb"):

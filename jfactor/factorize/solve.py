@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -27,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 from jfactor.cache import cached_jit
 from jfactor.errors import ConfigError
 from jfactor.factorize.chain import (Chain, chain_jacobian, chain_jacobian_norms, chain_kernel,
-                                     chain_normal_equations)
+                                     chain_normal_equations, chain_second_order)
 from jfactor.factorize.objectives import Objective
 from jfactor.schema import unknown_key
 
@@ -35,6 +36,7 @@ OPTIMIZERS = ("adam", "lbfgs", "none")
 SCHEDULES = ("constant", "cosine", "exponential")
 REFINES = ("lm", "none")
 LINEAR_SOLVERS = ("auto", "dense", "cg")
+HESSIANS = ("gauss-newton", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,10 @@ class Solver:
       linear_solver: how LM solves for its step: ``dense`` (the Jacobian built, a direct
         solve), ``cg`` (matrix-free preconditioned conjugate gradients, ``cg_iterations`` at
         most) or ``auto`` (dense while it is cheap, see :func:`dense_solve`).
+      hessian: the curvature LM's step is damped around: ``gauss-newton`` (``J^T J``) or ``full``
+        (the loss's exact Hessian, ``J^T J`` plus the residual's second-order term,
+        :func:`jfactor.factorize.chain.chain_second_order`; the kernel objective with the dense
+        solve only).  Where it is not positive definite, the step fails and the damping grows.
       chunk: steps per jitted segment (progress granularity).
     """
 
@@ -66,13 +72,15 @@ class Solver:
     first_order_share: float = 0.5
     linear_solver: str = "auto"
     cg_iterations: int = 100
+    hessian: str = "gauss-newton"
     chunk: int = 100
 
     def __post_init__(self):
         for name, value, accepted in (("optimizer", self.optimizer, OPTIMIZERS),
                                       ("schedule", self.schedule, SCHEDULES),
                                       ("refine", self.refine, REFINES),
-                                      ("linear_solver", self.linear_solver, LINEAR_SOLVERS)):
+                                      ("linear_solver", self.linear_solver, LINEAR_SOLVERS),
+                                      ("hessian", self.hessian, HESSIANS)):
             if value not in accepted:
                 raise ConfigError(f"solver.{name}: {unknown_key(value, accepted, name)}")
         for name in ("steps", "refine_steps", "chunk", "cg_iterations"):
@@ -223,14 +231,37 @@ def _jacobian(problem: Problem, free, frozen, target, images):
     return r, jac
 
 
-def _normal_equations(problem: Problem, free, frozen, target):
+def _normal_equations(problem: Problem, free, frozen, target, exact=None):
     """``J^T J`` (n, n) and ``J^T r`` (n,) of the kernel objective (whose residual is the
-    kernel's error over the target's norm) by correlations (:func:`chain_normal_equations`)."""
+    kernel's error over the target's norm) by correlations (:func:`chain_normal_equations`);
+    with ``solver.hessian == "full"``, or where ``exact`` (a bool, this restart's) is true, the
+    loss's exact Hessian in place of ``J^T J`` (:func:`chain_second_order` added)."""
     factors = factors_of(problem, free, frozen)
     scale = jnp.linalg.norm(target)
     error = (chain_kernel(factors, problem.chain) - target) / scale
     gram, gradient = chain_normal_equations(factors, problem.chain, problem.free, error)
-    return gram / scale**2, gradient / scale
+    gram = gram / scale**2
+    full = problem.solver.hessian == "full"
+    if full or exact is not None:
+        second = chain_second_order(factors, problem.chain, problem.free, error) / scale
+        gram = gram + (second if full else jnp.where(exact, second, 0.0))
+    return gram, gradient / scale
+
+
+def _normal_path(problem: Problem, m: int, n: int) -> bool:
+    """Whether LM's step for ``m`` residuals and ``n`` parameters comes from the chain's normal
+    equations (:func:`_normal_equations`): the kernel objective, m >= n, a dense solve."""
+    solver = problem.solver
+    dense = solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n))
+    return dense and m >= n and problem.objective.name == "kernel"
+
+
+def takes_exact_hessian(problem: Problem, residuals: int) -> bool:
+    """Whether LM's steps on this problem, with ``residuals`` residuals, may take the loss's
+    exact Hessian (:func:`_normal_equations`): where they come from the normal equations."""
+    n = sum(math.prod(shape) for i, shape in enumerate(problem.chain.factor_shapes(problem.c_in, problem.c_out))
+            if i in problem.free)
+    return _normal_path(problem, residuals, n)
 
 
 def dense_solve(m: int, n: int) -> bool:
@@ -297,9 +328,13 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     ftol = max(1e-10, 1e4 * float(eps))  # relative cost decrease below which a step counts as converged
     m, n = jax.eval_shape(fn, x).shape[0], x.shape[0]
     solver = problem.solver
+    if (solver.hessian == "full" or "exact" in state) and not _normal_path(problem, m, n):
+        raise ConfigError("solver.hessian full (the exact Hessian) needs the kernel objective, at least as many "
+                          f"residuals as parameters (here {m} and {n}) and the dense linear solver; use "
+                          "hessian gauss-newton")
     if solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n)):
         if m >= n and problem.objective.name == "kernel":  # J^T J without J (m n^2 saved)
-            gram, g = _normal_equations(problem, unravel(x), frozen, target)
+            gram, g = _normal_equations(problem, unravel(x), frozen, target, state.get("exact"))
             delta = _normal_step(gram, g, mu)
             curvature = jnp.vdot(delta, gram @ delta)
         else:
@@ -329,6 +364,7 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
         "done": (accept & (small_step | flat | (new_cost <= tiny * 1e6))) | (mu > 1e16)
         | (jnp.linalg.norm(g) <= tiny),
         "iterations": state["iterations"] + 1,
+        **({"exact": state["exact"]} if "exact" in state else {}),
     }
     return jax.tree.map(lambda old, upd: jnp.where(state["done"], old, upd), state, new)
 
@@ -514,7 +550,8 @@ def _above_cutoff(cost, live, owner, best_before, cutoff: float) -> np.ndarray:
 
 def refine(problem: Problem, state, free, frozen, target, images, progress, prune: Screening | None = None,
            exact_loss: float | None = None, screened: np.ndarray | None = None, fresh: int | None = None,
-           graces: np.ndarray | None = None, best_before: np.ndarray | None = None):
+           graces: np.ndarray | None = None, best_before: np.ndarray | None = None,
+           exact_hessian: np.ndarray | None = None):
     """LM on every (target, restart), ``chunk`` iterations at a time; returns (state, history, pruned).
 
     Items are flattened to one axis and each chunk is one :func:`lm_segment` call on all of
@@ -536,12 +573,16 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     the survivors far above their target's best (:func:`_above_cutoff`, ``best_before`` (B,) its
     best loss before this batch, default none) stop as pruned: their minima cannot be the best,
     and the slowest of them run on alone, where an iteration costs the most per restart.
+    ``exact_hessian`` (B, R): the restarts whose steps take the loss's exact Hessian where the
+    solver's is Gauss-Newton's (:func:`_normal_equations`; default: none).
     """
     solver = problem.solver
     batch, restarts = state["cost"].shape
     pruned = np.zeros(batch * restarts, bool) if screened is None else screened.ravel().copy()
     total = batch * restarts
     state = jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), state)
+    if exact_hessian is not None:
+        state["exact"] = np.asarray(exact_hessian, bool).ravel()
     # on the host like the state: a slice of sharded factors would make the segment one program over
     # every device they are sharded on, whose while-loop deadlocks XLA's CPU backend (jax 0.10.2)
     template = jax.tree.map(lambda a: np.asarray(a[0, 0]), free)
@@ -727,7 +768,8 @@ def first_order(problem: Problem, carry, frozen, target, images, progress, prune
 
 def optimise(problem: Problem, free, frozen, target, images, progress, prune: Screening | None = None,
              exact_loss: float | None = None, fresh: int | None = None, first_order_phase: bool = True,
-             graces: np.ndarray | None = None, best_before: np.ndarray | None = None):
+             graces: np.ndarray | None = None, best_before: np.ndarray | None = None,
+             exact_hessian: np.ndarray | None = None):
     """Both phases on a batch (B targets, R restarts); ``progress.advance`` per segment.
 
     Returns (free factors, history (B, R, steps) of the normalised loss, losses (B, R),
@@ -739,7 +781,8 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
     restarts count as pruned.  Only the first ``fresh`` restarts (default: all) may take the
     first-order phase; the others perturb earlier minima and go straight to LM.  ``graces``
     (B, R): LM iterations before each restart may be screened, and ``best_before`` (B,) each target's
-    best loss before this batch, for ``prune.cutoff`` (:func:`refine`).  Without
+    best loss before this batch, for ``prune.cutoff``, and ``exact_hessian`` (B, R) the restarts whose
+    LM steps take the exact Hessian (:func:`refine`).  Without
     ``first_order_phase`` every restart goes straight to LM (where the solver refines by LM).
     """
     fresh = free[0].shape[1] if fresh is None else fresh
@@ -763,7 +806,7 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
         state = None  # the starts, or the first-order phase's best points, stand
     elif state is not None:
         state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss,
-                                       screened, fresh, graces, best_before)
+                                       screened, fresh, graces, best_before, exact_hessian)
     free, losses, errors = finish(problem, free, state, frozen, target, images)
     losses, errors = np.asarray(losses), np.asarray(errors)
     took_first = np.zeros(restarts, bool)
