@@ -121,6 +121,8 @@ def test_set_overrides_any_key(tmp_path):
     ({"target": {"file": "missing.npy"}}, r"missing\.npy: weight file not found"),
     ({"target": {"family": "gausian", "size": 7}}, r"unknown kernel family 'gausian'; did you mean 'gaussian'\?"),
     ({"solver": {"optimizer": "sgd"}}, r"solver\.optimizer: Input should be 'adam', 'lbfgs' or 'none'"),
+    ({"solver": {"hessian": "newton"}}, r"solver\.hessian: Input should be 'gauss-newton' or 'full'"),
+    ({"solver": {"hessian": "full"}, "objective": "spectral"}, r"solver\.hessian full .* needs objective kernel"),
     ({"target": {"family": "gaussian", "size": 7, "params": {"sigmaa": 1}}}, r"did you mean 'sigma'\?"),
 ])
 def test_bad_configs_fail_before_any_compute_with_one_message(change, message, tmp_path):

@@ -159,6 +159,8 @@ class ExperimentConfig(Strict):
                              "target: {stack: path.yaml})")
         if self.target is not None and not self.all_chains:
             raise ValueError("a target needs a chain (or chains) to factorize it into")
+        if self.solver.hessian == "full" and (self.objective.name != "kernel" or self.solver.refine != "lm"):
+            raise ValueError("solver.hessian full (the exact Hessian) needs objective kernel and solver.refine lm")
         return self
 
     @property

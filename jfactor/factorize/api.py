@@ -414,6 +414,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     padded_shape = extent + first.kernel.shape[-2:]
     spec = lambda shape: jax.ShapeDtypeStruct(shape, np_dtype)  # noqa: E731
     residuals = residual_size(objective, spec(padded_shape), spec(image_shape) if objective.name == "images" else None)
+    solve.check_hessian(problem, residuals)
     cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu",
                            arrays=budget.arrays(padded_shape, len(targets),
@@ -435,16 +436,18 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     refits = [_refits(u, chain) for u in units]
     redraws = [_redraw_hops(u, chain, g) for u, g in zip(units, groups)]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
-    # blur starts and hops of a two-layer chain take the exact Hessian (SearchPolicy.exact_hessian)
+    # blur starts and hops of a two-layer chain take the exact Hessian (SearchPolicy.exact_hessian); every restart of
+    # a wave then computes its second-order term (vmapped), the Gauss-Newton ones without using it
     exact_blurs = (policy.exact_hessian and len(chain.layers) == 2 and any(m is not None for m in moves)
                    and solve.takes_exact_hessian(problem, residuals))
     objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
 
-    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray, np.ndarray]:
+    def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without
         regard to the minima found so far: the user's, structured and random starts; they come
         first), not perturbations of those minima; which are independent evidence (the fresh
-        ones but impulse and comb starts); and the LM iterations before each may be screened."""
+        ones but impulse and comb starts); the LM iterations before each may be screened; and
+        which take the exact Hessian (``exact_blurs``: the blur starts and hops)."""
         own = given[b] if wave == 0 else []
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0

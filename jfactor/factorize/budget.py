@@ -59,7 +59,7 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
       cpu: LM groups on a CPU hold ~8 MB of dense Jacobians at a time (see ``solve``).
       arrays: bytes of further parts (:func:`arrays`), counted as they are.
     """
-    from jfactor.factorize.solve import dense_solve
+    from jfactor.factorize.solve import dense_step
 
     shapes = chain.factor_shapes(c_in, c_out)
     sizes = [math.prod(shapes[i]) for i in free]
@@ -68,8 +68,7 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
     channels = chain.channels(c_in, c_out)
     memory, flops = {}, 0.0
     if solver.refines:
-        dense = solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n))
-        if dense:
+        if dense_step(solver, m, n):
             per_item = (m * n + min(m, n) ** 2) * itemsize
             in_flight = min(items, max(1, int(8e6 // (m * n * itemsize)))) if cpu else items
             step = min(m * n * n, m * m * n)

@@ -384,6 +384,26 @@ def chain_jacobian(factors, chain: Chain, free: tuple[int, ...]):
     return jnp.concatenate(blocks, axis=1)
 
 
+def _correlation_at(spectrum, offsets: np.ndarray, chain: Chain):
+    """The correlation whose rfft is ``spectrum`` (*freq, ...) at ``offsets`` (..., nd), wrapped
+    into the chain's extent: (..., *spectrum's trailing axes)."""
+    nd = chain.ndim
+    corr = jnp.fft.irfftn(spectrum, s=chain.extent, axes=tuple(range(nd)))
+    return corr.reshape((-1,) + corr.shape[nd:])[_wrapped(offsets, chain.extent)]
+
+
+def _pair_block(pair):
+    """A (T_i, T_j, C_{i-1}, C_i, C_{j-1}, C_j) block of a matrix over two factors' entries as
+    rows (i's taps and channels, raveled as the factor is) by columns (j's)."""
+    pair = jnp.transpose(pair, (0, 2, 3, 1, 4, 5))
+    return pair.reshape(pair.shape[0] * pair.shape[1] * pair.shape[2], -1)
+
+
+def _tap_shifts(factors, chain: Chain, free: tuple[int, ...]) -> dict:
+    """Each free factor's taps times its effective dilation: factor -> (taps, nd)."""
+    return {i: _points(factors[i].shape[:chain.ndim]) * np.array(chain.effective_dilations[i]) for i in free}
+
+
 def chain_normal_equations(factors, chain: Chain, free: tuple[int, ...], residual):
     """``J^T J`` (n_free, n_free) and ``J^T r`` (n_free,) of :func:`chain_jacobian` ``J``, without building it.
 
@@ -395,28 +415,18 @@ def chain_normal_equations(factors, chain: Chain, free: tuple[int, ...], residua
     15x15 DoG into 3-5-9, m = 225 and n = 115).  Equal to the products of ``J`` up to FFT
     rounding; the shifts wrap around the extent as :func:`chain_jacobian`'s do.
     """
-    nd = chain.ndim
-    extent = chain.extent
-    axes = tuple(range(nd))
     spectra = _spectra(factors, chain)
     others = {i: _others_spectrum(spectra, chain, i) for i in free}  # (*freq, C_0, C_L, C_{i-1}, C_i)
-    shifts = {i: _points(factors[i].shape[:nd]) * np.array(chain.effective_dilations[i]) for i in free}  # (taps, nd)
-
-    def at(spectrum, offsets):
-        """The correlation with this ``spectrum`` at ``offsets`` (..., nd), wrapped into the extent."""
-        corr = jnp.fft.irfftn(spectrum, s=extent, axes=axes)
-        return corr.reshape((-1,) + corr.shape[nd:])[_wrapped(offsets, extent)]
-
-    error = jnp.fft.rfftn(residual, axes=axes)
-    gradient = jnp.concatenate([at(jnp.einsum("...ab,...abcd->...cd", error, jnp.conj(others[i])), shifts[i]).ravel()
-                                for i in free])
+    shifts = _tap_shifts(factors, chain, free)
+    error = jnp.fft.rfftn(residual, axes=tuple(range(chain.ndim)))
+    gradient = jnp.concatenate([_correlation_at(jnp.einsum("...ab,...abcd->...cd", error, jnp.conj(others[i])),
+                                                shifts[i], chain).ravel() for i in free])
     blocks = {}
     for a, i in enumerate(free):
         for j in free[a:]:
-            pair = at(jnp.einsum("...abcd,...abef->...cdef", jnp.conj(others[i]), others[j]),
-                      shifts[i][:, None] - shifts[j][None, :])  # (T_i, T_j, C_{i-1}, C_i, C_{j-1}, C_j)
-            pair = jnp.transpose(pair, (0, 2, 3, 1, 4, 5))
-            blocks[i, j] = pair.reshape(pair.shape[0] * pair.shape[1] * pair.shape[2], -1)
+            blocks[i, j] = _pair_block(_correlation_at(jnp.einsum("...abcd,...abef->...cdef", jnp.conj(others[i]),
+                                                                  others[j]),
+                                                       shifts[i][:, None] - shifts[j][None, :], chain))
             blocks[j, i] = blocks[i, j].T
     return jnp.block([[blocks[i, j] for j in free] for i in free]), gradient
 
@@ -431,29 +441,23 @@ def chain_second_order(factors, chain: Chain, free: tuple[int, ...], residual):
     after ``j``) at ``D_i t + D_j s``: one inverse FFT per pair and a gather, as in
     :func:`chain_normal_equations`, whose layout it shares.
     """
-    nd = chain.ndim
-    extent = chain.extent
-    axes = tuple(range(nd))
     spectra = _spectra(factors, chain)
-    freq_shape = spectra[0].shape[:nd]
+    freq_shape = spectra[0].shape[:chain.ndim]
     dtype = spectra[0].dtype
     channels = chain.channels(spectra[0].shape[-2], spectra[-1].shape[-1])
-    shifts = {i: _points(factors[i].shape[:nd]) * np.array(chain.effective_dilations[i]) for i in free}
-    error = jnp.fft.rfftn(residual, axes=axes)  # (*freq, C_0, C_L)
-    sizes = [factors[i].size for i in free]
+    product = lambda first, stop, size: _product(spectra[first:stop], freq_shape, size, dtype)  # noqa: E731
+    before = {i: product(0, i, channels[0]) for i in free}  # (*freq, C_0, C_{i-1})
+    after = {j: product(j + 1, len(spectra), channels[j + 1]) for j in free}  # (*freq, C_j, C_L)
+    shifts = _tap_shifts(factors, chain, free)
+    error = jnp.fft.rfftn(residual, axes=tuple(range(chain.ndim)))  # (*freq, C_0, C_L)
     blocks = {}
     for a, i in enumerate(free):
-        blocks[i, i] = jnp.zeros((sizes[a], sizes[a]), residual.dtype)
+        blocks[i, i] = jnp.zeros((factors[i].size,) * 2, residual.dtype)
         for j in free[a + 1:]:
-            before = _product(spectra[:i], freq_shape, channels[0], dtype)  # (*freq, C_0, C_{i-1})
-            between = _product(spectra[i + 1:j], freq_shape, channels[i + 1], dtype)  # (*freq, C_i, C_{j-1})
-            after = _product(spectra[j + 1:], freq_shape, channels[j + 1], dtype)  # (*freq, C_j, C_L)
-            spectrum = jnp.einsum("...ab,...ac,...de,...fb->...cdef", error, jnp.conj(before), jnp.conj(between),
-                                  jnp.conj(after))
-            corr = jnp.fft.irfftn(spectrum, s=extent, axes=axes)
-            pair = corr.reshape((-1,) + corr.shape[nd:])[_wrapped(shifts[i][:, None] + shifts[j][None, :], extent)]
-            pair = jnp.transpose(pair, (0, 2, 3, 1, 4, 5))  # (T_i, C_{i-1}, C_i, T_j, C_{j-1}, C_j)
-            blocks[i, j] = pair.reshape(pair.shape[0] * pair.shape[1] * pair.shape[2], -1)
+            between = product(i + 1, j, channels[i + 1])  # (*freq, C_i, C_{j-1})
+            spectrum = jnp.einsum("...ab,...ac,...de,...fb->...cdef", error, jnp.conj(before[i]), jnp.conj(between),
+                                  jnp.conj(after[j]))
+            blocks[i, j] = _pair_block(_correlation_at(spectrum, shifts[i][:, None] + shifts[j][None, :], chain))
             blocks[j, i] = blocks[i, j].T
     return jnp.block([[blocks[i, j] for j in free] for i in free])
 

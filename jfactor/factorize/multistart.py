@@ -149,19 +149,20 @@ class SearchPolicy:
         5-8%; none slower beyond this machine's noise).
       cutoff_after: LM iterations before the cutoff applies.
       exact_hessian: whether the blur starts and hops of a two-layer chain (those that wait
-        ``grace``) take LM steps on the loss's exact Hessian instead of Gauss-Newton's ``J^T J``
-        (:func:`jfactor.factorize.solve.refine`; the kernel objective, where the step comes
-        from the normal equations).  The plateau they cross is a saddle region (the Hessian
-        has negative eigenvalues there), which ``J^T J`` cannot see: from 512 blur starts of
-        the 9x9 Gabor into 5-5, LM reached the best known from 9 (7 at another seed) with it,
-        from none without; from 512 random starts 3 and none.  In the default search (grace
-        100) 39 of seeds 400-439 landed within 1.01x of the best known instead of 31, 30 of the
-        held-out 440-469 instead of 23, in about 20% more LM iterations (Gauss-Newton steps with
-        a grace of 100: 35 and 27).  For every restart of
-        every target (``Solver(hessian="full")``) it lost runs elsewhere: 648 of 720 over seeds
-        400-439 of the 18 targets of ``experiments/bench_optimality.py`` against 685 (the line
-        at 40 degrees 26 of 40 against 39, the 15x15 ring 16 against 28, the 11x11 Gabor 29
-        against 38).
+        ``grace`` in the waves; the blur starts of a plain ``restarts=N`` run too) take LM
+        steps on the loss's exact Hessian instead of Gauss-Newton's ``J^T J``
+        (:func:`jfactor.factorize.solve.refine`; where the step comes from the normal
+        equations, :func:`jfactor.factorize.solve.takes_exact_hessian`).  The plateau they
+        cross is a saddle region (the Hessian has negative eigenvalues there), which ``J^T J``
+        cannot see: from 512 blur starts of the 9x9 Gabor into 5-5, LM reached the best known
+        from 9 (7 at another seed) with it, from none without; from 512 random starts 3 and
+        none.  In the default search (grace 100) 39 of seeds 400-439 landed within 1.01x of the
+        best known instead of 31, 30 of the held-out 440-469 instead of 23, in about 20% more
+        LM iterations (Gauss-Newton steps with a grace of 100: 35 and 27).  For every restart
+        of every target (``Solver(hessian="full")``) it lost runs elsewhere: 648 of 720 over
+        seeds 400-439 of the 18 targets of ``experiments/bench_optimality.py`` against 685 (the
+        line at 40 degrees 26 of 40 against 39, the 15x15 ring 16 against 28, the 11x11 Gabor
+        29 against 38).
     """
 
     restarts: int | None = None

@@ -58,8 +58,10 @@ class Solver:
         most) or ``auto`` (dense while it is cheap, see :func:`dense_solve`).
       hessian: the curvature LM's step is damped around: ``gauss-newton`` (``J^T J``) or ``full``
         (the loss's exact Hessian, ``J^T J`` plus the residual's second-order term,
-        :func:`jfactor.factorize.chain.chain_second_order`; the kernel objective with the dense
-        solve only).  Where it is not positive definite, the step fails and the damping grows.
+        :func:`jfactor.factorize.chain.chain_second_order`, for every restart; only where the
+        step comes from the normal equations: the kernel objective, at least as many residuals
+        as parameters, a dense step, :func:`check_hessian`).  Where it is not positive
+        definite, the step fails and the damping grows.
       chunk: steps per jitted segment (progress granularity).
     """
 
@@ -248,12 +250,16 @@ def _normal_equations(problem: Problem, free, frozen, target, exact=None):
     return gram, gradient / scale
 
 
+def dense_step(solver: Solver, m: int, n: int) -> bool:
+    """Whether ``solver``'s LM step for ``m`` residuals and ``n`` parameters is a direct solve
+    (``linear_solver`` dense, or auto where :func:`dense_solve` says so)."""
+    return solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n))
+
+
 def _normal_path(problem: Problem, m: int, n: int) -> bool:
     """Whether LM's step for ``m`` residuals and ``n`` parameters comes from the chain's normal
     equations (:func:`_normal_equations`): the kernel objective, m >= n, a dense solve."""
-    solver = problem.solver
-    dense = solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n))
-    return dense and m >= n and problem.objective.name == "kernel"
+    return dense_step(problem.solver, m, n) and m >= n and problem.objective.name == "kernel"
 
 
 def takes_exact_hessian(problem: Problem, residuals: int) -> bool:
@@ -261,7 +267,16 @@ def takes_exact_hessian(problem: Problem, residuals: int) -> bool:
     exact Hessian (:func:`_normal_equations`): where they come from the normal equations."""
     n = sum(math.prod(shape) for i, shape in enumerate(problem.chain.factor_shapes(problem.c_in, problem.c_out))
             if i in problem.free)
-    return _normal_path(problem, residuals, n)
+    return problem.solver.refines and _normal_path(problem, residuals, n)
+
+
+def check_hessian(problem: Problem, residuals: int) -> None:
+    """Raise a :class:`ConfigError` where ``solver.hessian`` is ``full`` but LM's steps on this
+    problem (``residuals`` residuals) cannot take the exact Hessian (:func:`takes_exact_hessian`)."""
+    if problem.solver.hessian == "full" and not takes_exact_hessian(problem, residuals):
+        raise ConfigError("solver.hessian full (the exact Hessian) needs LM refinement (refine lm), the kernel "
+                          "objective, at least as many residuals as parameters and a dense step (linear_solver "
+                          "dense, or auto on a small chain); use hessian gauss-newton")
 
 
 def dense_solve(m: int, n: int) -> bool:
@@ -329,19 +344,16 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     m, n = jax.eval_shape(fn, x).shape[0], x.shape[0]
     solver = problem.solver
     if (solver.hessian == "full" or "exact" in state) and not _normal_path(problem, m, n):
-        raise ConfigError("solver.hessian full (the exact Hessian) needs the kernel objective, at least as many "
-                          f"residuals as parameters (here {m} and {n}) and the dense linear solver; use "
-                          "hessian gauss-newton")
-    if solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n)):
-        if m >= n and problem.objective.name == "kernel":  # J^T J without J (m n^2 saved)
-            gram, g = _normal_equations(problem, unravel(x), frozen, target, state.get("exact"))
-            delta = _normal_step(gram, g, mu)
-            curvature = jnp.vdot(delta, gram @ delta)
-        else:
-            r, jac = _jacobian(problem, unravel(x), frozen, target, images)
-            g = jac.T @ r
-            delta = _normal_step(jac.T @ jac, g, mu) if m >= n else _dual_step(jac, r, mu)
-            curvature = jnp.sum((jac @ delta) ** 2)
+        raise ValueError("the exact Hessian needs the normal equations' step (see check_hessian)")
+    if _normal_path(problem, m, n):  # J^T J without J (m n^2 saved)
+        gram, g = _normal_equations(problem, unravel(x), frozen, target, state.get("exact"))
+        delta = _normal_step(gram, g, mu)
+        curvature = jnp.vdot(delta, gram @ delta)
+    elif dense_step(solver, m, n):
+        r, jac = _jacobian(problem, unravel(x), frozen, target, images)
+        g = jac.T @ r
+        delta = _normal_step(jac.T @ jac, g, mu) if m >= n else _dual_step(jac, r, mu)
+        curvature = jnp.sum((jac @ delta) ** 2)
     else:
         r, jvp = jax.linearize(fn, x)
         transposed = jax.linear_transpose(jvp, x)
@@ -497,7 +509,7 @@ def _blocks(problem: Problem, n: int, target, images, total: int) -> tuple[tuple
     m = residual_size(problem.objective, target, images)
     solver = problem.solver
     group = total
-    if solver.linear_solver == "dense" or (solver.linear_solver == "auto" and dense_solve(m, n)):
+    if dense_step(solver, m, n):
         group = int(min(total, 2 ** int(np.log2(max(1, 8e6 // (m * n * target.dtype.itemsize))))))
     return sizes(group, least=1), "exact"
 
