@@ -253,8 +253,8 @@ def _redraw_hops(target: Target, chain: Chain, group: list):
     unprojected draws reached its best in 1 of 128 hops, projected ones in 30.
     """
     kernel = fit_target(target, chain)
-    if not group or kernel is None or len(chain.layers) < 3 or _blur_hops(target, chain, group) is not None:
-        return None
+    if not group or kernel is None or len(chain.layers) < 3 or blur_target(target, chain) is not None:
+        return None  # (with three or more layers, blur hops apply wherever blur starts do)
     return lambda factors, rng: redraw_hop(factors, kernel, chain, rng, group)
 
 

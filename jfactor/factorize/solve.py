@@ -343,9 +343,10 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     ftol = max(1e-10, 1e4 * float(eps))  # relative cost decrease below which a step counts as converged
     m, n = jax.eval_shape(fn, x).shape[0], x.shape[0]
     solver = problem.solver
-    if (solver.hessian == "full" or "exact" in state) and not _normal_path(problem, m, n):
+    normal = _normal_path(problem, m, n)
+    if (solver.hessian == "full" or "exact" in state) and not normal:
         raise ValueError("the exact Hessian needs the normal equations' step (see check_hessian)")
-    if _normal_path(problem, m, n):  # J^T J without J (m n^2 saved)
+    if normal:  # J^T J without J (m n^2 saved)
         gram, g = _normal_equations(problem, unravel(x), frozen, target, state.get("exact"))
         delta = _normal_step(gram, g, mu)
         curvature = jnp.vdot(delta, gram @ delta)
