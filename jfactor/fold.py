@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 from jfactor import analysis
 from jfactor.errors import FoldError
 from jfactor.layers import AvgPool, Conv, Identity, Parallel, Subsample
+from jfactor.memory import check_bytes
 from jfactor.ops import Affine, affine_from_conv, compose, concat, pads_for, parallel_sum, regroup
 from jfactor.stack import Stack, apply
 
@@ -234,6 +236,24 @@ def probe_input_shape(input_shape, stride, receptive_field, length: int = PROBE_
     return tuple(spatial) + (input_shape[-1],)
 
 
+# float64 copies of the largest layer output that the certificate's run holds at its peak (the
+# stack, its folded convolution and its canonical chain, each with padded inputs): one 3x3
+# convolution with padding 3,000 on a 28x28 input peaked at 7.3 of them on XLA's CPU backend
+PROBE_COPIES = 8
+
+
+def _check_probe_memory(probe_stack: Stack, batch: int) -> None:
+    """A :class:`~jfactor.errors.ConfigError` before any compute where the certificate's float64
+    run of ``probe_stack`` (``batch`` probes) would pass the memory budget (:data:`PROBE_COPIES`
+    of its largest layer output); it names that layer (a large padding grows every output from
+    there on)."""
+    outputs = [math.prod(out) for _, out in probe_stack.shapes()]
+    widest = int(np.argmax(outputs))
+    check_bytes(PROBE_COPIES * 8 * batch * outputs[widest],
+                f"layers[{widest}]: the certificate's probe run (that layer's output {probe_stack.shapes()[widest][1]} "
+                f"on a {probe_stack.input_shape} probe)", "reduce the padding or the input size")
+
+
 def _probe(shape, seed: int):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float64)
 
@@ -371,6 +391,7 @@ def fold(stack: Stack, *, seed: int = 0, probe_batch: int = 2) -> Folded:
 
     probe_shape = probe_input_shape(stack.input_shape, affine.stride, affine.size)
     probe_stack = Stack(stack.layers, probe_shape)
+    _check_probe_memory(probe_stack, probe_batch)
     probe_conv = conv_from_affine(affine, probe_shape, probe_stack.output_shape, bias=has_bias(program))
     probe_chain, _, _ = canonical_form(probe_stack, probe_conv.padding, dtype)
     x = _probe((probe_batch,) + probe_shape, seed)

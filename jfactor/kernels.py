@@ -14,7 +14,10 @@ import inspect
 import numpy as np
 
 from jfactor.errors import ConfigError
+from jfactor.memory import check_bytes
 from jfactor.schema import unknown_key
+
+_TEMPORARIES = 8  # grid-sized float64 arrays a family holds at once (coordinates and intermediates)
 
 
 def _grid(size: int, ndim: int = 2) -> list[np.ndarray]:
@@ -138,8 +141,15 @@ def make(name: str, size: int, **params) -> np.ndarray:
             raise ConfigError(f"kernel family {name!r}: {unknown_key(key, accepted, 'parameter')}")
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
         raise ConfigError(f"kernel family {name!r}: size must be a positive integer, got {size!r}")
-    with np.errstate(all="ignore"):  # a size too small for the family divides by zero
-        kernel = function(int(size), **params)
+    ndim = params.get("ndim", 2)
+    if isinstance(ndim, (int, np.integer)) and ndim >= 1:
+        check_bytes(_TEMPORARIES * 8 * float(size) ** ndim, f"kernel family {name!r}: size {size} in {ndim} dimensions",
+                    "use a smaller size")
+    try:
+        with np.errstate(all="ignore"):  # a size too small for the family divides by zero
+            kernel = function(int(size), **params)
+    except (TypeError, ValueError) as exc:  # a parameter numpy cannot use (a string, a negative seed, ...)
+        raise ConfigError(f"kernel family {name!r}: parameters {params}: {exc}") from None
     if not np.isfinite(kernel).all():
         raise ConfigError(f"kernel family {name!r}: size {size} with {params or 'the default parameters'} gives "
                           "non-finite values (too small for the family, or a parameter out of range): use a larger "

@@ -53,28 +53,51 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command whose output directory already held finished work: ``directory``
+    (kept, see :func:`output_dir`)."""
+
+    def __init__(self, directory: Path):
+        super().__init__(str(directory))
+        self.directory = directory
+
+
 @contextlib.contextmanager
-def output_dir(out, root, name: str):
+def output_dir(out, root, name: str, *, keep_interrupted: bool = False):
     """``out`` (created if needed) or a fresh run directory under ``root``, removed again if the
     block fails: a failed command leaves no empty or half-written directory it created (parents
     it created go too, while empty).  An ``out`` that existed before is kept as it was (files
-    are only written after the work is done).
+    are only written after the work is done).  With ``keep_interrupted``, Ctrl-C in the block
+    keeps a directory that already holds files (work finished before it) and raises
+    :class:`Interrupted` with it.
     """
     created = _first_missing(Path(out) if out else Path(root))
     directory = writable_dir(out) if out else new_run_dir(root, name)
     try:
         yield directory
-    except BaseException:
-        if out is None or created is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-            for parent in directory.parents:  # the parents this call made, where nothing else has appeared
-                if created is None or created not in (parent, *parent.parents):
-                    break
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
+    except KeyboardInterrupt:
+        if keep_interrupted and any(directory.iterdir()):
+            raise Interrupted(directory) from None
+        _remove_created(directory, out, created)
         raise
+    except BaseException:
+        _remove_created(directory, out, created)
+        raise
+
+
+def _remove_created(directory: Path, out, created: Path | None) -> None:
+    """Remove ``directory`` and the parents :func:`output_dir` made (``created``: the outermost),
+    while empty; an ``out`` that existed before stays."""
+    if out is not None and created is None:
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    for parent in directory.parents:  # the parents this call made, where nothing else has appeared
+        if created is None or created not in (parent, *parent.parents):
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def new_run_dir(root, name: str) -> Path:

@@ -62,7 +62,7 @@ class WeightSpec(Strict):
     file: str | None = None
     key: str | None = None
     init: Literal[weights.INITS] | None = None  # type: ignore[valid-type]
-    seed: Annotated[int, Field(strict=True)] = 0
+    seed: Annotated[int, Field(strict=True, ge=0)] = 0
     mean: float = 0.0
     std: float | None = None
     low: float | None = None

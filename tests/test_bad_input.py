@@ -27,6 +27,13 @@ def _files(tmp_path: Path) -> None:
     (tmp_path / "randint.yaml").write_text(yaml.safe_dump({"input_shape": [8, 8, 1], "layers": [
         {"conv": {"kernel_size": 3, "filters": 1, "weights": {"init": "randint", "low": 3, "high": 1}}}]}))
     (tmp_path / "floatsizes.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 2.5]}}))
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe not text")
+    (tmp_path / "frozeninit.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {
+        "sizes": [3, 3], "frozen": [{"layer": 0, "weights": {"init": "ones"}}]}}))
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
+                                                         "sweep": {"grid": {"seed": [1, 2]}, "zip": {"seed": [3, 4]}}}))
+    (tmp_path / "bigpad.yaml").write_text(yaml.safe_dump({"input_shape": [28, 28, 1], "layers": [
+        {"conv": {"kernel_size": 3, "filters": 1, "padding": 30000}}]}))
     (tmp_path / "noimages.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
                                                             "objective": {"name": "images", "images": []}}))
 
@@ -60,6 +67,13 @@ CASES = [
     ("--compile-cache {d}/t.npy factorize --family gaussian --size 5 --chain 3,3", "compile cache"),
     ("run {d}/floatsizes.yaml", "chain.sizes[1]"),
     ("run {d}/noimages.yaml", "objective.images"),
+    ("factorize --family gaussian --size 100000 --chain 3,3", "size 100000 in 2 dimensions needs about"),
+    ("factorize --family random_normal --size 7 --chain 3,5 --param seed=-1", "expected non-negative integer"),
+    ("factorize --family randint --size 7 --chain 3,5 --param low=2 --param high=2", "low >= high"),
+    ("factorize {d}/binary.yaml", "binary.yaml: not a text file"),
+    ("run {d}/frozeninit.yaml", "chain.frozen[0]: a frozen layer's weights come from a file or values"),
+    ("sweep {d}/twice.yaml", "seed: swept twice"),
+    ("fold {d}/bigpad.yaml", "layers[0]: the certificate's probe run"),
 ]
 
 

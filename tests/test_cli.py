@@ -95,6 +95,13 @@ def test_factorize_writes_the_contract_files(tmp_path):
     assert [factors[f"layer{i}"].shape for i in range(3)] == [(3, 3, 1, 1), (3, 3, 1, 1), (5, 5, 1, 1)]
     for name in ("kernels.png", "spectrum.png", "loss.png", "search.png"):
         assert (out / name).exists()
+    # the same --out again without pictures: none of the first result's stays beside the second
+    again = runner.invoke(app, ["factorize", "--target", str(tmp_path / "t.npy"), "--chain", "3,3,5",
+                                "--restarts", "2", "--optimizer", "none", "--refine-steps", "5", "--baselines", "svd",
+                                "--out", str(out), "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "result.json").read_text())["baselines"].keys() == {"svd"}
+    assert not any((out / name).exists() for name in ("kernels.png", "spectrum.png", "loss.png", "search.png"))
 
 
 def test_factorize_table_and_errors(tmp_path):
@@ -129,3 +136,18 @@ def test_progress_goes_to_stderr_so_stdout_holds_only_results(capsys):
     with ProgressBar(False, 2, "working") as bar:
         bar.advance(2)
     assert capsys.readouterr() == ("", "")
+
+
+def test_ctrl_c_in_run_keeps_the_finished_chains_and_says_where(tmp_path, monkeypatch):
+    import jfactor.experiment.run as experiment_run
+
+    def one_chain_then_ctrl_c(plan, directory, progress):
+        (directory / "chain0_factors.npz").write_bytes(b"finished")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment_run, "execute", one_chain_then_ctrl_c)
+    result = runner.invoke(app, ["run", "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert result.exit_code == 130
+    kept = next((tmp_path / "runs").iterdir())
+    assert (kept / "chain0_factors.npz").read_bytes() == b"finished" and not (kept / "results.json").exists()
+    assert f"interrupted: {kept} keeps the chains that finished" in result.output

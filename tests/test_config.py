@@ -94,3 +94,11 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "junk.npy").write_text("not an array")
     with pytest.raises(jf.ConfigError, match=r"junk\.npy: cannot read"):
         weights.load(tmp_path / "junk.npy")
+
+
+def test_floats_written_without_a_dot_are_numbers():
+    from jfactor.experiment.config import parse_value
+    from jfactor.schema import load_yaml_text
+
+    assert parse_value("1e-1") == 0.1 and parse_value("2E+1") == 20.0 and parse_value("-3e0") == -3.0
+    assert load_yaml_text("sigma: 1.5e-3\nname: 1e\nsize: 7") == {"sigma": 1.5e-3, "name": "1e", "size": 7}

@@ -169,17 +169,18 @@ def test_any_finite_scale_gives_the_same_relative_error(scale):
 
 
 def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkeypatch):
+    target = kernels.make("gaussian", 7, sigma=1.0)  # before the budget shrinks (making a family checks it too)
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1e-6")
     images = np.zeros((1, 8, 8, 1))  # the user's: not counted (the default ones would be the largest part)
     with pytest.raises(ConfigError, match=r"exceeds the budget .*JFACTOR_MEMORY_BUDGET_GB.*restarts"):
-        factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=4, solver=FAST, baselines=(),
+        factorize(target, Chain.build([3, 5]), restarts=4, solver=FAST, baselines=(),
                   images=images)
     with pytest.raises(ConfigError, match=r"\(als\).*drop the als"):
-        factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=4,
+        factorize(target, Chain.build([3, 5]), restarts=4,
                   solver=Solver(optimizer="none", refine="none"), baselines=("als",), images=images)
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "-1")
     with pytest.raises(ConfigError, match="JFACTOR_MEMORY_BUDGET_GB"):
-        factorize(kernels.make("gaussian", 7, sigma=1.0), Chain.build([3, 5]), restarts=2, solver=FAST, baselines=())
+        factorize(target, Chain.build([3, 5]), restarts=2, solver=FAST, baselines=())
 
 
 def test_huge_chains_stop_at_the_memory_budget_before_any_array_is_made():
@@ -256,6 +257,23 @@ def test_a_failed_block_removes_the_directory_it_created_and_keeps_an_existing_o
         with rundir.output_dir(existing, tmp_path, "x"):
             raise RuntimeError
     assert (existing / "earlier.json").read_text() == "{}"
+
+
+def test_ctrl_c_keeps_finished_work_only_where_asked(tmp_path):
+    with pytest.raises(rundir.Interrupted) as caught:
+        with rundir.output_dir(None, tmp_path / "runs", "x", keep_interrupted=True) as directory:
+            rundir.write_json(directory / "chain0.json", {})
+            raise KeyboardInterrupt
+    assert caught.value.directory == directory and (directory / "chain0.json").exists()
+    with pytest.raises(KeyboardInterrupt) as caught:  # nothing finished: nothing kept
+        with rundir.output_dir(None, tmp_path / "empty", "x", keep_interrupted=True):
+            raise KeyboardInterrupt
+    assert not isinstance(caught.value, rundir.Interrupted) and not (tmp_path / "empty").exists()
+    with pytest.raises(KeyboardInterrupt):  # not asked: removed like any failed block
+        with rundir.output_dir(None, tmp_path / "plain", "x") as directory:
+            rundir.write_json(directory / "chain0.json", {})
+            raise KeyboardInterrupt
+    assert not (tmp_path / "plain").exists()
 
 
 def test_approx_has_the_target_shape_when_the_chain_is_larger():

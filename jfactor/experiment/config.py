@@ -39,7 +39,7 @@ from jfactor.factorize import BASELINES, DEFAULT_BASELINES, Chain, Objective, So
 from jfactor.factorize.init import INITS
 from jfactor.factorize.objectives import OBJECTIVES, load_images
 from jfactor.factorize.solve import HESSIANS, LINEAR_SOLVERS, OPTIMIZERS, REFINES, SCHEDULES
-from jfactor.schema import Strict, load_yaml, unknown_key, validate
+from jfactor.schema import Strict, load_yaml, load_yaml_text, unknown_key, validate
 from jfactor.stack_config import StackConfig, WeightSpec, _Builder, stack_from_dict
 
 PositiveInt = Annotated[int, Field(strict=True, gt=0)]
@@ -75,6 +75,12 @@ class TargetSpec(Strict):
 class FrozenSpec(Strict):
     layer: Annotated[int, Field(strict=True, ge=0)]
     weights: WeightSpec
+
+    @model_validator(mode="after")
+    def _given(self):
+        if self.weights.init is not None:
+            raise ValueError("a frozen layer's weights come from a file or values, not an initialiser (init)")
+        return self
 
 
 class ChainSpec(Strict):
@@ -123,6 +129,9 @@ class SweepSpec(Strict):
         lengths = {len(v) for v in self.zip.values()}
         if len(lengths) > 1:
             raise ValueError(f"every zip list needs the same length, got {sorted(lengths)}")
+        twice = sorted(set(self.grid) & set(self.zip))
+        if twice:
+            raise ValueError(f"{', '.join(twice)}: swept twice (in grid and in zip); keep each key in one of them")
         for key, values in {**self.grid, **self.zip}.items():
             if not values:
                 raise ValueError(f"{key}: needs at least one value")
@@ -175,7 +184,7 @@ def parse_value(text: str):
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return load_yaml_text(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set value {text!r} is not YAML: {exc}") from None
 
@@ -257,8 +266,8 @@ def build_target(spec: TargetSpec, base: Path, source: str) -> Target:
     if spec.family is not None:
         try:
             array = kernels.make(spec.family, spec.size, **spec.params)
-        except TypeError as exc:
-            raise ConfigError(f"{where}.params: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         name = f"{spec.family}{spec.size}"
     elif spec.stack is not None:
         from jfactor.fold import fold_affine

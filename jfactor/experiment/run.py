@@ -26,6 +26,8 @@ from jfactor.experiment.config import (
 )
 from jfactor.factorize import Factorization, check_chain, factorize
 
+PLOTS = ("kernels", "spectrum", "loss", "search")  # the PNGs of a factorization (jfactor.report.factorization_plots)
+
 
 @dataclasses.dataclass
 class Plan:
@@ -159,11 +161,15 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: di
 
 def write_factorization(result: Factorization, directory: Path, stem: str = "", *, plots: bool = True) -> list[str]:
     """``<stem>_factors.npz`` (layer0, layer1, ... in chain order), ``<stem>_approx.npy`` (the
-    folded chain in the target's layout) and, with ``plots``, the PNGs; returns the PNG names."""
+    folded chain in the target's layout) and, with ``plots``, the PNGs (:data:`PLOTS`); returns
+    the PNG names.  Without ``plots`` it removes those PNGs where an earlier result in the same
+    directory left them, so no picture in it shows another result."""
     prefix = f"{stem}_" if stem else ""
     rundir.write_npz(directory / f"{prefix}factors.npz", **{f"layer{j}": f for j, f in enumerate(result.factors)})
     rundir.write_npy(directory / f"{prefix}approx.npy", result.approx_like_target())
     if not plots:
+        for name in PLOTS:
+            (directory / f"{prefix}{name}.png").unlink(missing_ok=True)
         return []
     from jfactor.report import factorization_plots
 
@@ -212,9 +218,7 @@ def _report(payload: dict) -> str:
                 rows += [{"method": name, **value} for name, value in entry["baselines"].items()]
                 lines += [f"### Baselines, chain {entry['chain']}", "",
                           markdown_table(rows, ["method", "rel_error", "time_s", "note"]), ""]
-            lines += [f"![kernels](chain{i}_kernels.png)", f"![spectrum](chain{i}_spectrum.png)",
-                      f"![loss](chain{i}_loss.png)",
-                      f"![search](chain{i}_search.png)", ""] if config["plots"] else []
+            lines += [*(f"![{name}](chain{i}_{name}.png)" for name in PLOTS), ""] if config["plots"] else []
         if config["plots"] and len(chains) > 1:
             lines += ["![error vs cost](error_vs_macs.png)", ""]
     lines += ["Relative error is |approx - target|_F / |target|_F; spectral error is the worst-case "
@@ -226,9 +230,10 @@ def _report(payload: dict) -> str:
 def run(config: ExperimentConfig, base: Path, source: str, runs_dir="runs", *, progress: bool = True) -> Path:
     """Plan (fail fast), create a fresh run directory, execute; returns the directory.
 
-    A run that raises removes its directory; a killed one leaves it without ``results.json``.
+    A run that raises removes its directory; a killed one leaves it without ``results.json``,
+    and so does Ctrl-C once a chain has finished (:class:`jfactor.rundir.Interrupted`).
     """
     the_plan = plan(config, base, source)
-    with rundir.output_dir(None, runs_dir, config.name) as directory:  # a failed run leaves no directory
+    with rundir.output_dir(None, runs_dir, config.name, keep_interrupted=True) as directory:
         execute(the_plan, directory, progress=progress)
     return directory

@@ -8,21 +8,17 @@ any of them is made).  It is an order of magnitude, not a
 measurement; it is shown with the progress bar and, past the memory budget, stops the
 run before any compute with a message naming what to change.
 
-The budget is ``JFACTOR_MEMORY_BUDGET_GB`` (gigabytes) when set, else half the machine's
-physical memory.
+The budget is :func:`jfactor.memory.memory_budget`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-
-import numpy as np
 
 from jfactor.errors import ConfigError
+from jfactor.memory import BUDGET_VARIABLE, memory_budget, size_text
 
-BUDGET_VARIABLE = "JFACTOR_MEMORY_BUDGET_GB"
 ALS_SWEEPS = 100  # as in baselines.als
 
 
@@ -38,14 +34,7 @@ class Estimate:
         return max(self.memory.values(), default=0.0)
 
     def describe(self) -> str:
-        return f"~{_size(self.peak_bytes)}, ~{self.flops:.1e} flop"
-
-
-def _size(nbytes: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes:.0f} B"
+        return f"~{size_text(self.peak_bytes)}, ~{self.flops:.1e} flop"
 
 
 def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int, items: int, restarts: int,
@@ -100,23 +89,6 @@ def arrays(targets: tuple[int, ...], count: int, image_values: int = 0) -> dict:
     return {"targets": 3 * count * math.prod(targets) * 8, "images": 4 * image_values * 8}
 
 
-def memory_budget() -> float:
-    """Bytes a run may use: ``JFACTOR_MEMORY_BUDGET_GB``, else half the physical memory."""
-    text = os.environ.get(BUDGET_VARIABLE)
-    if text is not None:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(f"{BUDGET_VARIABLE}={text!r}: expected a number of gigabytes") from None
-        if not value > 0:
-            raise ConfigError(f"{BUDGET_VARIABLE}={text!r}: must be > 0")
-        return value * 1e9
-    try:
-        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return np.inf
-
-
 def check(cost: Estimate, what: str) -> None:
     """Raise a :class:`ConfigError` naming the knobs when ``cost`` passes the memory budget."""
     budget = memory_budget()
@@ -132,5 +104,5 @@ def check(cost: Estimate, what: str) -> None:
                   "chain's extent)",
     }[part]
     raise ConfigError(
-        f"{what}: estimated peak memory {_size(cost.peak_bytes)} ({part}) exceeds the budget "
-        f"{_size(budget)} ({BUDGET_VARIABLE}): {knobs}, or raise {BUDGET_VARIABLE}")
+        f"{what}: estimated peak memory {size_text(cost.peak_bytes)} ({part}) exceeds the budget "
+        f"{size_text(budget)} ({BUDGET_VARIABLE}): {knobs}, or raise {BUDGET_VARIABLE}")
