@@ -146,8 +146,12 @@ def _target_spec(target, family, size, params, stack) -> dict:
         for text in params:
             if "=" not in text:
                 raise typer.BadParameter(f"--param {text!r}: expected key=value (for example sigma=2.0)")
-        return {"family": family, "size": size,
-                "params": {k: parse_value(v) for k, v in (p.split("=", 1) for p in params)}}
+        pairs = [p.split("=", 1) for p in params]
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise typer.BadParameter(f"--param {', '.join(twice)}: given twice")
+        return {"family": family, "size": size, "params": {k: parse_value(v) for k, v in pairs}}
     return {"stack": str(Path(stack).resolve())}
 
 
@@ -161,7 +165,8 @@ def _factorize_config(target, family, size, params, stack, chain, dilations, str
                   "strides": _int_list(strides, "--strides"), "channels": channels}
     return {
         "name": "factorize", "target": spec, "chain": {k: v for k, v in chain_spec.items() if v is not None},
-        "dtype": dtype, "restarts": restarts, "budget_s": budget_s, "objective": objective, "init": init, "seed": seed,
+        "dtype": dtype, "restarts": restarts, "budget_s": budget_s, "objective": {"name": objective}, "init": init,
+        "seed": seed,
         "solver": {"optimizer": optimizer, "steps": steps, "refine": refine, "refine_steps": refine_steps},
         "baselines": [b for b in baselines.split(",") if b] if baselines is not None else None,
     }

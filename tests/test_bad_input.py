@@ -34,6 +34,8 @@ def _files(tmp_path: Path) -> None:
                                                          "sweep": {"grid": {"seed": [1, 2]}, "zip": {"seed": [3, 4]}}}))
     (tmp_path / "bigpad.yaml").write_text(yaml.safe_dump({"input_shape": [28, 28, 1], "layers": [
         {"conv": {"kernel_size": 3, "filters": 1, "padding": 30000}}]}))
+    (tmp_path / "frozentwice.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {
+        "sizes": [3, 3], "frozen": [{"layer": 0, "weights": {"values": [[1.0]]}}] * 2}}))
     (tmp_path / "noimages.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
                                                             "objective": {"name": "images", "images": []}}))
 
@@ -74,6 +76,10 @@ CASES = [
     ("run {d}/frozeninit.yaml", "chain.frozen[0]: a frozen layer's weights come from a file or values"),
     ("sweep {d}/twice.yaml", "seed: swept twice"),
     ("fold {d}/bigpad.yaml", "layers[0]: the certificate's probe run"),
+    ("factorize --family log --size 7 --chain 3,5 --set restarts=2 --set restarts=3", "--set restarts: given twice"),
+    ("factorize --family log --size 7 --chain 3,5 --param sigma=1 --param sigma=2", "--param sigma: given twice"),
+    ("factorize --family log --size 7 --chain 3,5 --baselines svd,svd", "baselines: svd given twice"),
+    ("factorize {d}/frozentwice.yaml", "frozen layer 0 is given twice"),
 ]
 
 

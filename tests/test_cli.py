@@ -151,3 +151,12 @@ def test_ctrl_c_in_run_keeps_the_finished_chains_and_says_where(tmp_path, monkey
     kept = next((tmp_path / "runs").iterdir())
     assert (kept / "chain0_factors.npz").read_bytes() == b"finished" and not (kept / "results.json").exists()
     assert f"interrupted: {kept} keeps the chains that finished" in result.output
+
+
+def test_set_reaches_the_objective_keys_the_flags_leave_open(tmp_path):
+    result = runner.invoke(app, ["factorize", "--family", "log", "--size", "5", "--chain", "3,3", "--restarts", "2",
+                                 "--optimizer", "none", "--refine-steps", "5", "--baselines", "svd",
+                                 "--objective", "images", "--set", "objective.crops=1",
+                                 "--set", "objective.image_size=24", "--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["objective"] == "images"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from jfactor import kernels
 from jfactor.errors import ConfigError
@@ -90,6 +90,14 @@ class ChainSpec(Strict):
     channels: PositiveInt | list[PositiveInt] = 1
     frozen: list[FrozenSpec] = []
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _frozen_once(self):
+        layers = [item.layer for item in self.frozen]
+        twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+        if twice:
+            raise ValueError(f"frozen layer {', '.join(map(str, twice))} is given twice")
+        return self
 
 
 class ObjectiveSpec(Strict):
@@ -157,6 +165,14 @@ class ExperimentConfig(Strict):
     tiny: bool = False
     sweep: SweepSpec | None = None
 
+    @field_validator("baselines")
+    @classmethod
+    def _baselines_once(cls, value: list) -> list:
+        twice = sorted({b for b in value if value.count(b) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given twice")
+        return value
+
     @model_validator(mode="after")
     def _what_to_do(self):
         if self.chain is not None and self.chains:
@@ -218,10 +234,14 @@ def set_path(data: dict, path: str, value) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key.path=value`` overrides (``--set``)."""
+    seen = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         path, text = item.split("=", 1)
+        if path.strip() in seen:
+            raise ConfigError(f"--set {path.strip()}: given twice")
+        seen.add(path.strip())
         data = set_path(data, path.strip(), parse_value(text))
     return data
 
