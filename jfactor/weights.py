@@ -43,11 +43,20 @@ def load(path, key: str | None = None) -> np.ndarray:
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, not a .npy/.npz file")
     if not path.is_file():
-        raise ConfigError(f"{path}: weight file not found")
+        raise ConfigError(f"{path}: file not found")
+    with path.open("rb") as handle:
+        head = handle.read(6)
+    if not head.startswith((b"\x93NUMPY", b"PK")):
+        raise ConfigError(f"{path}: not a .npy or .npz file (numpy's np.save / np.savez write those)")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read as .npy/.npz: {exc}") from exc
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise ConfigError(f"{path}: holds Python objects (pickled), not a numeric array; save one with "
+                              "np.save(path, np.asarray(kernel, float))") from None
+        raise ConfigError(f"{path}: cannot read as .npy/.npz: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read as .npy/.npz: {exc}") from None
     if isinstance(data, np.lib.npyio.NpzFile):
         names = list(data.files)
         if key is None and len(names) == 1:

@@ -34,6 +34,8 @@ def _files(tmp_path: Path) -> None:
                                                          "sweep": {"grid": {"seed": [1, 2]}, "zip": {"seed": [3, 4]}}}))
     (tmp_path / "bigpad.yaml").write_text(yaml.safe_dump({"input_shape": [28, 28, 1], "layers": [
         {"conv": {"kernel_size": 3, "filters": 1, "padding": 30000}}]}))
+    (tmp_path / "text.npy").write_text("not an array")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "frozentwice.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {
         "sizes": [3, 3], "frozen": [{"layer": 0, "weights": {"values": [[1.0]]}}] * 2}}))
     (tmp_path / "noimages.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
@@ -80,6 +82,8 @@ CASES = [
     ("factorize --family log --size 7 --chain 3,5 --param sigma=1 --param sigma=2", "--param sigma: given twice"),
     ("factorize --family log --size 7 --chain 3,5 --baselines svd,svd", "baselines: svd given twice"),
     ("factorize {d}/frozentwice.yaml", "frozen layer 0 is given twice"),
+    ("factorize --target {d}/text.npy --chain 3,3", "text.npy: not a .npy or .npz file"),
+    ("factorize --target {d}/objects.npy --chain 3,3", "objects.npy: holds Python objects (pickled)"),
 ]
 
 

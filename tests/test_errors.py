@@ -91,7 +91,7 @@ def test_input_of_the_wrong_shape():
         ({"input_shape": [8, 8, 2], "layers": [{"conv": {"kernel_size": 3, "filters": 2, "groups": 3}}]},
          r"layers\[0\]\.conv\.groups: 3 does not divide the 2 input channels"),
         ({"input_shape": [8, 8, 1], "layers": [{"conv": {"weights": "missing.npy"}}]},
-         r"layers\[0\]\.conv\.weights: .*missing\.npy: weight file not found"),
+         r"layers\[0\]\.conv\.weights: .*missing\.npy: file not found"),
         ({"input_shape": [8, 8, 1], "layers": [{"conv": {"weights": [[1, 2], [3]]}}]},
          r"layers\[0\]\.conv\.weights: values are not a rectangular array"),
         ({"input_shape": [8, 8, 1], "layers": [{"conv": {"weights": {"init": "randint", "file": "k.npy"}}}]},

@@ -118,7 +118,7 @@ def test_set_overrides_any_key(tmp_path):
     ({"restart": 3}, r"unknown key 'restart'; did you mean 'restarts'\?"),
     ({"restarts": "many"}, r"restarts: Input should be a valid integer"),
     ({"chain": {"sizes": [3, 3]}}, r"chains\[0\]: chain 3x3 -> 3x3, width 1 covers 5x5 but the target is 7x7"),
-    ({"target": {"file": "missing.npy"}}, r"missing\.npy: weight file not found"),
+    ({"target": {"file": "missing.npy"}}, r"missing\.npy: file not found"),
     ({"target": {"family": "gausian", "size": 7}}, r"unknown kernel family 'gausian'; did you mean 'gaussian'\?"),
     ({"solver": {"optimizer": "sgd"}}, r"solver\.optimizer: Input should be 'adam', 'lbfgs' or 'none'"),
     ({"solver": {"hessian": "newton"}}, r"solver\.hessian: Input should be 'gauss-newton' or 'full'"),
