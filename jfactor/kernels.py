@@ -128,6 +128,8 @@ FAMILIES = {
     "ring": ring, "motion_blur": motion_blur, "random_normal": random_normal, "randint": randint,
 }
 SEPARABLE = ("gaussian", "box")
+# parameters that are lengths or ratios: finite and > 0 (a negative sigma once made a valid-looking kernel)
+POSITIVE = {"sigma", "ratio", "wavelength", "gamma", "radius", "width", "length"}
 
 
 def make(name: str, size: int, **params) -> np.ndarray:
@@ -141,10 +143,15 @@ def make(name: str, size: int, **params) -> np.ndarray:
             raise ConfigError(f"kernel family {name!r}: {unknown_key(key, accepted, 'parameter')}")
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
         raise ConfigError(f"kernel family {name!r}: size must be a positive integer, got {size!r}")
+    for key in POSITIVE & set(params):
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < np.inf:
+            raise ConfigError(f"kernel family {name!r}: {key} must be a positive number, got {value!r}")
     ndim = params.get("ndim", 2)
-    if isinstance(ndim, (int, np.integer)) and ndim >= 1:
-        check_bytes(_TEMPORARIES * 8 * float(size) ** ndim, f"kernel family {name!r}: size {size} in {ndim} dimensions",
-                    "use a smaller size")
+    if not (isinstance(ndim, (int, np.integer)) and not isinstance(ndim, bool) and ndim >= 1):
+        raise ConfigError(f"kernel family {name!r}: ndim must be a positive integer, got {ndim!r}")
+    check_bytes(_TEMPORARIES * 8 * float(size) ** ndim, f"kernel family {name!r}: size {size} in {ndim} dimensions",
+                "use a smaller size")
     try:
         with np.errstate(all="ignore"):  # a size too small for the family divides by zero
             kernel = function(int(size), **params)

@@ -124,6 +124,11 @@ def test_set_overrides_any_key(tmp_path):
     ({"solver": {"hessian": "newton"}}, r"solver\.hessian: Input should be 'gauss-newton' or 'full'"),
     ({"solver": {"hessian": "full"}, "objective": "spectral"}, r"solver\.hessian full .* needs objective kernel"),
     ({"target": {"family": "gaussian", "size": 7, "params": {"sigmaa": 1}}}, r"did you mean 'sigma'\?"),
+    ({"target": {"family": "gaussian", "size": 7, "params": {"sigma": -1}}}, r"target: .*sigma must be a positive"),
+    ({"target": {"family": "disk", "size": 7, "params": {"radius": 0}}}, r"radius must be a positive number, got 0"),
+    ({"target": {"family": "gaussian", "size": 7, "params": {"ndim": 2.5}}}, r"ndim must be a positive integer"),
+    ({"target": {"family": "gaussian", "size": 7, "params": {"sigma": 1e-1}}, "baselines": ["svd", "svd"]},
+     r"baselines: svd given twice"),
 ])
 def test_bad_configs_fail_before_any_compute_with_one_message(change, message, tmp_path):
     config = _write(tmp_path, {**SMALL, **change})
