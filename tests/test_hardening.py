@@ -183,6 +183,19 @@ def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkey
         factorize(target, Chain.build([3, 5]), restarts=2, solver=FAST, baselines=())
 
 
+def test_the_images_objective_counts_its_images_against_the_budget(monkeypatch):
+    """Its residual is every image's output: 100 crops of each default image once took 3.6 GB
+    past a 1.5 GB budget unrefused."""
+    target = kernels.make("gaussian", 7, sigma=1.0)
+    images = np.random.default_rng(0).standard_normal((50, 64, 64, 1))
+    monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "0.1")
+    with pytest.raises(ConfigError, match=r"\(objective\) exceeds the budget.*objective\.crops"):
+        factorize(target, Chain.build([3, 5]), restarts=2, solver=FAST, baselines=(), images=images,
+                  objective="images")
+    factorize(target, Chain.build([3, 5]), restarts=2, solver=FAST, baselines=(), images=images[:2],
+              objective="images")  # two images fit
+
+
 def test_huge_chains_stop_at_the_memory_budget_before_any_array_is_made():
     """A 100,000-wide chain would pad the target to 75 GB and the metric's images to 30 TB: the
     budget check comes first (it once ran out of memory in numpy)."""

@@ -81,12 +81,20 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
     return Estimate(memory, flops)
 
 
-def arrays(targets: tuple[int, ...], count: int, image_values: int = 0) -> dict:
+# float64 copies of its residual (every image's output) that the images objective holds at its peak,
+# whatever the restarts: 1.30 and 2.54 GB peaks with 30 and 60 crops of each default image (a 7x7
+# target into 3-5, 2 restarts, 2026-12-06), 0.45 GB for the default search on 2 crops
+OBJECTIVE_COPIES = 140
+
+
+def arrays(targets: tuple[int, ...], count: int, image_values: int = 0, objective_residuals: int = 0) -> dict:
     """Bytes of the float64 arrays a run makes before it starts, for :func:`estimate`'s ``arrays``:
-    ``count`` targets of shape ``targets`` (zero-padded to the chain's extent; three copies) and
+    ``count`` targets of shape ``targets`` (zero-padded to the chain's extent; three copies),
     ``image_values`` values of the default images of the output-space metric (four copies: the
-    resize that makes them and the FFTs that filter them)."""
-    return {"targets": 3 * count * math.prod(targets) * 8, "images": 4 * image_values * 8}
+    resize that makes them and the FFTs that filter them) and, for the images objective, its
+    ``objective_residuals`` residuals (:data:`OBJECTIVE_COPIES` copies)."""
+    return {"targets": 3 * count * math.prod(targets) * 8, "images": 4 * image_values * 8,
+            "objective": OBJECTIVE_COPIES * objective_residuals * 8}
 
 
 def check(cost: Estimate, what: str) -> None:
@@ -102,6 +110,8 @@ def check(cost: Estimate, what: str) -> None:
         "targets": "use smaller chain sizes or dilations (the target is zero-padded to the chain's extent)",
         "images": "use smaller chain sizes or dilations (the output metric filters images four times the "
                   "chain's extent)",
+        "objective": "use fewer or smaller images for the images objective (objective.crops, objective.image_size, "
+                     "objective.images)",
     }[part]
     raise ConfigError(
         f"{what}: estimated peak memory {size_text(cost.peak_bytes)} ({part}) exceeds the budget "
