@@ -298,3 +298,8 @@ def test_approx_has_the_target_shape_when_the_chain_is_larger():
     assert approx.shape == target.shape
     (lo, _), (left, _) = result.padding
     np.testing.assert_array_equal(approx, result.approx[lo: lo + 15, left: left + 9, 0, 0])
+
+
+def test_an_unknown_factorize_option_is_named_with_a_suggestion():
+    with pytest.raises(TypeError, match=r"factorize\(\): unknown option 'restart'; did you mean 'restarts'\?"):
+        factorize(kernels.make("gaussian", 5), Chain.build([3, 3]), restart=2)

@@ -13,6 +13,7 @@ counted); if none is left the run fails rather than report a NaN.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 
@@ -558,6 +559,10 @@ def factorize(target, chain: Chain, *, starts=None, **options) -> Factorization:
     ``starts`` is a list of factor lists (this target's); ``baselines`` defaults to
     :data:`~jfactor.factorize.baselines.DEFAULT_BASELINES` here.
     """
+    accepted = set(inspect.signature(factorize_batch).parameters) - {"targets", "chain", "starts"}
+    for key in options:
+        if key not in accepted:
+            raise TypeError(f"factorize(): {unknown_key(key, accepted, 'option')}")
     options.setdefault("baselines", baseline_lib.DEFAULT_BASELINES)
     return factorize_batch([target], chain, starts=None if starts is None else [starts], **options)[0]
 
