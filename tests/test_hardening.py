@@ -303,3 +303,8 @@ def test_approx_has_the_target_shape_when_the_chain_is_larger():
 def test_an_unknown_factorize_option_is_named_with_a_suggestion():
     with pytest.raises(TypeError, match=r"factorize\(\): unknown option 'restart'; did you mean 'restarts'\?"):
         factorize(kernels.make("gaussian", 5), Chain.build([3, 3]), restart=2)
+
+
+def test_an_all_zero_frozen_layer_is_refused_by_name():
+    with pytest.raises(FactorizationError, match="frozen layer 1: weights are all zero"):
+        Chain.build([3, 3], frozen={1: np.zeros((3, 3))})

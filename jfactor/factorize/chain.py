@@ -116,6 +116,9 @@ class Chain:
                         f"(expected (*{size}, C_in, C_out))")
                 if not np.isfinite(weights).all():
                     raise FactorizationError(f"frozen layer {i}: weights are not all finite")
+                if not weights.any():
+                    raise FactorizationError(f"frozen layer {i}: weights are all zero, so every chain's output is "
+                                             "zero whatever the other layers learn")
             layers.append(ChainLayer(size, _per_dim(dilations[i], ndim, f"layer {i} dilation"),
                                      _per_dim(strides[i], ndim, f"layer {i} stride"), weights is not None))
             fixed.append(weights)
