@@ -278,8 +278,8 @@ def run(
         _fail(exc)
     except KeyboardInterrupt as exc:
         kept = getattr(exc, "directory", None)
-        print("interrupted: " + (f"{kept} keeps the chains that finished (no results.json: the run is unfinished)"
-                                 if kept else "no chain had finished; no run directory kept"), file=sys.stderr)
+        print("interrupted: " + (f"{kept} keeps what finished (no results.json: the run is unfinished)"
+                                 if kept else "nothing had finished; no run directory kept"), file=sys.stderr)
         raise typer.Exit(code=130) from None
     _print_run(directory)
     print(directory)

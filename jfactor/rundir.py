@@ -9,6 +9,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,20 +64,19 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def output_dir(out, root, name: str, *, keep_interrupted: bool = False):
+def output_dir(out, root, name: str, *, finished: Callable[[Path], bool] | None = None):
     """``out`` (created if needed) or a fresh run directory under ``root``, removed again if the
     block fails: a failed command leaves no empty or half-written directory it created (parents
     it created go too, while empty).  An ``out`` that existed before is kept as it was (files
-    are only written after the work is done).  With ``keep_interrupted``, Ctrl-C in the block
-    keeps a directory that already holds files (work finished before it) and raises
-    :class:`Interrupted` with it.
+    are only written after the work is done).  Where ``finished(directory)`` says it holds
+    finished work, Ctrl-C in the block keeps the directory and raises :class:`Interrupted` with it.
     """
     created = _first_missing(Path(out) if out else Path(root))
     directory = writable_dir(out) if out else new_run_dir(root, name)
     try:
         yield directory
     except KeyboardInterrupt:
-        if keep_interrupted and any(directory.iterdir()):
+        if finished is not None and finished(directory):
             raise Interrupted(directory) from None
         _remove_created(directory, out, created)
         raise

@@ -150,7 +150,7 @@ def test_ctrl_c_in_run_keeps_the_finished_chains_and_says_where(tmp_path, monkey
     assert result.exit_code == 130
     kept = next((tmp_path / "runs").iterdir())
     assert (kept / "chain0_factors.npz").read_bytes() == b"finished" and not (kept / "results.json").exists()
-    assert f"interrupted: {kept} keeps the chains that finished" in result.output
+    assert f"interrupted: {kept} keeps what finished" in result.output
 
 
 def test_set_reaches_the_objective_keys_the_flags_leave_open(tmp_path):

@@ -273,15 +273,17 @@ def test_a_failed_block_removes_the_directory_it_created_and_keeps_an_existing_o
 
 
 def test_ctrl_c_keeps_finished_work_only_where_asked(tmp_path):
+    done = lambda directory: (directory / "chain0.json").exists()  # noqa: E731
     with pytest.raises(rundir.Interrupted) as caught:
-        with rundir.output_dir(None, tmp_path / "runs", "x", keep_interrupted=True) as directory:
+        with rundir.output_dir(None, tmp_path / "runs", "x", finished=done) as directory:
             rundir.write_json(directory / "chain0.json", {})
             raise KeyboardInterrupt
     assert caught.value.directory == directory and (directory / "chain0.json").exists()
     with pytest.raises(KeyboardInterrupt) as caught:  # nothing finished: nothing kept
-        with rundir.output_dir(None, tmp_path / "empty", "x", keep_interrupted=True):
+        with rundir.output_dir(None, tmp_path / "early", "x", finished=done) as directory:
+            rundir.write_json(directory / "config.json", {})
             raise KeyboardInterrupt
-    assert not isinstance(caught.value, rundir.Interrupted) and not (tmp_path / "empty").exists()
+    assert not isinstance(caught.value, rundir.Interrupted) and not (tmp_path / "early").exists()
     with pytest.raises(KeyboardInterrupt):  # not asked: removed like any failed block
         with rundir.output_dir(None, tmp_path / "plain", "x") as directory:
             rundir.write_json(directory / "chain0.json", {})

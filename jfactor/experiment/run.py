@@ -227,6 +227,11 @@ def _report(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def _has_results(directory: Path) -> bool:
+    """Whether a run directory holds a finished chain's or fold's output (not only its config.yaml)."""
+    return any(directory.glob("chain*_factors.npz")) or (directory / "folded_kernel.npy").exists()
+
+
 def run(config: ExperimentConfig, base: Path, source: str, runs_dir="runs", *, progress: bool = True) -> Path:
     """Plan (fail fast), create a fresh run directory, execute; returns the directory.
 
@@ -234,6 +239,6 @@ def run(config: ExperimentConfig, base: Path, source: str, runs_dir="runs", *, p
     and so does Ctrl-C once a chain has finished (:class:`jfactor.rundir.Interrupted`).
     """
     the_plan = plan(config, base, source)
-    with rundir.output_dir(None, runs_dir, config.name, keep_interrupted=True) as directory:
+    with rundir.output_dir(None, runs_dir, config.name, finished=_has_results) as directory:
         execute(the_plan, directory, progress=progress)
     return directory
