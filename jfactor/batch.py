@@ -62,7 +62,7 @@ from jax import lax
 from jfactor import ops
 from jfactor._pytree import pytree_dataclass, static
 from jfactor.cache import enable_compilation_cache
-from jfactor.errors import StackError
+from jfactor.errors import ConfigError, StackError
 from jfactor.fold import conv_from_affine, fold_layers, has_bias
 from jfactor.layers import Conv
 from jfactor.sharding import batch_mesh, shard_batch, sharded_call
@@ -101,7 +101,9 @@ class BatchFolded:
         return tuple(self.kernel.shape[1 : len(self.stride) + 1])
 
     def affine(self, i: int) -> ops.Affine:
-        """The infinite-grid map of item ``i``."""
+        """The infinite-grid map of item ``i`` (negative ``i`` counts from the end)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"item {i} of a batch of {len(self)} folded stacks")
         return ops.Affine(self.kernel[i], self.bias[i], self.stride, self.offset, self.groups)
 
     def conv(self, i: int) -> Conv:
@@ -582,7 +584,7 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
       :class:`BatchFolded` with kernel (N, *K, C_in, C_out) and bias (N, C_out).
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"fold_batch: method must be one of {METHODS}, got {method!r}")
     n = batch_size(stacks)
     dtype = jnp.dtype(dtype or stacks.dtype)
     try:
@@ -636,7 +638,13 @@ def stack_batch(stacks: Sequence[Stack]) -> Stack:
         if (jax.tree.structure(stack) != structure
                 or [leaf.shape for leaf in jax.tree.leaves(stack)] != shapes):
             raise _structure_error(stacks, i)
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *stacks)
+    batched = jax.tree.map(lambda *xs: jnp.stack(xs), *stacks)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batched)[0]:
+        bad = np.asarray(~jnp.isfinite(leaf).reshape(len(stacks), -1).all(axis=1))
+        if bad.any():
+            raise StackError(f"stack_batch: stacks[{int(np.argmax(bad))}]{jax.tree_util.keystr(path)} has non-finite "
+                             f"values ({int(bad.sum())} of the {len(stacks)} stacks have some there)")
+    return batched
 
 
 __all__ = [

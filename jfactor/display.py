@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from jfactor.fold import Folded
+from jfactor.fold import Folded, certified
 
 
 def _shape(shape) -> str:
@@ -55,7 +55,8 @@ def fold_summary(folded: Folded, console: Console, title: str = "stack") -> None
     console.print(costs)
     console.print(
         f"certificate ({cert.dtype}, probe {_shape(cert.probe_shape)}, {cert.positions_checked:,} values): "
-        f"max abs diff {cert.max_abs_diff:.3e}, relative {cert.rel_diff:.3e}"
+        + ("none: no output position is exact, so nothing is certified" if cert.max_abs_diff is None
+           else f"max abs diff {cert.max_abs_diff:.3e}, relative {cert.rel_diff:.3e}")
     )
 
 
@@ -111,6 +112,6 @@ def run_summary(payload: dict, console: Console) -> None:
             fold = entry["fold"]
             console.print(f"[bold]fold[/bold]: {'x'.join(map(str, fold['kernel_shape'][:-2]))} stride "
                           f"{tuple(fold['stride'])}, canonical {fold['canonical']['description']}, certificate "
-                          f"{fold['certificate']['max_abs_diff']:.2e}")
+                          f"{certified(fold['certificate'])}")
         else:
             _chain_table(entry, console)

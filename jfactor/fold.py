@@ -102,11 +102,12 @@ class Certificate:
     """Stack vs folded conv on a random float64 probe of shape ``probe_shape``.
 
     ``max_abs_diff`` and ``rel_diff`` (max abs diff / max abs output) are measured on
-    the exact region; ``outside_max_abs_diff`` on the rest (None when there is none).
+    the exact region (None when it is empty: nothing is certified, so nothing reads as exact);
+    ``outside_max_abs_diff`` on the rest (None when there is none).
     """
 
-    max_abs_diff: float
-    rel_diff: float
+    max_abs_diff: float | None
+    rel_diff: float | None
     dtype: str
     probe_shape: tuple[int, ...]
     positions_checked: int
@@ -114,6 +115,13 @@ class Certificate:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def certified(certificate: dict) -> str:
+    """A certificate (:meth:`Certificate.to_dict`) in a few words: its max abs diff, or that it is empty."""
+    if certificate["max_abs_diff"] is None:
+        return "none (no output position is exact)"
+    return f"max abs diff {certificate['max_abs_diff']:.2e} ({certificate['dtype']})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,12 +284,12 @@ def _certificate(y_stack, y_conv, region, probe_shape) -> Certificate:
     diff = np.abs(y_stack - y_conv)
     mask = np.broadcast_to(_region_mask(region, y_stack.shape[1:]), y_stack.shape)
     inside = diff[mask]
-    max_abs = float(inside.max()) if inside.size else 0.0
+    max_abs = float(inside.max()) if inside.size else None
     scale = float(np.abs(y_stack[mask]).max()) if inside.size else 0.0
     outside = diff[~mask]
     return Certificate(
         max_abs_diff=max_abs,
-        rel_diff=max_abs / scale if scale > 0 else max_abs,
+        rel_diff=None if max_abs is None else max_abs / scale if scale > 0 else max_abs,
         dtype="float64",
         probe_shape=probe_shape,
         positions_checked=int(inside.size),

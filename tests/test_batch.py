@@ -230,8 +230,23 @@ def test_fold_batch_errors():
         batch.fold_batch(jf.Stack([jf.AvgPool(2)], (8, 8, 1)))
     with pytest.raises(jf.StackError, match="jfactor.Stack"):
         batch.fold_batch([stack, stack])
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(jf.ConfigError, match="fold_batch: method must be one of"):
         batch.fold_batch(batch.stack_batch([stack]), method="fast")
+
+
+def test_batch_items_out_of_range_and_non_finite_weights_are_named():
+    rng = np.random.default_rng(0)
+    make = lambda: jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 2))), jf.AvgPool(2),  # noqa: E731
+                             jf.Conv(rng.normal(size=(3, 3, 2, 1)))], (16, 16, 1))
+    stacks = [make(), make()]
+    folded = batch.fold_batch(batch.stack_batch(stacks))
+    np.testing.assert_array_equal(folded.conv(-1).kernel, folded.conv(1).kernel)
+    for i in (2, -3):
+        with pytest.raises(IndexError, match=f"item {i} of a batch of 2"):
+            folded.conv(i)
+    bad = jax.tree.map(lambda w: np.where(np.arange(w.size).reshape(w.shape) == 0, np.nan, w), stacks[1])
+    with pytest.raises(jf.StackError, match=r"stack_batch: stacks\[1\]\.layers\[0\]\.kernel has non-finite"):
+        batch.stack_batch([stacks[0], bad])
 
 
 def _run(code, env=None):

@@ -218,3 +218,9 @@ def test_load_any_dispatches_on_the_suffix(tmp_path):
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(jf.ConfigError, match=r"binary\.txt: cannot read"):
         seed_notation.load_keras(tmp_path / "binary.txt")
+
+
+@pytest.mark.parametrize("text", [None, b"x = Input(shape=(8, 8, 1))"])
+def test_keras_lines_that_are_not_text_are_refused(text):
+    with pytest.raises(jf.ConfigError, match="the Keras lines must be text"):
+        jf.parse_keras(text)

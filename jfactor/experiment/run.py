@@ -25,6 +25,7 @@ from jfactor.experiment.config import (
     ExperimentConfig, build_chain, build_objective, build_solver, build_target, load_stack_spec, shrink,
 )
 from jfactor.factorize import Factorization, check_chain, factorize
+from jfactor.fold import certified
 
 PLOTS = ("kernels", "spectrum", "loss", "search")  # the PNGs of a factorization (jfactor.report.factorization_plots)
 
@@ -193,8 +194,7 @@ def _report(payload: dict) -> str:
             lines += ["## Fold", "",
                       f"One conv {'x'.join(map(str, fold['kernel_shape'][:-2]))}, stride {fold['stride']}, "
                       f"receptive field {fold['receptive_field']}; canonical form "
-                      f"`{fold['canonical']['description']}`; certificate max abs diff "
-                      f"{fold['certificate']['max_abs_diff']:.2e} (float64)"
+                      f"`{fold['canonical']['description']}`; certificate {certified(fold['certificate'])}"
                       + ("" if fold["exact_region"] is None else f"; exact on output region {fold['exact_region']}")
                       + ".", ""]
     chains = [e for e in payload["results"] if "chain" in e]

@@ -128,6 +128,8 @@ def _statement(node: ast.stmt, lines: list[str], source: str) -> _Line | None:
 
 def _lines(text: str, source: str) -> list[_Line]:
     """Every layer statement of ``text``, separators, markers and imports dropped."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{source}: the Keras lines must be text (str), got {type(text).__name__}")
     lines = textwrap.dedent(text).splitlines()
     code = "\n".join("" if SEPARATOR.match(line) else line for line in lines)
     try:
