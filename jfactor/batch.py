@@ -60,6 +60,7 @@ import numpy as np
 from jax import lax
 
 from jfactor import ops
+from jfactor._checks import is_concrete
 from jfactor._pytree import pytree_dataclass, static
 from jfactor.cache import enable_compilation_cache
 from jfactor.errors import ConfigError, StackError
@@ -624,7 +625,9 @@ def _structure_error(stacks: Sequence[Stack], i: int) -> StackError:
 def stack_batch(stacks: Sequence[Stack]) -> Stack:
     """One :class:`~jfactor.Stack` whose weights stack those of ``stacks`` along a new axis 0.
 
-    All stacks must share a structure: input shape, layers, settings and weight shapes.
+    All stacks must share a structure: input shape, layers, settings and weight shapes; concrete
+    weights must be finite (a :class:`~jfactor.errors.StackError` names the first stack and layer
+    that are not).
     """
     stacks = list(stacks)
     if not stacks:
@@ -640,6 +643,8 @@ def stack_batch(stacks: Sequence[Stack]) -> Stack:
             raise _structure_error(stacks, i)
     batched = jax.tree.map(lambda *xs: jnp.stack(xs), *stacks)
     for path, leaf in jax.tree_util.tree_flatten_with_path(batched)[0]:
+        if not is_concrete(leaf):  # traced (under jax.jit or vmap): checked where it is concrete
+            continue
         bad = np.asarray(~jnp.isfinite(leaf).reshape(len(stacks), -1).all(axis=1))
         if bad.any():
             raise StackError(f"stack_batch: stacks[{int(np.argmax(bad))}]{jax.tree_util.keystr(path)} has non-finite "

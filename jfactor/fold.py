@@ -259,7 +259,7 @@ def _check_probe_memory(probe_stack: Stack, batch: int) -> None:
     widest = int(np.argmax(outputs))
     check_bytes(PROBE_COPIES * 8 * batch * outputs[widest],
                 f"layers[{widest}]: the certificate's probe run (that layer's output {probe_stack.shapes()[widest][1]} "
-                f"on a {probe_stack.input_shape} probe)", "reduce the padding or the input size")
+                f"on a {probe_stack.input_shape} probe)", "reduce the padding, the channels or the input size")
 
 
 def _probe(shape, seed: int):

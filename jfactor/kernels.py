@@ -129,7 +129,17 @@ FAMILIES = {
 }
 SEPARABLE = ("gaussian", "box")
 # parameters that are lengths or ratios: finite and > 0 (a negative sigma once made a valid-looking kernel)
-POSITIVE = {"sigma", "ratio", "wavelength", "gamma", "radius", "width", "length"}
+POSITIVE = {"sigma", "ratio", "radius", "width", "length"}
+
+
+def _real(value) -> float | None:
+    """``value`` as a float where it is one real number (a Python, numpy or jax scalar), else None."""
+    if isinstance(value, (bool, str)) or np.ndim(value) != 0 or not np.isrealobj(value):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def make(name: str, size: int, **params) -> np.ndarray:
@@ -143,19 +153,23 @@ def make(name: str, size: int, **params) -> np.ndarray:
             raise ConfigError(f"kernel family {name!r}: {unknown_key(key, accepted, 'parameter')}")
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
         raise ConfigError(f"kernel family {name!r}: size must be a positive integer, got {size!r}")
-    for key in POSITIVE & set(params):
-        value = params[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < np.inf:
-            raise ConfigError(f"kernel family {name!r}: {key} must be a positive number, got {value!r}")
+    for key in POSITIVE & {k for k, v in params.items() if v is not None}:  # None: the family's default
+        value, zero_ok = _real(params[key]), (name, key) == ("ring", "radius")  # a ring of radius 0: a small disk
+        if value is None or not np.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            bound = "a number >= 0" if zero_ok else "a positive number"
+            raise ConfigError(f"kernel family {name!r}: {key} must be {bound}, got {params[key]!r}")
     ndim = params.get("ndim", 2)
     if not (isinstance(ndim, (int, np.integer)) and not isinstance(ndim, bool) and ndim >= 1):
         raise ConfigError(f"kernel family {name!r}: ndim must be a positive integer, got {ndim!r}")
-    check_bytes(_TEMPORARIES * 8 * float(size) ** ndim, f"kernel family {name!r}: size {size} in {ndim} dimensions",
-                "use a smaller size")
+    try:
+        need = _TEMPORARIES * 8 * float(size) ** ndim
+    except OverflowError:
+        need = np.inf
+    check_bytes(need, f"kernel family {name!r}: size {size} in {ndim} dimensions", "use a smaller size")
     try:
         with np.errstate(all="ignore"):  # a size too small for the family divides by zero
             kernel = function(int(size), **params)
-    except (TypeError, ValueError) as exc:  # a parameter numpy cannot use (a string, a negative seed, ...)
+    except (TypeError, ValueError, ArithmeticError) as exc:  # a parameter numpy cannot use (a string, 1e200, ...)
         raise ConfigError(f"kernel family {name!r}: parameters {params}: {exc}") from None
     if not np.isfinite(kernel).all():
         raise ConfigError(f"kernel family {name!r}: size {size} with {params or 'the default parameters'} gives "

@@ -106,9 +106,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes the strings :func:`load_yaml_text` would read as floats."""
+
+
 # YAML 1.2 floats without a dot (1e-3, 2E+1), which PyYAML's YAML 1.1 rules read as strings
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+for _side in (_UniqueKeyLoader, _Dumper):
+    _side.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+
+
+def dump_yaml(data) -> str:
+    """YAML text that :func:`load_yaml_text` reads back as ``data`` (keys in their order)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def load_yaml_text(text: str):

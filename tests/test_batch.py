@@ -247,6 +247,8 @@ def test_batch_items_out_of_range_and_non_finite_weights_are_named():
     bad = jax.tree.map(lambda w: np.where(np.arange(w.size).reshape(w.shape) == 0, np.nan, w), stacks[1])
     with pytest.raises(jf.StackError, match=r"stack_batch: stacks\[1\]\.layers\[0\]\.kernel has non-finite"):
         batch.stack_batch([stacks[0], bad])
+    traced = jax.jit(lambda a, b: batch.stack_batch([a, b]).layers[0].kernel)(*stacks)  # still traceable
+    np.testing.assert_array_equal(traced, batch.stack_batch(stacks).layers[0].kernel)
 
 
 def _run(code, env=None):

@@ -98,7 +98,28 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_floats_written_without_a_dot_are_numbers():
     from jfactor.experiment.config import parse_value
-    from jfactor.schema import load_yaml_text
+    from jfactor.schema import dump_yaml, load_yaml_text
 
     assert parse_value("1e-1") == 0.1 and parse_value("2E+1") == 20.0 and parse_value("-3e0") == -3.0
     assert load_yaml_text("sigma: 1.5e-3\nname: 1e\nsize: 7") == {"sigma": 1.5e-3, "name": "1e", "size": 7}
+    data = {"name": "1e5", "sigma": 1e-3, "grid": ["2E+1", 3]}  # a run's config.yaml reads back as it was
+    assert load_yaml_text(dump_yaml(data)) == data
+
+
+def test_family_parameters_are_checked_without_refusing_valid_ones():
+    import jax.numpy as jnp
+
+    from jfactor import kernels
+
+    for name, params in [("ring", {"radius": 0}), ("gabor", {"gamma": 0, "wavelength": -3.0}),
+                         ("gaussian", {"sigma": None}), ("gaussian", {"sigma": jnp.float32(2)}),
+                         ("gaussian", {"sigma": np.array(2.0)})]:
+        assert np.isfinite(kernels.make(name, 7, **params)).all()
+    for name, size, params, named in [("gaussian", 7, {"sigma": -1}, "sigma must be a positive number"),
+                                      ("disk", 7, {"radius": 0}, "radius must be a positive number"),
+                                      ("ring", 7, {"radius": -1}, "radius must be a number >= 0"),
+                                      ("gaussian", 7, {"sigma": 1e200}, "parameters"),
+                                      ("box", 3, {"ndim": 1000}, "needs about inf GB"),
+                                      ("gaussian", 10**200, {}, "past the memory budget")]:
+        with pytest.raises(jf.ConfigError, match=named):
+            kernels.make(name, size, **params)

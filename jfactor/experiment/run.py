@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 
 from jfactor import rundir
 from jfactor.errors import ConfigError, JFactorError
@@ -26,6 +25,7 @@ from jfactor.experiment.config import (
 )
 from jfactor.factorize import Factorization, check_chain, factorize
 from jfactor.fold import certified
+from jfactor.schema import dump_yaml
 
 PLOTS = ("kernels", "spectrum", "loss", "search")  # the PNGs of a factorization (jfactor.report.factorization_plots)
 
@@ -115,7 +115,7 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: di
     the entries of ``extra`` added)."""
     config = the_plan.config
     started = time.time()
-    rundir.write_text(directory / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    rundir.write_text(directory / "config.yaml", dump_yaml(config.model_dump(mode="json")))
     summaries, metric_rows, plots = [], [], []
     if the_plan.stack is not None:
         from jfactor.fold import fold

@@ -601,7 +601,8 @@ def segment_table(summary: dict, title: str = ""):
         conv = f"{shape(kernel[:-2])} s{seg['stride'][0]}" if kernel else ""
         region = ("all" if seg["exact_region"] is None else
                   "[" + ", ".join(f"{a}:{b}" for a, b in seg["exact_region"]) + "]") if kernel else ""
-        cert = f"{seg['certificate']['max_abs_diff']:.0e}" if seg["certificate"] else ""
+        cert = ("" if not seg["certificate"] else "none" if seg["certificate"]["max_abs_diff"] is None
+                else f"{seg['certificate']['max_abs_diff']:.0e}")
         result = seg["reason"] if seg["folded"] or not kernel else seg["reason"].split(" (")[0].replace(
             " spoils the borders", "")
         table.add_row(str(i), ops, f"{shape(seg['input_shape'])} -> {shape(seg['output_shape'])}", conv,
