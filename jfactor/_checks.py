@@ -18,6 +18,12 @@ from jfactor.errors import StackError
 Padding = str | tuple[tuple[int, int], ...]
 
 
+def repeated(items) -> list:
+    """The items that occur more than once in ``items``, sorted (each once)."""
+    items = list(items)
+    return sorted({item for item in items if items.count(item) > 1})
+
+
 def is_int(value) -> bool:
     """An integer (Python or numpy), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -642,10 +642,11 @@ def stack_batch(stacks: Sequence[Stack]) -> Stack:
                 or [leaf.shape for leaf in jax.tree.leaves(stack)] != shapes):
             raise _structure_error(stacks, i)
     batched = jax.tree.map(lambda *xs: jnp.stack(xs), *stacks)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(batched)[0]:
-        if not is_concrete(leaf):  # traced (under jax.jit or vmap): checked where it is concrete
-            continue
-        bad = np.asarray(~jnp.isfinite(leaf).reshape(len(stacks), -1).all(axis=1))
+    # traced leaves (under jax.jit or vmap) are checked where they are concrete; one transfer for the rest
+    checked = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(batched)[0] if is_concrete(leaf)]
+    flags = np.asarray(jnp.stack([~jnp.isfinite(leaf).reshape(len(stacks), -1).all(axis=1) for _, leaf in checked])
+                       if checked else np.zeros((0, len(stacks)), bool))
+    for (path, _), bad in zip(checked, flags):
         if bad.any():
             raise StackError(f"stack_batch: stacks[{int(np.argmax(bad))}]{jax.tree_util.keystr(path)} has non-finite "
                              f"values ({int(bad.sum())} of the {len(stacks)} stacks have some there)")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from jfactor._checks import repeated
 from jfactor.errors import JFactorError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -147,8 +148,7 @@ def _target_spec(target, family, size, params, stack) -> dict:
             if "=" not in text:
                 raise typer.BadParameter(f"--param {text!r}: expected key=value (for example sigma=2.0)")
         pairs = [p.split("=", 1) for p in params]
-        keys = [k for k, _ in pairs]
-        twice = sorted({k for k in keys if keys.count(k) > 1})
+        twice = repeated(k for k, _ in pairs)
         if twice:
             raise typer.BadParameter(f"--param {', '.join(twice)}: given twice")
         return {"family": family, "size": size, "params": {k: parse_value(v) for k, v in pairs}}

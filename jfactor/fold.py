@@ -255,10 +255,10 @@ def _check_probe_memory(probe_stack: Stack, batch: int) -> None:
     run of ``probe_stack`` (``batch`` probes) would pass the memory budget (:data:`PROBE_COPIES`
     of its largest layer output); it names that layer (a large padding grows every output from
     there on)."""
-    outputs = [math.prod(out) for _, out in probe_stack.shapes()]
-    widest = int(np.argmax(outputs))
-    check_bytes(PROBE_COPIES * 8 * batch * outputs[widest],
-                f"layers[{widest}]: the certificate's probe run (that layer's output {probe_stack.shapes()[widest][1]} "
+    outputs = [out for _, out in probe_stack.shapes()]
+    widest = int(np.argmax([math.prod(out) for out in outputs]))
+    check_bytes(PROBE_COPIES * 8 * batch * math.prod(outputs[widest]),
+                f"layers[{widest}]: the certificate's probe run (that layer's output {outputs[widest]} "
                 f"on a {probe_stack.input_shape} probe)", "reduce the padding, the channels or the input size")
 
 

@@ -13,6 +13,7 @@ import inspect
 
 import numpy as np
 
+from jfactor._checks import is_int
 from jfactor.errors import ConfigError
 from jfactor.memory import check_bytes
 from jfactor.schema import unknown_key
@@ -151,7 +152,7 @@ def make(name: str, size: int, **params) -> np.ndarray:
     for key in params:
         if key not in accepted:
             raise ConfigError(f"kernel family {name!r}: {unknown_key(key, accepted, 'parameter')}")
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+    if not is_int(size) or size < 1:
         raise ConfigError(f"kernel family {name!r}: size must be a positive integer, got {size!r}")
     for key in POSITIVE & {k for k, v in params.items() if v is not None}:  # None: the family's default
         value, zero_ok = _real(params[key]), (name, key) == ("ring", "radius")  # a ring of radius 0: a small disk
@@ -159,7 +160,7 @@ def make(name: str, size: int, **params) -> np.ndarray:
             bound = "a number >= 0" if zero_ok else "a positive number"
             raise ConfigError(f"kernel family {name!r}: {key} must be {bound}, got {params[key]!r}")
     ndim = params.get("ndim", 2)
-    if not (isinstance(ndim, (int, np.integer)) and not isinstance(ndim, bool) and ndim >= 1):
+    if not (is_int(ndim) and ndim >= 1):
         raise ConfigError(f"kernel family {name!r}: ndim must be a positive integer, got {ndim!r}")
     try:
         need = _TEMPORARIES * 8 * float(size) ** ndim

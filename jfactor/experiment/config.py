@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from jfactor import kernels
+from jfactor._checks import repeated
 from jfactor.errors import ConfigError
 from jfactor.factorize import BASELINES, DEFAULT_BASELINES, Chain, Objective, Solver, Target
 from jfactor.factorize.init import INITS
@@ -93,8 +94,7 @@ class ChainSpec(Strict):
 
     @model_validator(mode="after")
     def _frozen_once(self):
-        layers = [item.layer for item in self.frozen]
-        twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+        twice = repeated(item.layer for item in self.frozen)
         if twice:
             raise ValueError(f"frozen layer {', '.join(map(str, twice))} is given twice")
         return self
@@ -168,7 +168,7 @@ class ExperimentConfig(Strict):
     @field_validator("baselines")
     @classmethod
     def _baselines_once(cls, value: list) -> list:
-        twice = sorted({b for b in value if value.count(b) > 1})
+        twice = repeated(value)
         if twice:
             raise ValueError(f"{', '.join(twice)} given twice")
         return value
