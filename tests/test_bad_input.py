@@ -67,7 +67,7 @@ CASES = [
     ("factorize --family gaussian --size 5 --chain 3,3 --seed -1", "seed"),
     ("factorize --family gaussian --size 5 --param sigma --chain 3,3", "--param 'sigma'"),
     ("factorize --family log --size 1 --chain 3,3", "too small for the family"),
-    ("factorize --family gaussian --size 5 --chain 100001", "exceeds the budget"),
+    ("factorize --family gaussian --size 5 --chain 100001", "past the memory budget"),
     ("--compile-cache {d}/t.npy factorize --family gaussian --size 5 --chain 3,3", "compile cache"),
     ("run {d}/floatsizes.yaml", "chain.sizes[1]"),
     ("run {d}/noimages.yaml", "objective.images"),

@@ -172,7 +172,7 @@ def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkey
     target = kernels.make("gaussian", 7, sigma=1.0)  # before the budget shrinks (making a family checks it too)
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1e-6")
     images = np.zeros((1, 8, 8, 1))  # the user's: not counted (the default ones would be the largest part)
-    with pytest.raises(ConfigError, match=r"exceeds the budget .*JFACTOR_MEMORY_BUDGET_GB.*restarts"):
+    with pytest.raises(ConfigError, match=r"past the memory budget .*JFACTOR_MEMORY_BUDGET_GB.*restarts"):
         factorize(target, Chain.build([3, 5]), restarts=4, solver=FAST, baselines=(),
                   images=images)
     with pytest.raises(ConfigError, match=r"\(als\).*drop the als"):
@@ -189,7 +189,7 @@ def test_the_images_objective_counts_its_images_against_the_budget(monkeypatch):
     target = kernels.make("gaussian", 7, sigma=1.0)
     images = np.random.default_rng(0).standard_normal((50, 64, 64, 1))
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "0.1")
-    with pytest.raises(ConfigError, match=r"\(objective\) exceeds the budget.*objective\.crops"):
+    with pytest.raises(ConfigError, match=r"\(objective\) needs about .* past the memory budget.*objective\.crops"):
         factorize(target, Chain.build([3, 5]), restarts=2, solver=FAST, baselines=(), images=images,
                   objective="images")
     factorize(target, Chain.build([3, 5]), restarts=2, solver=FAST, baselines=(), images=images[:2],
@@ -199,7 +199,7 @@ def test_the_images_objective_counts_its_images_against_the_budget(monkeypatch):
 def test_huge_chains_stop_at_the_memory_budget_before_any_array_is_made():
     """A 100,000-wide chain would pad the target to 75 GB and the metric's images to 30 TB: the
     budget check comes first (it once ran out of memory in numpy)."""
-    with pytest.raises(ConfigError, match=r"\(images\) exceeds the budget.*smaller chain sizes"):
+    with pytest.raises(ConfigError, match=r"\(images\) needs about .* past the memory budget.*smaller chain sizes"):
         factorize(kernels.make("gaussian", 9), Chain.build([100_001]), restarts=1, solver=FAST, baselines=())
 
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jfactor.errors import ConfigError
-from jfactor.memory import BUDGET_VARIABLE, memory_budget, size_text
+from jfactor.memory import check_bytes, size_text
 
 ALS_SWEEPS = 100  # as in baselines.als
 
@@ -97,22 +96,22 @@ def arrays(targets: tuple[int, ...], count: int, image_values: int = 0, objectiv
             "objective": OBJECTIVE_COPIES * objective_residuals * 8}
 
 
+# what to change where each part of an estimate passes the budget
+KNOBS = {
+    "lm": "use fewer restarts, fewer channels or smaller chain sizes, or set solver.linear_solver: cg",
+    "first-order": "use fewer restarts or channels",
+    "als": "drop the als and lstsq baselines (baselines: [svd]) or use fewer restarts",
+    "targets": "use smaller chain sizes or dilations (the target is zero-padded to the chain's extent)",
+    "images": "use smaller chain sizes or dilations (the output metric filters images four times the "
+              "chain's extent)",
+    "objective": "use fewer or smaller images for the images objective (objective.crops, objective.image_size, "
+                 "objective.images)",
+}
+
+
 def check(cost: Estimate, what: str) -> None:
-    """Raise a :class:`ConfigError` naming the knobs when ``cost`` passes the memory budget."""
-    budget = memory_budget()
-    if cost.peak_bytes <= budget:
-        return
-    part = max(cost.memory, key=cost.memory.get)
-    knobs = {
-        "lm": "use fewer restarts, fewer channels or smaller chain sizes, or set solver.linear_solver: cg",
-        "first-order": "use fewer restarts or channels",
-        "als": "drop the als and lstsq baselines (baselines: [svd]) or use fewer restarts",
-        "targets": "use smaller chain sizes or dilations (the target is zero-padded to the chain's extent)",
-        "images": "use smaller chain sizes or dilations (the output metric filters images four times the "
-                  "chain's extent)",
-        "objective": "use fewer or smaller images for the images objective (objective.crops, objective.image_size, "
-                     "objective.images)",
-    }[part]
-    raise ConfigError(
-        f"{what}: estimated peak memory {size_text(cost.peak_bytes)} ({part}) exceeds the budget "
-        f"{size_text(budget)} ({BUDGET_VARIABLE}): {knobs}, or raise {BUDGET_VARIABLE}")
+    """Raise a :class:`ConfigError` naming the largest part and the knobs for it when ``cost`` passes
+    the memory budget (:func:`jfactor.memory.check_bytes`)."""
+    if cost.memory:
+        part = max(cost.memory, key=cost.memory.get)
+        check_bytes(cost.peak_bytes, f"{what} ({part})", KNOBS[part])
