@@ -55,9 +55,7 @@ def fold_summary(folded: Folded, console: Console, title: str = "stack") -> None
     console.print(costs)
     console.print(
         f"certificate ({cert.dtype}, probe {_shape(cert.probe_shape)}, {cert.positions_checked:,} values): "
-        + ("none: no output position is exact, so nothing is certified" if cert.max_abs_diff is None
-           else f"max abs diff {cert.max_abs_diff:.3e}, relative {cert.rel_diff:.3e}")
-    )
+        f"{certified(cert.to_dict(), relative=True)}")
 
 
 def _num(value) -> str:

@@ -117,10 +117,13 @@ class Certificate:
         return dataclasses.asdict(self)
 
 
-def certified(certificate: dict) -> str:
-    """A certificate (:meth:`Certificate.to_dict`) in a few words: its max abs diff, or that it is empty."""
+def certified(certificate: dict, relative: bool = False) -> str:
+    """A certificate (:meth:`Certificate.to_dict`) in a few words: its max abs diff (with
+    ``relative``, to four digits and with the relative difference), or that it is empty."""
     if certificate["max_abs_diff"] is None:
-        return "none (no output position is exact)"
+        return "none: no output position is exact, so nothing is certified"
+    if relative:
+        return f"max abs diff {certificate['max_abs_diff']:.3e}, relative {certificate['rel_diff']:.3e}"
     return f"max abs diff {certificate['max_abs_diff']:.2e} ({certificate['dtype']})"
 
 

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given
 
 import jfactor as jf
+from jfactor.fold import certified
 from tests import reference
 from tests.strategies import stacks
 
@@ -150,3 +151,5 @@ def test_an_empty_exact_region_certifies_nothing():
     assert folded.exact_region == ((0, 0), (0, 0)) and folded.certificate.positions_checked == 0
     assert folded.certificate.max_abs_diff is None and folded.certificate.rel_diff is None
     assert folded.certificate.outside_max_abs_diff > 1e-6
+    for relative in (False, True):
+        assert certified(folded.certificate.to_dict(), relative).startswith("none: no output position is exact")
