@@ -172,6 +172,32 @@ def _factorize_config(target, family, size, params, stack, chain, dilations, str
     }
 
 
+# the config key each of jfactor factorize's flags writes (:func:`_factorize_config`)
+FLAG_KEYS = {"target": "target.file", "family": "target.family", "size": "target.size", "param": "target.params",
+             "stack": "target.stack", "chain": "chain.sizes", "dilations": "chain.dilations",
+             "strides": "chain.strides", "channels": "chain.channels", "dtype": "dtype", "restarts": "restarts",
+             "budget_s": "budget_s", "objective": "objective.name", "optimizer": "solver.optimizer",
+             "steps": "solver.steps", "refine": "solver.refine", "refine_steps": "solver.refine_steps",
+             "init": "init", "baselines": "baselines", "seed": "seed"}
+
+
+def _check_flags(ctx: typer.Context, config, overrides: list[str]) -> None:
+    """Refuse flags that would be ignored or overridden: with a config file, the flags that describe a
+    factorization (it is the file's); without one, a ``--set`` key that a flag given on the command
+    line writes too (or a key inside or around it)."""
+    given = [name for name in FLAG_KEYS if ctx.get_parameter_source(name).name == "COMMANDLINE"]
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if config is not None and given:
+        raise typer.BadParameter(f"{', '.join(map(flag, given))}: with a config file ({config}) the factorization "
+                                 f"is the file's; change it there or with --set KEY=VALUE")
+    for item in overrides:
+        path = item.split("=", 1)[0].strip()
+        for name in given:
+            key = FLAG_KEYS[name]
+            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+                raise typer.BadParameter(f"--set {path} and {flag(name)} both set {key}; give it once")
+
+
 def parse_value(text: str):
     from jfactor.experiment.config import parse_value as parse
 
@@ -180,6 +206,7 @@ def parse_value(text: str):
 
 @app.command()
 def factorize(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Argument(help="experiment config (YAML) instead of the flags")] = None,
     target: Annotated[Path | None,
                       typer.Option(help="target kernel .npy: (k, k), (k, k, C_in, C_out), 1-D, 3-D")] = None,
@@ -223,6 +250,7 @@ def factorize(
     from jfactor.schema import validate
 
     try:
+        _check_flags(ctx, config, set_)
         if config is not None:
             parsed, _, base = load_config(config, set_)
             source = str(config)

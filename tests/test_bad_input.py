@@ -84,6 +84,12 @@ CASES = [
     ("factorize {d}/frozentwice.yaml", "frozen layer 0 is given twice"),
     ("factorize --target {d}/text.npy --chain 3,3", "text.npy: not a .npy or .npz file"),
     ("factorize --target {d}/objects.npy --chain 3,3", "objects.npy: holds Python objects (pickled)"),
+    ("factorize --family log --size 7 --chain 3,5 --restarts 2 --set restarts=4",
+     "--set restarts and --restarts both set restarts"),
+    ("factorize --family log --size 7 --chain 3,5 --param sigma=1 --set target.params.sigma=2",
+     "--set target.params.sigma and --param both set target.params"),
+    ("factorize --family log --size 7 --chain 3,5 --steps 5 --set solver=null", "--set solver and --steps"),
+    ("factorize {d}/nosweep.yaml --restarts 4 --seed 1", "--restarts, --seed: with a config file"),
 ]
 
 
