@@ -160,3 +160,14 @@ def test_set_reaches_the_objective_keys_the_flags_leave_open(tmp_path):
                                  "--set", "objective.image_size=24", "--out", str(tmp_path / "o"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["objective"] == "images"
+
+
+def test_every_factorize_flag_that_describes_the_factorization_has_its_config_key():
+    """The flags a config file or ``--set`` may clash with (``cli.FLAG_KEYS``) are all of
+    ``jfactor factorize``'s flags but those about its output; a new flag must be added there."""
+    import inspect
+
+    from jfactor import cli
+
+    output = {"ctx", "config", "out", "set_", "as_json", "plots"}
+    assert set(inspect.signature(cli.factorize).parameters) - output == set(cli.FLAG_KEYS)
