@@ -21,7 +21,7 @@ from jfactor.factorize import Chain, Solver, factorize
 from jfactor.factorize.chain import FactorizationError
 from jfactor.factorize.metrics import norm
 from jfactor.factorize.npconv import correlate_valid
-from jfactor.fold import fold, probe_input_shape
+from jfactor.fold import fold, fold_conv, probe_input_shape
 from jfactor.stack_config import stack_from_dict
 from tests import reference
 
@@ -126,6 +126,48 @@ def test_float64_convolutions_with_many_taps_run_in_a_loop_and_match_the_referen
     assert "conv_general_dilated" not in program
     np.testing.assert_allclose(np.asarray(run(x, kernel)),
                                reference.conv(x, kernel, None, (2, 1), (1, 2), ((6, 5), (-1, 3)), 2), atol=1e-11)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_convolution_through_ffts_matches_the_reference(data):
+    """The formulation large kernels take: crops, strides, dilation and groups included."""
+    ndim = data.draw(st.integers(1, 3))
+    groups = data.draw(st.integers(1, 3))
+    cin_g, cout_g = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    k = tuple(data.draw(st.integers(1, 4)) for _ in range(ndim))
+    strides = tuple(data.draw(st.integers(1, 3)) for _ in range(ndim))
+    dilation = tuple(data.draw(st.integers(1, 2)) for _ in range(ndim))
+    pads = tuple((data.draw(st.integers(-1, 4)), data.draw(st.integers(-1, 4))) for _ in range(ndim))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    x = rng.standard_normal((2, *[data.draw(st.integers(9, 12)) for _ in range(ndim)], groups * cin_g))
+    kernel = rng.standard_normal((*k, cin_g, groups * cout_g))
+    got = ops.conv_by_fft(x, kernel, strides=strides, dilation=dilation, pads=pads, groups=groups)
+    np.testing.assert_allclose(np.asarray(got), reference.conv(x, kernel, None, strides, dilation, pads, groups),
+                               atol=1e-11)
+
+
+def test_large_kernels_convolve_through_ffts_and_small_ones_or_many_channels_do_not():
+    assert ops.fft_pays((2, 1200, 1200, 1), (501, 501, 1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 1)
+    assert ops.fft_pays((1, 100, 100, 1), (41, 41, 1, 1), (1, 1), (1, 1), ((40, 40), (40, 40)), 1)
+    assert not ops.fft_pays((2, 1200, 1200, 1), (31, 31, 1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 1)  # 961 taps
+    assert not ops.fft_pays((1, 40, 40, 256), (33, 33, 256, 256), (1, 1), (1, 1), ((0, 0), (0, 0)), 1)
+    assert not ops.fft_pays((1, 40, 40, 1), (41, 41, 1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 1)  # no output
+
+
+def test_folding_large_kernels_goes_through_ffts_and_stays_exact():
+    """Two 41x41 kernels: their composition (a full convolution) and the certificate's runs take
+    the FFT route; the folded kernel is their full convolution (scipy) to float64 rounding."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((41, 41)), rng.standard_normal((41, 41))
+    spec = {"input_shape": [120, 120, 1], "layers": [{"conv": {"kernel_size": 41, "filters": 1, "weights": w.tolist()}}
+                                                     for w in (a, b)]}
+    stack = stack_from_dict(spec)
+    assert "fft" in str(jax.make_jaxpr(lambda s: fold_conv(s).kernel)(stack))
+    folded = fold(stack)
+    expected = sp.convolve(a[::-1, ::-1], b[::-1, ::-1])[::-1, ::-1]  # correlations compose as convolutions
+    np.testing.assert_allclose(np.asarray(folded.conv.kernel)[..., 0, 0], expected, atol=1e-11)
+    assert folded.certificate.rel_diff < 1e-13
 
 
 def test_the_certificate_probe_is_bounded_and_keeps_the_borders():
