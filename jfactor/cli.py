@@ -427,6 +427,9 @@ def search(
                       "*" if r["on_front"] else "", str(e["restarts"]), str(e["distinct_minima"]), str(e["best_hits"]),
                       "-" if e["runner_up"] is None else f"{e['runner_up']:.3e}")
     console.print(table)
+    for r in rows:
+        if r["evidence"]["warning"]:
+            console.print(f"[bold yellow]warning[/bold yellow] ({r['chain']}): {r['evidence']['warning']}")
     if budget is not None:
         console.print(f"cheapest within {budget:g}: " + (f"{pick.chain.describe()} ({pick.macs} MACs, error "
                                                           f"{pick.rel_error:.2e})" if pick else "none"))

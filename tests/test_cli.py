@@ -128,6 +128,20 @@ def test_search_prints_the_front(tmp_path):
     assert (tmp_path / "pareto.png").exists()
 
 
+def test_search_prints_each_chains_warning_on_the_terminal(tmp_path):
+    """Two restarts per chain of a target no chain fits exactly: each chain's evidence warns, and
+    the terminal says so under the table, as factorize and run do."""
+    result = runner.invoke(app, ["search", "--family", "log", "--size", "5", "--sizes", "3", "--layers", "2",
+                                 "--restarts", "2", "--optimizer", "none", "--refine-steps", "30",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    warned = [c for c in json.loads((tmp_path / "front.json").read_text())["candidates"] if c["evidence"]["warning"]]
+    assert warned
+    text = " ".join(result.output.split())  # rich wraps long lines
+    for c in warned:
+        assert f"warning ({c['chain']}): likely not the global optimum" in text
+
+
 def test_progress_goes_to_stderr_so_stdout_holds_only_results(capsys):
     with ProgressBar(True, 2, "working") as bar:
         bar.advance(2)

@@ -86,9 +86,10 @@ def test_the_warning_says_what_to_rerun():
     assert warning({**found, "exact": True}, "restarts", 5.0) is None
     # a fixed count: more restarts or the adaptive search (a budget would not change a fixed count)
     fixed = warning(found, "restarts", 5.0)
-    assert "reached by 1 of 64 refined restarts" in fixed and "--restarts 256" in fixed and "--budget-s" not in fixed
+    assert "reached by 1 of 64 refined restarts" in fixed and "--budget-s" not in fixed
+    assert "--restarts 256 (restarts: 256 in a config)" in fixed
     # an adaptive search stopped by its budget: a longer budget
-    assert warning(found, "budget", 30.0).endswith("rerun with --budget-s 60")
+    assert warning(found, "budget", 30.0).endswith("rerun with --budget-s 60 (budget_s: 60 in a config)")
     # one that ran all its restarts: a longer budget would give the same answer, other seeds may not
     capped = warning({**found, "restarts": 1024}, "max_restarts", 2.0)
     assert "ran all its 1024 restarts" in capped and "--seed" in capped and "--budget-s" not in capped

@@ -250,8 +250,10 @@ def load_config(path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict
     """(validated config, resolved raw mapping, base directory) of a YAML file with overrides."""
     path = Path(path)
     raw = apply_overrides(load_yaml(path), list(overrides))
-    # chains written as `chain` shorthand stay as written; validation reports the file
-    return validate(ExperimentConfig, raw, str(path)), raw, path.parent
+    # chains written as `chain` shorthand stay as written; validation reports the file and the overrides
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    source = f"{path} with --set {', '.join(keys)}" if keys else str(path)
+    return validate(ExperimentConfig, raw, source), raw, path.parent
 
 
 def shrink(config: ExperimentConfig) -> ExperimentConfig:

@@ -338,9 +338,12 @@ def warning(found: dict, stopped: str, elapsed: float) -> str | None:
     if found["exact"] or found["best_hits"] >= 3:
         return None
     if stopped == "restarts":
-        hint = f"rerun with --restarts {4 * found['restarts']}, or without --restarts (the adaptive search)"
+        more = 4 * found["restarts"]
+        hint = (f"rerun with --restarts {more} (restarts: {more} in a config), or without a restart count (the "
+                f"adaptive search)")
     elif stopped == "budget":
-        hint = f"rerun with --budget-s {max(2 * elapsed, elapsed + 10):.0f}"
+        longer = f"{max(2 * elapsed, elapsed + 10):.0f}"
+        hint = f"rerun with --budget-s {longer} (budget_s: {longer} in a config)"
     else:
         hint = "rerun with other --seed values and keep the best"
         if stopped == "max_restarts":
