@@ -298,6 +298,11 @@ def main(argv=None) -> int:
     if args.only:
         wanted = set(args.only.split(","))
         targets = [t for t in targets if t["name"] in wanted]
+    if out is not None and not out.exists() and not (args.reference or args.defaults or args.long_search or args.out):
+        print(f"no kept results for this device ({out}): computing the best-known optima takes hours (scipy's "
+              f"{args.scipy_starts} starts); pass --reference to compute them here, or --out "
+              f"experiments/results/cpu/{RESULTS_NAME} for the kept CPU table", file=sys.stderr)
+        return 2
     kept = json.loads(out.read_text()) if out is not None and out.exists() else {}
     kept.setdefault("reference", {})
     kept.setdefault("default", {})

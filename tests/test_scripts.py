@@ -96,3 +96,15 @@ def test_bench_optimality_targets_are_distinct_problems():
             moved = grid_map(ka)
             cosine = abs(np.vdot(moved, kb)) / (np.linalg.norm(moved) * np.linalg.norm(kb))
             assert cosine < 0.999, f"{a['name']} and {b['name']} are one problem (|cos| {cosine:.6f})"
+
+
+def test_bench_optimality_without_kept_results_refuses_rather_than_compute_for_hours(tmp_path, monkeypatch, capsys):
+    """On a device with no kept JSON (a GPU's results folder), the plain command that shows the
+    kept table in seconds must not start the hours-long reference."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import bench_optimality
+
+    missing = tmp_path / "gpu" / "bench_optimality.json"
+    monkeypatch.setattr(bench_optimality.devices, "results_path", lambda *_: missing)
+    assert bench_optimality.main([]) == 2
+    assert "no kept results for this device" in capsys.readouterr().err and not missing.exists()
