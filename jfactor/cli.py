@@ -213,7 +213,7 @@ def factorize(
     family: Annotated[str | None, typer.Option(help="target family: gaussian, log, dog, gabor, disk, ring, box, "
                                                     "motion_blur, random_normal, randint")] = None,
     size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
-    param: Annotated[list[str], typer.Option(help="family parameter key=value (repeatable)")] = [],  # noqa: B006
+    param: Annotated[list[str], typer.Option(help="family parameter key=value, repeatable (e.g. sigma=2.0; README: families)")] = [],  # noqa: B006
     stack: Annotated[Path | None, typer.Option(help="factorize the folded kernel of this stack config")] = None,
     chain: Annotated[str | None, typer.Option(help="kernel sizes, e.g. 3,5,9 (3x5 for per-dim sizes)")] = None,
     dilations: Annotated[str | None, typer.Option(help="per-layer dilations, e.g. 1,2,4")] = None,
@@ -231,8 +231,9 @@ def factorize(
     refine: Annotated[str, typer.Option(help="lm (Levenberg-Marquardt) or none")] = "lm",
     refine_steps: Annotated[int, typer.Option(help="most LM iterations")] = 500,
     init: Annotated[str, typer.Option(help="auto, roots, svd, lines, blurs or random")] = "auto",
-    baselines: Annotated[str | None, typer.Option(help="comma-separated: svd,als,lstsq,wiener,"
-                                                       "unsupervised_wiener,scipy_lm")] = None,
+    baselines: Annotated[str | None, typer.Option(help="comma-separated, of svd, als, lstsq, wiener, "
+                                                       "unsupervised_wiener, scipy_lm (default: all but als and "
+                                                       "scipy_lm)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
@@ -365,7 +366,7 @@ def search(
     target: Annotated[Path | None, typer.Option(help="target kernel .npy")] = None,
     family: Annotated[str | None, typer.Option(help="target family (see jfactor factorize --help)")] = None,
     size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
-    param: Annotated[list[str], typer.Option(help="family parameter key=value (repeatable)")] = [],  # noqa: B006
+    param: Annotated[list[str], typer.Option(help="family parameter key=value, repeatable (e.g. sigma=2.0; README: families)")] = [],  # noqa: B006
     sizes: Annotated[str, typer.Option(help="candidate kernel sizes")] = "3,5,9",
     dilations: Annotated[str, typer.Option(help="candidate dilations")] = "1",
     widths: Annotated[str, typer.Option(help="candidate channel widths")] = "1",

@@ -42,3 +42,19 @@ def test_a_script_that_rewrites_a_readme_block_says_so(tmp_path, capsys):
     assert f"rewrote the <!-- table --> block of {readme}" in capsys.readouterr().out
     assert not replace_block("missing", "x", readme)
     assert "has no <!-- missing --> block; not updated" in capsys.readouterr().out
+
+
+def test_the_readme_families_table_lists_each_familys_parameters_and_defaults():
+    """Its rows name every parameter of every family in order, with the default where the
+    signature has one (computed defaults, None there, are written as formulas of the size)."""
+    import inspect
+
+    from jfactor import kernels
+
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", (ROOT / "README.md").read_text(), re.M))
+    for name, function in kernels.FAMILIES.items():
+        written = [item.split("=") for item in rows[name].split(", ")]
+        parameters = [p for p in inspect.signature(function).parameters.values() if p.name != "size"]
+        assert [key for key, _ in written] == [p.name for p in parameters], name
+        for (key, value), p in zip(written, parameters):
+            assert p.default is None and "size" in value or value == repr(p.default), (name, key, value)
