@@ -213,7 +213,8 @@ def factorize(
     family: Annotated[str | None, typer.Option(help="target family: gaussian, log, dog, gabor, disk, ring, box, "
                                                     "motion_blur, random_normal, randint")] = None,
     size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
-    param: Annotated[list[str], typer.Option(help="family parameter key=value, repeatable (e.g. sigma=2.0; README: families)")] = [],  # noqa: B006
+    param: Annotated[list[str], typer.Option(help="family parameter key=value, repeatable (e.g. sigma=2.0; "
+                                                  "README: families)")] = [],  # noqa: B006
     stack: Annotated[Path | None, typer.Option(help="factorize the folded kernel of this stack config")] = None,
     chain: Annotated[str | None, typer.Option(help="kernel sizes, e.g. 3,5,9 (3x5 for per-dim sizes)")] = None,
     dilations: Annotated[str | None, typer.Option(help="per-layer dilations, e.g. 1,2,4")] = None,
@@ -366,7 +367,8 @@ def search(
     target: Annotated[Path | None, typer.Option(help="target kernel .npy")] = None,
     family: Annotated[str | None, typer.Option(help="target family (see jfactor factorize --help)")] = None,
     size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
-    param: Annotated[list[str], typer.Option(help="family parameter key=value, repeatable (e.g. sigma=2.0; README: families)")] = [],  # noqa: B006
+    param: Annotated[list[str], typer.Option(help="family parameter key=value, repeatable (e.g. sigma=2.0; "
+                                                  "README: families)")] = [],  # noqa: B006
     sizes: Annotated[str, typer.Option(help="candidate kernel sizes")] = "3,5,9",
     dilations: Annotated[str, typer.Option(help="candidate dilations")] = "1",
     widths: Annotated[str, typer.Option(help="candidate channel widths")] = "1",
