@@ -65,6 +65,8 @@ def fold(
     config: Annotated[Path, typer.Argument(help="stack config (YAML), Keras lines (.txt/.py), or an ONNX model")],
     out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON summary only")] = False,
+    cheaper_only: Annotated[bool, typer.Option(help="ONNX models: keep a segment as it is where one conv would "
+                                                    "cost more multiply-adds")] = False,
 ) -> None:
     """Fold a stack into one convolution; write kernel.npy, bias.npy and summary.json.
 
@@ -73,8 +75,10 @@ def fold(
     from jfactor import rundir
 
     if config.suffix.lower() == ".onnx":
-        _fold_onnx(config, out, as_json)
+        _fold_onnx(config, out, as_json, cheaper_only)
         return
+    if cheaper_only:
+        _fail("--cheaper-only: applies to ONNX models, whose segments may stay apart; a stack folds into one conv")
     from jfactor.display import fold_summary
     from jfactor.fold import fold as fold_stack
     from jfactor.interop.seed_notation import load_any as load_stack
@@ -98,14 +102,14 @@ def fold(
     print(out_dir)
 
 
-def _fold_onnx(model: Path, out: Path | None, as_json: bool) -> None:
+def _fold_onnx(model: Path, out: Path | None, as_json: bool, cheaper_only: bool) -> None:
     from jfactor import rundir
 
     try:
         from jfactor.interop.onnx import fold_file, segment_table
 
         out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", f"fold-{model.stem}")
-        summary = fold_file(model, out_dir)
+        summary = fold_file(model, out_dir, cheaper_only=cheaper_only)
     except ImportError as exc:
         _fail(f"{model}: reading ONNX needs the onnx extra (pip install 'jfactor[onnx]'): {exc}")
     except JFactorError as exc:

@@ -135,6 +135,19 @@ def test_cli_fold_onnx_writes_the_folded_model_summary_and_table(tmp_path):
     assert sum(n.op_type == "Conv" for n in folded.graph.node) == 4
 
 
+def test_cli_fold_onnx_cheaper_only_keeps_the_costlier_segment_apart(tmp_path):
+    path = tmp_path / "repvgg.onnx"
+    onnx.save(repvgg(), str(path))
+    result = CliRunner().invoke(app, ["fold", str(path), "--cheaper-only", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["folded_segments"] == 1 and summary["macs"]["after"] < summary["macs"]["before"]
+    assert any("multiply-adds" in (s["reason"] or "") for s in summary["segments"])
+    config = Path(__file__).parent.parent / "configs" / "seed" / "section5_conv_pool_conv.yaml"
+    stack = CliRunner().invoke(app, ["fold", str(config), "--cheaper-only", "--out", str(tmp_path / "stack")])
+    assert stack.exit_code == 2 and "--cheaper-only: applies to ONNX models" in stack.output
+
+
 def test_cli_fold_of_a_broken_onnx_file_names_it(tmp_path):
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"not a model")
