@@ -1,7 +1,9 @@
-"""A rich progress bar on stderr that is a no-op when disabled (library calls, tests, sweeps' inner runs).
+"""A rich progress bar on stderr that is a no-op when disabled (library calls, tests, sweeps' inner runs)
+or when stderr is not a terminal.
 
-On stderr, so that a command's stdout holds only its results (a pipe or file gets no blank
-lines where a transient bar stood)."""
+On stderr, so that a command's stdout holds only its results; and only on a terminal, where
+it can redraw itself: elsewhere (a pipe, a log file, CI) rich shows nothing of a transient
+bar but the blank line it leaves."""
 
 from __future__ import annotations
 
@@ -11,12 +13,16 @@ class ProgressBar:
 
     def __init__(self, enabled: bool, total: int, label: str):
         self.bar = None
-        if enabled and total > 0:
-            from rich.console import Console
+        if not (enabled and total > 0):
+            return
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), transient=True, console=Console(stderr=True))
+                                TimeElapsedColumn(), transient=True, console=console)
             self.task = self.bar.add_task(label, total=total)
 
     def __enter__(self):

@@ -142,14 +142,21 @@ def test_search_prints_each_chains_warning_on_the_terminal(tmp_path):
         assert f"warning ({c['chain']}): likely not the global optimum" in text
 
 
-def test_progress_goes_to_stderr_so_stdout_holds_only_results(capsys):
+def test_progress_shows_on_a_terminal_on_stderr_and_leaves_pipes_alone(capsys, monkeypatch):
     with ProgressBar(True, 2, "working") as bar:
         bar.advance(2)
-    captured = capsys.readouterr()
-    assert captured.out == ""  # a transient bar on stdout left blank lines in pipes and files
+    # not a terminal: nothing at all (a transient bar had left a blank line in pipes and logs)
+    assert bar.bar is None and capsys.readouterr() == ("", "")
     with ProgressBar(False, 2, "working") as bar:
         bar.advance(2)
     assert capsys.readouterr() == ("", "")
+    from rich.console import Console
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda console: True))
+    with ProgressBar(True, 2, "working") as bar:
+        bar.advance(2)
+    assert bar.bar is not None and bar.bar.console.stderr
+    assert capsys.readouterr().out == ""  # on stderr: stdout holds only results
 
 
 def test_ctrl_c_in_run_keeps_the_finished_chains_and_says_where(tmp_path, monkeypatch):
