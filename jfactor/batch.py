@@ -96,6 +96,11 @@ class BatchFolded:
     def __len__(self) -> int:
         return self.kernel.shape[0]
 
+    def __repr__(self) -> str:
+        *_, c_in, c_out = self.kernel.shape
+        return (f"BatchFolded({len(self)} stacks: {'x'.join(map(str, self.size))} kernels, {c_in}->{c_out} "
+                f"channels, stride {'x'.join(map(str, self.stride))}, {self.kernel.dtype})")
+
     @property
     def size(self) -> tuple[int, ...]:
         """Receptive field ``K`` of every item."""

@@ -96,6 +96,8 @@ def test_grouped_multichannel_stack_and_float32():
         folded = batch.fold_batch(batch.stack_batch(single), method=method)
         assert folded.kernel.dtype == jnp.float32
         np.testing.assert_allclose(folded.kernel[0], ref.kernel, atol=1e-4 * float(jnp.abs(ref.kernel).max()))
+    size = "x".join(map(str, ref.kernel.shape[:2]))
+    assert repr(folded) == f"BatchFolded(2 stacks: {size} kernels, 1->4 channels, stride 2x2, float32)"
 
 
 @pytest.mark.parametrize("method", ["shift", "chain", "auto"])

@@ -613,3 +613,6 @@ def test_every_restart_of_a_fixed_count_run_but_the_impulse_starts_is_independen
     result = factorize(kernels.gaussian(5), Chain.build([3, 3]), restarts=8, baselines=(),
                        solver=Solver(optimizer="none", refine_steps=50))
     assert result.evidence["best_hits"] == 8 and result.evidence["independent_hits"] == 7
+    # printed, one line with the answer and how sure it is, not every array it holds
+    assert repr(result) == (f"Factorization(3x3 -> 3x3, width 1 for targets[0]: rel_error {result.rel_error:.3e}, "
+                            f"best of 8 restarts reached 8 times, stopped: restarts)")

@@ -81,6 +81,12 @@ class Factorization:
     settings: dict
     baselines: dict
 
+    def __repr__(self) -> str:
+        found = self.evidence
+        return (f"Factorization({self.chain.describe()} for {self.target.name}: rel_error {self.rel_error:.3e}, "
+                f"best of {found['restarts']} restarts reached {found['best_hits']} times, stopped: "
+                f"{found['stopped']})")
+
     @property
     def rel_error(self) -> float:
         return self.metrics["rel_error"]
