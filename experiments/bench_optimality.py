@@ -298,14 +298,17 @@ def main(argv=None) -> int:
     if args.only:
         wanted = set(args.only.split(","))
         targets = [t for t in targets if t["name"] in wanted]
-    if out is not None and not out.exists() and not (args.reference or args.defaults or args.long_search or args.out):
-        print(f"no kept results for this device ({out}): computing the best-known optima takes hours (scipy's "
-              f"{args.scipy_starts} starts); pass --reference to compute them here, or --out "
-              f"experiments/results/cpu/{RESULTS_NAME} for the kept CPU table", file=sys.stderr)
-        return 2
     kept = json.loads(out.read_text()) if out is not None and out.exists() else {}
     kept.setdefault("reference", {})
     kept.setdefault("default", {})
+    unknown = [t["name"] for t in targets if t["name"] not in kept["reference"]
+               or not args.long_search and "basin_hopping" not in kept["reference"][t["name"]]]
+    if unknown and not (args.reference or args.tiny):
+        print(f"{out or 'no JSON'} has no best-known optimum of {len(unknown)} target(s) ({', '.join(unknown[:3])}"
+              f"{', ...' if len(unknown) > 3 else ''}): computing them takes hours (scipy's {args.scipy_starts} "
+              f"starts, {args.hop_runs} long searches each); pass --reference to compute them here, or --out "
+              f"experiments/results/cpu/{RESULTS_NAME} for the kept CPU table", file=sys.stderr)
+        return 2
 
     computed = []  # whether this run measured anything: only then does the JSON name this machine
 

@@ -193,8 +193,11 @@ def _check_flags(ctx: typer.Context, config, overrides: list[str]) -> None:
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if config is not None and given:
         raise typer.BadParameter(f"{', '.join(map(flag, given))}: with a config file ({config}) the factorization "
-                                 f"is the file's; change it there or with --set KEY=VALUE")
+                                 f"is the file's; change it there or with "
+                                 f"{', '.join(f'--set {FLAG_KEYS[name]}=...' for name in given)}")
     for item in overrides:
+        if "=" not in item:
+            continue  # apply_overrides says what a --set needs
         path = item.split("=", 1)[0].strip()
         for name in given:
             key = FLAG_KEYS[name]
@@ -384,6 +387,7 @@ def search(
     optimizer: Annotated[str, typer.Option(help="lbfgs, adam or none (then LM only)")] = "lbfgs",
     refine_steps: Annotated[int, typer.Option(help="most LM iterations")] = 500,
     budget: Annotated[float | None, typer.Option(help="error budget: also report the cheapest chain within it")] = None,
+    seed: Annotated[int, typer.Option(help="the restarts' seed (each chain's search starts from it)")] = 0,
     out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print front.json only")] = False,
 ) -> None:
@@ -408,7 +412,7 @@ def search(
         rundir.check_writable(out or Path("runs"))
         found = run_search(the_target, sizes=_int_list(sizes, "--sizes"), dilations=_int_list(dilations, "--dilations"),
                            widths=_int_list(widths, "--widths"), layers=_int_list(layers, "--layers"), slack=slack,
-                           restarts=restarts, budget_s=budget_s, progress=not as_json,
+                           restarts=restarts, budget_s=budget_s, seed=seed, progress=not as_json,
                            solver=Solver(optimizer=optimizer, refine_steps=refine_steps))
         rows = [c.to_dict() for c in found]
         pick = cheapest_under(found, budget) if budget is not None else None

@@ -75,6 +75,7 @@ def conv_by_taps(x, kernel, *, strides: tuple, dilation: tuple, pads: Pads, grou
 
 
 FFT_TAPS = 1024  # kernels with fewer taps (32x32) never convolve through FFTs
+FFT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))  # what jnp.fft transforms (no half, integer or complex)
 
 
 def _spatial_axes(ndim: int) -> tuple[int, ...]:
@@ -83,7 +84,8 @@ def _spatial_axes(ndim: int) -> tuple[int, ...]:
 
 @functools.partial(jax.jit, static_argnames=("strides", "dilation", "pads", "groups"))
 def conv_by_fft(x, kernel, *, strides: tuple, dilation: tuple, pads: Pads, groups: int):
-    """The convolution :func:`conv` computes, through FFTs: for large kernels.
+    """The convolution :func:`conv` computes, through FFTs: for large kernels (``x`` and ``kernel``
+    float32 or float64, one dtype, the result's).
 
     ``y[n, j] = sum_t x_pad[n, stride * j + t] @ K[t]`` with ``K`` the dilated, ungrouped
     kernel (*kd, C_in, C_out): the circular convolution of ``x_pad`` with ``K`` reversed, over
@@ -106,7 +108,7 @@ def conv_by_fft(x, kernel, *, strides: tuple, dilation: tuple, pads: Pads, group
     full = jnp.fft.irfftn(product, s=extent, axes=axes)
     start = [0] + [k - 1 for k in size] + [0]
     stop = [full.shape[0]] + [k - 1 + s * (o - 1) + 1 for k, s, o in zip(size, strides, out)] + [full.shape[-1]]
-    return lax.slice(full, start, stop, [1, *strides, 1]).astype(jnp.result_type(x.dtype, kernel.dtype))
+    return lax.slice(full, start, stop, [1, *strides, 1]).astype(x.dtype)
 
 
 def fft_pays(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides, dilation, pads: Pads,
@@ -144,16 +146,16 @@ def pads_beyond_reach(size: tuple[int, ...], dilation, pads: Pads) -> bool:
 def conv(x, kernel, bias=None, *, strides, dilation, pads: Pads, groups: int):
     """Apply one convolution: ``x`` (N, *S, C_in), ``kernel`` (*k, C_in/g, C_out) -> (N, *S', C_out).
 
-    Large kernels, where the transforms cost far less than the direct sum (:func:`fft_pays`),
-    convolve through FFTs (:func:`conv_by_fft`).  Otherwise float64 inputs on the CPU run
-    :func:`conv_by_taps` where XLA's convolution has crashed: inputs of at least
-    :data:`TAPS_FROM` values, and padding beyond the dilated kernel's reach
-    (:func:`pads_beyond_reach`); everything else, kernel algebra and the fold certificate's
-    bounded probe included, XLA's convolution (it compiles several times faster than the
-    unrolled taps).
+    Large float32 or float64 kernels on inputs of the same dtype, where the transforms cost far
+    less than the direct sum (:func:`fft_pays`), convolve through FFTs (:func:`conv_by_fft`).
+    Otherwise float64 inputs on the CPU run :func:`conv_by_taps` where XLA's convolution has
+    crashed: inputs of at least :data:`TAPS_FROM` values, and padding beyond the dilated
+    kernel's reach (:func:`pads_beyond_reach`); everything else, the kernel algebra and the fold
+    certificate's bounded probe of small kernels included, XLA's convolution (it compiles several
+    times faster than the unrolled taps).
     """
     pads = tuple(tuple(p) for p in pads)
-    if fft_pays(x.shape, kernel.shape, strides, dilation, pads, groups):
+    if x.dtype == kernel.dtype in FFT_DTYPES and fft_pays(x.shape, kernel.shape, strides, dilation, pads, groups):
         y = conv_by_fft(x, kernel, strides=tuple(strides), dilation=tuple(dilation), pads=pads, groups=int(groups))
     elif (jnp.result_type(x.dtype, kernel.dtype) == jnp.float64 and jax.default_backend() == "cpu"
             and (math.prod(x.shape) >= TAPS_FROM or pads_beyond_reach(kernel.shape[:-2], dilation, pads))):

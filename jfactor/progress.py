@@ -7,6 +7,15 @@ bar but the blank line it leaves."""
 
 from __future__ import annotations
 
+import sys
+
+
+def on_terminal(console) -> bool:
+    """Whether a bar on ``console`` (rich, on stderr) can redraw itself: stderr is a terminal, or a
+    notebook shows it.  Not rich's ``is_terminal``, which ``FORCE_COLOR`` (set by many CI
+    systems) makes true in a log."""
+    return console.is_jupyter or sys.stderr.isatty()
+
 
 class ProgressBar:
     """``with ProgressBar(enabled, total, label) as bar: bar.advance(n)``."""
@@ -18,7 +27,7 @@ class ProgressBar:
         from rich.console import Console
 
         console = Console(stderr=True)
-        if console.is_terminal:
+        if on_terminal(console):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -89,7 +89,7 @@ CASES = [
     ("factorize --family log --size 7 --chain 3,5 --param sigma=1 --set target.params.sigma=2",
      "--set target.params.sigma and --param both set target.params"),
     ("factorize --family log --size 7 --chain 3,5 --steps 5 --set solver=null", "--set solver and --steps"),
-    ("factorize {d}/nosweep.yaml --restarts 4 --seed 1", "--restarts, --seed: with a config file"),
+    ("factorize {d}/nosweep.yaml --restarts 4 --seed 1", "or with --set restarts=..., --set seed=..."),
     ("run {d}/nosweep.yaml --set restart=3", "nosweep.yaml with --set restart: (top level): unknown key 'restart'"),
 ]
 

@@ -132,7 +132,7 @@ def test_search_prints_each_chains_warning_on_the_terminal(tmp_path):
     """Two restarts per chain of a target no chain fits exactly: each chain's evidence warns, and
     the terminal says so under the table, as factorize and run do."""
     result = runner.invoke(app, ["search", "--family", "log", "--size", "5", "--sizes", "3", "--layers", "2",
-                                 "--restarts", "2", "--optimizer", "none", "--refine-steps", "30",
+                                 "--restarts", "2", "--optimizer", "none", "--refine-steps", "30", "--seed", "1",
                                  "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     warned = [c for c in json.loads((tmp_path / "front.json").read_text())["candidates"] if c["evidence"]["warning"]]
@@ -150,9 +150,11 @@ def test_progress_shows_on_a_terminal_on_stderr_and_leaves_pipes_alone(capsys, m
     with ProgressBar(False, 2, "working") as bar:
         bar.advance(2)
     assert capsys.readouterr() == ("", "")
-    from rich.console import Console
-
-    monkeypatch.setattr(Console, "is_terminal", property(lambda console: True))
+    monkeypatch.setenv("FORCE_COLOR", "1")  # CI systems set it; rich then calls any stream a terminal
+    with ProgressBar(True, 2, "working") as bar:
+        bar.advance(2)
+    assert bar.bar is None and capsys.readouterr() == ("", "")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     with ProgressBar(True, 2, "working") as bar:
         bar.advance(2)
     assert bar.bar is not None and bar.bar.console.stderr
@@ -192,3 +194,21 @@ def test_every_factorize_flag_that_describes_the_factorization_has_its_config_ke
 
     output = {"ctx", "config", "out", "set_", "as_json", "plots"}
     assert set(inspect.signature(cli.factorize).parameters) - output == set(cli.FLAG_KEYS)
+    # and each key is where the flags write it
+    common = dict(chain="3,5", dilations="1,2", strides="1,1", channels=2, dtype="float64", restarts=4, budget_s=1.0,
+                  objective="kernel", optimizer="none", steps=5, refine="lm", refine_steps=9, init="auto",
+                  baselines="svd", seed=3)
+    raws = [cli._factorize_config(**sources, **common) for sources in (
+        dict(target=None, family="log", size=7, params=["sigma=1.5"], stack=None),
+        dict(target=Path("t.npy"), family=None, size=None, params=[], stack=None),
+        dict(target=None, family=None, size=None, params=[], stack=Path("s.yaml")))]
+
+    def found(raw, path):
+        for part in path.split("."):
+            if not isinstance(raw, dict) or part not in raw:
+                return False
+            raw = raw[part]
+        return raw is not None
+
+    for name, key in cli.FLAG_KEYS.items():
+        assert any(found(raw, key) for raw in raws), (name, key)

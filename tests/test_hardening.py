@@ -153,6 +153,17 @@ def test_large_kernels_convolve_through_ffts_and_small_ones_or_many_channels_do_
     assert not ops.fft_pays((2, 1200, 1200, 1), (31, 31, 1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 1)  # 961 taps
     assert not ops.fft_pays((1, 40, 40, 256), (33, 33, 256, 256), (1, 1), (1, 1), ((0, 0), (0, 0)), 1)
     assert not ops.fft_pays((1, 40, 40, 1), (41, 41, 1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 1)  # no output
+    # only float32 and float64 of one dtype: jnp.fft has no half precision, integers or complex here
+    run = functools.partial(ops.conv, strides=(1, 1), dilation=(1, 1), pads=((0, 0), (0, 0)), groups=1)
+    rng = np.random.default_rng(2)
+    x, kernel = rng.standard_normal((2, 120, 120, 1)), rng.standard_normal((41, 41, 1, 1))
+    want = reference.conv(x, kernel, None, 1, 1, ((0, 0), (0, 0)))
+    for dtype, fft, atol in (("float32", True, 1e-3), ("float64", True, 1e-11), ("bfloat16", False, 0.05)):
+        a, b = jax.numpy.asarray(x, dtype), jax.numpy.asarray(kernel, dtype)
+        assert ("fft" in str(jax.make_jaxpr(run)(a, b))) == fft, dtype
+        got = run(a, b)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=atol * np.abs(want).max())
 
 
 def test_folding_large_kernels_goes_through_ffts_and_stays_exact():

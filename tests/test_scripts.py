@@ -106,5 +106,6 @@ def test_bench_optimality_without_kept_results_refuses_rather_than_compute_for_h
 
     missing = tmp_path / "gpu" / "bench_optimality.json"
     monkeypatch.setattr(bench_optimality.devices, "results_path", lambda *_: missing)
-    assert bench_optimality.main([]) == 2
-    assert "no kept results for this device" in capsys.readouterr().err and not missing.exists()
+    for args in ([], ["--defaults"], ["--long-search", "--only", "ring 15x15"]):
+        assert bench_optimality.main(args) == 2
+        assert "has no best-known optimum" in capsys.readouterr().err and not missing.exists()
