@@ -61,23 +61,30 @@ def test_apply_and_fold_over_a_grid_of_sizes_and_depths_never_crash(dtype):
                                                                               result.stderr[-2000:])
 
 
+@pytest.mark.parametrize("formulation, largest_kernel, largest_pad, smallest_input, atol", [
+    (ops.conv_by_taps, 3, 2, 7, 1e-12),  # what large float64 inputs take on the CPU
+    (ops.conv_by_fft, 4, 4, 9, 1e-11),  # what large kernels take
+], ids=["taps", "fft"])
 @settings(max_examples=30, deadline=None)
-@given(st.data())
-def test_convolution_tap_by_tap_matches_the_reference(data):
-    """The formulation large float64 inputs take on the CPU, crops, strides, dilation and groups included."""
+@given(data=st.data())
+def test_convolution_formulations_match_the_reference(formulation, largest_kernel, largest_pad, smallest_input,
+                                                      atol, data):
+    """Crops, strides, dilation and groups included."""
     ndim = data.draw(st.integers(1, 3))
     groups = data.draw(st.integers(1, 3))
     cin_g, cout_g = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
-    k = tuple(data.draw(st.integers(1, 3)) for _ in range(ndim))
+    k = tuple(data.draw(st.integers(1, largest_kernel)) for _ in range(ndim))
     strides = tuple(data.draw(st.integers(1, 3)) for _ in range(ndim))
     dilation = tuple(data.draw(st.integers(1, 2)) for _ in range(ndim))
-    pads = tuple((data.draw(st.integers(-1, 2)), data.draw(st.integers(-1, 2))) for _ in range(ndim))
+    pads = tuple((data.draw(st.integers(-1, largest_pad)), data.draw(st.integers(-1, largest_pad)))
+                 for _ in range(ndim))
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
-    x = rng.standard_normal((2, *[data.draw(st.integers(7, 10)) for _ in range(ndim)], groups * cin_g))
+    x = rng.standard_normal((2, *[data.draw(st.integers(smallest_input, smallest_input + 3)) for _ in range(ndim)],
+                             groups * cin_g))
     kernel = rng.standard_normal((*k, cin_g, groups * cout_g))
-    got = ops.conv_by_taps(x, kernel, strides=strides, dilation=dilation, pads=pads, groups=groups)
+    got = formulation(x, kernel, strides=strides, dilation=dilation, pads=pads, groups=groups)
     np.testing.assert_allclose(np.asarray(got), reference.conv(x, kernel, None, strides, dilation, pads, groups),
-                               atol=1e-12)
+                               atol=atol)
 
 
 def test_large_float64_inputs_use_no_xla_convolution_on_the_cpu():
@@ -126,25 +133,6 @@ def test_float64_convolutions_with_many_taps_run_in_a_loop_and_match_the_referen
     assert "conv_general_dilated" not in program
     np.testing.assert_allclose(np.asarray(run(x, kernel)),
                                reference.conv(x, kernel, None, (2, 1), (1, 2), ((6, 5), (-1, 3)), 2), atol=1e-11)
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.data())
-def test_convolution_through_ffts_matches_the_reference(data):
-    """The formulation large kernels take: crops, strides, dilation and groups included."""
-    ndim = data.draw(st.integers(1, 3))
-    groups = data.draw(st.integers(1, 3))
-    cin_g, cout_g = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
-    k = tuple(data.draw(st.integers(1, 4)) for _ in range(ndim))
-    strides = tuple(data.draw(st.integers(1, 3)) for _ in range(ndim))
-    dilation = tuple(data.draw(st.integers(1, 2)) for _ in range(ndim))
-    pads = tuple((data.draw(st.integers(-1, 4)), data.draw(st.integers(-1, 4))) for _ in range(ndim))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
-    x = rng.standard_normal((2, *[data.draw(st.integers(9, 12)) for _ in range(ndim)], groups * cin_g))
-    kernel = rng.standard_normal((*k, cin_g, groups * cout_g))
-    got = ops.conv_by_fft(x, kernel, strides=strides, dilation=dilation, pads=pads, groups=groups)
-    np.testing.assert_allclose(np.asarray(got), reference.conv(x, kernel, None, strides, dilation, pads, groups),
-                               atol=1e-11)
 
 
 def test_large_kernels_convolve_through_ffts_and_small_ones_or_many_channels_do_not():
