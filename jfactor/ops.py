@@ -78,10 +78,6 @@ FFT_TAPS = 1024  # kernels with fewer taps (32x32) never convolve through FFTs
 FFT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))  # what jnp.fft transforms (no half, integer or complex)
 
 
-def _spatial_axes(ndim: int) -> tuple[int, ...]:
-    return tuple(range(1, ndim + 1))
-
-
 @functools.partial(jax.jit, static_argnames=("strides", "dilation", "pads", "groups"))
 def conv_by_fft(x, kernel, *, strides: tuple, dilation: tuple, pads: Pads, groups: int):
     """The convolution :func:`conv` computes, through FFTs: for large kernels (``x`` and ``kernel``
@@ -101,7 +97,7 @@ def conv_by_fft(x, kernel, *, strides: tuple, dilation: tuple, pads: Pads, group
     out = [(p - k) // s + 1 for p, k, s in zip(extent, size, strides)]
     if min(out) <= 0:
         return jnp.zeros((x.shape[0], *(max(o, 0) for o in out), dense.shape[-1]), x.dtype)
-    axes = _spatial_axes(ndim)
+    axes = tuple(range(1, ndim + 1))
     spectrum = jnp.fft.rfftn(lax.rev(dense, tuple(range(ndim))), s=extent, axes=tuple(range(ndim)))
     product = jnp.einsum("n...i,...io->n...o", jnp.fft.rfftn(x, axes=axes), spectrum,
                          precision=lax.Precision.HIGHEST)
