@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfactor.errors import StackError
+from jfactor.errors import ConfigError, StackError
 
 Padding = str | tuple[tuple[int, int], ...]
 
@@ -22,6 +22,22 @@ def repeated(items) -> list:
     """The items that occur more than once in ``items``, sorted (each once)."""
     items = list(items)
     return sorted({item for item in items if items.count(item) > 1})
+
+
+def assignments(items, flag: str, form: str) -> list[tuple[str, str]]:
+    """The ``key=value`` texts of a repeatable flag (``--set``, ``--param``) as (key, value text)
+    pairs, keys stripped; a :class:`ConfigError` names ``flag`` where one has no ``=`` (``form``
+    says what it should be) or a key comes twice."""
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{flag} {item!r}: expected {form}")
+        key, text = item.split("=", 1)
+        pairs.append((key.strip(), text))
+    twice = repeated(key for key, _ in pairs)
+    if twice:
+        raise ConfigError(f"{flag} {', '.join(twice)}: given twice")
+    return pairs
 
 
 def is_int(value) -> bool:

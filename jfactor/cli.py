@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from jfactor._checks import repeated
+from jfactor._checks import assignments
 from jfactor.errors import JFactorError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -148,13 +148,7 @@ def _target_spec(target, family, size, params, stack) -> dict:
     if target is not None:
         return {"file": str(Path(target).resolve())}
     if family is not None:
-        for text in params:
-            if "=" not in text:
-                raise typer.BadParameter(f"--param {text!r}: expected key=value (for example sigma=2.0)")
-        pairs = [p.split("=", 1) for p in params]
-        twice = repeated(k for k, _ in pairs)
-        if twice:
-            raise typer.BadParameter(f"--param {', '.join(twice)}: given twice")
+        pairs = assignments(params, "--param", "key=value (for example sigma=2.0)")
         return {"family": family, "size": size, "params": {k: parse_value(v) for k, v in pairs}}
     return {"stack": str(Path(stack).resolve())}
 
@@ -195,10 +189,9 @@ def _check_flags(ctx: typer.Context, config, overrides: list[str]) -> None:
         raise typer.BadParameter(f"{', '.join(map(flag, given))}: with a config file ({config}) the factorization "
                                  f"is the file's; change it there or with "
                                  f"{', '.join(f'--set {FLAG_KEYS[name]}=...' for name in given)}")
-    for item in overrides:
-        if "=" not in item:
-            continue  # apply_overrides says what a --set needs
-        path = item.split("=", 1)[0].strip()
+    from jfactor.experiment.config import overrides_of
+
+    for path, _ in overrides_of(overrides):
         for name in given:
             key = FLAG_KEYS[name]
             if path == key or path.startswith(key + ".") or key.startswith(path + "."):

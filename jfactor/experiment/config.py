@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from jfactor import kernels
-from jfactor._checks import repeated
+from jfactor._checks import assignments, repeated
 from jfactor.errors import ConfigError
 from jfactor.factorize import BASELINES, DEFAULT_BASELINES, Chain, Objective, Solver, Target
 from jfactor.factorize.init import INITS
@@ -232,17 +232,15 @@ def set_path(data: dict, path: str, value) -> dict:
     return data
 
 
+def overrides_of(items: list[str]) -> list[tuple[str, str]]:
+    """``--set key.path=value`` texts as (key path, value text) pairs (:func:`jfactor._checks.assignments`)."""
+    return assignments(items, "--set", "key.path=value")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key.path=value`` overrides (``--set``)."""
-    seen = set()
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        path, text = item.split("=", 1)
-        if path.strip() in seen:
-            raise ConfigError(f"--set {path.strip()}: given twice")
-        seen.add(path.strip())
-        data = set_path(data, path.strip(), parse_value(text))
+    for path, text in overrides_of(overrides):
+        data = set_path(data, path, parse_value(text))
     return data
 
 
@@ -251,7 +249,7 @@ def load_config(path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict
     path = Path(path)
     raw = apply_overrides(load_yaml(path), list(overrides))
     # chains written as `chain` shorthand stay as written; validation reports the file and the overrides
-    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    keys = [key for key, _ in overrides_of(list(overrides))]
     source = f"{path} with --set {', '.join(keys)}" if keys else str(path)
     return validate(ExperimentConfig, raw, source), raw, path.parent
 
