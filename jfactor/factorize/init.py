@@ -100,6 +100,9 @@ def _root_units(core: bytes) -> tuple[np.ndarray, ...]:
     return tuple(_units(np.roots(coefficients))) if len(coefficients) > 1 else ()
 
 
+# tails of tiny taps (a Gaussian of sigma 0.1 on a 7x7 grid: 1e-196) give roots far out, whose
+# polynomials overflow: such a start is non-finite and counted as diverged, without numpy's warnings
+@np.errstate(over="ignore", invalid="ignore")
 def split_roots(u: np.ndarray, sizes: list[int], rng: np.random.Generator | None = None) -> list[np.ndarray]:
     """1-D factors ``f_i`` of lengths ``sizes`` with ``convolve(f_1, ..., f_L) ~= u``.
 
@@ -108,35 +111,32 @@ def split_roots(u: np.ndarray, sizes: list[int], rng: np.random.Generator | None
     the grouping (restarts see other, equally exact, factorizations); without it units
     are dealt in order of their angle, so each factor covers one frequency band.
     """
-    # tails of tiny taps (a Gaussian of sigma 0.1 on a 7x7 grid: 1e-196) give roots far out, whose
-    # polynomials overflow: such a start is non-finite and counted as diverged, without numpy's warnings
-    with np.errstate(over="ignore", invalid="ignore"):
-        u = np.asarray(u, np.float64)
-        nonzero = np.flatnonzero(u)
-        lead, trail = nonzero[0], len(u) - 1 - nonzero[-1]
-        units = list(_root_units(u[lead: len(u) - trail].tobytes()))
-        units += [np.array([0.0])] * trail + [np.array([np.inf])] * lead
-        if rng is None:
-            units.sort(key=lambda unit: (np.isinf(unit[0]), abs(np.angle(unit[0]))))
-        else:
-            rng.shuffle(units)
-        slots = [k - 1 for k in sizes]
-        groups: list[list[complex]] = [[] for _ in sizes]
-        for unit in sorted(units, key=len, reverse=True):  # pairs first, they are the hard part
-            fits = [i for i in range(len(sizes)) if len(groups[i]) + len(unit) <= slots[i]]
-            if fits:
-                target = fits[0] if rng is None else fits[rng.integers(len(fits))]
-                groups[target].extend(unit)
-                continue
-            for value in unit:  # no room for the pair: split it into real roots (inexact)
-                i = next(i for i in range(len(sizes)) if len(groups[i]) < slots[i])
-                groups[i].append(value.real)
-        factors = []
-        for group, k in zip(groups, sizes):
-            finite = [r for r in group if not np.isinf(r)]
-            poly = np.real(np.poly(finite)) if finite else np.ones(1)
-            factors.append(np.concatenate([np.zeros(k - len(poly)), poly]))
-        return _balance_1d(factors, u)
+    u = np.asarray(u, np.float64)
+    nonzero = np.flatnonzero(u)
+    lead, trail = nonzero[0], len(u) - 1 - nonzero[-1]
+    units = list(_root_units(u[lead: len(u) - trail].tobytes()))
+    units += [np.array([0.0])] * trail + [np.array([np.inf])] * lead
+    if rng is None:
+        units.sort(key=lambda unit: (np.isinf(unit[0]), abs(np.angle(unit[0]))))
+    else:
+        rng.shuffle(units)
+    slots = [k - 1 for k in sizes]
+    groups: list[list[complex]] = [[] for _ in sizes]
+    for unit in sorted(units, key=len, reverse=True):  # pairs first, they are the hard part
+        fits = [i for i in range(len(sizes)) if len(groups[i]) + len(unit) <= slots[i]]
+        if fits:
+            target = fits[0] if rng is None else fits[rng.integers(len(fits))]
+            groups[target].extend(unit)
+            continue
+        for value in unit:  # no room for the pair: split it into real roots (inexact)
+            i = next(i for i in range(len(sizes)) if len(groups[i]) < slots[i])
+            groups[i].append(value.real)
+    factors = []
+    for group, k in zip(groups, sizes):
+        finite = [r for r in group if not np.isinf(r)]
+        poly = np.real(np.poly(finite)) if finite else np.ones(1)
+        factors.append(np.concatenate([np.zeros(k - len(poly)), poly]))
+    return _balance_1d(factors, u)
 
 
 def _balance_1d(factors: list[np.ndarray], u: np.ndarray, dilations=None) -> list[np.ndarray]:
