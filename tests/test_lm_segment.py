@@ -13,7 +13,7 @@ from jfactor.cache import compile_stats
 from jfactor.factorize import Chain, Solver
 from jfactor.factorize.chain import chain_kernel_numpy
 from jfactor.factorize.objectives import Objective
-from jfactor.factorize.solve import Problem, _lm_state, _next_block, bucket, lm_segment, sizes
+from jfactor.factorize.solve import Problem, _lm_state, _next_block, bucket, cpu_blocks, lm_segment, sizes
 
 CHAIN = Chain.build([3, 3])
 PROBLEM = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none"))
@@ -99,10 +99,20 @@ def test_row_counts_divide_the_batch_and_the_bucket_holds_the_items(total, count
     assert all(r < count for r in rows if r < size)
 
 
-@given(total=st.integers(1, 300), live=st.integers(0, 300), least=st.sampled_from([1, 4]),
+@given(total=st.integers(1, 5000))
+def test_cpu_blocks_halve_to_sixteen_then_quarter_to_one(total):
+    blocks = cpu_blocks(total)
+    assert blocks[0] == total and blocks[-1] == 1 and all(total % b == 0 for b in blocks)
+    assert all(big > small for big, small in zip(blocks, blocks[1:]))
+    for big, small in zip(blocks, blocks[1:]):
+        assert (big == 2 * small and small >= 16) or (big == 4 * small and big < 32) or small == 1
+    assert len(blocks) <= 2 + np.log2(total)
+
+
+@given(total=st.integers(1, 300), live=st.integers(0, 300), ladder=st.sampled_from(["halves", "halves to 4", "cpu"]),
        cover=st.sampled_from(["exact", "one"]))
-def test_blocks_cover_the_running_rows_and_stay_inside_the_padded_ones(total, live, least, cover):
-    blocks = sizes(total, least=least)
+def test_blocks_cover_the_running_rows_and_stay_inside_the_padded_ones(total, live, ladder, cover):
+    blocks = cpu_blocks(total) if ladder == "cpu" else sizes(total, least=1 if ladder == "halves" else 4)
     padded = blocks[0]
     live = min(live, padded)
     block_sizes = jnp.asarray(blocks, jnp.int32)
