@@ -616,8 +616,9 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     if exact_hessian is not None:
         state["exact"] = np.asarray(exact_hessian, bool).ravel()
     # on the host like the state: a slice of sharded factors would make the segment one program over
-    # every device they are sharded on, whose while-loop deadlocks XLA's CPU backend (jax 0.10.2)
-    template = jax.tree.map(lambda a: np.asarray(a[0, 0]), free)
+    # every device they are sharded on, whose while-loop deadlocks XLA's CPU backend (jax 0.10.2);
+    # sliced after the copy, as a slice on the device compiles two small programs per factor shape
+    template = jax.tree.map(lambda a: np.asarray(a)[0, 0], free)
     owner = np.repeat(np.arange(batch), restarts)
     hop = np.tile(np.arange(restarts), batch) >= (restarts if fresh is None else fresh)
     stratum = 2 * owner + hop
