@@ -473,7 +473,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
         # a blur hop replaces one factor and refits another: on three or more layers it keeps the rest
         return (own + sampled + hops, fresh, independent,
-                policy.graces(fresh, blurred, partial=len(chain.layers) > 2, wave=wave), blurred & exact_blurs)
+                policy.graces(fresh, blurred, partial=len(chain.layers) > 2, wave=wave, banded=moves[b] is not None),
+                blurred & exact_blurs)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact
     exact_loss = 0.5 * multistart.EXACT[dtype] ** 2 if policy.adaptive and objective.name == "kernel" else None

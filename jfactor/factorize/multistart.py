@@ -136,7 +136,13 @@ class SearchPolicy:
         ``first_order_share`` of them); the fresh restarts of later waves go straight to LM.
       first_wave_grace: LM iterations before every other fresh start of the first wave (one
         without a grace of its own) is first screened: a fresh start bound for a rare basin
-        may rank low for a while (see the module docstring).
+        may rank low for a while (see the module docstring).  Not where blur hops apply (a
+        band-pass target, :func:`graces`' ``banded``): there no random start reached the best
+        known (the DoG, the 11x11 and 15x15 Gabors, seeds 400-409: 0 of their 1,820, 1,980 and
+        1,740 random starts, the best's hits from blur starts, root groupings and hops), and
+        without it the four band-pass targets of ``experiments/bench_optimality.py`` (the 9x9
+        Gabor too) kept every run on the same side of 1.01x of the best known over seeds
+        400-439 (the 11x11 Gabor one more within) and 440-469, in 2-9% less time.
       cutoff: once screening is over, a restart still running after ``cutoff_after`` LM
         iterations stops (as pruned, not a refined minimum) if its error is above ``cutoff``
         times the best so far (the loss above ``cutoff**2`` times; None: every survivor runs to
@@ -225,17 +231,18 @@ class SearchPolicy:
         """The successive-halving setting of :func:`jfactor.factorize.solve.optimise`."""
         return Screening(self.keep, self.floor, self.cutoff, self.cutoff_after) if self.adaptive else None
 
-    def graces(self, fresh: np.ndarray, blurred: np.ndarray, *, partial: bool, wave: int) -> np.ndarray:
+    def graces(self, fresh: np.ndarray, blurred: np.ndarray, *, partial: bool, wave: int,
+               banded: bool = False) -> np.ndarray:
         """LM iterations before each restart of wave ``wave`` may be screened (R,), from which
         are ``fresh`` and which ``blurred`` (blur starts and the hops :func:`perturb` marks as
         moved), on a chain whose blur hops keep a factor of their minimum (``partial``: three or
         more layers) or not: ``grace`` for the blur starts and hops of a two-layer chain,
         ``partial_grace`` for the blur hops of a deeper one, ``noise_grace`` for the other hops,
         ``first_wave_grace`` for every other one (odd places) of the first wave's other fresh
-        starts, none for the rest."""
+        starts unless blur hops apply (``banded``), none for the rest."""
         blur = np.where(fresh, 0 if partial else self.grace, self.partial_grace if partial else self.grace)
         graces = np.where(blurred, blur, np.where(fresh, 0, self.noise_grace))
-        if wave == 0:
+        if wave == 0 and not banded:
             odd = np.arange(fresh.size) % 2 == 1
             graces = np.where(fresh & odd & (graces == 0), self.first_wave_grace, graces)
         return graces
