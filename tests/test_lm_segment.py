@@ -52,6 +52,7 @@ def _alone(state, template, targets, item: int):
 @pytest.mark.parametrize("blocks, cover", [
     ((16, 8, 4), "one"),  # one block that shrinks as items converge
     ((16, 8, 4, 2, 1), "exact"),  # blocks that cover the running items exactly
+    ((16, 4, 1), "exact"),  # the same on the CPU's ladder (cpu_blocks)
     ((5,), "exact"),  # blocks of 5 over 20 padded rows
     ((6, 3), "exact"),  # a remainder smaller than every block: covered by a block over done rows
 ])
@@ -102,11 +103,17 @@ def test_row_counts_divide_the_batch_and_the_bucket_holds_the_items(total, count
 @given(total=st.integers(1, 5000))
 def test_cpu_blocks_halve_to_sixteen_then_quarter_to_one(total):
     blocks = cpu_blocks(total)
-    assert blocks[0] == total and blocks[-1] == 1 and all(total % b == 0 for b in blocks)
+    assert blocks[0] == total and (blocks[-1] == 1 or blocks[-1] > 8) and all(total % b == 0 for b in blocks)
     assert all(big > small for big, small in zip(blocks, blocks[1:]))
     for big, small in zip(blocks, blocks[1:]):
         assert (big == 2 * small and small >= 16) or (big == 4 * small and big < 32) or small == 1
     assert len(blocks) <= 2 + np.log2(total)
+
+
+@pytest.mark.parametrize("total, blocks", [(1, (1,)), (8, (8, 2, 1)), (48, (48, 24, 6, 1)), (64, (64, 32, 16, 4, 1)),
+                                           (100, (100, 50, 25)), (34, (34, 17)), (256, (256, 128, 64, 32, 16, 4, 1))])
+def test_cpu_blocks_of_some_batches(total, blocks):
+    assert cpu_blocks(total) == blocks
 
 
 @given(total=st.integers(1, 300), live=st.integers(0, 300), ladder=st.sampled_from(["halves", "halves to 4", "cpu"]),

@@ -225,7 +225,8 @@ def test_graces_by_kind_of_start(partial, expected):
 @pytest.mark.parametrize("partial, expected", [(False, [0, 30, 0, 50, 0, 30]), (True, [0, 30, 0, 30, 0, 30])])
 def test_every_other_fresh_start_of_the_first_wave_waits_the_first_wave_grace(partial, expected):
     """Six fresh starts, the fourth a blur start: the odd places wait ``first_wave_grace`` in the
-    first wave unless a grace of their own is set (a two-layer chain's blur start: ``grace``)."""
+    first wave unless a grace of their own is set (a two-layer chain's blur start: ``grace``), and
+    not where blur hops apply (``banded``)."""
     policy = SearchPolicy(grace=50, partial_grace=20, first_wave_grace=30)
     fresh, blurred = np.ones(6, bool), np.array([False, False, False, True, False, False])
     assert policy.graces(fresh, blurred, partial=partial, wave=0).tolist() == expected

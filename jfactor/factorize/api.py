@@ -472,8 +472,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         blurred = np.concatenate([np.zeros(len(own), bool), blur_starts, moved])
         independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
         # a blur hop replaces one factor and refits another: on three or more layers it keeps the rest
+        banded = moves[b] is not None and init == "auto"
         return (own + sampled + hops, fresh, independent,
-                policy.graces(fresh, blurred, partial=len(chain.layers) > 2, wave=wave, banded=moves[b] is not None),
+                policy.graces(fresh, blurred, partial=len(chain.layers) > 2, wave=wave, banded=banded),
                 blurred & exact_blurs)
 
     # the kernel objective's loss is half the squared relative error: stop a target once it is exact

@@ -393,21 +393,24 @@ def sizes(total: int, base: int = 2, least: int = 4) -> tuple[int, ...]:
 
 def cpu_blocks(total: int) -> tuple[int, ...]:
     """Block sizes for :func:`lm_segment`'s exact cover on a CPU: ``total`` halved while the half
-    divides evenly and has at least 16 rows, then divided by four while that divides evenly, then 1.
+    divides evenly and has at least 16 rows, then divided by four while that divides evenly, then 1
+    where the last is at most 8 (a larger tail, from a total with an odd factor such as 100
+    restarts, covers the rows it does not fill with one block over finished rows: a block of one
+    row per running item would cost a launch each).
 
     Each size is one ``lax.switch`` branch, compiled on its own (on the 15x15 LoG into 3-5-9 each
     costs about half a second): the halving ladder down to one row (64, 32, 16, 8, 4, 2, 1) made
-    the first call of a new geometry 1-2 s slower, and below 16 rows the blocks' work is small;
+    the first call of a new geometry about 1 s slower, and below 16 rows the blocks' work is small;
     paired timings of the default search over seeds 400-405 of six targets of
-    ``experiments/bench_optimality.py`` moved by -2% to +4% (the 2->2 kernel, the DoG, the Gabors,
-    the line at 45 degrees, the camera patch), where dropping 32 too cost 3-8%.
+    ``experiments/bench_optimality.py`` (the 2->2 kernel, the DoG, the 9x9 and 11x11 Gabors, the
+    line at 45 degrees, the camera patch) moved by -2% to +4%, where dropping 32 too cost 3-8%.
     """
     out = [total]
     while out[-1] % 2 == 0 and out[-1] // 2 >= 16:
         out.append(out[-1] // 2)
     while out[-1] % 4 == 0 and out[-1] > 1:
         out.append(out[-1] // 4)
-    return tuple(out) if out[-1] == 1 else (*out, 1)
+    return tuple(out) if out[-1] == 1 or out[-1] > 8 else (*out, 1)
 
 
 def bucket(count: int, total: int, base: int = 4) -> int:
