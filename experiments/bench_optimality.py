@@ -99,6 +99,7 @@ def target_set(tiny: bool = False) -> list[dict]:
         {"name": "gabor 11x11", "kernel": kernels.gabor(11, theta=30.0), "chain": [3, 5, 5], "channels": 1},
         {"name": "gabor 15x15", "kernel": kernels.gabor(15), "chain": [3, 5, 9], "channels": 1},
         {"name": "dog 15x15", "kernel": kernels.make("dog", 15), "chain": [3, 5, 9], "channels": 1},
+        {"name": "log 15x15", "kernel": kernels.make("log", 15), "chain": [3, 5, 9], "channels": 1},
         {"name": "camera patch PC2 9x9", "kernel": patch_component(9, 1), "chain": [3, 3, 5], "channels": 1},
         {"name": "random 7x7", "kernel": kernels.random_normal(7, seed=1), "chain": [3, 3, 3], "channels": 1},
         {"name": "1-D complex roots 13", "kernel": unpairable_1d(13), "chain": [4, 4, 4, 4], "channels": 1},
