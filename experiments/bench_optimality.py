@@ -4,10 +4,11 @@
     python experiments/bench_optimality.py --reference        # (re)compute the best-known optima (long)
     python experiments/bench_optimality.py --tiny --json      # smoke run: two small targets, tiny reference
 
-Targets: lines at four angles, two rings, two disks, three Gabors, a DoG, a principal component of real image patches,
-random kernels, a 1-D kernel whose roots cannot all be grouped into the chain's sizes, a 3-D
-kernel and a 2->2 channel kernel, each with a 2-4 layer chain whose receptive field is the
-target's size.  The best-known optimum of each is the lowest of every run kept: jfactor with ``--ref-restarts``
+Targets: lines at four angles, two rings, two disks, three Gabors, a DoG, a LoG, a principal
+component of real image patches, random kernels, a 1-D kernel whose roots cannot all be
+grouped into the chain's sizes, a 3-D kernel and a 2->2 channel kernel, each with a 2-4 layer
+chain whose receptive field is the target's size.  The best-known optimum of each is the
+lowest of every run kept: jfactor with ``--ref-restarts``
 (>= 1,024) plain restarts (every one refined to convergence), scipy's
 ``least_squares(method='lm')`` from ``--scipy-starts`` (>= 128) random starts, and the
 default search run long: the default runs' own seeds 0 .. ``--hop-runs`` - 1 (5), each run on

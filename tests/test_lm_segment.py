@@ -101,7 +101,7 @@ def test_row_counts_divide_the_batch_and_the_bucket_holds_the_items(total, count
 
 
 @given(total=st.integers(1, 5000))
-def test_cpu_blocks_halve_to_sixteen_then_quarter_to_one(total):
+def test_cpu_blocks_halve_to_sixteen_then_quarter(total):
     blocks = cpu_blocks(total)
     assert blocks[0] == total and (blocks[-1] == 1 or blocks[-1] > 8) and all(total % b == 0 for b in blocks)
     assert all(big > small for big, small in zip(blocks, blocks[1:]))

@@ -235,23 +235,24 @@ def test_every_other_fresh_start_of_the_first_wave_waits_the_first_wave_grace(pa
     assert policy.graces(fresh, blurred, partial=partial, wave=0, banded=True).tolist() == later  # blur hops apply
 
 
-@pytest.mark.parametrize("target, sizes, fresh_graces, hop_graces",
-                         [(kernels.log(7), [3, 5], {0, 100}, {0, 100}),
-                          (kernels.log(7), [3, 3, 3], {0}, {0, 20}),
-                          (kernels.motion_blur(7, angle=30.0), [3, 5], {0, 30}, {0})])
-def test_blur_starts_and_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, sizes, fresh_graces,
+@pytest.mark.parametrize("target, sizes, init, fresh_graces, hop_graces",
+                         [(kernels.log(7), [3, 5], "auto", {0, 100}, {0, 100}),
+                          (kernels.log(7), [3, 3, 3], "auto", {0}, {0, 20}),
+                          (kernels.log(7), [3, 3, 3], "random", {0, 30}, {0, 20}),
+                          (kernels.motion_blur(7, angle=30.0), [3, 5], "auto", {0, 30}, {0})])
+def test_blur_starts_and_hops_get_the_longer_grace_and_noise_hops_none(monkeypatch, target, sizes, init, fresh_graces,
                                                                        hop_graces):
     """A band-pass target's hops are blur hops and noise hops (no grace); a line's are all noise.
     On two layers, where a blur hop keeps no factor of its minimum, blur starts and hops wait
     ``grace`` (100); on three, blur hops ``partial_grace`` (20) and fresh starts none; where no
-    blur hops apply, every other fresh start of the first wave without a grace of its own
-    ``first_wave_grace`` (30 here)."""
+    blur hops apply or the init is not ``auto``, every other fresh start of the first wave
+    without a grace of its own ``first_wave_grace`` (30 here)."""
     seen = []
     original = solve.refine
     monkeypatch.setattr(solve, "refine", lambda *a, **k: seen.append((a[10], np.asarray(a[11])))
                         or original(*a, **k))
     result = factorize(target, Chain.build(sizes), solver=FAST, search=dataclasses.replace(SMALL, first_wave_grace=30),
-                       baselines=())
+                       baselines=(), init=init)
     assert result.evidence["waves"] > 1 and len(seen) == result.evidence["waves"]
     assert all(30 not in graces for _, graces in seen[1:])
     assert (30 in seen[0][1][:, :seen[0][0]]) == (30 in fresh_graces)

@@ -471,8 +471,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         fresh = np.arange(size) < size - len(hops)
         blurred = np.concatenate([np.zeros(len(own), bool), blur_starts, moved])
         independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
-        # a blur hop replaces one factor and refits another: on three or more layers it keeps the rest
+        # no first-wave grace on a band-pass target with the auto init (SearchPolicy.first_wave_grace)
         banded = moves[b] is not None and init == "auto"
+        # a blur hop replaces one factor and refits another: on three or more layers it keeps the rest
         return (own + sampled + hops, fresh, independent,
                 policy.graces(fresh, blurred, partial=len(chain.layers) > 2, wave=wave, banded=banded),
                 blurred & exact_blurs)

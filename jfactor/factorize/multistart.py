@@ -58,7 +58,8 @@ the 9x9 Gabor), after 384 lost 2.
 No wave takes the first-order phase by default (:attr:`SearchPolicy.first_order_waves`, 0):
 every restart goes straight to LM, and every other fresh start of the first wave (the ones the
 phase took before) is screened only after :attr:`SearchPolicy.first_wave_grace` LM iterations
-(not where blur hops apply: there no random start reached the best, see that attribute).
+(not on a band-pass target with the auto init: there no random start reached the best, see that
+attribute).
 Over seeds 400-439 of the 18 targets of ``experiments/bench_optimality.py`` that took 672 of 720
 runs within 1.01x of the best known where L-BFGS on those starts (200 steps, screened once
 after 100) took 659 (the 15x15 ring 16 of 40 instead of 10, the line at 40 degrees 39 instead
@@ -137,13 +138,14 @@ class SearchPolicy:
         ``first_order_share`` of them); the fresh restarts of later waves go straight to LM.
       first_wave_grace: LM iterations before every other fresh start of the first wave (one
         without a grace of its own) is first screened: a fresh start bound for a rare basin
-        may rank low for a while (see the module docstring).  Not where blur hops apply and
-        the init is ``auto`` (a band-pass target, :func:`graces`' ``banded``): there no random
-        start reached the best
-        known (the DoG, the 11x11 and 15x15 Gabors, seeds 400-409: 0 of their 1,820, 1,980 and
+        may rank low for a while (see the module docstring).  Not on a band-pass target
+        (where blur hops apply) with the ``auto`` init, which draws blur starts and root
+        groupings besides random ones (:func:`graces`' ``banded``): there no random start
+        reached the best known (the DoG, the 11x11 and 15x15 Gabors, seeds 400-409: 0 of their 1,820, 1,980 and
         1,740 random starts, the best's hits from blur starts, root groupings and hops), and
-        without it the six band-pass targets of ``experiments/bench_optimality.py`` (the 9x9
-        Gabor, the camera patch and the 1-D kernel too) kept every run but one on the same side
+        without it six band-pass targets of ``experiments/bench_optimality.py`` (the 9x9 Gabor,
+        the camera patch and the 1-D kernel too; the LoG, which joined later, 3 of its seeds 0-9
+        within 1.01x against 2) kept every run but one on the same side
         of 1.01x of the best known over seeds 400-469 (the 11x11 Gabor gained one: 39 of seeds
         400-439 against 38), in 2-9% less time.
       cutoff: once screening is over, a restart still running after ``cutoff_after`` LM

@@ -394,9 +394,9 @@ def sizes(total: int, base: int = 2, least: int = 4) -> tuple[int, ...]:
 def cpu_blocks(total: int) -> tuple[int, ...]:
     """Block sizes for :func:`lm_segment`'s exact cover on a CPU: ``total`` halved while the half
     divides evenly and has at least 16 rows, then divided by four while that divides evenly, then 1
-    where the last is at most 8 (a larger tail, from a total with an odd factor such as 100
-    restarts, covers the rows it does not fill with one block over finished rows: a block of one
-    row per running item would cost a launch each).
+    where the last is at most 8.  A larger tail comes from a total with an odd factor (100
+    restarts: 100, 50, 25); fewer running rows than it are then covered by one block of it that
+    spans finished rows too, as before this ladder, rather than by up to 24 one-row blocks.
 
     Each size is one ``lax.switch`` branch, compiled on its own (on the 15x15 LoG into 3-5-9 each
     costs about half a second): the halving ladder down to one row (64, 32, 16, 8, 4, 2, 1) made
@@ -442,8 +442,9 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
     target, with its own target); ``template`` is one item's free factors (their shapes).
     Once fewer items run than rows are in play, a stable sort on ``done`` gathers the running
     ones to the front, and each iteration covers them with blocks, one after another, of the
-    sizes in ``blocks`` (descending, each dividing the first; one ``lax.switch`` branch each):
-    with ``cover="exact"`` the largest block they fill, then the rest likewise, so work follows
+    sizes in ``blocks`` (descending, each dividing the one before it; one ``lax.switch`` branch
+    each): with ``cover="exact"`` the largest block they fill, then the rest likewise (a rest
+    smaller than every block: the smallest, over finished rows too), so work follows
     the running items (on a CPU, where a block's cost grows with its rows and a block of
     ~8 MB of Jacobians stays in cache); with ``cover="one"`` the smallest block that holds
     them (on an accelerator, where each block is a launch).  So converged items stop costing
