@@ -7,6 +7,7 @@ such as ``layers[2] (conv)``), and raises :class:`~jfactor.errors.StackError` wi
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import jax
@@ -20,8 +21,7 @@ Padding = str | tuple[tuple[int, int], ...]
 
 def repeated(items) -> list:
     """The items that occur more than once in ``items``, sorted (each once)."""
-    items = list(items)
-    return sorted({item for item in items if items.count(item) > 1})
+    return sorted(item for item, count in Counter(items).items() if count > 1)
 
 
 def assignments(items, flag: str, form: str) -> list[tuple[str, str]]:

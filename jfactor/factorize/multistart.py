@@ -141,12 +141,12 @@ class SearchPolicy:
         may rank low for a while (see the module docstring).  Not on a band-pass target
         (where blur hops apply) with the ``auto`` init, which draws blur starts and root
         groupings besides random ones (:func:`graces`' ``banded``): there no random start
-        reached the best known (the DoG, the 11x11 and 15x15 Gabors, seeds 400-409: 0 of their 1,820, 1,980 and
-        1,740 random starts, the best's hits from blur starts, root groupings and hops), and
-        without it six band-pass targets of ``experiments/bench_optimality.py`` (the 9x9 Gabor,
-        the camera patch and the 1-D kernel too; the LoG, which joined later, 3 of its seeds 0-9
-        within 1.01x against 2) kept every run but one on the same side
-        of 1.01x of the best known over seeds 400-469 (the 11x11 Gabor gained one: 39 of seeds
+        reached the best known (the DoG, the 11x11 and 15x15 Gabors, seeds 400-409: 0 of their
+        1,820, 1,980 and 1,740 random starts, the best's hits from blur starts, root groupings
+        and hops), and without it six band-pass targets of ``experiments/bench_optimality.py``
+        (the 9x9 Gabor, the camera patch and the 1-D kernel too; the LoG, which joined later, 3
+        of its seeds 0-9 within 1.01x against 2) kept every run but one on the same side of
+        1.01x of the best known over seeds 400-469 (the 11x11 Gabor gained one: 39 of seeds
         400-439 against 38), in 2-9% less time.
       cutoff: once screening is over, a restart still running after ``cutoff_after`` LM
         iterations stops (as pruned, not a refined minimum) if its error is above ``cutoff``
