@@ -13,9 +13,9 @@ from jfactor.factorize import Chain, Solver, Target, factorize
 from jfactor.factorize.api import _draw
 from jfactor.factorize.chain import chain_kernel_numpy, check_chain
 from jfactor.factorize.api import _blur_hops, _redraw_hops, _refits
-from jfactor.factorize.init import (_along, band_pass, blur_hop, blur_init, blur_target, comb_spacings, fit_target,
-                                    has_line_axis, impulse_start, line_init, principal_angle)
-from jfactor.factorize.symmetry import start_group
+from jfactor.factorize.init import (BLUR_HOP_SHIFT, _along, band_pass, blur_hop, blur_init, blur_target, comb_spacings,
+                                    fit_target, has_line_axis, impulse_start, line_init, principal_angle, random_init)
+from jfactor.factorize.symmetry import start_group, symmetric_start
 
 
 def _distance_from_axis(factor: np.ndarray, angle: float) -> float:
@@ -383,6 +383,13 @@ def test_the_default_search_reaches_the_best_known_basin_of_a_band_pass_target(t
     assert factorize(target, chain, baselines=()).rel_error <= best
 
 
+def test_shifted_blur_hops_take_the_default_search_to_the_best_basin_of_a_15x15_log():
+    """With centred blur hops seed 100 stopped at 1.1015e-4 (1.065x, the best symmetric minimum), as
+    29 of seeds 440-469 did; none of them with shifted ones."""
+    result = factorize(kernels.make("log", 15), Chain.build([3, 5, 9]), baselines=(), seed=100)
+    assert result.rel_error <= 1.0341e-4
+
+
 def test_the_default_search_reaches_the_best_known_basin_of_a_line_at_45_degrees():
     """With half the line starts grid-spaced, seeds 1-4 of 0-4 reach 6.270e-5; with unit spacing
     only, seed 1 did and seed 3 stopped at 2.487e-4 (4.0x)."""
@@ -427,7 +434,34 @@ def test_blur_starts_and_hops_are_isotropic_where_the_target_exchanges_its_axes(
                   and not np.array_equal(f, before)]
     blurs = [f for f in blurs if f.shape[0] > 1]
     assert len(blurs) >= 40
-    assert all(np.allclose(f, f.T, rtol=0, atol=1e-12 * f.max()) for f in blurs) == isotropic
+    widths = np.array([_gaussian_widths(f) for f in blurs])
+    assert np.allclose(widths[:, 0], widths[:, 1], rtol=1e-9) == isotropic
+
+
+def _gaussian_widths(blur: np.ndarray) -> list[float]:
+    """A sampled Gaussian's standard deviation along each axis, wherever it is centred: the second
+    difference of its log along an axis is -1 / width**2 everywhere."""
+    return [float(np.sqrt(-1.0 / np.diff(np.log(blur), 2, axis=a).mean())) for a in range(blur.ndim)]
+
+
+@given(st.integers(0, 2 ** 31))
+def test_a_blur_hop_leaves_a_symmetric_minimum_on_three_or_more_layers(seed):
+    """Its blur sits up to BLUR_HOP_SHIFT taps off its centre per axis, so LM (equivariant) may leave
+    the subspace of the target's symmetries; a two-layer chain's hop (nothing of the minimum kept)
+    stays centred, and symmetric."""
+    for kernel, chain, shifted in [(kernels.make("log", 15), Chain.build([3, 5, 9]), True),
+                                   (kernels.make("log", 9), Chain.build([5, 5]), False)]:
+        target, rng = Target.from_array(kernel), np.random.default_rng(seed)
+        group = start_group(kernel[..., None, None], chain)
+        minimum = symmetric_start(random_init(chain.factor_shapes(1, 1), rng), group, rng)
+        assert all(_mirror_invariant(f[..., 0, 0]) for f in minimum)
+        hop = [f[..., 0, 0] for f in _blur_hops(target, chain, group)(minimum, rng)]
+        blur, = [f for f, before in zip(hop, minimum) if _is_blur(f) and not np.array_equal(f, before[..., 0, 0])]
+        centroid = [(np.moveaxis(blur, a, 0).sum(axis=1) * (np.arange(k) - (k - 1) / 2)).sum() / blur.sum()
+                    for a, k in enumerate(blur.shape)]
+        assert np.abs(centroid).max() <= BLUR_HOP_SHIFT
+        assert _mirror_invariant(blur) != shifted
+        assert all(map(_mirror_invariant, hop)) != shifted
 
 
 def test_a_one_layer_chain_has_no_blur_hops():
