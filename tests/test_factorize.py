@@ -197,12 +197,17 @@ one = factorize_batch(targets, Chain.build([3, 3, 3]), solver=Solver(steps=20, r
 many = factorize_batch(targets, Chain.build([3, 3, 3]), solver=Solver(steps=20, refine_steps=60), search=policy,
                        shard=True)
 for a, b in zip(one, many):
-    # the best error and runner-up to rounding (several restarts share the best minimum, each kernel a
-    # little off it, so which of them is returned may differ, by ~1e-3 in a tap of LoG 7 into 3-3-3)
+    # the same search: its waves, restarts, stop and best error (to rounding: several restarts share the
+    # best minimum, each kernel a little off it, so which of them is returned may differ, by ~1e-3 in a
+    # tap of LoG 7 into 3-3-3). Each device's share of the restarts is another batch, whose arithmetic
+    # differs in the last bits (errors equal to 1e-12), so a screening or a grouping of two restarts that
+    # tie to rounding may go either way: the refined restarts, their hits and minima by one at most
     assert a.evidence.keys() == b.evidence.keys()
-    for key, value in a.evidence.items():
-        same = np.isclose(value, b.evidence[key], rtol=1e-9) if isinstance(value, float) else value == b.evidence[key]
-        assert same, (key, a.evidence, b.evidence)
+    for key in ("restarts", "waves", "stopped", "exact", "warning"):
+        assert a.evidence[key] == b.evidence[key], (key, a.evidence, b.evidence)
+    assert np.isclose(a.evidence["best_error"], b.evidence["best_error"], rtol=1e-9), (a.evidence, b.evidence)
+    for key in ("refined", "best_hits", "independent_hits", "distinct_minima"):
+        assert abs(a.evidence[key] - b.evidence[key]) <= 1, (key, a.evidence, b.evidence)
 assert all(a.evidence["waves"] > 1 and a.evidence["refined"] < a.evidence["restarts"] for a in one)
 """
 
@@ -210,7 +215,7 @@ assert all(a.evidence["waves"] > 1 and a.evidence["refined"] < a.evidence["resta
 def test_batched_factorization_sharded_over_devices_matches():
     """Five targets over four CPU devices (padded to eight): with a fixed restart count the same
     factors as on one device; with the default search (waves, screening, per-restart graces) the
-    same evidence."""
+    same search, to rounding."""
     import os
     import subprocess
     import sys
