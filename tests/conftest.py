@@ -17,13 +17,14 @@ settings.load_profile("default")
 
 
 _USER_CACHE = cache.default_directory()  # None: the user switched the compile cache off
+_SUITE_CACHE = None if _USER_CACHE is None else _USER_CACHE.expanduser().resolve().with_name(_USER_CACHE.name + "-tests")
 
 
 @pytest.fixture(autouse=True)
 def _own_compile_cache(monkeypatch):
     """Commands a test runs (in this process or a child) keep compiled code in a folder of this
-    pytest-xdist worker's own beside the user's (``~/.cache/jfactor/tests/<worker>``, kept from run
+    pytest-xdist worker's own beside the user's (``~/.cache/jfactor/xla-tests/<worker>``, kept from run
     to run), never in the user's, nor in one another worker writes to: two workers sharing the
     user's cache crashed one of them twice in four runs, reading a compiled program back (jax 0.10.2)."""
-    if _USER_CACHE is not None:
-        monkeypatch.setenv(cache.ENV, str(_USER_CACHE.parent / "tests" / os.environ.get("PYTEST_XDIST_WORKER", "main")))
+    if _SUITE_CACHE is not None:
+        monkeypatch.setenv(cache.ENV, str(_SUITE_CACHE / os.environ.get("PYTEST_XDIST_WORKER", "main")))

@@ -200,11 +200,14 @@ for a, b in zip(one, many):
     # the same search: its waves, restarts, stop and best error (to rounding: several restarts share the
     # best minimum, each kernel a little off it, so which of them is returned may differ, by ~1e-3 in a
     # tap of LoG 7 into 3-3-3). Each device's share of the restarts is another batch, whose arithmetic
-    # differs in the last bits (errors equal to 1e-12), so a screening or a grouping of two restarts that
-    # tie to rounding may go either way: the refined restarts, their hits and minima by one at most
+    # differs in the last bits (errors agree to 1e-12), so a screening or a grouping of two restarts that
+    # tie to rounding may go either way: the refined restarts, their hits and minima by one at most.
+    # (Waves and the stop cannot move with them here: 48 restarts are three waves, too few for the
+    # patience of `repeated` and `stalled`.)
     assert a.evidence.keys() == b.evidence.keys()
-    for key in ("restarts", "waves", "stopped", "exact", "warning"):
+    for key in ("restarts", "waves", "stopped", "exact"):
         assert a.evidence[key] == b.evidence[key], (key, a.evidence, b.evidence)
+    assert (a.evidence["warning"] is None) == (b.evidence["warning"] is None), (a.evidence, b.evidence)
     assert np.isclose(a.evidence["best_error"], b.evidence["best_error"], rtol=1e-9), (a.evidence, b.evidence)
     for key in ("refined", "best_hits", "independent_hits", "distinct_minima"):
         assert abs(a.evidence[key] - b.evidence[key]) <= 1, (key, a.evidence, b.evidence)

@@ -384,9 +384,9 @@ def test_the_default_search_reaches_the_best_known_basin_of_a_band_pass_target(t
 
 
 def test_shifted_blur_hops_take_the_default_search_to_the_best_basin_of_a_15x15_log():
-    """With centred blur hops seed 100 stopped at 1.1015e-4 (1.065x, the best symmetric minimum), as
+    """With centred blur hops seed 1 stopped at 1.1015e-4 (1.065x, the best symmetric minimum), as
     29 of seeds 440-469 did; none of them with shifted ones."""
-    result = factorize(kernels.make("log", 15), Chain.build([3, 5, 9]), baselines=(), seed=100)
+    result = factorize(kernels.make("log", 15), Chain.build([3, 5, 9]), baselines=(), seed=1)
     assert result.rel_error <= 1.0341e-4
 
 
@@ -436,12 +436,26 @@ def test_blur_starts_and_hops_are_isotropic_where_the_target_exchanges_its_axes(
     assert len(blurs) >= 40
     widths = np.array([_gaussian_widths(f) for f in blurs])
     assert np.allclose(widths[:, 0], widths[:, 1], rtol=1e-9) == isotropic
+    if isotropic:  # fresh blur starts stay centred, so symmetric (only hops move off the centre)
+        fresh = [f[..., 0, 0] for factors in starts[64 // 8 + 64 // 4: 64 // 8 + 64 // 2] for f in factors
+                 if _is_blur(f[..., 0, 0]) and f.shape[0] > 1]
+        assert fresh and all(map(_mirror_invariant, fresh))
 
 
 def _gaussian_widths(blur: np.ndarray) -> list[float]:
     """A sampled Gaussian's standard deviation along each axis, wherever it is centred: the second
     difference of its log along an axis is -1 / width**2 everywhere."""
     return [float(np.sqrt(-1.0 / np.diff(np.log(blur), 2, axis=a).mean())) for a in range(blur.ndim)]
+
+
+def _gaussian_offsets(blur: np.ndarray) -> list[float]:
+    """A sampled Gaussian's centre along each axis, in taps from the grid's centre: between taps x
+    and x + 1 (from the centre) the first difference of its log is (2 (offset - x) - 1) / (2 width**2)."""
+    offsets = []
+    for a, (k, width) in enumerate(zip(blur.shape, _gaussian_widths(blur))):
+        step = np.moveaxis(np.diff(np.log(blur), axis=a), a, 0).reshape(k - 1, -1).mean(axis=1)
+        offsets.append(float(np.mean(step * width ** 2 + np.arange(k - 1) - (k - 1) / 2 + 0.5)))
+    return offsets
 
 
 @given(st.integers(0, 2 ** 31))
@@ -457,9 +471,8 @@ def test_a_blur_hop_leaves_a_symmetric_minimum_on_three_or_more_layers(seed):
         assert all(_mirror_invariant(f[..., 0, 0]) for f in minimum)
         hop = [f[..., 0, 0] for f in _blur_hops(target, chain, group)(minimum, rng)]
         blur, = [f for f, before in zip(hop, minimum) if _is_blur(f) and not np.array_equal(f, before[..., 0, 0])]
-        centroid = [(np.moveaxis(blur, a, 0).sum(axis=1) * (np.arange(k) - (k - 1) / 2)).sum() / blur.sum()
-                    for a, k in enumerate(blur.shape)]
-        assert np.abs(centroid).max() <= BLUR_HOP_SHIFT
+        offsets = np.abs(_gaussian_offsets(blur))
+        assert (0 < offsets.min() and offsets.max() <= BLUR_HOP_SHIFT) if shifted else offsets.max() < 1e-9
         assert _mirror_invariant(blur) != shifted
         assert all(map(_mirror_invariant, hop)) != shifted
 

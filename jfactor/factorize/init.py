@@ -35,9 +35,9 @@ width R reproduces the rank-R SVD truncation exactly (separable targets: exact).
   reach it (LM alone), where 4,096 restarts in waves did not.  On low-pass targets (lines,
   disks) none reached the best minimum in 64.  The same move from a minimum already found
   (:func:`blur_hop`: one factor a new blur, another refitted, the rest kept) carries the
-  search between basins that noise around the minimum does not leave; its blur sits up to
-  half a tap off the centre (:data:`BLUR_HOP_SHIFT`), or from a symmetric minimum it could
-  only reach symmetric ones (the 15x15 LoG's best is not).  Where the target
+  search between basins that noise around the minimum does not leave; on a chain of three or
+  more layers its blur sits up to half a tap off the centre (:data:`BLUR_HOP_SHIFT`), or from
+  a symmetric minimum it could only reach symmetric ones (the 15x15 LoG's best is not).  Where the target
   is left alone by exchanging axes (a DoG, a LoG), the blurs are isotropic: the best
   minimum of the 15x15 DoG into 3-5-9 (3.13e-4, blurs of widths 0.86 and 1.2 and the 9x9
   fitted) lies in a window of width space that 2 of 144 isotropic starts on a grid reach
@@ -401,18 +401,20 @@ def _line_profile(kernel: bytes, shape: tuple[int, ...], lengths: tuple[int, ...
 
 
 BLUR_WIDTHS = (0.5, 1.5)  # the range of a blur factor's standard deviation per axis, in taps
-# the most a blur hop's blur sits off its factor's centre, per axis, in taps (blur_hop).  A centred
+# the most a blur hop's blur sits off its factor's centre, per axis, in taps (of the layer: d pixels
+# apart where it is dilated by d; blur_hop).  A centred
 # blur, with every other factor of a minimum that has the target's mirror symmetries, refits to a
 # symmetric start, and LM (equivariant) never leaves the symmetric subspace.  The best minimum of
 # the 15x15 LoG into 3-5-9 (1.034e-4) is not symmetric (its 5x5 is a blur shifted along the
 # anti-diagonal, the 9x9 makes up for it), the best symmetric one is 1.065x above it: from that one
-# 0 of 256 centred blur hops reached the best (152 fell back), of 256 hops shifted up to 0.25 taps per
-# axis 12, up to 0.5 15, up to 0.75 12 (within 1.01x, LM alone).  In the default search over seeds
+# 0 of 256 centred blur hops reached the best (152 fell back); of 256 hops shifted up to 0.25, 0.5 and
+# 0.75 taps per axis, 12, 15 and 12 did (within 1.01x, LM alone).  In the default search over seeds
 # 440-469 the LoG landed within 1.01x of its best known in 30 runs instead of 1, the 11x11 Gabor into
-# 3-5-5 in 30 instead of 26, the 15x15 Gabor and the DoG as before, in 0-5% more time (the LoG's
-# searches run longer: 1.6 s against 0.94 s).  A two-layer chain's hop keeps no factor of its minimum
-# and stays centred: shifted, the 9x9 Gabor into 5-5 lost 2 of those 30 runs; and shifted fresh blur
-# starts (half of them) cost the 15x15 Gabor 7 of seeds 400-419
+# 3-5-5 in 30 instead of 26, the 15x15 Gabor and the DoG as before, in 2% less to 5% more time (the
+# LoG's searches run longer: 1.6 s against 0.94 s).  A two-layer chain's hop keeps no factor of its
+# minimum: it is a fresh blur start, and those stay centred (shifted, half of them cost the 15x15 Gabor
+# 7 of seeds 400-419 within 1.01x); shifted two-layer hops took the 9x9 Gabor into 5-5 from 30 of
+# those 30 runs to 28
 BLUR_HOP_SHIFT = 0.5
 BAND_PASS = 0.01  # the most a band-pass target's gain at zero frequency is of its peak gain (see band_pass)
 
@@ -455,8 +457,9 @@ def _blur(size: tuple[int, ...], rng: np.random.Generator, orbits: tuple[int, ..
     :data:`BLUR_WIDTHS`, as a factor of width 1: (*size, 1, 1).  ``orbits`` (one entry per
     axis, see :func:`jfactor.factorize.symmetry.axis_orbits`): axes of one orbit share their
     axis's width (isotropic blurs for a target the transposes leave alone); None: every axis
-    its own.  Centred, or (``shift`` > 0) off the centre by an offset per axis drawn from
-    [-shift, shift] taps."""
+    its own.  Centred, or (``shift`` > 0) off the centre by an offset drawn from [-shift, shift]
+    taps for each axis, not shared along ``orbits``: the offsets are there to break the target's
+    mirror symmetries."""
     widths = rng.uniform(*BLUR_WIDTHS, len(size))[list(orbits or range(len(size)))]
     offsets = rng.uniform(-shift, shift, len(size)) if shift else np.zeros(len(size))
     axes = [np.exp(-0.5 * ((np.arange(k) - (k - 1) / 2 - o) / w) ** 2) for k, w, o in zip(size, widths, offsets)]
@@ -516,7 +519,8 @@ def blur_hop(factors: list[np.ndarray], kernel: np.ndarray, chain: Chain, rng: n
     On the 11x11 Gabor at 30 degrees into 3-5-5, noise around a minimum 1.017x above the best
     known led back to it in 64 of 64 tries, these hops (then centred) to the best in 2 of 64.
     """
-    shift = BLUR_HOP_SHIFT if len(factors) > 2 else 0.0  # with two layers the hop keeps no factor of its minimum
+    # a two-layer hop keeps no factor of its minimum: it is a fresh blur start, and those stay centred
+    shift = BLUR_HOP_SHIFT if len(factors) > 2 else 0.0
     return _hop(factors, kernel, chain, rng, lambda i: _blur(chain.layers[i].size, rng, orbits, shift))
 
 
