@@ -17,7 +17,8 @@ settings.load_profile("default")
 
 
 _USER_CACHE = cache.default_directory()  # None: the user switched the compile cache off
-_SUITE_CACHE = None if _USER_CACHE is None else _USER_CACHE.expanduser().resolve().with_name(_USER_CACHE.name + "-tests")
+_RESOLVED = None if _USER_CACHE is None else _USER_CACHE.expanduser().resolve()
+_SUITE_CACHE = None if _RESOLVED is None else _RESOLVED.with_name(_RESOLVED.name + "-tests")
 
 
 @pytest.fixture(autouse=True)

@@ -425,8 +425,10 @@ def test_blur_starts_and_hops_are_isotropic_where_the_target_exchanges_its_axes(
     target = Target.from_array(kernel)
     group = start_group(kernel[..., None, None], chain)
     starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=group)
-    blurs = [f[..., 0, 0] for factors in starts[64 // 8 + 64 // 4: 64 // 8 + 64 // 2] for f in factors
-             if _is_blur(f[..., 0, 0])]  # the blur slots (test_auto_draws_a_quarter_of_blur_starts...)
+    # the blur slots (test_auto_draws_a_quarter_of_blur_starts...)
+    fresh = [f[..., 0, 0] for factors in starts[64 // 8 + 64 // 4: 64 // 8 + 64 // 2] for f in factors
+             if _is_blur(f[..., 0, 0]) and f.shape[0] > 1]
+    blurs = list(fresh)
     move, rng = _blur_hops(target, chain, group), np.random.default_rng(1)
     for _ in range(16):
         minimum = [rng.standard_normal(shape) for shape in chain.factor_shapes(1, 1)]
@@ -437,8 +439,6 @@ def test_blur_starts_and_hops_are_isotropic_where_the_target_exchanges_its_axes(
     widths = np.array([_gaussian_widths(f) for f in blurs])
     assert np.allclose(widths[:, 0], widths[:, 1], rtol=1e-9) == isotropic
     if isotropic:  # fresh blur starts stay centred, so symmetric (only hops move off the centre)
-        fresh = [f[..., 0, 0] for factors in starts[64 // 8 + 64 // 4: 64 // 8 + 64 // 2] for f in factors
-                 if _is_blur(f[..., 0, 0]) and f.shape[0] > 1]
         assert fresh and all(map(_mirror_invariant, fresh))
 
 

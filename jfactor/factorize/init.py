@@ -461,6 +461,7 @@ def _blur(size: tuple[int, ...], rng: np.random.Generator, orbits: tuple[int, ..
     taps for each axis, not shared along ``orbits``: the offsets are there to break the target's
     mirror symmetries."""
     widths = rng.uniform(*BLUR_WIDTHS, len(size))[list(orbits or range(len(size)))]
+    # no draw for a centred blur: blur starts and two-layer hops keep the random stream they had
     offsets = rng.uniform(-shift, shift, len(size)) if shift else np.zeros(len(size))
     axes = [np.exp(-0.5 * ((np.arange(k) - (k - 1) / 2 - o) / w) ** 2) for k, w, o in zip(size, widths, offsets)]
     return functools.reduce(np.multiply.outer, axes)[..., None, None]
