@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from jfactor import kernels
 from jfactor.factorize import Chain, factorize
-from jfactor.factorize.symmetry import axis_orbits, grid_symmetries, start_group, symmetric_start
+from jfactor.factorize.symmetry import axis_orbits, grid_symmetries, shares, start_group, symmetric_start
 
 
 def _spread(f, dilation):
@@ -91,6 +91,29 @@ def test_symmetric_starts_compose_to_a_kernel_with_the_targets_symmetry(sizes, d
     for ((perm, flips), sign) in group:
         moved = _transform(composed, flips, perm == (1, 0))
         np.testing.assert_allclose(moved, sign * composed, atol=1e-12 * scale)
+
+
+@settings(max_examples=30, deadline=None)
+@given(kernel=st.sampled_from(["ring", "sobel", "log"]),
+       sizes=st.lists(st.sampled_from([3, 5]), min_size=2, max_size=3), seed=st.integers(0, 2**31 - 1),
+       which=st.integers(0, 2), corner=st.tuples(st.booleans(), st.booleans()))
+def test_symmetric_starts_share_the_group_and_a_nudged_tap_breaks_it(kernel, sizes, seed, which, corner):
+    """``shares`` holds for ``symmetric_start``'s factors (one of them with the target's signs: the
+    Sobel kernel's flip along its rows changes its sign) and not once a corner tap moves by 1e-6 of
+    its factor's largest, or where the group is empty."""
+    rng = np.random.default_rng(seed)
+    chain = Chain.build(sizes)
+    sobel = np.outer([1.0, 2.0, 1.0], [1.0, 0.0, -1.0])
+    target = sobel if kernel == "sobel" else kernels.make(kernel, chain.extent[0])
+    padded = np.pad(target, [((e - k) // 2,) * 2 for e, k in zip(chain.extent, target.shape)])[..., None, None]
+    group = start_group(padded, chain)
+    assert len(group) >= 4
+    factors = symmetric_start([rng.standard_normal((k, k, 1, 1)) for k in sizes], group, rng)
+    assert shares(factors, group) and not shares(factors, [])
+    nudged = [f.copy() for f in factors]
+    which %= len(nudged)
+    nudged[which][tuple(-1 if c else 0 for c in corner)] += 1e-6 * np.abs(nudged[which]).max()
+    assert not shares(nudged, group)
 
 
 def test_a_ring_reaches_its_best_basin_with_the_default_search():

@@ -13,7 +13,8 @@ and after every wave asks
 - ``exact``: the best error is at the float rounding floor: no start can do better;
 - ``repeated``: at least :attr:`SearchPolicy.hits` independent restarts (fresh: drawn
   without regard to the minima found so far, random or structured, not perturbations of
-  them; impulse and comb starts excepted) reached the best error within a relative
+  them; impulse and comb starts excepted, and starts that share the target's mirror
+  symmetries, which reach only minima that share them) reached the best error within a relative
   :data:`HIT_TOLERANCE`, and the last :attr:`SearchPolicy.patience` waves found nothing better;
 - ``stalled``: :attr:`SearchPolicy.min_restarts` restarts have run, at least
   :attr:`SearchPolicy.hits` of them (perturbations included) reached the best, and the last
@@ -39,15 +40,20 @@ perturbations of the best are redraw hops instead of noise
 (:func:`jfactor.factorize.init.redraw_hop`, :func:`jfactor.factorize.api._redraw_hops`).  The evidence
 counts both: ``best_hits`` (every refined restart at the best) and ``independent_hits``
 (independent fresh starts only), next to the number of distinct minima and the runner-up.
-Fresh structured starts (root groupings, lines, blurs, symmetric starts; not the impulse and comb starts of
-``jfactor.factorize.api._draw``, which gather in few basins) count as independent:
+Fresh structured starts (root groupings, lines, blurs; not the impulse and comb starts of
+``jfactor.factorize.api._draw``, which gather in few basins, nor, since 2026-12-06, starts
+that share the target's mirror symmetries: symmetric starts, and blur starts on such a
+target) count as independent:
 over ten seeds of every target of ``experiments/bench_optimality.py`` run on to 1,024
 restarts, no basin above the best drew more than two fresh restarts while the search
 stalled on it, so three of them stop no search early there, while the line, ring and
 camera-patch targets, whose best basin fresh line, symmetric and blur starts find again
 and again, stop after 192-512 restarts instead of 512.  (One exception, found later: on
 the 15x15 ring into 3-5-9 a basin 1.09x above the best draws 5-13 fresh restarts in every
-run, and the best one, 2 of 10 runs of 1,024 restarts found, none of them fresh.)
+run, and the best one, 2 of 10 runs of 1,024 restarts found, none of them fresh.)  Without the
+symmetric starts' hits the 11x11 ring and the two disks, whose best basins symmetric starts
+found again and again, run on to 512 restarts (replayed over seeds 400-409 and 470-479: a mean
+of 512 instead of 333-374), every run where it was.
 
 ``min_restarts`` stays at 512: the searches of that bench's 17 targets run on to 1,024
 restarts (seeds 0-9, one trajectory each) and replayed under each rule, ``stalled`` after 320

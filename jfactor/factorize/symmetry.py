@@ -99,3 +99,19 @@ def symmetric_start(factors: list[np.ndarray], group: list[tuple], rng: np.rando
     signs, the others are invariant (their chain kernel then has the target's symmetry)."""
     carrier = int(rng.integers(len(factors)))
     return [project(f, group, signed=i == carrier) for i, f in enumerate(factors)]
+
+
+SHARED = 1e-8  # relative: a factor within this of its projection shares the symmetry (rounding aside)
+
+
+def shares(factors: list[np.ndarray], group: list[tuple]) -> bool:
+    """Whether every factor is invariant under ``group`` or has its sign character, as
+    :func:`symmetric_start` makes them (False for an empty group).  LM from such a start stays in
+    the symmetric subspace (the module docstring), so it reaches only minima that share the
+    target's symmetry."""
+    def one(factor):
+        scale = SHARED * np.linalg.norm(factor)
+        return any(np.linalg.norm(project(factor, group, signed) - factor) <= scale for signed in (False, True))
+
+    return bool(group) and all(one(f) for f in factors)
+
