@@ -463,7 +463,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without
         regard to the minima found so far: the user's, structured and random starts; they come
         first), not perturbations of those minima; which are independent evidence (the fresh
-        ones but impulse and comb starts); the LM iterations before each may be screened; and
+        ones but impulse, comb and mirror-symmetric starts); the LM iterations before each may be screened; and
         which take the exact Hessian (``exact_blurs``: the blur starts and hops)."""
         own = given[b] if wave == 0 else []
         elite = records[b].elite if wave else []
@@ -479,7 +479,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                                                groups[b])
         fresh = np.arange(size) < size - len(hops)
         blurred = np.concatenate([np.zeros(len(own), bool), blur_starts, moved])
-        independent = np.concatenate([np.ones(len(own), bool), evidence, np.zeros(len(hops), bool)])
+        mirrored = [symmetry.shares(factors, groups[b]) for factors in own]  # the user's starts too
+        independent = np.concatenate([~np.array(mirrored, bool), evidence, np.zeros(len(hops), bool)])
         # no first-wave grace on a band-pass target with the auto init (SearchPolicy.first_wave_grace)
         banded = moves[b] is not None and init == "auto"
         # a blur hop replaces one factor and refits another: on three or more layers it keeps the rest

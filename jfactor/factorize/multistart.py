@@ -299,7 +299,8 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
       errors: (R,) relative errors of every restart (inf where diverged).
       pruned: (R,) restarts screened out before converging (not local minima).
       independent: (R,) restarts that are independent evidence: fresh starts (not derived
-        from an earlier restart's result) other than impulse and comb starts.
+        from an earlier restart's result) other than impulse and comb starts and starts that
+        share the target's mirror symmetries.
       dtype: the run's dtype (sets the rounding floor).
     Returns:
       restarts, refined (restarts run to convergence), distinct_minima, best_error,

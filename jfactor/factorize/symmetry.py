@@ -101,7 +101,7 @@ def symmetric_start(factors: list[np.ndarray], group: list[tuple], rng: np.rando
     return [project(f, group, signed=i == carrier) for i, f in enumerate(factors)]
 
 
-SHARED = 1e-8  # relative: a factor within this of its projection shares the symmetry (rounding aside)
+SHARED = 1e-8  # relative: a factor within this of each of its images shares the symmetry (rounding aside)
 
 
 def shares(factors: list[np.ndarray], group: list[tuple]) -> bool:
@@ -109,9 +109,10 @@ def shares(factors: list[np.ndarray], group: list[tuple]) -> bool:
     :func:`symmetric_start` makes them (False for an empty group).  LM from such a start stays in
     the symmetric subspace (the module docstring), so it reaches only minima that share the
     target's symmetry."""
-    def one(factor):
+    def has(factor, signed: bool) -> bool:  # g(factor) = s(g) factor for every g; stops at the first that is not
         scale = SHARED * np.linalg.norm(factor)
-        return any(np.linalg.norm(project(factor, group, signed) - factor) <= scale for signed in (False, True))
+        return all(np.linalg.norm(apply(element, factor) - (sign if signed else 1.0) * factor) <= scale
+                   for element, sign in group)
 
-    return bool(group) and all(one(f) for f in factors)
+    return bool(group) and all(has(f, False) or has(f, True) for f in factors)
 
