@@ -18,6 +18,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
+def _directory(value: str) -> Path:
+    """A directory option's value; an empty one (an unset shell variable, say) is refused rather than
+    read as the current directory, where results would land among whatever is there."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path; give a directory (. for the current one)")
+    return Path(value)
+
+
+OutputDir = Annotated[Path | None, typer.Option("--out", metavar="DIR", parser=_directory,
+                                                help="output directory (default: a new one under runs/)")]
+
+
 def _print_version(value: bool) -> None:
     """``--version``: jfactor's, jax's and jaxlib's versions and Python's, read without importing jax."""
     if not value:
@@ -33,7 +45,7 @@ def _print_version(value: bool) -> None:
 def _group(
     compile_cache: Annotated[Path | None, typer.Option(
         help="where compiled code is kept across runs (default: $JFACTOR_COMPILE_CACHE, else "
-             "~/.cache/jfactor/xla)")] = None,
+             "~/.cache/jfactor/xla)", metavar="DIR", parser=_directory)] = None,
     use_compile_cache: Annotated[bool, typer.Option(
         "--compile-cache-on/--no-compile-cache", help="reuse compiled code across runs (a second run of the "
                                                       "same geometry skips compiling)")] = True,
@@ -63,7 +75,7 @@ EXPECTED = (JFactorError, OSError, typer.BadParameter)
 @app.command()
 def fold(
     config: Annotated[Path, typer.Argument(help="stack config (YAML), Keras lines (.txt/.py), or an ONNX model")],
-    out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
+    out: OutputDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON summary only")] = False,
     cheaper_only: Annotated[bool, typer.Option(help="ONNX models: keep a segment as it is where one conv would "
                                                     "cost more multiply-adds")] = False,
@@ -236,7 +248,7 @@ def factorize(
                                                        "unsupervised_wiener, scipy_lm (default: all but als and "
                                                        "scipy_lm)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
+    out: OutputDir = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="print result.json only")] = False,
     plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write kernels.png, spectrum.png, "
@@ -381,7 +393,7 @@ def search(
     refine_steps: Annotated[int, typer.Option(help="most LM iterations")] = 500,
     budget: Annotated[float | None, typer.Option(help="error budget: also report the cheapest chain within it")] = None,
     seed: Annotated[int, typer.Option(help="the restarts' seed (each chain's search starts from it)")] = 0,
-    out: Annotated[Path | None, typer.Option(help="output directory (default: a new one under runs/)")] = None,
+    out: OutputDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="print front.json only")] = False,
 ) -> None:
     """The Pareto front of error vs multiply-adds over chains built from candidate sets."""
