@@ -15,7 +15,7 @@ from jfactor.factorize.chain import chain_kernel_numpy, check_chain
 from jfactor.factorize.api import _blur_hops, _redraw_hops, _refits
 from jfactor.factorize.init import (BLUR_HOP_SHIFT, _along, band_pass, blur_hop, blur_init, blur_target, comb_spacings,
                                     fit_target, has_line_axis, impulse_start, line_init, principal_angle, random_init)
-from jfactor.factorize.symmetry import start_group, symmetric_start
+from jfactor.factorize.symmetry import grid_symmetries, start_group, symmetric_start
 
 
 def _distance_from_axis(factor: np.ndarray, angle: float) -> float:
@@ -151,26 +151,33 @@ def _mirrored(factors) -> bool:
                for g in (np.flipud, np.fliplr, np.transpose))
 
 
-@pytest.mark.parametrize("kernel, sizes, kinds", [
-    (kernels.make("log", 9), [3, 3, 5], {"blur", "symmetric", "random", "impulse"}),  # the square's eight maps
-    (kernels.disk(9), [3, 3, 5], {"symmetric", "random", "impulse"}),
-    (kernels.gabor(9), [3, 3, 5], {"blur", "random", "impulse"}),  # only the point reflection: no mirrors
+def _even(factors) -> bool:
+    """Whether every 2-D factor is, up to its sign, what it was under the point reflection."""
+    return all(min(np.abs(f - f[::-1, ::-1]).max(), np.abs(f + f[::-1, ::-1]).max()) <= 1e-9 * np.abs(f).max()
+               for f in (f[..., 0, 0] for f in factors))
+
+
+@pytest.mark.parametrize("kernel, sizes, kinds, shared", [
+    (kernels.make("log", 9), [3, 3, 5], {"blur", "symmetric", "random", "impulse"}, _mirrored),  # the square's maps
+    (kernels.disk(9), [3, 3, 5], {"symmetric", "random", "impulse"}, _mirrored),
+    (kernels.gabor(9), [3, 3, 5], {"blur", "random", "impulse"}, _even),  # only the point reflection
 ])
-def test_starts_that_share_the_targets_mirrors_are_not_independent_evidence(kernel, sizes, kinds):
-    """LM keeps a start that shares the target's mirror symmetries in their subspace, so its hits say
+def test_starts_that_share_the_targets_symmetries_are_not_independent_evidence(kernel, sizes, kinds, shared):
+    """LM keeps a start that shares the target's grid symmetries in their subspace, so its hits say
     nothing of the minima outside it (the 15x15 LoG's best is one): such starts (the symmetric random
-    ones, and the blur starts, centred and isotropic, of a target with mirrors) are not independent
-    evidence; every other fresh start is, but the impulse starts (root groupings among the random
-    ones here, where they break the mirrors)."""
+    ones of a target with mirrors, and the blur starts, centred and isotropic, of any symmetric
+    target: even, on a Gabor) are not independent evidence; every other fresh start is, but the
+    impulse starts (root groupings among the random ones here, where they break the symmetries)."""
     target, chain = Target.from_array(kernel), Chain.build(sizes)
     group = start_group(kernel[..., None, None], chain)
-    starts, independent, blurred = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=group)
-    kind = ["impulse" if any(map(_impulse, f)) else "blur" if b else "symmetric" if group and _mirrored(f)
-            else "random" for f, b in zip(starts, blurred)]
+    starts, independent, blurred = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=group,
+                                         symmetries=grid_symmetries(kernel[..., None, None], chain))
+    kind = ["impulse" if any(map(_impulse, f)) else "blur" if b else "symmetric" if shared(f) else "random"
+            for f, b in zip(starts, blurred)]
     assert set(kind) == kinds
     for k, free in zip(kind, independent):
-        assert free == (k == "random" or k == "blur" and not group), k
-    assert all(_mirrored(f) == bool(group) for f, k in zip(starts, kind) if k == "blur")
+        assert free == (k == "random"), k
+    assert all(shared(f) for f, k in zip(starts, kind) if k == "blur")
 
 
 @pytest.mark.parametrize("kernel, sizes, wave", [

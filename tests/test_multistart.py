@@ -623,13 +623,20 @@ def test_every_restart_of_a_fixed_count_run_but_the_impulse_and_mirrored_starts_
     assert found["exact"] and found["best_hits"] == 8 and found["independent_hits"] == 7
     result = factorize(kernels.gaussian(5), Chain.build([3, 3]), restarts=8, baselines=(), solver=solver)
     assert result.evidence["best_hits"] == 8 and result.evidence["independent_hits"] == 4
-    # the user's starts alike: of two exact ones, the one with the target's mirrors is not independent
+    # the user's starts alike: of two that reach the exact optimum, the one with the target's mirrors is not
+    # independent, the one a tap off them is
     binomial = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0])[..., None, None]
     lopsided_start = binomial.copy()
     lopsided_start[0, 1] += 1e-3
-    found = factorize(np.outer([1.0, 4, 6, 4, 1], [1.0, 4, 6, 4, 1]), Chain.build([3, 3]), restarts=2, baselines=(),
-                      solver=solver, starts=[[binomial, binomial], [lopsided_start, binomial]]).evidence
+    target = np.outer([1.0, 4, 6, 4, 1], [1.0, 4, 6, 4, 1])
+    found = factorize(target, Chain.build([3, 3]), restarts=2, baselines=(), solver=solver,
+                      starts=[[binomial, binomial], [lopsided_start, binomial]]).evidence
     assert found["exact"] and found["best_hits"] == 2 and found["independent_hits"] == 1
+    # a frozen layer counts with its weights, not with what the user's start holds in its place (zeros here)
+    for weight, independent in ((binomial[..., 0, 0], 0), (lopsided_start[..., 0, 0], 1)):
+        found = factorize(target, Chain.build([3, 3], frozen={0: weight}), restarts=1, baselines=(), solver=solver,
+                          starts=[[np.zeros_like(binomial), binomial]]).evidence
+        assert found["best_hits"] == 1 and found["independent_hits"] == independent, weight
     # printed, one line with the answer and how sure it is, not every array it holds
     assert repr(result) == (f"Factorization(3x3 -> 3x3, width 1 for targets[0]: rel_error {result.rel_error:.3e}, "
                             f"best of 8 restarts reached 8 times, stopped: restarts)")

@@ -100,7 +100,7 @@ def test_symmetric_starts_compose_to_a_kernel_with_the_targets_symmetry(sizes, d
 def test_symmetric_starts_share_the_group_and_a_nudged_tap_breaks_it(kernel, sizes, seed, which, corner):
     """``shares`` holds for ``symmetric_start``'s factors (one of them with the target's signs: the
     Sobel kernel's flip along its rows changes its sign) and not once a corner tap moves by 1e-6 of
-    its factor's largest, or where the group is empty."""
+    its factor's largest, or for the identity alone (every factor has it)."""
     rng = np.random.default_rng(seed)
     chain = Chain.build(sizes)
     sobel = np.outer([1.0, 2.0, 1.0], [1.0, 0.0, -1.0])
@@ -109,11 +109,33 @@ def test_symmetric_starts_share_the_group_and_a_nudged_tap_breaks_it(kernel, siz
     group = start_group(padded, chain)
     assert len(group) >= 4
     factors = symmetric_start([rng.standard_normal((k, k, 1, 1)) for k in sizes], group, rng)
-    assert shares(factors, group) and not shares(factors, [])
+    assert shares(factors, group) and not shares(factors, group[:1])  # the identity alone makes no subspace
     nudged = [f.copy() for f in factors]
     which %= len(nudged)
     nudged[which][tuple(-1 if c else 0 for c in corner)] += 1e-6 * np.abs(nudged[which]).max()
     assert not shares(nudged, group)
+
+
+def test_a_start_shares_a_signed_symmetry_with_an_odd_number_of_signed_factors():
+    """Under the mirrors of a Sobel-like target (one flip changes its sign), a chain's kernel has the
+    target's signs where an odd number of its factors carry that sign (scipy's convolution checks each
+    case); a zero factor can carry either; an even number, or a nudged tap, leaves the subspace."""
+    blur, sobel = np.outer([1.0, 2, 1], [1.0, 2, 1]), np.outer([1.0, 2, 1], [1.0, 0, -1])
+    chain = Chain.build([3, 3])
+    group = start_group(_compose([sobel[..., None, None], blur[..., None, None]], [(1, 1)] * 2)[..., None, None],
+                        chain)
+    assert any(sign < 0 for _, sign in group)
+    nudged = sobel.copy()
+    nudged[0, 0] += 1e-6
+    cases = [((blur, sobel), True), ((sobel, blur), True), ((blur, blur), False), ((sobel, sobel), False),
+             ((np.zeros((3, 3)), blur), True), ((blur, nudged), False)]
+    for pair, expected in cases:
+        factors = [f[..., None, None] for f in pair]
+        assert shares(factors, group) == expected, pair
+        composed = _compose(factors, [(1, 1)] * 2)
+        signed = all(np.allclose(_transform(composed, flips, perm == (1, 0)), sign * composed, atol=1e-9)
+                     for (perm, flips), sign in group)
+        assert signed == expected or not composed.any()  # the reference: the kernel has the target's signs
 
 
 def test_a_ring_reaches_its_best_basin_with_the_default_search():

@@ -149,10 +149,11 @@ NEEDS = {  # what a structured init needs of the target and chain (besides no fr
 
 
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
-          group: list) -> tuple[list[list], np.ndarray, np.ndarray]:
+          group: list, symmetries: list | None = None) -> tuple[list[list], np.ndarray, np.ndarray]:
     """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, which
     of them are independent evidence (count,): all but the impulse and comb starts and those that
-    share the target's mirror symmetries ``group`` (:func:`jfactor.factorize.symmetry.shares`),
+    share the target's grid symmetries ``symmetries`` (:func:`jfactor.factorize.symmetry.grid_symmetries`,
+    the point reflection included; default ``group``; :func:`jfactor.factorize.symmetry.shares`),
     and which are blur starts (count,): an impulse start made from one is not.
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
@@ -176,9 +177,10 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
     odd one before it, where they come after the separable starts, are comb starts
     (:func:`jfactor.factorize.init.comb_init`: the doubling spacings, then random ones), not
     independent evidence either (a basin per spacing).  Nor are starts that share the target's
-    mirror symmetries (symmetric starts; blur starts, centred and isotropic, on such a target):
-    LM keeps them in the symmetric subspace, so their hits show the best symmetric minimum, not
-    the best (the 15x15 LoG's is 1.065x above it).  Counted, they stopped one of the LoG's
+    grid symmetries (symmetric starts; blur starts, centred and isotropic, on a target with
+    mirrors, and centred, so even, on a Gabor or a line, whose one symmetry is the point
+    reflection): LM keeps them in the symmetric subspace, so their hits show the best symmetric
+    minimum, not the best (the 15x15 LoG's is 1.065x above it).  Counted, they stopped one of the LoG's
     searches (seeds 400-409 and 470-479 run on to 1,024 restarts, replayed) `repeated` at that
     minimum after 256 restarts (without them it reached the best), and one of the 15x15 ring's at
     its 1.09x one after 384 (without them it stalled there after 512).
@@ -237,7 +239,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             blurred[r] = False
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
         # LM keeps a symmetric start symmetric: its hits say the best is the best symmetric minimum, not the best
-        independent[r] &= not symmetry.shares(starts[-1], group)
+        independent[r] &= not symmetry.shares(starts[-1], group if symmetries is None else symmetries)
     return starts, independent, blurred
 
 
@@ -449,6 +451,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
     groups = [symmetry.start_group(k, chain) for k in normalised]
+    symmetries = [symmetry.grid_symmetries(k, chain) for k in normalised]  # for the evidence (see _draw)
     moves = [_blur_hops(u, chain, g) for u, g in zip(units, groups)]
     refits = [_refits(u, chain) for u in units]
     redraws = [_redraw_hops(u, chain, g) for u, g in zip(units, groups)]
@@ -463,9 +466,11 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without
         regard to the minima found so far: the user's, structured and random starts; they come
         first), not perturbations of those minima; which are independent evidence (the fresh
-        ones but impulse, comb and mirror-symmetric starts); the LM iterations before each may be screened; and
-        which take the exact Hessian (``exact_blurs``: the blur starts and hops)."""
-        own = given[b] if wave == 0 else []
+        ones but impulse, comb and mirror-symmetric starts); the LM iterations before each may
+        be screened; and which take the exact Hessian (``exact_blurs``: the blur starts and hops)."""
+        # frozen layers hold their weights (the solver takes those in their place)
+        weighted = lambda factors: [f if w is None else w for f, w in zip(factors, chain.weights)]  # noqa: E731
+        own = [weighted(factors) for factors in given[b]] if wave == 0 else []
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
@@ -474,12 +479,12 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         crossing = len(problem.free) > 1 and moves[b] is None
         hops, moved = multistart.perturb(minima[:HOP_SOURCES], count, rngs[b], move=moves[b], refit=refits[b],
                                          parents=minima if crossing else None, redraw=redraws[b])
-        hops = [[f if w is None else w for f, w in zip(factors, chain.weights)] for factors in hops]
+        hops = [weighted(factors) for factors in hops]
         sampled, evidence, blur_starts = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave,
-                                               groups[b])
+                                               groups[b], symmetries[b])
         fresh = np.arange(size) < size - len(hops)
         blurred = np.concatenate([np.zeros(len(own), bool), blur_starts, moved])
-        mirrored = [symmetry.shares(factors, groups[b]) for factors in own]  # the user's starts too
+        mirrored = [symmetry.shares(factors, symmetries[b]) for factors in own]  # the user's starts as drawn ones
         independent = np.concatenate([~np.array(mirrored, bool), evidence, np.zeros(len(hops), bool)])
         # no first-wave grace on a band-pass target with the auto init (SearchPolicy.first_wave_grace)
         banded = moves[b] is not None and init == "auto"

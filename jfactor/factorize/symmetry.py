@@ -101,18 +101,35 @@ def symmetric_start(factors: list[np.ndarray], group: list[tuple], rng: np.rando
     return [project(f, group, signed=i == carrier) for i, f in enumerate(factors)]
 
 
-SHARED = 1e-8  # relative: a factor within this of each of its images shares the symmetry (rounding aside)
+SHARING_TOLERANCE = 1e-8  # relative: a factor this close to each of its images shares the symmetry (rounding aside)
+
+
+def _has_character(factor: np.ndarray, group: list[tuple], signed: bool) -> bool:
+    """Whether ``g(factor) = s(g) factor`` (``signed``) or ``g(factor) = factor`` for every ``g`` of
+    ``group``, to :data:`SHARING_TOLERANCE`; stops at the first ``g`` that breaks it."""
+    scale = SHARING_TOLERANCE * np.linalg.norm(factor)
+    return all(np.linalg.norm(apply(element, factor) - (sign if signed else 1.0) * factor) <= scale
+               for element, sign in group)
 
 
 def shares(factors: list[np.ndarray], group: list[tuple]) -> bool:
-    """Whether every factor is invariant under ``group`` or has its sign character, as
-    :func:`symmetric_start` makes them (False for an empty group).  LM from such a start stays in
-    the symmetric subspace (the module docstring), so it reaches only minima that share the
-    target's symmetry."""
-    def has(factor, signed: bool) -> bool:  # g(factor) = s(g) factor for every g; stops at the first that is not
-        scale = SHARED * np.linalg.norm(factor)
-        return all(np.linalg.norm(apply(element, factor) - (sign if signed else 1.0) * factor) <= scale
-                   for element, sign in group)
+    """Whether a chain's ``factors`` (each (*k_i, C_{i-1}, C_i), frozen layers' weights among them)
+    lie in the symmetric subspace of ``group`` (the target's signed symmetries, as
+    :func:`grid_symmetries` gives them; False where it holds only the identity, or nothing):
+    every factor invariant or with the target's sign character, as :func:`symmetric_start` makes
+    them, and where that character is not trivial an odd number of them with it, so that their
+    chain kernel has the target's signs.
 
-    return bool(group) and all(has(f, False) or has(f, True) for f in factors)
-
+    LM from such a start stays in that subspace (the module docstring), so it reaches only minima
+    that share the target's symmetry.  A zero factor has both characters (it fixes the count
+    either way).  A factor whose channels carry different characters is not recognised (no
+    start of jfactor's is one)."""
+    if len(group) < 2:
+        return False
+    invariant = [_has_character(f, group, signed=False) for f in factors]
+    signed = [_has_character(f, group, signed=True) for f in factors]
+    if not all(i or s for i, s in zip(invariant, signed)):
+        return False
+    if all(sign > 0 for _, sign in group) or any(i and s for i, s in zip(invariant, signed)):
+        return True
+    return sum(s and not i for i, s in zip(invariant, signed)) % 2 == 1
