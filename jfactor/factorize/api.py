@@ -466,7 +466,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without
         regard to the minima found so far: the user's, structured and random starts; they come
         first), not perturbations of those minima; which are independent evidence (the fresh
-        ones but impulse, comb and mirror-symmetric starts); the LM iterations before each may
+        ones but impulse, comb and symmetric starts); the LM iterations before each may
         be screened; and which take the exact Hessian (``exact_blurs``: the blur starts and hops)."""
         # frozen layers hold their weights (the solver takes those in their place)
         weighted = lambda factors: [f if w is None else w for f, w in zip(factors, chain.weights)]  # noqa: E731

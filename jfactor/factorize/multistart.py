@@ -13,7 +13,7 @@ and after every wave asks
 - ``exact``: the best error is at the float rounding floor: no start can do better;
 - ``repeated``: at least :attr:`SearchPolicy.hits` independent restarts (fresh: drawn
   without regard to the minima found so far, random or structured, not perturbations of
-  them; impulse and comb starts excepted, and starts that share the target's mirror
+  them; impulse and comb starts excepted, and starts that share the target's grid
   symmetries, which reach only minima that share them) reached the best error within a relative
   :data:`HIT_TOLERANCE`, and the last :attr:`SearchPolicy.patience` waves found nothing better;
 - ``stalled``: :attr:`SearchPolicy.min_restarts` restarts have run, at least
@@ -301,7 +301,7 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
       pruned: (R,) restarts screened out before converging (not local minima).
       independent: (R,) restarts that are independent evidence: fresh starts (not derived
         from an earlier restart's result) other than impulse and comb starts and starts that
-        share the target's mirror symmetries.
+        share the target's grid symmetries (:func:`jfactor.factorize.symmetry.shares`).
       dtype: the run's dtype (sets the rounding floor).
     Returns:
       restarts, refined (restarts run to convergence), distinct_minima, best_error,
