@@ -110,7 +110,7 @@ def _impulse(factor: np.ndarray) -> bool:
 def test_auto_draws_half_line_starts_for_a_slanted_target():
     target = Target.from_array(kernels.motion_blur(11, angle=60.0))
     chain = Chain.build([3, 5, 5])
-    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
+    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[], symmetries=[])
     lines = list(range(64 // 8, 64 // 8 + 64 // 2)) + [61, 63]  # and the two comb starts, lines too
     for r in range(64):
         if any(map(_impulse, starts[r])):
@@ -132,7 +132,9 @@ def test_two_comb_starts_per_wave_on_a_slanted_target(count, wave):
     doubling one's 3x3 taps fill its three rows, the first 5x5's (two steps apart) rows 0, 2 and 4,
     the second 5x5's (four steps) rows 0 and 4; the other one's spacings are drawn."""
     target, chain = Target.from_array(kernels.motion_blur(11, angle=60.0)), Chain.build([3, 5, 5])
-    starts, independent, _ = _draw(target, chain, "auto", count, np.random.default_rng(0), wave=wave, group=[])
+    # (the target's point reflection left out: test_starts_that_share_the_targets_symmetries_... has it)
+    starts, independent, _ = _draw(target, chain, "auto", count, np.random.default_rng(0), wave=wave, group=[],
+                                   symmetries=[])
     last = count - 1 if count % 2 == 0 else count - 2
     assert not independent[last] and not independent[last - 2] and independent[last - 4]
     assert not any(map(_impulse, starts[last])) and not any(map(_impulse, starts[last - 2]))
@@ -152,9 +154,14 @@ def _mirrored(factors) -> bool:
 
 
 def _even(factors) -> bool:
-    """Whether every 2-D factor is, up to its sign, what it was under the point reflection."""
-    return all(min(np.abs(f - f[::-1, ::-1]).max(), np.abs(f + f[::-1, ::-1]).max()) <= 1e-9 * np.abs(f).max()
-               for f in (f[..., 0, 0] for f in factors))
+    """Whether every 2-D factor is even or odd under the point reflection, an even number of them odd (so
+    that their chain's kernel is even, as the Gabor here is)."""
+    parities = []
+    for f in (f[..., 0, 0] for f in factors):
+        flipped, tolerance = f[::-1, ::-1], 1e-9 * np.abs(f).max()
+        parity = 1 if np.abs(f - flipped).max() <= tolerance else -1 if np.abs(f + flipped).max() <= tolerance else 0
+        parities.append(parity)
+    return 0 not in parities and np.prod(parities) == 1
 
 
 @pytest.mark.parametrize("kernel, sizes, kinds, shared", [
@@ -197,7 +204,8 @@ def test_a_quarter_of_the_starts_are_impulse_starts_each_refitted_by_least_squar
 
     target, chain = Target.from_array(kernel), Chain.build(sizes)
     group = start_group(kernel[..., None, None], chain)
-    starts, independent, _ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=group)
+    starts, independent, _ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=group,
+                                   symmetries=group)  # (as for symmetric starts: their evidence is the test above)
     separable = 2 if wave == 0 else 64 // 8
     expected = [r for r in range(separable + 1, 64) if r % 2 == 0 and (r - separable) % 4 < 2]
     if len(sizes) == 2:
@@ -226,7 +234,8 @@ def test_blur_starts_are_marked_in_their_slots_but_where_an_impulse_start_replac
     everywhere) but for one fitted factor; a low-pass target has none."""
     target, chain = Target.from_array(kernel), Chain.build(sizes)
     group = start_group(kernel[..., None, None], chain)
-    starts, _, blurred = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=group)
+    starts, _, blurred = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=wave, group=group,
+                               symmetries=group)
     separable = 2 if wave == 0 else 64 // 8
     lines = 32 if has_line_axis(target, chain) else 16
     slots = set(range(separable + lines, separable + lines + 16)) if blur_target(target, chain) is not None else set()
@@ -404,7 +413,7 @@ def test_blur_starts_and_hops_where_they_do_not_apply(target, chain):
 
 def test_auto_draws_a_quarter_of_blur_starts_for_a_band_pass_target():
     target, chain = Target.from_array(kernels.gabor(11)), Chain.build([3, 5, 5])
-    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[])
+    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=[], symmetries=[])
     blurs = np.arange(64 // 8 + 64 // 4, 64 // 8 + 64 // 2)  # after the root groupings and the line slots
     for r in range(64):
         if not any(map(_impulse, starts[r])):  # test_a_quarter_of_the_starts_are_impulse_starts
@@ -464,7 +473,7 @@ def test_impulse_starts_take_the_default_search_to_the_best_basin_of_a_15x15_mot
 def test_blur_starts_and_hops_are_isotropic_where_the_target_exchanges_its_axes(kernel, chain, isotropic):
     target = Target.from_array(kernel)
     group = start_group(kernel[..., None, None], chain)
-    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=group)
+    starts, *_ = _draw(target, chain, "auto", 64, np.random.default_rng(0), wave=1, group=group, symmetries=group)
     # the blur slots (test_auto_draws_a_quarter_of_blur_starts...)
     fresh = [f[..., 0, 0] for factors in starts[64 // 8 + 64 // 4: 64 // 8 + 64 // 2] for f in factors
              if _is_blur(f[..., 0, 0]) and f.shape[0] > 1]

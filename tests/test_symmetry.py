@@ -116,10 +116,11 @@ def test_symmetric_starts_share_the_group_and_a_nudged_tap_breaks_it(kernel, siz
     assert not shares(nudged, group)
 
 
-def test_a_start_shares_a_signed_symmetry_with_an_odd_number_of_signed_factors():
-    """Under the mirrors of a Sobel-like target (one flip changes its sign), a chain's kernel has the
-    target's signs where an odd number of its factors carry that sign (scipy's convolution checks each
-    case); a zero factor can carry either; an even number, or a nudged tap, leaves the subspace."""
+def test_a_start_shares_a_signed_symmetry_where_its_factors_signs_multiply_to_the_targets():
+    """Under the mirrors of a Sobel-like target (one flip changes its sign), a start shares them where
+    each factor keeps or flips its sign under each mirror and those signs multiply to the target's
+    (scipy's convolution checks that the chain's kernel then has the target's signs); a zero factor
+    fits any; signs that multiply to others, or a nudged tap, leave the subspace."""
     blur, sobel = np.outer([1.0, 2, 1], [1.0, 2, 1]), np.outer([1.0, 2, 1], [1.0, 0, -1])
     chain = Chain.build([3, 3])
     group = start_group(_compose([sobel[..., None, None], blur[..., None, None]], [(1, 1)] * 2)[..., None, None],
@@ -127,8 +128,10 @@ def test_a_start_shares_a_signed_symmetry_with_an_odd_number_of_signed_factors()
     assert any(sign < 0 for _, sign in group)
     nudged = sobel.copy()
     nudged[0, 0] += 1e-6
+    odd_odd, odd_even = np.outer([1.0, 0, -1], [1.0, 0, -1]), np.outer([1.0, 0, -1], [1.0, 2, 1])
     cases = [((blur, sobel), True), ((sobel, blur), True), ((blur, blur), False), ((sobel, sobel), False),
-             ((np.zeros((3, 3)), blur), True), ((blur, nudged), False)]
+             ((np.zeros((3, 3)), blur), True), ((blur, nudged), False),
+             ((odd_odd, odd_even), True), ((odd_odd, odd_odd), False)]  # signs of other characters, multiplied
     for pair, expected in cases:
         factors = [f[..., None, None] for f in pair]
         assert shares(factors, group) == expected, pair

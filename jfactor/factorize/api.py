@@ -149,11 +149,12 @@ NEEDS = {  # what a structured init needs of the target and chain (besides no fr
 
 
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
-          group: list, symmetries: list | None = None) -> tuple[list[list], np.ndarray, np.ndarray]:
+          group: list, symmetries: list) -> tuple[list[list], np.ndarray, np.ndarray]:
     """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, which
     of them are independent evidence (count,): all but the impulse and comb starts and those that
     share the target's grid symmetries ``symmetries`` (:func:`jfactor.factorize.symmetry.grid_symmetries`,
-    the point reflection included; default ``group``; :func:`jfactor.factorize.symmetry.shares`),
+    the point reflection included, where ``group``, the symmetric starts', leaves it out;
+    :func:`jfactor.factorize.symmetry.shares`),
     and which are blur starts (count,): an impulse start made from one is not.
 
     ``auto``: in the first wave restart 0 splits roots and restart 1 fits SVD terms, where
@@ -239,7 +240,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             blurred[r] = False
         starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
         # LM keeps a symmetric start symmetric: its hits say the best is the best symmetric minimum, not the best
-        independent[r] &= not symmetry.shares(starts[-1], group if symmetries is None else symmetries)
+        independent[r] &= not symmetry.shares(starts[-1], symmetries)
     return starts, independent, blurred
 
 

@@ -101,35 +101,44 @@ def symmetric_start(factors: list[np.ndarray], group: list[tuple], rng: np.rando
     return [project(f, group, signed=i == carrier) for i, f in enumerate(factors)]
 
 
-SHARING_TOLERANCE = 1e-8  # relative: a factor this close to each of its images shares the symmetry (rounding aside)
+SHARING_TOLERANCE = 1e-8  # relative: a factor this close to +-each of its images shares the symmetry (rounding aside)
 
 
-def _has_character(factor: np.ndarray, group: list[tuple], signed: bool) -> bool:
-    """Whether ``g(factor) = s(g) factor`` (``signed``) or ``g(factor) = factor`` for every ``g`` of
-    ``group``, to :data:`SHARING_TOLERANCE`; stops at the first ``g`` that breaks it."""
+def _character(factor: np.ndarray, group: list[tuple]) -> np.ndarray | None:
+    """The signs ``c(g)`` with ``g(factor) = c(g) factor`` for each ``g`` of ``group`` (to
+    :data:`SHARING_TOLERANCE`), in the group's order; None where some ``g`` maps the factor to
+    neither, zeros for a zero factor (every sign fits it)."""
     scale = SHARING_TOLERANCE * np.linalg.norm(factor)
-    return all(np.linalg.norm(apply(element, factor) - (sign if signed else 1.0) * factor) <= scale
-               for element, sign in group)
+    if scale == 0:
+        return np.zeros(len(group))
+    signs = []
+    for element, _ in group:
+        image = apply(element, factor)
+        sign = next((c for c in (1.0, -1.0) if np.linalg.norm(image - c * factor) <= scale), None)
+        if sign is None:  # stop at the first map that breaks it
+            return None
+        signs.append(sign)
+    return np.array(signs)
 
 
 def shares(factors: list[np.ndarray], group: list[tuple]) -> bool:
     """Whether a chain's ``factors`` (each (*k_i, C_{i-1}, C_i), frozen layers' weights among them)
-    lie in the symmetric subspace of ``group`` (the target's signed symmetries, as
-    :func:`grid_symmetries` gives them; False where it holds only the identity, or nothing):
-    every factor invariant or with the target's sign character, as :func:`symmetric_start` makes
-    them, and where that character is not trivial an odd number of them with it, so that their
-    chain kernel has the target's signs.
+    lie in a subspace of ``group``'s (the target's signed symmetries, as :func:`grid_symmetries`
+    gives them) that LM cannot leave: each factor mapped by every ``g`` to ``c_i(g)`` times itself,
+    and the product of the ``c_i`` the target's signs, so that their chain kernel has them (as
+    :func:`symmetric_start` makes them: one factor with the target's signs, the others invariant).
+    False where ``group`` holds only the identity, or nothing.
 
     LM from such a start stays in that subspace (the module docstring), so it reaches only minima
-    that share the target's symmetry.  A zero factor has both characters (it fixes the count
-    either way).  A factor whose channels carry different characters is not recognised (no
-    start of jfactor's is one)."""
+    that share the target's symmetry.  A zero factor fits every sign.  A factor whose channels
+    carry different signs is not recognised (no start of jfactor's is one)."""
     if len(group) < 2:
         return False
-    invariant = [_has_character(f, group, signed=False) for f in factors]
-    signed = [_has_character(f, group, signed=True) for f in factors]
-    if not all(i or s for i, s in zip(invariant, signed)):
-        return False
-    if all(sign > 0 for _, sign in group) or any(i and s for i, s in zip(invariant, signed)):
+    characters = []
+    for factor in factors:
+        characters.append(_character(factor, group))
+        if characters[-1] is None:
+            return False
+    if any(not c.any() for c in characters):
         return True
-    return sum(s and not i for i, s in zip(invariant, signed)) % 2 == 1
+    return bool(np.array_equal(np.prod(characters, axis=0), [sign for _, sign in group]))
