@@ -45,7 +45,8 @@ def _print_version(value: bool) -> None:
 def _group(
     compile_cache: Annotated[Path | None, typer.Option(
         help="where compiled code is kept across runs (default: $JFACTOR_COMPILE_CACHE, else "
-             "~/.cache/jfactor/xla)", metavar="DIR", parser=_directory)] = None,
+             "~/.cache/jfactor/xla; --no-compile-cache or JFACTOR_COMPILE_CACHE=off switches it off)",
+        metavar="DIR", parser=_directory)] = None,
     use_compile_cache: Annotated[bool, typer.Option(
         "--compile-cache-on/--no-compile-cache", help="reuse compiled code across runs (a second run of the "
                                                       "same geometry skips compiling)")] = True,
@@ -304,7 +305,8 @@ def factorize(
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment config (default: the built-in quickstart)")] = None,
-    runs_dir: Annotated[Path, typer.Option(help="where run directories are created")] = Path("runs"),
+    runs_dir: Annotated[Path, typer.Option(help="where run directories are created", metavar="DIR",
+                                           parser=_directory)] = Path("runs"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
@@ -330,7 +332,8 @@ def run(
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="experiment config with a sweep: block")],
-    runs_dir: Annotated[Path, typer.Option(help="where the sweep directory is created")] = Path("runs"),
+    runs_dir: Annotated[Path, typer.Option(help="where the sweep directory is created", metavar="DIR",
+                                           parser=_directory)] = Path("runs"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: key.path=value")] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     coordinator: Annotated[str | None, typer.Option(help="HOST:PORT of process 0, for a sweep split over "

@@ -216,14 +216,17 @@ def test_every_factorize_flag_that_describes_the_factorization_has_its_config_ke
 
 def test_an_empty_directory_option_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
     """``--out ""`` (an unset shell variable) would write into the current directory, over any results
-    there; ``--compile-cache ""`` would keep compiled code there.  Both are refused, naming the option."""
+    there; ``--compile-cache ""`` would keep compiled code there, ``--runs-dir ""`` runs.  Each is
+    refused, naming the option."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "result.json").write_text("{}")
     config = str(ROOT / "configs" / "seed" / "section4_avgpool.yaml")
+    quickstart = str(ROOT / "configs" / "quickstart.yaml")
     for args in (["fold", config, "--out", ""], ["factorize", "--family", "gaussian", "--size", "5", "--chain", "3,3",
-                                                "--out", " "], ["--compile-cache", "", "fold", config]):
+                                                "--out", " "], ["--compile-cache", "", "fold", config],
+                 ["run", quickstart, "--runs-dir", ""], ["sweep", quickstart, "--runs-dir", ""]):
         result = runner.invoke(app, args)
-        option = "--compile-cache" if "--compile-cache" in args else "--out"
+        option = next(a for a in args if a in ("--out", "--compile-cache", "--runs-dir"))
         assert result.exit_code == 2 and option in result.output and "an empty path" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
     assert (tmp_path / "result.json").read_text() == "{}"
