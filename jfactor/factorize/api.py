@@ -148,6 +148,11 @@ NEEDS = {  # what a structured init needs of the target and chain (besides no fr
 }
 
 
+def _with_weights(factors: list, chain: Chain) -> list:
+    """A full factor list with each frozen layer's slot holding its weights (the solver takes those)."""
+    return [f if w is None else w for f, w in zip(factors, chain.weights)]
+
+
 def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Generator, wave: int,
           group: list, symmetries: list) -> tuple[list[list], np.ndarray, np.ndarray]:
     """``count`` full factor lists (frozen layers hold their weights) for wave ``wave``, which
@@ -238,7 +243,7 @@ def _draw(target: Target, chain: Chain, init: str, count: int, rng: np.random.Ge
             factors = impulse_start(factors, fit, chain, rng, impulses.index(r) if len(chain.layers) == 2 else None)
             independent[r] = False
             blurred[r] = False
-        starts.append([f if w is None else w for f, w in zip(factors, chain.weights)])
+        starts.append(_with_weights(factors, chain))
         # LM keeps a symmetric start symmetric: its hits say the best is the best symmetric minimum, not the best
         independent[r] &= not symmetry.shares(starts[-1], symmetries)
     return starts, independent, blurred
@@ -469,9 +474,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         first), not perturbations of those minima; which are independent evidence (the fresh
         ones but impulse, comb and symmetric starts); the LM iterations before each may
         be screened; and which take the exact Hessian (``exact_blurs``: the blur starts and hops)."""
-        # frozen layers hold their weights (the solver takes those in their place)
-        weighted = lambda factors: [f if w is None else w for f, w in zip(factors, chain.weights)]  # noqa: E731
-        own = [weighted(factors) for factors in given[b]] if wave == 0 else []
+        own = [_with_weights(factors, chain) for factors in given[b]] if wave == 0 else []
         elite = records[b].elite if wave else []
         count = int(policy.perturb * size) if elite else 0
         full = lambda free: [next(free) if w is None else w for w in chain.weights]  # noqa: E731
@@ -480,7 +483,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         crossing = len(problem.free) > 1 and moves[b] is None
         hops, moved = multistart.perturb(minima[:HOP_SOURCES], count, rngs[b], move=moves[b], refit=refits[b],
                                          parents=minima if crossing else None, redraw=redraws[b])
-        hops = [weighted(factors) for factors in hops]
+        hops = [_with_weights(factors, chain) for factors in hops]
         sampled, evidence, blur_starts = _draw(units[b], chain, init, size - len(own) - len(hops), rngs[b], wave,
                                                groups[b], symmetries[b])
         fresh = np.arange(size) < size - len(hops)

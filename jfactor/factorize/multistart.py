@@ -25,22 +25,22 @@ and after every wave asks
 
 The landscape has a funnel: on a line-like target 256 plain restarts found 177 distinct minima,
 the best by 2 of them, while perturbations of good minima land in better ones far more often
-than fresh starts do. So later waves mix fresh random starts and new root groupings
+than fresh starts do.  So later waves mix fresh random starts and new root groupings
 (independent evidence, but those that share the target's grid symmetries) with perturbations of
-the best so far, which start next to a minimum and go straight to LM. Half of those perturb the
-best; where two or more layers are free and no blur hops apply, the others are crossovers
+the best so far, which start next to a minimum and go straight to LM.  Half of those perturb
+the best; where two or more layers are free and no blur hops apply, the others are crossovers
 (:func:`crossover`): each factor copied from one of the eight best minima, every other child
-with one factor refitted by least squares (one channel, no frozen layer). Over seeds 400-419 of
-the 14 targets of ``experiments/bench_optimality.py`` without blur hops, 259 of 280 runs landed
-within 1.01x of the best known instead of 243 (252 with the four best as parents), none fewer
-on any target; in place of a band-pass target's few noise hops they took the 9x9 Gabor into 5-5
-from 37 of its seeds 420-469 within 1.01x to 24. Where, besides, the target has mirror
-symmetries that give symmetric starts, a factor can be refitted and the chain has three or more
-layers, the perturbations of the best are redraw hops instead of noise
-(:func:`jfactor.factorize.init.redraw_hop`, :func:`jfactor.factorize.api._redraw_hops`). The
+with one factor refitted by least squares (one channel, no frozen layer).  Over seeds 400-419
+of the 14 targets of ``experiments/bench_optimality.py`` without blur hops, 259 of 280 runs
+landed within 1.01x of the best known instead of 243 (252 with the four best as parents), none
+fewer on any target; in place of a band-pass target's few noise hops they took the 9x9 Gabor
+into 5-5 from 37 of its seeds 420-469 within 1.01x to 24.  Where, besides, the target has
+mirror symmetries that give symmetric starts, a factor can be refitted and the chain has three
+or more layers, the perturbations of the best are redraw hops instead of noise
+(:func:`jfactor.factorize.init.redraw_hop`, :func:`jfactor.factorize.api._redraw_hops`).  The
 evidence counts both: ``best_hits`` (every refined restart at the best) and
 ``independent_hits`` (independent fresh starts only), next to the number of distinct minima and
-the runner-up. Fresh structured starts (root groupings, lines, blurs; not the impulse and comb
+the runner-up.  Fresh structured starts (root groupings, lines, blurs; not the impulse and comb
 starts of ``jfactor.factorize.api._draw``, which gather in few basins, nor, since 2026-12-06,
 starts that share the target's grid symmetries, the point reflection included: symmetric
 starts, and blur starts on a target with any) count as independent: over ten seeds of every
@@ -48,7 +48,7 @@ target of ``experiments/bench_optimality.py`` run on to 1,024 restarts, no basin
 drew more than two fresh restarts while the search stalled on it, so three of them stop no
 search early there, while the line, ring and camera-patch targets, whose best basin fresh line,
 symmetric and blur starts find again and again, stopped after 192-512 restarts instead of 512
-(the 11x11 ring no longer does, below). (One exception, found later: on the 15x15 ring into
+(the 11x11 ring no longer does, below).  (One exception, found later: on the 15x15 ring into
 3-5-9 a basin 1.09x above the best draws 5-13 fresh restarts in every run, and the best one, 2
 of 10 runs of 1,024 restarts found, none of them fresh.) Without the symmetric starts' hits the
 11x11 ring and the two disks, whose best basins symmetric starts found again and again, run on
