@@ -18,10 +18,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
-def _directory(value: str) -> Path:
-    """A directory option's value; an empty one (an unset shell variable, say) is refused rather than
-    read as the current directory, where results would land among whatever is there."""
-    if not value.strip():
+def _directory(value: str | Path) -> Path:
+    """A directory option's value (the text given, or the option's default ``Path``, which typer
+    passes through too); an empty one (an unset shell variable, say) is refused rather than read
+    as the current directory, where results would land among whatever is there."""
+    if not str(value).strip():
         raise typer.BadParameter("an empty path; give a directory (. for the current one)")
     return Path(value)
 

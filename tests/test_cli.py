@@ -232,3 +232,9 @@ def test_an_empty_directory_option_is_refused_not_read_as_the_current_directory(
     assert (tmp_path / "result.json").read_text() == "{}"
     result = runner.invoke(app, ["fold", config, "--out", ".", "--json"])  # the current directory, said plainly
     assert result.exit_code == 0 and (tmp_path / "summary.json").exists()
+    # the options' defaults go through the same check (typer hands them over as Paths): a missing config is
+    # the error, not the default runs directory
+    for command in ("run", "sweep"):
+        result = runner.invoke(app, [command, str(tmp_path / "missing.yaml")])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert "missing.yaml" in result.output
