@@ -145,6 +145,48 @@ def test_bad_targets(bad, match):
         Target.from_array(bad)
 
 
+W3 = np.ones((3, 3))
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: Chain.build(3), r"sizes must be a list \(one kernel size per layer"),
+    (lambda: Chain.build(None), "sizes must be a list"),
+    (lambda: Chain.build("3,5"), "sizes must be a list"),
+    (lambda: Chain.build([3, 3], channels=2.0), "channels must be a list"),
+    (lambda: Chain.build([3, 3], dilations=2), "dilations must be a list"),
+    (lambda: Chain.build([3, 3], frozen={"0": W3}), r"frozen layer '0' is not in a chain of 2 layers \(0 to 1\)"),
+    (lambda: Chain.build([3, 3], frozen=[W3]), r"frozen must map layer indices to weights \(\{0: w\}\), got list"),
+    (lambda: Chain.build([3, 3], frozen={0: W3 * 1j}), "frozen layer 0: weights must be real numbers, got dtype c"),
+])
+def test_bad_chains_say_what_is_wrong(build, match):
+    with pytest.raises(FactorizationError, match=match):
+        build()
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"baselines": ("foo",)}, "unknown baseline 'foo'"),
+    ({"baselines": "svd"}, "baselines must be a list of names"),
+    ({"baselines": None}, "baselines must be a list of names"),
+    ({"solver": {"steps": 5}}, "solver must be a Solver"),
+    ({"search": 8}, "search must be a SearchPolicy"),
+    ({"objective": None}, "objective must be a name"),
+])
+def test_bad_factorize_arguments_are_config_errors(options, match):
+    with pytest.raises(jf.ConfigError, match=match):
+        factorize(np.ones((5, 5)), Chain.build([3, 3]), restarts=2, **options)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: jf.factorize.Objective("spectral", p=float("nan")), "p must be a finite number >= 2"),
+    (lambda: jf.factorize.Objective("spectral", p=float("inf")), "p must be a finite number >= 2"),
+    (lambda: Solver(learning_rate=float("inf")), "learning_rate: must be a finite number > 0"),
+    (lambda: Solver(learning_rate=float("nan")), "learning_rate: must be a finite number > 0"),
+])
+def test_non_finite_settings_are_refused(make, match):
+    with pytest.raises(jf.ConfigError, match=match):
+        make()
+
+
 def test_divergence_is_dropped_or_reported_never_returned():
     solver = Solver(optimizer="adam", learning_rate=1e12, steps=30, refine="none", chunk=30)
     with pytest.raises(FactorizationError, match="all 2 restarts diverged"):

@@ -292,6 +292,18 @@ def _refits(target: Target, chain: Chain):
     return lambda factors, rng: refit_one(factors, kernel, chain, rng)
 
 
+def _checked_baselines(baselines) -> tuple[str, ...]:
+    """``baselines`` as a tuple of names from :data:`jfactor.factorize.baselines.BASELINES`; a
+    :class:`ConfigError` otherwise."""
+    if isinstance(baselines, str) or not isinstance(baselines, (list, tuple)):
+        raise ConfigError(f"baselines must be a list of names from {', '.join(baseline_lib.BASELINES)} (() for "
+                          f"none), got {baselines!r}")
+    for name in baselines:
+        if not isinstance(name, str) or name not in baseline_lib.BASELINES:
+            raise ConfigError(unknown_key(str(name), baseline_lib.BASELINES, "baseline"))
+    return tuple(baselines)
+
+
 def _checked_images(images, target: Target, extent: tuple[int, ...]) -> np.ndarray:
     """The user's ``images`` as float64 (B, *spatial, C_in), each spatial size at least the kernel's
     ``extent`` they are filtered with, all finite; a :class:`ConfigError` naming what is wrong."""
@@ -394,6 +406,14 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     Returns:
       one :class:`Factorization` per target, with its :attr:`~Factorization.evidence`.
     """
+    for name, value, kind in (("solver", solver, Solver), ("search", search, SearchPolicy)):
+        if value is not None and not isinstance(value, kind):
+            raise ConfigError(f"{name} must be a {kind.__name__} (for example {kind.__name__}()), got "
+                              f"{type(value).__name__}")
+    if not isinstance(objective, (str, Objective)):
+        raise ConfigError(f"objective must be a name ('kernel', 'images', 'spectral') or an Objective, got "
+                          f"{type(objective).__name__}")
+    baselines = _checked_baselines(baselines)
     solver = solver or Solver()
     policy = dataclasses.replace(search or SearchPolicy(), **{k: v for k, v in
                                                               (("restarts", restarts), ("budget_s", budget_s))

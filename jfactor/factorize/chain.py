@@ -41,6 +41,13 @@ def _per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def _entries(value, name: str, hint: str) -> list:
+    """``value`` (a list or tuple, one entry per layer) as a list; a :class:`FactorizationError` otherwise."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray)):
+        raise FactorizationError(f"{name} must be a list" + (f" ({hint})" if hint else "") + f", got {value!r}")
+    return list(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChainLayer:
     """One layer of a chain: kernel size, dilation and stride per spatial dim."""
@@ -86,28 +93,35 @@ class Chain:
         ``frozen`` maps a layer index to its fixed weights ``(*k, C_in, C_out)`` (or ``(*k,)``
         for one channel in and out).
         """
-        sizes = list(sizes)
+        sizes = _entries(sizes, "sizes", "one kernel size per layer, for example [3, 5, 9]")
         if not sizes:
             raise FactorizationError("a chain needs at least one layer")
         n = len(sizes)
-        dilations = [1] * n if dilations is None else list(dilations)
-        strides = [1] * n if strides is None else list(strides)
+        dilations = [1] * n if dilations is None else _entries(dilations, "dilations", "one entry per layer")
+        strides = [1] * n if strides is None else _entries(strides, "strides", "one entry per layer")
         for name, values in (("dilations", dilations), ("strides", strides)):
             if len(values) != n:
                 raise FactorizationError(f"{name} has {len(values)} entries for a chain of {n} layers")
-        widths = [channels] * (n - 1) if isinstance(channels, (int, np.integer)) else list(channels)
-        if len(widths) != n - 1 or not all(isinstance(w, (int, np.integer)) and w >= 1 for w in widths):
+        widths = [channels] * (n - 1) if is_int(channels) else _entries(channels, "channels", "")
+        if len(widths) != n - 1 or not all(is_int(w) and w >= 1 for w in widths):
             raise FactorizationError(f"channels must be a positive int or {n - 1} of them, got {channels!r}")
-        frozen = frozen or {}
+        frozen = {} if frozen is None else frozen
+        if not isinstance(frozen, dict):
+            raise FactorizationError(f"frozen must map layer indices to weights ({{0: w}}), got "
+                                     f"{type(frozen).__name__}")
         for index in frozen:
-            if not 0 <= index < n:
-                raise FactorizationError(f"frozen layer {index} is not in a chain of {n} layers")
+            if not is_int(index) or not 0 <= index < n:
+                raise FactorizationError(f"frozen layer {index!r} is not in a chain of {n} layers (0 to {n - 1})")
         layers, fixed = [], []
         for i in range(n):
             size = _per_dim(sizes[i], ndim, f"layer {i} size")
             weights = None
             if i in frozen:
-                weights = np.asarray(frozen[i], np.float64)
+                weights = np.asarray(frozen[i])
+                if not np.issubdtype(weights.dtype, np.floating) and not np.issubdtype(weights.dtype, np.integer):
+                    raise FactorizationError(f"frozen layer {i}: weights must be real numbers, got dtype "
+                                             f"{weights.dtype}")
+                weights = weights.astype(np.float64)
                 if weights.shape == size:
                     weights = weights[..., None, None]
                 if weights.shape[:ndim] != size or weights.ndim != ndim + 2:

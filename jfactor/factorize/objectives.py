@@ -17,17 +17,27 @@ every optimizer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
+from jfactor._checks import is_int
 from jfactor.cache import beside
 from jfactor.errors import ConfigError
 from jfactor.ops import conv
 from jfactor.schema import unknown_key
 
 OBJECTIVES = ("kernel", "spectral", "images")
+
+
+def _finite_at_least(value, low: float) -> bool:
+    """Whether ``value`` is a real number, finite and at least ``low`` (NaN is not)."""
+    try:
+        return low <= float(value) < math.inf
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +56,10 @@ class Objective:
     def __post_init__(self):
         if self.name not in OBJECTIVES:
             raise ConfigError(unknown_key(self.name, OBJECTIVES, "objective"))
-        if self.p < 2:
-            raise ConfigError(f"objective spectral: p must be >= 2 (got {self.p}); p = 2 is the kernel objective")
-        if self.pad < 1:
+        if not _finite_at_least(self.p, 2):
+            raise ConfigError(f"objective spectral: p must be a finite number >= 2 (got {self.p!r}); p = 2 is the "
+                              "kernel objective")
+        if not is_int(self.pad) or self.pad < 1:
             raise ConfigError(f"objective spectral: pad must be >= 1 (got {self.pad})")
 
     @property

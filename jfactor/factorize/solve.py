@@ -89,8 +89,8 @@ class Solver:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "chunk" else 0):
                 raise ConfigError(f"solver.{name}: must be a non-negative integer, got {value!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"solver.learning_rate: must be > 0, got {self.learning_rate!r}")
+        if not 0 < self.learning_rate < math.inf:
+            raise ConfigError(f"solver.learning_rate: must be a finite number > 0, got {self.learning_rate!r}")
         if not 0 <= self.first_order_share <= 1:
             raise ConfigError(f"solver.first_order_share: must be in [0, 1], got {self.first_order_share!r}")
         if self.refine == "none" and self.optimizer != "none":
