@@ -17,7 +17,9 @@ import numpy as np
 from jfactor.errors import ConfigError
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """``name`` as one safe path component: runs of other characters than letters, digits, ``_``,
+    ``.`` and ``-`` (a ``/``, a NUL byte) become one ``-`` (``run`` where nothing is left)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
 
 
@@ -103,7 +105,7 @@ def _remove_created(directory: Path, out, created: Path | None) -> None:
 def new_run_dir(root, name: str) -> Path:
     """A fresh ``root/<YYYYmmdd-HHMMSS>-<name>[-k]`` directory; existing ones are never reused."""
     root = writable_dir(root)
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(name)}"
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(name)}"
     for k in range(1, 10_000):
         path = root / (stem if k == 1 else f"{stem}-{k}")
         try:

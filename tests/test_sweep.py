@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 SMALL = {
@@ -170,3 +171,13 @@ def test_a_running_cell_is_never_deleted_and_is_waited_for(tmp_path):
     assert process.returncode == 0, err[-3000:]
     assert len(_table(directory)) == 3
     assert json.loads((directory / "cells" / "000" / "results.json").read_text())["sweep_cell"]["index"] == 0
+
+
+@pytest.mark.parametrize("name,stem", [("../../outside", "sweep-..-..-outside-"), ("a/b", "sweep-a-b-"),
+                                       ("a\0b", "sweep-a-b-"), ("plain_name.v2", "sweep-plain_name.v2-")])
+def test_a_sweeps_directory_stays_one_folder_under_runs_dir_whatever_its_name(tmp_path, name, stem):
+    from jfactor.experiment.sweep import sweep_dir
+
+    directory = sweep_dir(tmp_path, {"name": name})
+    assert directory.parent == tmp_path and directory.name.startswith(stem)
+    directory.mkdir()  # a NUL byte would make this raise

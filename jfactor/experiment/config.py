@@ -117,7 +117,7 @@ class ObjectiveSpec(Strict):
 class SolverSpec(Strict):
     optimizer: Literal[OPTIMIZERS] = "lbfgs"  # type: ignore[valid-type]
     steps: Annotated[int, Field(strict=True, ge=0)] = 200
-    learning_rate: Annotated[float, Field(gt=0)] = 0.01
+    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.01
     schedule: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
     refine: Literal[REFINES] = "lm"  # type: ignore[valid-type]
     refine_steps: Annotated[int, Field(strict=True, ge=0)] = 500
@@ -202,7 +202,7 @@ def parse_value(text: str):
     try:
         return load_yaml_text(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set value {text!r} is not YAML: {exc}") from None
+        raise ConfigError(f"--set value {text!r} is not YAML: {' '.join(str(exc).split())}") from None
 
 
 def set_path(data: dict, path: str, value) -> dict:
@@ -240,6 +240,8 @@ def overrides_of(items: list[str]) -> list[tuple[str, str]]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key.path=value`` overrides (``--set``)."""
     for path, text in overrides_of(overrides):
+        if not text.strip():  # an unset shell variable, most likely: YAML would read it as null
+            raise ConfigError(f"--set {path}=: the value is empty; write {path}=null where null is meant")
         data = set_path(data, path, parse_value(text))
     return data
 

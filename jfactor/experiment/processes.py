@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 import jax
 
@@ -19,6 +20,7 @@ from jfactor.errors import ConfigError
 
 # how long a process that finished its share waits at exit for the others (jax's default is 5 minutes)
 SHUTDOWN_TIMEOUT_S = 7 * 24 * 3600
+JOIN_TIMEOUT_S = 300  # how long a process waits for the coordinator and the others to join (jax's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +64,11 @@ def connect(coordinator: str | None = None, num_processes: int | None = None,
             return Processes()
     # the barrier is a collective: on CPU devices it needs gloo (this must precede any computation)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator is not None:  # joining blocks until every process is there: say so
+        print(f"process {process_id} of {num_processes}: joining the coordinator at {coordinator} (waits up to "
+              f"{JOIN_TIMEOUT_S} s for all {num_processes} processes)", file=sys.stderr, flush=True)
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id,
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=JOIN_TIMEOUT_S,
                                    shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     except ValueError:
         if coordinator is not None:

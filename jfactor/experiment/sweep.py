@@ -68,7 +68,7 @@ def _cell_config(raw: dict, assignment: dict, source: str, index: int) -> dict:
 
 def sweep_dir(runs_dir, raw: dict) -> Path:
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(runs_dir) / f"sweep-{raw.get('name', 'experiment')}-{digest}"
+    return Path(runs_dir) / f"sweep-{rundir.slug(str(raw.get('name', 'experiment')))}-{digest}"
 
 
 def _label(value) -> str:
