@@ -122,8 +122,8 @@ def _fold_onnx(model: Path, out: Path | None, as_json: bool, cheaper_only: bool)
     try:
         from jfactor.interop.onnx import fold_file, segment_table
 
-        out_dir = rundir.writable_dir(out) if out else rundir.new_run_dir("runs", f"fold-{model.stem}")
-        summary = fold_file(model, out_dir, cheaper_only=cheaper_only)
+        with rundir.output_dir(out, "runs", f"fold-{model.stem}") as out_dir:
+            summary = fold_file(model, out_dir, cheaper_only=cheaper_only)
     except ImportError as exc:
         _fail(f"{model}: reading ONNX needs the onnx extra (pip install 'jfactor[onnx]'): {exc}")
     except JFactorError as exc:
@@ -133,15 +133,17 @@ def _fold_onnx(model: Path, out: Path | None, as_json: bool, cheaper_only: bool)
         return
     console.print(segment_table(summary, title=f"{model.stem}: {len(summary['segments'])} linear segments"))
     check = summary["onnxruntime"]
+    compared = (f"skipped: {check['skipped']}" if "skipped" in check else
+                f"max abs diff {check['max_abs_diff']:.1e} ({check['dtype']})")
     console.print(f"{summary['folded_segments']} folded: MACs {summary['macs']['before']:,} -> "
                   f"{summary['macs']['after']:,}; onnxruntime, folded vs original on {check['input_shape']}: "
-                  f"max abs diff {check['max_abs_diff']:.1e} ({check['dtype']})")
+                  f"{compared}")
     console.print(f"wrote {summary['folded_model']}, {out_dir}/summary.json")
     print(out_dir)
 
 
 def _int_list(text: str | None, what: str):
-    """'3,5,9' -> [3, 5, 9]; '3x5,9' -> [[3, 5], 9] (per-dim sizes)."""
+    """'3,5,9' -> [3, 5, 9]; '3x5,9' -> [[3, 5], 9] (per-dim sizes); every entry a positive integer."""
     if text is None:
         return None
     items = []
@@ -150,15 +152,19 @@ def _int_list(text: str | None, what: str):
             values = [int(v) for v in part.strip().split("x")]
         except ValueError:
             raise typer.BadParameter(f"{what}: {text!r} is not a comma-separated list of integers") from None
+        if min(values) < 1:
+            raise typer.BadParameter(f"{what}: {text!r}: every entry must be a positive integer")
         items.append(values[0] if len(values) == 1 else values)
     return items
 
 
-def _target_spec(target, family, size, params, stack) -> dict:
-    """The ``target:`` mapping of a config from the command line's target flags."""
+def _target_spec(target, family, size, params, stack, *, stacks: bool = True) -> dict:
+    """The ``target:`` mapping of a config from the command line's target flags (``stacks``: whether
+    the command has ``--stack``)."""
     sources = [x for x in (target, family, stack) if x is not None]
     if len(sources) != 1:
-        raise typer.BadParameter("give one target: --target T.npy, --family NAME --size N, or --stack S.yaml")
+        raise typer.BadParameter("give one target: --target T.npy" + (", --family NAME --size N, or --stack S.yaml"
+                                                                     if stacks else " or --family NAME --size N"))
     if target is not None:
         return {"file": str(Path(target).resolve())}
     if family is not None:
@@ -412,7 +418,7 @@ def search(
     from jfactor.schema import validate
 
     try:
-        spec = validate(TargetSpec, _target_spec(target, family, size, param, None), "command line")
+        spec = validate(TargetSpec, _target_spec(target, family, size, param, None, stacks=False), "command line")
         the_target = build_target(spec, Path("."), "command line")
         if budget is not None and not budget >= 0:
             raise ConfigError(f"--budget: an error budget is a relative error >= 0, got {budget}")

@@ -83,6 +83,9 @@ def conv_from_affine(affine: Affine, in_shape, out_shape, *, bias: bool = True) 
     """
     pads = pads_for(affine, tuple(in_shape[:-1]), tuple(out_shape[:-1]))
     kernel = regroup(affine.kernel, affine.groups)
+    if not isinstance(kernel, jax.core.Tracer) and not np.isfinite(kernel).all():  # the layers are finite: checked
+        raise FoldError(f"the folded kernel has {int(np.size(kernel) - np.isfinite(kernel).sum())} non-finite "
+                        f"value(s): the product of the layers' weights overflows {kernel.dtype}; scale them down")
     return Conv(kernel, affine.bias if bias else None, affine.stride, 1, pads, affine.groups)
 
 

@@ -119,3 +119,9 @@ def test_bad_configs_name_the_key(config, match, tmp_path):
 def test_config_error_names_the_file():
     with pytest.raises(jf.ConfigError, match=r"^bad\.yaml: layers\[0\]"):
         stack_from_dict({"input_shape": [8, 8, 1], "layers": [{"conv": {}}]}, source="bad.yaml")
+
+
+def test_a_fold_that_overflows_says_so_not_that_a_layer_is_non_finite():
+    big = jf.Conv(np.full((3, 3, 1, 1), 1e308))  # finite, but the folded kernel's taps are sums of 1e616
+    with pytest.raises(jf.FoldError, match=r"folded kernel has 25 non-finite value\(s\): .* overflows float64"):
+        jf.fold(jf.Stack([big, big], (8, 8, 1)))

@@ -155,6 +155,47 @@ def test_cli_fold_of_a_broken_onnx_file_names_it(tmp_path):
     assert result.exit_code == 2 and "broken.onnx: cannot read an ONNX model" in result.output
 
 
+def _two_convs(weight, elem_type=TensorProto.FLOAT, spatial=(8, 8)):
+    """x (1, 1, *spatial) -> Conv(w) -> Conv(w) -> y, with ``weight`` (1, 1, 3, 3) as initializer ``w``."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="c0"),
+             helper.make_node("Conv", ["h", "w"], ["y"], name="c1")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", elem_type, [1, 1, *spatial])],
+                              [helper.make_tensor_value_info("y", elem_type, [1, 1, *(n - 4 for n in spatial)])],
+                              [numpy_helper.from_array(np.asarray(weight, dtype), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _fold_cli(tmp_path, model, name="m.onnx"):
+    path = tmp_path / name
+    path.write_bytes(model if isinstance(model, bytes) else model.SerializeToString())
+    return CliRunner().invoke(app, ["fold", str(path), "--out", str(tmp_path / "out")])
+
+
+def test_cli_fold_of_an_invalid_onnx_model_names_it_and_leaves_no_directory(tmp_path):
+    result = _fold_cli(tmp_path, b"", "empty.onnx")  # parses as an empty model, which onnx.checker rejects
+    assert result.exit_code == 2 and "empty.onnx: not a valid ONNX model (onnx.checker:" in result.output
+    assert not (tmp_path / "out").exists()
+    missing = CliRunner().invoke(app, ["fold", str(tmp_path / "absent.onnx"), "--out", str(tmp_path / "out")])
+    assert missing.exit_code == 2 and not (tmp_path / "out").exists()
+
+
+def test_cli_fold_of_an_onnx_model_with_nan_weights_is_an_error_naming_the_initializer(tmp_path):
+    result = _fold_cli(tmp_path, _two_convs(np.full((1, 1, 3, 3), np.nan)), "nan.onnx")
+    assert result.exit_code == 2, result.output
+    assert "nan.onnx: the model's output" in result.output and "non-finite initializers: 'w'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_fold_says_why_onnxruntime_could_not_compare(tmp_path):
+    # onnxruntime has no float64 Conv on the CPU: the fold is written, the comparison says it was skipped
+    result = _fold_cli(tmp_path, _two_convs(np.ones((1, 1, 3, 3)), TensorProto.DOUBLE), "double.onnx")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["folded_segments"] == 1 and "onnxruntime cannot run" in summary["onnxruntime"]["skipped"]
+    assert "skipped: onnxruntime cannot run" in " ".join(result.output.split())
+
+
 NODE_OPS = {"Conv", "AveragePool", "BatchNormalization", "Pad", "Add", "Sum", "Mul", "Concat", "Identity", "Dropout"}
 NODE_CASES = [c for c in collect_testcases(None) if c.kind == "node" and len(c.model.graph.node) == 1
               and c.model.graph.node[0].op_type in NODE_OPS]
