@@ -31,7 +31,7 @@ from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_ker
 from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, comb_init, fit_target, has_line_axis,
                                     impulse_start, line_init, random_init, redraw_hop, refit_one, separable_init)
 from jfactor.factorize.multistart import SearchPolicy
-from jfactor.factorize.objectives import Objective, load_images
+from jfactor.factorize.objectives import Objective, factor_fits, gram_factor, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
 from jfactor.progress import ProgressBar
 from jfactor.sharding import sharded_call
@@ -457,7 +457,13 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         first.c_in,)
     padded_shape = extent + first.kernel.shape[-2:]
     spec = lambda shape: jax.ShapeDtypeStruct(shape, np_dtype)  # noqa: E731
-    residuals = residual_size(objective, spec(padded_shape), spec(image_shape) if objective.name == "images" else None)
+    # the images objective from the images' Gram factor where it fits: the same steps, far fewer residuals
+    if objective.name == "images" and factor_fits(image_shape, padded_shape, objective.stride):
+        problem = dataclasses.replace(problem, objective=dataclasses.replace(objective, factored=True))
+    taps = math.prod(padded_shape[:-1])
+    objective_shape = (taps, taps) if problem.objective.factored else image_shape
+    residuals = residual_size(problem.objective, spec(padded_shape),
+                              spec(objective_shape) if objective.name == "images" else None)
     solve.check_hessian(problem, residuals)
     cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu",
@@ -486,7 +492,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     # a wave then computes its second-order term (vmapped), the Gauss-Newton ones without using it
     exact_blurs = (policy.exact_hessian and len(chain.layers) == 2 and any(m is not None for m in moves)
                    and solve.takes_exact_hessian(problem, residuals))
-    objective_images = jnp.asarray(images, np_dtype) if objective.name == "images" else None
+    objective_images = None if objective.name != "images" else jnp.asarray(
+        gram_factor(images, padded_shape, objective.stride) if problem.objective.factored else images, np_dtype)
 
     def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without

@@ -45,13 +45,17 @@ class Objective:
     """A hashable objective: ``residual(approx, target, images)`` -> 1-D vector.
 
     ``images`` (B, *spatial, C_in) is used by the ``images`` objective only (None otherwise);
-    ``stride`` is the target's, ``p`` and ``pad`` are the ``spectral`` objective's.
+    ``stride`` is the target's, ``p`` and ``pad`` are the ``spectral`` objective's.  With
+    ``factored``, the ``images`` objective takes the images' Gram factor (:func:`gram_factor`,
+    (p, p)) in place of the images: the same loss, gradient and Gauss-Newton matrix, from a
+    residual of p entries (the kernel's taps times C_in) instead of one per output value.
     """
 
     name: str = "kernel"
     p: float = 2.0
     pad: int = 4
     stride: tuple[int, ...] = ()
+    factored: bool = False
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
@@ -79,6 +83,8 @@ class Objective:
             return (power ** (self.p / 4)).ravel()
         if images is None:
             raise ConfigError("objective images needs images (B, *spatial, C_in)")
+        if self.factored:  # images is the Gram factor R (p, p): |R e|^2 is |conv(images, e)|^2 per output channel
+            return (images.astype(error.dtype) @ error.reshape(images.shape[0], -1)).ravel()
         out = conv(images.astype(error.dtype), error, strides=self.stride, dilation=(1,) * ndim,
                    pads=((0, 0),) * ndim, groups=1)
         return out.ravel()
@@ -87,6 +93,42 @@ class Objective:
         """``raw`` scaled so that ``|residual(0, target)| = 1``."""
         scale = jnp.linalg.norm(self.raw(jnp.zeros_like(target), target, images))
         return self.raw(approx, target, images) / scale
+
+
+FACTOR_BYTES = 2**28  # the most one image's windows (:func:`gram_factor`) may take for the factored form
+
+
+def factor_fits(image_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether :func:`gram_factor` of images ``image_shape`` (B, *spatial, C_in) for kernels
+    ``kernel_shape`` (*k, C_in, C_out) at ``stride`` keeps one image's windows under
+    :data:`FACTOR_BYTES` in float64 (its Gram matrix, p^2 entries, under a quarter of it)."""
+    ndim = len(kernel_shape) - 2
+    out = [(n - k) // s + 1 for n, k, s in zip(image_shape[1:-1], kernel_shape[:ndim], stride)]
+    taps = math.prod(kernel_shape[:ndim + 1])
+    return min(out) > 0 and 8 * max(math.prod(out) * taps, 4 * taps**2) <= FACTOR_BYTES
+
+
+def gram_factor(images: np.ndarray, kernel_shape: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
+    """R (p, p), p = prod(k) C_in, with ``|R e|^2 = |conv(images, e)|^2`` (valid positions at
+    ``stride``, summed over images and output channels) for every kernel ``e`` of ``kernel_shape``
+    (*k, C_in, C_out), ``R e`` taken on ``e`` reshaped to (p, C_out).
+
+    The output at position x is the image's window at ``stride * x`` (*k, C_in) dotted with ``e``,
+    so ``|conv(images, e)|^2 = e^T M e`` with ``M`` the sum over images and positions of each
+    window's outer product, and ``R = sqrt(L) Q^T`` from ``M = Q L Q^T`` (float64; ``M`` is positive
+    semi-definite, rounding's negative eigenvalues are cut to zero).  images: (B, *spatial, C_in).
+    """
+    ndim = len(kernel_shape) - 2
+    k = tuple(kernel_shape[:ndim])
+    taps = math.prod(k) * kernel_shape[ndim]
+    gram = np.zeros((taps, taps))
+    for image in np.asarray(images, np.float64):
+        windows = np.lib.stride_tricks.sliding_window_view(image, k, axis=tuple(range(ndim)))
+        windows = windows[tuple(slice(None, None, s) for s in stride)]  # (*out, C_in, *k)
+        windows = np.moveaxis(windows, ndim, -1).reshape(-1, taps)  # rows (*out), columns (*k, C_in)
+        gram += windows.T @ windows
+    values, vectors = np.linalg.eigh(gram)
+    return np.sqrt(np.clip(values, 0.0, None))[:, None] * vectors.T
 
 
 def image_cache() -> Path | None:
