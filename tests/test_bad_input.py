@@ -38,6 +38,8 @@ def _files(tmp_path: Path) -> None:
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "frozentwice.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {
         "sizes": [3, 3], "frozen": [{"layer": 0, "weights": {"values": [[1.0]]}}] * 2}}))
+    (tmp_path / "frozenall.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {
+        "sizes": [3, 3], "frozen": [{"layer": i, "weights": {"values": np.eye(3).tolist()}} for i in (0, 1)]}}))
     (tmp_path / "noimages.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
                                                             "objective": {"name": "images", "images": []}}))
 
@@ -74,6 +76,7 @@ CASES = [
     ("--compile-cache {d}/t.npy factorize --family gaussian --size 5 --chain 3,3", "compile cache"),
     ("run {d}/floatsizes.yaml", "chain.sizes[1]"),
     ("run {d}/noimages.yaml", "objective.images"),
+    ("run {d}/frozenall.yaml", "frozenall.yaml: chains[0]: every layer of the chain is frozen"),
     ("factorize --family gaussian --size 100000 --chain 3,3", "size 100000 in 2 dimensions needs about"),
     ("factorize --family random_normal --size 7 --chain 3,5 --param seed=-1", "expected non-negative integer"),
     ("factorize --family randint --size 7 --chain 3,5 --param low=2 --param high=2", "low >= high"),

@@ -184,3 +184,18 @@ def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert _rows(_last_line(resumed.stdout) / "table.csv") == reference
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished cells were not rerun
+
+
+@pytest.mark.parametrize("ndim", [1, 3])
+def test_the_images_objective_of_a_config_takes_images_of_the_targets_dimensions(tmp_path, ndim):
+    import numpy as np
+
+    from jfactor.experiment.config import load_config
+    from jfactor.experiment.run import plan
+
+    np.save(tmp_path / "k.npy", np.ones((5,) * ndim))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"target": {"file": "k.npy"}, "chain": {"sizes": [3, 3]},
+                                                     "objective": {"name": "images", "image_size": 12, "crops": 1}}))
+    config, _, base = load_config(tmp_path / "c.yaml")
+    images = plan(config, base, "c.yaml").images
+    assert images.ndim == ndim + 2 and images.shape[1:-1] == (12,) * ndim

@@ -327,14 +327,16 @@ def build_solver(spec: SolverSpec) -> Solver:
     return Solver(**spec.model_dump())
 
 
-def build_objective(spec: ObjectiveSpec, target: Target):
-    """(Objective, images (B, *spatial, C_in) or None for the default images)."""
+def build_objective(spec: ObjectiveSpec, target: Target, source: str):
+    """(Objective, images (B, *spatial, C_in) or None for the default images); errors name ``source``."""
     objective = Objective(spec.name, spec.p, spec.pad, target.stride)
     if spec.name != "images":
         return objective, None
-    if target.ndim != 2:
-        raise ConfigError("objective images needs a 2-D target")
-    return objective, load_images(spec.images, size=spec.image_size, count=spec.crops, c_in=target.c_in)
+    try:  # rows of the crops for a 1-D target, stacks of shifted crops for a 3-D one
+        return objective, load_images(spec.images, size=spec.image_size, count=spec.crops, c_in=target.c_in,
+                                      ndim=target.ndim)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: objective.images: {exc}") from None
 
 
 def load_stack_spec(config: ExperimentConfig, base: Path, source: str):

@@ -441,8 +441,6 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     # adaptive searches screen restarts every ``segment`` LM iterations
     problem = Problem(chain, first.c_in, first.c_out, objective,
                       dataclasses.replace(solver, chunk=policy.segment) if policy.adaptive else solver)
-    if not problem.free:
-        raise FactorizationError("every layer of the chain is frozen: there is nothing to learn")
     np_dtype = np.dtype(dtype)
     size = policy.wave_size
     extent = tuple(chain.extent)  # the target zero-padded to it

@@ -267,8 +267,10 @@ def check_chain(chain: Chain, target: Target) -> tuple[tuple[int, int], ...]:
 
     A chain whose receptive field exceeds the target approximates the target zero-padded
     (centred, the odd pixel high); a smaller one, another stride, or frozen weights with the
-    wrong channels are errors that say what would fit.
+    wrong channels are errors that say what would fit; so is a chain with every layer frozen.
     """
+    if all(layer.frozen for layer in chain.layers):
+        raise FactorizationError("every layer of the chain is frozen: there is nothing to learn")
     if chain.ndim != target.ndim:
         raise FactorizationError(f"the chain is {chain.ndim}-D but the target {target.size} is {target.ndim}-D")
     if chain.stride != target.stride:
