@@ -79,7 +79,7 @@ def light_model(name: str, seed: int = 0) -> dict:
         "macs_before": sum(r.macs["stack"] for r in done), "macs_after": sum(r.macs["folded"] for r in done),
         "params_before": sum(r.params["stack"] for r in done), "params_after": sum(r.params["folded"] for r in done),
         "merged": sorted({"+".join(r.ops) for r in done}), "fold_seconds": round(seconds, 1),
-        "onnxruntime": compare_outputs(model, folded, seed=seed),
+        "onnxruntime": compare_outputs(model, folded, seed=seed, strict=True),
     }
 
 

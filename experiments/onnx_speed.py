@@ -76,7 +76,7 @@ def measure(model: onnx.ModelProto, *, batch: int, repeats: int, threads: int, s
         })
     x = _input(model, batch, rng)
     whole = {"ms_before": best_ms(model, x, repeats, threads), "ms_after": best_ms(folded, x, repeats, threads),
-             "check": compare_outputs(model, folded, batch=batch)}
+             "check": compare_outputs(model, folded, batch=batch, strict=True)}
     kept = [{"segment": i, "ops": list(r.ops), "reason": r.reason} for i, r in enumerate(reports)
             if not r.folded and len(r.ops) > 1]
     return {"segments": rows, "kept": kept, "whole": whole}

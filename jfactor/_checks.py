@@ -40,6 +40,12 @@ def assignments(items, flag: str, form: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def non_finite(array) -> int:
+    """How many entries of a concrete array are NaN or infinite."""
+    array = np.asarray(array)
+    return int(array.size - np.isfinite(array).sum())
+
+
 def is_int(value) -> bool:
     """An integer (Python or numpy), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -162,9 +168,8 @@ def as_weight(value, name: str, where: str, ndim: int | None = None) -> jax.Arra
         raise StackError(f"{where}: {name} must have {ndim} dims, got shape {tuple(array.shape)}")
     if array.size == 0:
         raise StackError(f"{where}: {name} is empty (shape {tuple(array.shape)})")
-    if is_concrete(array) and not bool(np.isfinite(np.asarray(array)).all()):
-        bad = int((~np.isfinite(np.asarray(array))).sum())
-        raise StackError(f"{where}: {name} has {bad} non-finite value(s) (NaN or inf)")
+    if is_concrete(array) and non_finite(array):
+        raise StackError(f"{where}: {name} has {non_finite(array)} non-finite value(s) (NaN or inf)")
     return array
 
 

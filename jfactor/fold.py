@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfactor import analysis
+from jfactor._checks import non_finite
 from jfactor.errors import FoldError
 from jfactor.layers import AvgPool, Conv, Identity, Parallel, Subsample
 from jfactor.memory import check_bytes
@@ -83,9 +84,10 @@ def conv_from_affine(affine: Affine, in_shape, out_shape, *, bias: bool = True) 
     """
     pads = pads_for(affine, tuple(in_shape[:-1]), tuple(out_shape[:-1]))
     kernel = regroup(affine.kernel, affine.groups)
-    if not isinstance(kernel, jax.core.Tracer) and not np.isfinite(kernel).all():  # the layers are finite: checked
-        raise FoldError(f"the folded kernel has {int(np.size(kernel) - np.isfinite(kernel).sum())} non-finite "
-                        f"value(s): the product of the layers' weights overflows {kernel.dtype}; scale them down")
+    for name, values in (("kernel", kernel), ("bias", affine.bias if bias else None)):
+        if values is not None and not isinstance(values, jax.core.Tracer) and non_finite(values):  # layers: finite
+            raise FoldError(f"the folded {name} has {non_finite(values)} non-finite value(s): the layers' weights "
+                            f"overflow {values.dtype} when composed; scale them down")
     return Conv(kernel, affine.bias if bias else None, affine.stride, 1, pads, affine.groups)
 
 

@@ -19,8 +19,9 @@ from jfactor.errors import ConfigError
 
 def slug(name: str) -> str:
     """``name`` as one safe path component: runs of other characters than letters, digits, ``_``,
-    ``.`` and ``-`` (a ``/``, a NUL byte) become one ``-`` (``run`` where nothing is left)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+    ``.`` and ``-`` (a ``/``, a NUL byte) become one ``-``; ``run`` where nothing but dots is left."""
+    text = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+    return text if text.strip(".") else "run"
 
 
 def writable_dir(path) -> Path:

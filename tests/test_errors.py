@@ -123,5 +123,5 @@ def test_config_error_names_the_file():
 
 def test_a_fold_that_overflows_says_so_not_that_a_layer_is_non_finite():
     big = jf.Conv(np.full((3, 3, 1, 1), 1e308))  # finite, but the folded kernel's taps are sums of 1e616
-    with pytest.raises(jf.FoldError, match=r"folded kernel has 25 non-finite value\(s\): .* overflows float64"):
+    with pytest.raises(jf.FoldError, match=r"folded kernel has 25 non-finite value\(s\): .* overflow float64"):
         jf.fold(jf.Stack([big, big], (8, 8, 1)))

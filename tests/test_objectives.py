@@ -1,6 +1,7 @@
 """The images objective from the images' Gram factor: the same loss as the filtered images', far fewer residuals."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,10 +36,36 @@ def test_the_gram_factor_gives_the_squared_output_error_of_every_kernel(problem)
         np.testing.assert_allclose(np.sum(whitened**2), np.sum(outputs**2), rtol=1e-10)
 
 
-def test_factor_fits_only_where_one_images_windows_stay_small():
+def test_the_gram_factor_is_the_same_accumulated_a_row_of_windows_at_a_time(monkeypatch):
+    from jfactor.factorize import objectives
+
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((2, 11, 9, 2))
+    whole = gram_factor(images, (3, 4, 2, 1), (2, 1))
+    monkeypatch.setattr(objectives, "FACTOR_BYTES", 8)  # one row of windows per chunk
+    error = rng.standard_normal((3 * 4 * 2, 3))
+    np.testing.assert_allclose(np.sum((gram_factor(images, (3, 4, 2, 1), (2, 1)) @ error) ** 2),
+                               np.sum((whole @ error) ** 2), rtol=1e-12)
+
+
+def test_factor_fits_where_the_factor_is_smaller_than_the_outputs_and_its_gram_small():
     assert factor_fits((8, 64, 64, 1), (15, 15, 1, 1), (1, 1))
-    assert not factor_fits((8, 252, 252, 1), (63, 63, 1, 1), (1, 1))  # 36k windows of 3,969 taps
+    assert factor_fits((4, 96, 96, 96, 1), (5, 5, 5, 1, 1), (1, 1, 1))  # a 3-D target: 830k windows per image
+    assert not factor_fits((8, 252, 252, 1), (63, 63, 1, 1), (1, 1))  # a Gram matrix of 3,969^2 entries
     assert not factor_fits((8, 4, 4, 1), (5, 5, 1, 1), (1, 1))  # no valid position
+    assert not factor_fits((1, 5, 5, 1), (5, 5, 1, 1), (1, 1))  # one output: 25 rows would be more
+
+
+def test_an_objective_given_as_factored_is_decided_again_and_its_stride_must_fit(monkeypatch):
+    from jfactor import ConfigError
+    from jfactor.factorize import Objective
+
+    images = load_images(["camera"], size=12, count=1, c_in=1, seed=0)
+    monkeypatch.setattr(factorize_api, "factor_fits", lambda *shapes: False)
+    factorize(np.ones((5, 5)), Chain.build([3, 3]), objective=Objective("images", factored=True), images=images,
+              restarts=2, baselines=())  # runs on the images themselves
+    with pytest.raises(ConfigError, match=r"objective stride \(2,\) has 1 entries for a 2-D target"):
+        factorize(np.ones((5, 5)), Chain.build([3, 3]), objective=Objective("images", stride=(2,)), restarts=2)
 
 
 def test_the_factored_images_objective_finds_what_the_filtered_images_find(monkeypatch):
@@ -48,7 +75,10 @@ def test_the_factored_images_objective_finds_what_the_filtered_images_find(monke
     images = load_images(["camera"], size=20, count=2, c_in=1, seed=0)
     chain = Chain.build([3, 3])
     run = lambda: factorize(target, chain, objective="images", images=images, restarts=4, baselines=())  # noqa: E731
+    calls = []
+    monkeypatch.setattr(factorize_api, "gram_factor", lambda *args: calls.append(args) or gram_factor(*args))
     factored = run()
+    assert len(calls) == 1  # the factored run took the factor
     monkeypatch.setattr(factorize_api, "factor_fits", lambda *shapes: False)
     filtered = run()
     # the same minima, each restart's; the search stops at a relative cost decrease of 1e-10, so the kernel

@@ -196,6 +196,22 @@ def test_cli_fold_says_why_onnxruntime_could_not_compare(tmp_path):
     assert "skipped: onnxruntime cannot run" in " ".join(result.output.split())
 
 
+def test_compare_outputs_fails_a_folded_model_that_onnxruntime_cannot_run_where_the_model_runs():
+    model, broken = _two_convs(np.ones((1, 1, 3, 3))), _two_convs(np.ones((1, 1, 3, 3)), TensorProto.DOUBLE)
+    with pytest.raises(jf.FoldError, match="onnxruntime runs the model but not its folded version"):
+        compare_outputs(model, broken)
+
+
+def test_compare_outputs_skips_a_model_whose_output_is_not_finite_on_normal_input_for_want_of_good_weights():
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"], name="log")], "log",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert "non-finite value" in compare_outputs(model, model)["skipped"]  # log of negative inputs
+    with pytest.raises(jf.ConfigError, match="onnxruntime comparison: the model's output"):
+        compare_outputs(model, model, strict=True)
+
+
 NODE_OPS = {"Conv", "AveragePool", "BatchNormalization", "Pad", "Add", "Sum", "Mul", "Concat", "Identity", "Dropout"}
 NODE_CASES = [c for c in collect_testcases(None) if c.kind == "node" and len(c.model.graph.node) == 1
               and c.model.graph.node[0].op_type in NODE_OPS]

@@ -437,6 +437,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         objective = Objective(objective, stride=first.stride)
     elif not objective.stride:
         objective = dataclasses.replace(objective, stride=first.stride)
+    if len(objective.stride) != first.ndim:
+        raise ConfigError(f"objective stride {objective.stride} has {len(objective.stride)} entries for a "
+                          f"{first.ndim}-D target")
+    objective = dataclasses.replace(objective, factored=False)  # factorize_batch decides (below)
     padding = check_chain(chain, first)
     # adaptive searches screen restarts every ``segment`` LM iterations
     problem = Problem(chain, first.c_in, first.c_out, objective,

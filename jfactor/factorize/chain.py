@@ -43,7 +43,7 @@ def _per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
 
 def _entries(value, name: str, hint: str) -> list:
     """``value`` (a list or tuple, one entry per layer) as a list; a :class:`FactorizationError` otherwise."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray)):
+    if not isinstance(value, (list, tuple)) and not (isinstance(value, np.ndarray) and value.ndim == 1):
         raise FactorizationError(f"{name} must be a list" + (f" ({hint})" if hint else "") + f", got {value!r}")
     return list(value)
 
@@ -102,7 +102,8 @@ class Chain:
         for name, values in (("dilations", dilations), ("strides", strides)):
             if len(values) != n:
                 raise FactorizationError(f"{name} has {len(values)} entries for a chain of {n} layers")
-        widths = [channels] * (n - 1) if is_int(channels) else _entries(channels, "channels", "")
+        widths = [channels] * (n - 1) if is_int(channels) else _entries(
+            channels, "channels", f"a positive int, or {n - 1} of them: one between each two layers")
         if len(widths) != n - 1 or not all(is_int(w) and w >= 1 for w in widths):
             raise FactorizationError(f"channels must be a positive int or {n - 1} of them, got {channels!r}")
         frozen = {} if frozen is None else frozen

@@ -11,7 +11,9 @@ every optimizer.
   ``r = |E(w)|^(p/2)``: ``p = 2`` is ``kernel`` again, large ``p`` approaches the worst case
   ``sup |E(w)|``, which bounds the output error for every image;
 - ``images``: the difference of the two filters' outputs on images (valid positions,
-  the target's stride), i.e. the error weighted by the images' power spectrum.
+  the target's stride), i.e. the error weighted by the images' power spectrum; a quadratic
+  form in the kernel's error, so factorizations run it on the images' Gram factor
+  (:func:`gram_factor`) where that is smaller (:func:`factor_fits`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class Objective:
             raise ConfigError(f"objective spectral: p must be a finite number >= 2 (got {self.p!r}); p = 2 is the "
                               "kernel objective")
         if not is_int(self.pad) or self.pad < 1:
-            raise ConfigError(f"objective spectral: pad must be >= 1 (got {self.pad})")
+            raise ConfigError(f"objective spectral: pad must be a positive integer (got {self.pad!r})")
 
     @property
     def label(self) -> str:
@@ -95,17 +97,18 @@ class Objective:
         return self.raw(approx, target, images) / scale
 
 
-FACTOR_BYTES = 2**28  # the most one image's windows (:func:`gram_factor`) may take for the factored form
+FACTOR_BYTES = 2**26  # the most the Gram matrix (:func:`gram_factor`), or one chunk of windows, may take
 
 
 def factor_fits(image_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """Whether :func:`gram_factor` of images ``image_shape`` (B, *spatial, C_in) for kernels
-    ``kernel_shape`` (*k, C_in, C_out) at ``stride`` keeps one image's windows under
-    :data:`FACTOR_BYTES` in float64 (its Gram matrix, p^2 entries, under a quarter of it)."""
+    """Whether the images objective runs on :func:`gram_factor` for images ``image_shape``
+    (B, *spatial, C_in) and kernels ``kernel_shape`` (*k, C_in, C_out) at ``stride``: where
+    there is a valid position, the factor has fewer rows than the images have outputs, and its
+    Gram matrix (p^2 entries in float64) stays under :data:`FACTOR_BYTES`."""
     ndim = len(kernel_shape) - 2
     out = [(n - k) // s + 1 for n, k, s in zip(image_shape[1:-1], kernel_shape[:ndim], stride)]
     taps = math.prod(kernel_shape[:ndim + 1])
-    return min(out) > 0 and 8 * max(math.prod(out) * taps, 4 * taps**2) <= FACTOR_BYTES
+    return min(out) > 0 and taps < image_shape[0] * math.prod(out) and 8 * taps**2 <= FACTOR_BYTES
 
 
 def gram_factor(images: np.ndarray, kernel_shape: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
@@ -115,7 +118,8 @@ def gram_factor(images: np.ndarray, kernel_shape: tuple[int, ...], stride: tuple
 
     The output at position x is the image's window at ``stride * x`` (*k, C_in) dotted with ``e``,
     so ``|conv(images, e)|^2 = e^T M e`` with ``M`` the sum over images and positions of each
-    window's outer product, and ``R = sqrt(L) Q^T`` from ``M = Q L Q^T`` (float64; ``M`` is positive
+    window's outer product (accumulated over chunks of rows of windows, each under
+    :data:`FACTOR_BYTES`), and ``R = sqrt(L) Q^T`` from ``M = Q L Q^T`` (float64; ``M`` is positive
     semi-definite, rounding's negative eigenvalues are cut to zero).  images: (B, *spatial, C_in).
     """
     ndim = len(kernel_shape) - 2
@@ -124,9 +128,11 @@ def gram_factor(images: np.ndarray, kernel_shape: tuple[int, ...], stride: tuple
     gram = np.zeros((taps, taps))
     for image in np.asarray(images, np.float64):
         windows = np.lib.stride_tricks.sliding_window_view(image, k, axis=tuple(range(ndim)))
-        windows = windows[tuple(slice(None, None, s) for s in stride)]  # (*out, C_in, *k)
-        windows = np.moveaxis(windows, ndim, -1).reshape(-1, taps)  # rows (*out), columns (*k, C_in)
-        gram += windows.T @ windows
+        windows = windows[tuple(slice(None, None, s) for s in stride)]  # (*out, C_in, *k), a view
+        rows = max(1, FACTOR_BYTES // (8 * taps * max(1, math.prod(windows.shape[1:ndim]))))
+        for first in range(0, windows.shape[0], rows):
+            chunk = np.moveaxis(windows[first:first + rows], ndim, -1).reshape(-1, taps)  # columns (*k, C_in)
+            gram += chunk.T @ chunk
     values, vectors = np.linalg.eigh(gram)
     return np.sqrt(np.clip(values, 0.0, None))[:, None] * vectors.T
 

@@ -30,7 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from jfactor.errors import ConfigError, StackError
+from jfactor._checks import non_finite
+from jfactor.errors import ConfigError, FoldError, StackError
 from jfactor.fold import Folded, fold
 from jfactor.interop.graph import Node, Segment, build_stack, segments
 from jfactor.layers import AvgPool, BatchNorm, Conv, Identity
@@ -254,7 +255,7 @@ def _load(model) -> onnx.ModelProto:
     except Exception as exc:  # noqa: BLE001  a bad file is an error naming it
         raise ConfigError(f"{path}: cannot read an ONNX model: {exc}") from None
     try:
-        onnx.checker.check_model(loaded)
+        onnx.checker.check_model(str(path))  # by path: models over 2 GB keep their weights beside the file
     except onnx.checker.ValidationError as exc:  # an empty file parses as an empty model
         raise ConfigError(f"{path}: not a valid ONNX model (onnx.checker: {_first_line(exc)})") from None
     return loaded
@@ -532,13 +533,16 @@ def with_constant_inputs(model, values: dict) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
-def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed: int = 0, batch: int = 1) -> dict:
+def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed: int = 0, batch: int = 1,
+                    strict: bool = False) -> dict:
     """Both models run by onnxruntime on one random input: the max abs and relative output difference.
 
     Symbolic axes get ``batch`` (the first) or 1; the input is standard normal in the input's dtype.
-    Where onnxruntime cannot run them (an op or dtype it lacks, a size too small), the result says
-    why under ``skipped`` instead; a non-finite output of the original model is a :class:`ConfigError`
-    naming the non-finite initializers.
+    Where onnxruntime cannot run the original (an op or dtype it lacks, a size too small), or the
+    original's output is not finite on that input and no initializer is, the result says why under
+    ``skipped`` instead (with ``strict``, a :class:`ConfigError`).  A :class:`ConfigError` too where
+    the original's output is not finite and initializers are (it names them), and a
+    :class:`FoldError` where the original runs to a finite output and the folded model does not.
     """
     import onnxruntime as ort
 
@@ -549,22 +553,39 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
     x = np.random.default_rng(seed).standard_normal(dims).astype(dtype)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    entry = {"input": info.name, "input_shape": dims, "dtype": str(np.dtype(dtype))}
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {info.name: x})
+
+    def skipped(why: str) -> dict:
+        if strict:
+            raise ConfigError(f"onnxruntime comparison: {why}")
+        return {**entry, "skipped": why}
+
     try:
-        runs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                .run(None, {info.name: x}) for m in (original, folded)]
+        before = run(original)
     except Exception as exc:  # noqa: BLE001  onnxruntime's own errors (an op or dtype it lacks, symbolic sizes)
-        return {"input": info.name, "input_shape": dims, "dtype": str(np.dtype(dtype)),
-                "skipped": f"onnxruntime cannot run the model on this input: {_first_line(exc)}"}
-    bad = sum(int(np.size(a) - np.isfinite(a).sum()) for a in runs[0])
+        return skipped(f"onnxruntime cannot run the model on this input: {_first_line(exc)}")
+    bad = sum(non_finite(a) for a in before)
     if bad:
         inits = [t.name for t in original.graph.initializer
-                 if np.issubdtype((v := numpy_helper.to_array(t)).dtype, np.floating) and not np.isfinite(v).all()]
-        raise ConfigError(f"the model's output on a standard normal input of shape {dims} has {bad} non-finite "
-                          f"value(s)" + (f"; non-finite initializers: {', '.join(map(repr, inits))}" if inits else ""))
-    diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(*runs))
-    scale = max(float(np.abs(a).max()) for a in runs[0])
-    return {"input": info.name, "input_shape": dims, "dtype": str(np.dtype(dtype)), "max_abs_diff": diff,
-            "rel_diff": diff / scale if scale else diff}
+                 if np.issubdtype((v := numpy_helper.to_array(t)).dtype, np.floating) and non_finite(v)]
+        why = f"the model's output on a standard normal input of shape {dims} has {bad} non-finite value(s)"
+        if inits:
+            raise ConfigError(f"{why}; non-finite initializers: {', '.join(map(repr, inits))}")
+        return skipped(why)
+    try:
+        after = run(folded)
+    except Exception as exc:  # noqa: BLE001  the original ran: the folded model must too
+        raise FoldError(f"onnxruntime runs the model but not its folded version: {_first_line(exc)}") from None
+    if sum(non_finite(a) for a in after):
+        raise FoldError(f"the folded model's output is not finite where the model's is (input of shape {dims}): "
+                        "a folded kernel overflows its dtype")
+    diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(before, after))
+    scale = max(float(np.abs(a).max()) for a in before)
+    return {**entry, "max_abs_diff": diff, "rel_diff": diff / scale if scale else diff}
 
 
 def fold_file(path, out_dir, *, cheaper_only: bool = False) -> dict:
@@ -579,6 +600,7 @@ def fold_file(path, out_dir, *, cheaper_only: bool = False) -> dict:
     original = _load(path)
     folded, reports = fold_model(original, cheaper_only=cheaper_only)
     target = out_dir / f"{path.stem}.folded.onnx"
+    checked = _compared(path, original, folded)  # before anything is written: a failed check leaves nothing
     rundir.write_with(target, lambda handle: handle.write(folded.SerializeToString()))
     done = [r for r in reports if r.folded]
     summary = {
@@ -587,7 +609,7 @@ def fold_file(path, out_dir, *, cheaper_only: bool = False) -> dict:
         "folded_segments": len(done),
         "macs": {"before": sum(r.macs["stack"] for r in done), "after": sum(r.macs["folded"] for r in done)},
         "params": {"before": sum(r.params["stack"] for r in done), "after": sum(r.params["folded"] for r in done)},
-        "onnxruntime": _compared(path, original, folded),
+        "onnxruntime": checked,
     }
     rundir.write_json(out_dir / "summary.json", summary)
     return summary
@@ -596,8 +618,8 @@ def fold_file(path, out_dir, *, cheaper_only: bool = False) -> dict:
 def _compared(path: Path, original: onnx.ModelProto, folded: onnx.ModelProto) -> dict:
     try:
         return compare_outputs(original, folded)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    except (ConfigError, FoldError) as exc:
+        raise type(exc)(f"{path}: {exc}") from None
 
 
 _SHORT = {"BatchNormalization": "BN", "AveragePool": "AvgPool"}
