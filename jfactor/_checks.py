@@ -40,6 +40,18 @@ def assignments(items, flag: str, form: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def floating(dtype, where: str):
+    """``dtype`` as a numpy dtype if it is a real floating one; a :class:`ConfigError` naming ``where`` otherwise."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"{where}: dtype {dtype!r} is not a dtype; use float32 or float64") from None
+    if not np.issubdtype(dtype, np.floating):
+        raise ConfigError(f"{where}: dtype must be a floating dtype (float32 or float64), got {dtype}; "
+                          "integer weights would be truncated")
+    return dtype
+
+
 def non_finite(array) -> int:
     """How many entries of a concrete array are NaN or infinite."""
     array = np.asarray(array)

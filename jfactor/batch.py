@@ -60,7 +60,7 @@ import numpy as np
 from jax import lax
 
 from jfactor import ops
-from jfactor._checks import is_concrete
+from jfactor._checks import floating, is_concrete
 from jfactor._pytree import pytree_dataclass, static
 from jfactor.cache import enable_compilation_cache
 from jfactor.errors import ConfigError, StackError
@@ -592,7 +592,7 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
     if method not in METHODS:
         raise ConfigError(f"fold_batch: method must be one of {METHODS}, got {method!r}")
     n = batch_size(stacks)
-    dtype = jnp.dtype(dtype or stacks.dtype)
+    dtype = jnp.dtype(floating(dtype or stacks.dtype, "fold_batch"))
     try:
         if method == "auto":
             devices = list(mesh.devices.flat) if mesh is not None else jax.devices() if shard else jax.devices()[:1]
@@ -603,7 +603,19 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
             f"one item of the batch (the weights without their leading axis, N = {n}) is not a "
             f"valid stack; does every weight carry the batch axis first? {exc}"
         ) from exc
-    return jax.tree.map(jnp.asarray, folded)
+    folded = jax.tree.map(jnp.asarray, folded)
+    bad = np.flatnonzero(np.asarray(_non_finite_items(folded.kernel, folded.bias)))  # a pass on its device
+    if bad.size:
+        raise StackError(f"fold_batch: the folds of {bad.size} of {n} items are not finite (the first: item {bad[0]}): "
+                         "their weights hold NaN or inf, or overflow when composed")
+    return folded
+
+
+@jax.jit
+def _non_finite_items(kernel, bias):
+    """Which items (axis 0) of a batched fold have a non-finite kernel or bias: a bool per item."""
+    rows = lambda a: jnp.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)  # noqa: E731
+    return ~(rows(kernel) & (True if bias is None else rows(bias)))
 
 
 def _structure_error(stacks: Sequence[Stack], i: int) -> StackError:

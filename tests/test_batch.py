@@ -305,3 +305,18 @@ def test_bench_fold_smoke():
                 "max_abs_diff", "bound", "bound_fraction"):
         assert key in result, key
     assert result["n"] == 8 and result["max_abs_diff"] < 1e-10
+
+
+def test_fold_batch_refuses_integer_dtypes_and_non_finite_items():
+    rng = np.random.default_rng(0)
+    one = jf.Stack([jf.Conv(rng.normal(size=(3, 3, 1, 1)) * 3, np.ones(1)), jf.Conv(rng.normal(size=(3, 3, 1, 1)))],
+                   input_shape=(8, 8, 1))
+    stacks = jf.batch.stack_batch([one, one, one])
+    for dtype in (np.int32, bool):  # were cast and folded truncated, reported as float64
+        with pytest.raises(jf.ConfigError, match="fold_batch: dtype must be a floating dtype"):
+            jf.batch.fold_batch(stacks, dtype=dtype)
+    with pytest.raises(jf.ConfigError, match="Stack.astype: dtype must be a floating dtype"):
+        one.astype(np.int32)
+    broken = jax.tree.map(lambda w: w.at[1].set(np.nan), stacks)  # edited after stack_batch checked it
+    with pytest.raises(jf.StackError, match=r"the folds of 1 of 3 items are not finite \(the first: item 1\)"):
+        jf.batch.fold_batch(broken)
