@@ -70,10 +70,12 @@ def _padding(padding, ndim: int):
 
 
 def _check_bias(bias, c_out: int, dtype):
-    """``bias`` as a ``(C_out,)`` array of ``dtype``; else FactorizationError."""
+    """``bias`` as a finite ``(C_out,)`` array of ``dtype``; else FactorizationError."""
     bias = jnp.asarray(bias, dtype)
     if bias.shape != (c_out,):
         raise FactorizationError(f"bias has shape {tuple(bias.shape)}; the chain's C_out needs ({c_out},)")
+    if _checks.is_concrete(bias) and _checks.non_finite(bias):
+        raise FactorizationError(f"bias has {_checks.non_finite(bias)} non-finite value(s) (NaN or inf)")
     return bias
 
 
@@ -100,7 +102,8 @@ class FactorizedConv(nnx.Module):
     def __init__(self, factors, chain: Chain, *, kernel_size, padding="valid", bias=None,
                  param_dtype=None, metrics: dict | None = None):
         factors = [_checks.as_weight(f, f"factors[{i}]", "FactorizedConv") for i, f in enumerate(factors)]
-        factors = [f.astype(param_dtype or f.dtype) for f in factors]
+        dtype = None if param_dtype is None else _checks.floating(param_dtype, "FactorizedConv: param_dtype")
+        factors = [f.astype(dtype or f.dtype) for f in factors]
         _, c_out = _check_factors(factors, chain)
         kernel_size = _checks.positive_ints(kernel_size, "kernel_size", "FactorizedConv")
         kernel_size = _checks.expand(kernel_size, chain.ndim, "kernel_size", "FactorizedConv")
@@ -112,7 +115,7 @@ class FactorizedConv(nnx.Module):
         self.padding = _padding(padding, chain.ndim)
         self.kernels = nnx.List([
             (FrozenKernel if layer.frozen else nnx.Param)(f) for f, layer in zip(factors, chain.layers)])
-        self.bias = None if bias is None else nnx.Param(_check_bias(bias, c_out, param_dtype or factors[-1].dtype))
+        self.bias = None if bias is None else nnx.Param(_check_bias(bias, c_out, dtype or factors[-1].dtype))
         self._metrics = tuple(sorted((metrics or {}).items()))  # hashable, as nnx static data must be
 
     @classmethod
@@ -145,6 +148,11 @@ class FactorizedConv(nnx.Module):
             convolution, strides the chain does not multiply to, a chain whose receptive
             field is smaller than the kernel, or a factorization that failed.
         """
+        if param_dtype is not None:  # before the factorization, not after it
+            _checks.floating(param_dtype, "FactorizedConv.from_conv: param_dtype")
+        if "baselines" in options:
+            raise FactorizationError("FactorizedConv.from_conv runs no baselines: leave baselines out (call "
+                                     "jfactor.factorize.factorize for them)")
         layer = _read_conv(conv)
         kernel = np.asarray(dilate(layer.kernel, layer.dilation), np.float64)
         chain = _chain(sizes, layer, channels, dilations, strides)
