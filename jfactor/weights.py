@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from jfactor.errors import ConfigError
+from jfactor.memory import check_bytes
 
 INITS = ("normal", "uniform", "randint", "zeros", "ones")
 
@@ -21,6 +23,7 @@ def initialize(init: str, shape, *, seed: int = 0, mean: float = 0.0, std: float
     """A float64 array of ``shape`` drawn by ``init`` from ``numpy.random.default_rng(seed)``."""
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in shape)
+    check_bytes(8 * math.prod(shape), f"weights of shape {shape}", "give fewer filters or smaller kernels")
     if init == "normal":
         return rng.normal(mean, std, shape)
     if init == "uniform":

@@ -40,6 +40,8 @@ def _files(tmp_path: Path) -> None:
         "sizes": [3, 3], "frozen": [{"layer": 0, "weights": {"values": [[1.0]]}}] * 2}}))
     (tmp_path / "frozenall.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {
         "sizes": [3, 3], "frozen": [{"layer": i, "weights": {"values": np.eye(3).tolist()}} for i in (0, 1)]}}))
+    (tmp_path / "huge.yaml").write_text(yaml.safe_dump({"input_shape": [28, 28, 1], "layers": [
+        {"conv": {"kernel_size": 3, "filters": 100000}}] * 2}))
     (tmp_path / "noimages.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
                                                             "objective": {"name": "images", "images": []}}))
 
@@ -76,6 +78,7 @@ CASES = [
     ("--compile-cache {d}/t.npy factorize --family gaussian --size 5 --chain 3,3", "compile cache"),
     ("run {d}/floatsizes.yaml", "chain.sizes[1]"),
     ("run {d}/noimages.yaml", "objective.images"),
+    ("fold {d}/huge.yaml", "layers[1].conv.weights: weights of shape (3, 3, 100000, 100000) needs about"),
     ("run {d}/frozenall.yaml", "frozenall.yaml: chains[0]: every layer of the chain is frozen"),
     ("factorize --family gaussian --size 100000 --chain 3,3", "size 100000 in 2 dimensions needs about"),
     ("factorize --family random_normal --size 7 --chain 3,5 --param seed=-1", "expected non-negative integer"),

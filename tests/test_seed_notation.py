@@ -224,3 +224,9 @@ def test_load_any_dispatches_on_the_suffix(tmp_path):
 def test_keras_lines_that_are_not_text_are_refused(text):
     with pytest.raises(jf.ConfigError, match="the Keras lines must be text"):
         jf.parse_keras(text)
+
+
+def test_a_layer_whose_weights_pass_the_memory_budget_is_refused_before_they_are_drawn():
+    text = "x = Input(shape=(28, 28, 1))\nx = Conv2D(100000, 3)(x)\nx = Conv2D(100000, 3)(x)\n"
+    with pytest.raises(jf.ConfigError, match=r"huge.txt:3: Conv2D: weights of shape \(3, 3, 100000, 100000\) needs"):
+        parse_keras(text, source="huge.txt")  # was a MemoryError drawing 720 GB

@@ -241,6 +241,8 @@ def _build(model: list[_Line], source: str, init: str, seed: int) -> Stack:
             shape = layer.out_shape(shape, line.layer)
         except StackError as exc:
             line.fail(source, f"{line.layer}: {str(exc).split(': ', 1)[-1]}")
+        except ConfigError as exc:  # its weights past the memory budget
+            line.fail(source, f"{line.layer}: {exc}")
         layers.append(layer)
         current = line.target
     return Stack(layers, input_shape)
