@@ -31,6 +31,7 @@ from readme_block import replace_block  # noqa: E402
 from jfactor.experiment.run import run  # noqa: E402
 from jfactor.experiment.sweep import run_sweep  # noqa: E402
 from jfactor.report import markdown_table  # noqa: E402
+import arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "ablations"
@@ -145,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=[*STUDIES, "all"])
     parser.add_argument("--tiny", action="store_true", help="tiny variants; print only")
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
+    parser.add_argument("--runs-dir", type=arguments.output_dir, default=ROOT / "runs")
     args = parser.parse_args()
     for study in STUDIES if args.study == "all" else [args.study]:
         table, columns, fig = STUDIES[study](args.runs_dir, args.tiny)

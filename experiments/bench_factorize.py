@@ -61,6 +61,7 @@ from jfactor import kernels
 from jfactor.factorize import Chain, Solver, api, factorize, factorize_batch, load_images
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize.init import random_init
+import arguments
 
 FAMILIES = ("gaussian", "box", "log", "dog", "gabor", "disk", "motion_blur", "random_normal", "randint")
 FAMILY_PARAMS = {"randint": {"low": -4, "high": 5}}  # the seed's randint(-4, 5)
@@ -404,8 +405,9 @@ def main() -> None:
     parser.add_argument("--batch-restarts", type=int, default=4, help="D: restarts per target")
     parser.add_argument("--tiny", action="store_true", help="smoke run: small targets and solver, n <= 8")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--out", type=Path, help="also write the JSON to this file")
-    parser.add_argument("--out-dir", type=Path, help="also write the JSON to OUT_DIR/<device>/bench_factorize.json")
+    parser.add_argument("--out", type=arguments.kept_json, help="also write the JSON to this file")
+    parser.add_argument("--out-dir", type=arguments.output_dir,
+                        help="also write the JSON to OUT_DIR/<device>/bench_factorize.json")
     parser.add_argument("--reuse-scipy", type=Path, metavar="JSON",
                         help="A: take scipy's results (same seeded starts) from this earlier JSON instead of rerunning")
     args = parser.parse_args()

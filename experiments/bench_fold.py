@@ -48,6 +48,7 @@ import jfactor  # noqa: F401  (float64 on)
 from jfactor import batch
 from jfactor.stack_config import load_stack
 from readme_block import replace_block
+import arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "seed" / "section8_avgpool.yaml"
@@ -342,19 +343,20 @@ def crossover_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10_000, help="stacks per batch")
+    parser.add_argument("--n", type=arguments.positive_int, default=10_000, help="stacks per batch")
     parser.add_argument("--sweep", help="comma-separated N values, each in a fresh process")
     parser.add_argument("--crossover", action="store_true", help="time shift / fft / gather / chain per composition")
     parser.add_argument("--method", default="auto", choices=batch.METHODS)
     parser.add_argument("--methods", help="with --sweep: comma-separated methods, each N run with each")
-    parser.add_argument("--devices", type=int, default=1,
+    parser.add_argument("--devices", type=arguments.positive_int, default=1,
                         help="split the CPU into this many XLA devices and shard the batch over them")
-    parser.add_argument("--baseline-n", type=int, default=200, help="stacks the scipy loop is timed on")
-    parser.add_argument("--repeats", type=int, default=3, help="warm calls; the best is reported")
+    parser.add_argument("--baseline-n", type=arguments.positive_int, default=200,
+                        help="stacks the scipy loop is timed on")
+    parser.add_argument("--repeats", type=arguments.positive_int, default=3, help="warm calls; the best is reported")
     parser.add_argument("--tiny", action="store_true", help="smoke run: one warm call, small probes")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--out", type=Path, help="also write the JSON to this file")
-    parser.add_argument("--out-dir", type=Path, help="also write the JSON to OUT_DIR/<device>/NAME")
+    parser.add_argument("--out", type=arguments.output_file, help="also write the JSON to this file")
+    parser.add_argument("--out-dir", type=arguments.output_dir, help="also write the JSON to OUT_DIR/<device>/NAME")
     parser.add_argument("--readme", action="store_true",
                         help="only rewrite README's bench_fold_devices block from "
                              "experiments/results/*/bench_fold*.json")

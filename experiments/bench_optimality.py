@@ -35,7 +35,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import devices
 import jax
@@ -47,6 +46,7 @@ from jfactor import kernels
 from jfactor.factorize import Chain, SearchPolicy, factorize
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize.init import random_init
+import arguments
 
 RESULTS_NAME = "bench_optimality.json"
 MARGIN = 1.01
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
                              "choice looked at them)")
     parser.add_argument("--only", help="comma-separated target names")
     parser.add_argument("--tiny", action="store_true", help="two 5x5 targets, a small reference; numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=arguments.kept_json, default=None,
                         help=f"JSON file (default experiments/results/<device>/{RESULTS_NAME})")
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     parser.add_argument("--readme", action="store_true", help="also rewrite README's bench_optimality block")

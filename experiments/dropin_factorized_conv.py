@@ -33,7 +33,6 @@ import math
 import platform
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +45,7 @@ from jfactor import kernels
 from jfactor.analysis import program_macs
 from jfactor.factorize import Chain, Solver
 from jfactor.interop.factorized_conv import FactorizedConv
+import arguments
 
 IMAGES = ("camera", "astronaut", "coins", "moon")
 KINDS = ("gaussian", "smooth", "random")
@@ -246,17 +246,18 @@ def chains(args) -> list[Chain]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--channels", type=int, default=4, help="C, the model's width")
-    parser.add_argument("--kernel-size", type=int, default=15, help="the large layer's kernel size")
-    parser.add_argument("--size", type=int, default=256, help="image side")
+    parser.add_argument("--channels", type=arguments.positive_int, default=4, help="C, the model's width")
+    parser.add_argument("--kernel-size", type=arguments.positive_int, default=15, help="the large layer's kernel size")
+    parser.add_argument("--size", type=arguments.positive_int, default=256, help="image side")
     parser.add_argument("--solver", choices=("lbfgs", "lm"), default="lbfgs")
     parser.add_argument("--steps", type=int, default=2000, help="solver steps of each factorization")
-    parser.add_argument("--restarts", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=15, help="warm timed calls; the best is reported")
+    parser.add_argument("--restarts", type=arguments.positive_int, default=4)
+    parser.add_argument("--repeats", type=arguments.positive_int, default=15,
+                        help="warm timed calls; the best is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="smoke run: C=1, 7x7, 32x32 images, chain 3 -> 5, LM")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--out", type=arguments.output_file, help="also write the JSON here")
     args = parser.parse_args()
     if args.tiny:
         args.channels, args.kernel_size, args.size, args.repeats = 1, 7, 32, 2

@@ -33,6 +33,7 @@ from onnx.backend.test.case.node import collect_testcases
 import jfactor as jf
 from jfactor.errors import JFactorError
 from jfactor.interop.onnx import compare_outputs, fold_model, with_constant_inputs, with_random_weights
+import arguments
 
 OPS = {"Conv", "AveragePool", "BatchNormalization", "Pad", "Add", "Sum", "Mul", "Concat", "Identity", "Dropout"}
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -101,7 +102,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="light models, comma-separated")
-    parser.add_argument("--out", type=Path, help="write the JSON here")
+    parser.add_argument("--out", type=arguments.output_file, help="write the JSON here")
     parser.add_argument("--json", action="store_true", help="print the JSON only")
     args = parser.parse_args()
     import onnxruntime

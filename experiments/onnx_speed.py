@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from jfactor.interop.onnx import compare_outputs, fold_model, with_random_weights
 from jfactor.interop.onnx_examples import repvgg
+import arguments
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -113,7 +114,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="smoke run: 16x16 input, 4 channels, 2 repeats")
-    parser.add_argument("--out", type=Path, help="write the JSON here")
+    parser.add_argument("--out", type=arguments.output_file, help="write the JSON here")
     parser.add_argument("--json", action="store_true", help="print the JSON only")
     args = parser.parse_args()
     if args.tiny:

@@ -42,6 +42,7 @@ from jfactor.factorize.objectives import load_images
 
 sys.path.insert(0, str(Path(__file__).parent))
 from readme_block import replace_block  # noqa: E402
+import arguments
 
 IMAGES = ("astronaut", "coffee", "chelsea")
 DEFAULT_OUT = Path(__file__).parent / "results" / "repvgg_reparam.json"
@@ -196,7 +197,8 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="5 steps on 4 small crops (a smoke run)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON (the default rewrites README too)")
+    parser.add_argument("--out", type=arguments.output_file, default=DEFAULT_OUT,
+                        help="the JSON (the default rewrites README too)")
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.size, args.train, args.test = 5, 12, 3, 3

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).parent.parent
 
@@ -109,3 +110,20 @@ def test_bench_optimality_without_kept_results_refuses_rather_than_compute_for_h
     for args in ([], ["--defaults"], ["--long-search", "--only", "ring 15x15"]):
         assert bench_optimality.main(args) == 2
         assert "has no best-known optimum" in capsys.readouterr().err and not missing.exists()
+
+
+@pytest.mark.parametrize("args,named", [
+    (["experiments/bench_fold.py", "--n", "8", "--tiny", "--out-dir", "{d}/afile"], "argument --out-dir"),
+    (["experiments/bench_fold.py", "--n", "0", "--tiny"], "argument --n: 0 must be a positive integer"),
+    (["experiments/bench_factorize.py", "--tiny", "--parts", "B", "--out", "{d}"], "is a directory"),
+    (["experiments/bench_optimality.py", "--tiny", "--out", "{d}/bad.json"], "holds earlier results that are not JSON"),
+    (["experiments/ablation.py", "optimizer_init", "--tiny", "--runs-dir", "{d}/afile"], "argument --runs-dir"),
+])
+def test_experiment_flags_fail_before_any_compute_with_one_line(tmp_path, args, named):
+    """Each of these once ran its whole bench first and then crashed writing its results."""
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "bad.json").write_text("{bad")
+    result = subprocess.run([sys.executable, *(a.format(d=tmp_path) for a in args)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert named in result.stderr.strip().splitlines()[-1]
