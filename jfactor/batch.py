@@ -66,7 +66,7 @@ from jfactor.cache import enable_compilation_cache
 from jfactor.errors import ConfigError, StackError
 from jfactor.fold import conv_from_affine, fold_layers, has_bias
 from jfactor.layers import Conv
-from jfactor.sharding import batch_mesh, shard_batch, sharded_call
+from jfactor.sharding import batch_mesh, check_mesh, shard_batch, sharded_call
 from jfactor.stack import Stack
 
 METHODS = ("auto", "shift", "fft", "gather", "chain")
@@ -591,6 +591,7 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
     """
     if method not in METHODS:
         raise ConfigError(f"fold_batch: method must be one of {METHODS}, got {method!r}")
+    check_mesh(mesh, shard)
     n = batch_size(stacks)
     dtype = jnp.dtype(floating(dtype or stacks.dtype, "fold_batch"))
     try:

@@ -13,6 +13,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jfactor.errors import ConfigError
+
+
+def check_mesh(mesh, shard) -> None:
+    """A :class:`ConfigError` unless ``mesh`` is None or a ``jax.sharding.Mesh`` and ``shard`` a bool."""
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise ConfigError(f"mesh must be a jax.sharding.Mesh (jfactor.sharding.batch_mesh(devices) makes one), got "
+                          f"{type(mesh).__name__}")
+    if not isinstance(shard, bool):
+        raise ConfigError(f"shard must be True or False, got {shard!r}")
+
 
 def batch_mesh(devices=None) -> jax.sharding.Mesh:
     """A 1-D mesh named ``"batch"`` over ``devices`` (default: all, on every process)."""
@@ -82,6 +93,7 @@ def sharded_call(fn, batch, *, mesh: jax.sharding.Mesh | None = None, shard: boo
     docstring says; the outputs are the first N items, identical on every process.  ``fn``
     must treat items independently (padding repeats item 0) and be called by every process.
     """
+    check_mesh(mesh, shard)
     if mesh is None and not shard:
         return fn(batch)
     mesh = mesh if mesh is not None else batch_mesh()

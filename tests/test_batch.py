@@ -320,3 +320,11 @@ def test_fold_batch_refuses_integer_dtypes_and_non_finite_items():
     broken = jax.tree.map(lambda w: w.at[1].set(np.nan), stacks)  # edited after stack_batch checked it
     with pytest.raises(jf.StackError, match=r"the folds of 1 of 3 items are not finite \(the first: item 1\)"):
         jf.batch.fold_batch(broken)
+
+
+@pytest.mark.parametrize("options,match", [({"mesh": "cpu"}, "mesh must be a jax.sharding.Mesh"),
+                                           ({"shard": "no"}, "shard must be True or False")])
+def test_fold_batch_refuses_a_mesh_or_shard_of_the_wrong_type(options, match):
+    one = jf.Stack([jf.Conv(np.ones((3, 3, 1, 1)))], input_shape=(8, 8, 1))
+    with pytest.raises(jf.ConfigError, match=match):
+        jf.batch.fold_batch(jf.batch.stack_batch([one, one]), **options)

@@ -288,3 +288,15 @@ def test_a_batched_target_starts_like_a_single_call_with_its_seed():
     batched = factorize_batch(targets, Chain.build([3, 5]), solver=FAST, restarts=3, seed=5)
     single = factorize(targets[1], Chain.build([3, 5]), solver=FAST, restarts=3, seed=6, baselines=())
     np.testing.assert_allclose(batched[1].restart_errors, single.restart_errors, rtol=1e-6)
+
+
+def test_search_and_cheapest_under_refuse_arguments_of_the_wrong_kind():
+    from jfactor.factorize import cheapest_under, search
+
+    with pytest.raises(FactorizationError, match="layers must be a non-empty list"):
+        search(np.ones((5, 5)), layers=2)
+    with pytest.raises(FactorizationError, match="sizes must be a non-empty list"):
+        search(np.ones((5, 5)), sizes=5)
+    for bad in ("0.1", float("nan"), -1.0):
+        with pytest.raises(jf.ConfigError, match="max_error must be a relative error >= 0"):
+            cheapest_under([], bad)

@@ -230,3 +230,9 @@ def test_a_layer_whose_weights_pass_the_memory_budget_is_refused_before_they_are
     text = "x = Input(shape=(28, 28, 1))\nx = Conv2D(100000, 3)(x)\nx = Conv2D(100000, 3)(x)\n"
     with pytest.raises(jf.ConfigError, match=r"huge.txt:3: Conv2D: weights of shape \(3, 3, 100000, 100000\) needs"):
         parse_keras(text, source="huge.txt")  # was a MemoryError drawing 720 GB
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0"])
+def test_a_bad_seed_is_a_config_error(seed):
+    with pytest.raises(jf.ConfigError, match="seed must be a non-negative integer"):
+        parse_keras("x = Input(shape=(8, 8, 1))\nx = Conv2D(1, 3)(x)\n", seed=seed)

@@ -248,9 +248,11 @@ def _build(model: list[_Line], source: str, init: str, seed: int) -> Stack:
     return Stack(layers, input_shape)
 
 
-def _check_init(init: str) -> None:
+def _check_init(init: str, seed) -> None:
     if init not in weights.INITS:
         raise ConfigError(f"init must be one of {', '.join(weights.INITS)}; got {init!r}")
+    if not _checks.is_int(seed) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 def parse_keras(text: str, *, source: str = "<text>", init: str = "normal", seed: int = 0) -> Stack:
@@ -268,7 +270,7 @@ def parse_keras(text: str, *, source: str = "<text>", init: str = "normal", seed
         Python, a layer that is not linear or not read, arguments that do not fit, a
         missing Input line, or several models (read those with :func:`parse_keras_blocks`).
     """
-    _check_init(init)
+    _check_init(init, seed)
     models = _models(_lines(text, source), source)
     if len(models) > 1:
         models[1][0].fail(source, f"a second Input line: this text holds {len(models)} models; keep one "
@@ -283,7 +285,7 @@ def parse_keras_blocks(text: str, *, source: str = "<text>", init: str = "normal
     Each model's convs are numbered from 0, so a model gets the weights
     :func:`parse_keras` gives it alone.  Arguments and errors as in :func:`parse_keras`.
     """
-    _check_init(init)
+    _check_init(init, seed)
     return [_build(model, source, init, seed) for model in _models(_lines(text, source), source)]
 
 
