@@ -192,7 +192,10 @@ def _conv(args: dict, ndim: int, shape: Shape, init: str, seed: int) -> Conv:
     size = _checks.expand(_checks.positive_ints(args["kernel_size"], "kernel_size", "conv"), ndim,
                           "kernel_size", "conv")
     kshape = size + (shape[-1] // groups, filters)
-    kernel = weights.initialize(init, kshape, seed=seed, std=_checks.prod(kshape[:-1]) ** -0.5)
+    try:
+        kernel = weights.initialize(init, kshape, seed=seed, std=_checks.prod(kshape[:-1]) ** -0.5)
+    except ConfigError as exc:  # past the memory budget: refused before drawing
+        raise StackError(f"conv: {exc}") from None
     if not isinstance(args["use_bias"], bool):
         raise StackError(f"conv: use_bias must be True or False, got {args['use_bias']!r}")
     bias = weights.initialize("zeros", (filters,)) if args["use_bias"] else None
@@ -241,8 +244,6 @@ def _build(model: list[_Line], source: str, init: str, seed: int) -> Stack:
             shape = layer.out_shape(shape, line.layer)
         except StackError as exc:
             line.fail(source, f"{line.layer}: {str(exc).split(': ', 1)[-1]}")
-        except ConfigError as exc:  # its weights past the memory budget
-            line.fail(source, f"{line.layer}: {exc}")
         layers.append(layer)
         current = line.target
     return Stack(layers, input_shape)
