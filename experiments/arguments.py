@@ -2,6 +2,8 @@
 
     parser.add_argument("--out", type=arguments.output_file)
     parser.add_argument("--n", type=arguments.positive_int)
+
+(:func:`kept_json` for a results file a script reads back before it adds to it.)
 """
 
 from __future__ import annotations
@@ -25,8 +27,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1."""
+    return [positive_int(part.strip()) for part in text.split(",")]
+
+
 def output_dir(text: str) -> Path:
-    """A directory that exists and is writable, or can be made."""
+    """A directory that exists and is writable, or can be made; not an empty path (an unset
+    shell variable would otherwise mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a directory (. for the current one)")
     try:
         return rundir.check_writable(Path(text))
     except ConfigError as exc:

@@ -400,7 +400,7 @@ def main() -> None:
     parser.add_argument("--widths", type=lambda t: [int(w) for w in t.split(",")], default=[1, 2, 4, 8, 16],
                         help="C: chain widths")
     parser.add_argument("--width-restarts", type=int, default=16, help="C: restarts per width")
-    parser.add_argument("--n", type=int, default=1024, help="D: targets in the batch")
+    parser.add_argument("--n", type=arguments.positive_int, default=1024, help="D: targets in the batch")
     parser.add_argument("--single-n", type=int, default=16, help="D: targets timed with single calls")
     parser.add_argument("--batch-restarts", type=int, default=4, help="D: restarts per target")
     parser.add_argument("--tiny", action="store_true", help="smoke run: small targets and solver, n <= 8")
@@ -411,6 +411,11 @@ def main() -> None:
     parser.add_argument("--reuse-scipy", type=Path, metavar="JSON",
                         help="A: take scipy's results (same seeded starts) from this earlier JSON instead of rerunning")
     args = parser.parse_args()
+    if args.out_dir:  # the kept results there are read back too: check them before the bench runs
+        try:
+            arguments.kept_json(str(args.out_dir / devices.slug() / "bench_factorize.json"))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --out-dir: {exc}")
 
     s = setup(args)
     result = {"device": devices.describe(), "device_slug": devices.slug(), "device_bound": devices.bound(args.tiny),

@@ -344,7 +344,8 @@ def crossover_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=arguments.positive_int, default=10_000, help="stacks per batch")
-    parser.add_argument("--sweep", help="comma-separated N values, each in a fresh process")
+    parser.add_argument("--sweep", type=arguments.positive_ints,
+                        help="comma-separated N values, each in a fresh process")
     parser.add_argument("--crossover", action="store_true", help="time shift / fft / gather / chain per composition")
     parser.add_argument("--method", default="auto", choices=batch.METHODS)
     parser.add_argument("--methods", help="with --sweep: comma-separated methods, each N run with each")
@@ -381,7 +382,7 @@ def main() -> None:
                   "device_slug": devices.slug()}
         text = crossover_table(result["crossover"])
     elif args.sweep:
-        result = {"sweep": sweep([int(n) for n in args.sweep.split(",")], methods, args),
+        result = {"sweep": sweep(args.sweep, methods, args),
                   "device": devices.describe(), "device_slug": devices.slug()}
         text = sweep_table(result["sweep"])
     else:

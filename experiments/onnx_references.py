@@ -117,6 +117,7 @@ def main() -> None:
         result["models"].append(light_model(name))
         print(f"{name}: {result['models'][-1]['folded']} segments folded", file=sys.stderr, flush=True)
         if args.out:  # after every model: a long run keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
     text = json.dumps(result, indent=1)
     print(text if args.json else markdown(result))

@@ -128,6 +128,7 @@ def main() -> None:
               "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores visible)",
               **measure(model, batch=args.batch, repeats=args.repeats, threads=args.threads)}
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1) if args.json else table(args.model, result))
 

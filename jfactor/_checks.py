@@ -41,14 +41,16 @@ def assignments(items, flag: str, form: str) -> list[tuple[str, str]]:
 
 
 def floating(dtype, where: str):
-    """``dtype`` as a numpy dtype if it is a real floating one; a :class:`ConfigError` naming ``where`` otherwise."""
+    """``dtype`` as a dtype if it is a real floating one (bfloat16 too); a :class:`ConfigError`
+    naming ``where`` otherwise (``where`` says whose dtype it is)."""
     try:
-        dtype = np.dtype(dtype)
+        dtype = jnp.dtype(dtype)
     except TypeError:
-        raise ConfigError(f"{where}: dtype {dtype!r} is not a dtype; use float32 or float64") from None
-    if not np.issubdtype(dtype, np.floating):
-        raise ConfigError(f"{where}: dtype must be a floating dtype (float32 or float64), got {dtype}; "
-                          "integer weights would be truncated")
+        raise ConfigError(f"{where}: {dtype!r} is not a dtype; use float32 or float64") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        why = ("integer weights would be truncated" if jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.dtype(bool)
+               else "jfactor works with real floating weights")
+        raise ConfigError(f"{where} must be a floating dtype (float32 or float64), got {dtype}: {why}")
     return dtype
 
 

@@ -42,8 +42,8 @@ and strips the padding; the result equals the single-device one.  Under
 devices, and every process gets the whole result (:func:`jfactor.sharding.sharded_call`).
 
 Compilation happens once per structure, N, dtype and method (``_fold._cache_size()``
-counts them); :func:`enable_compilation_cache` (from :mod:`jfactor.cache`) keeps compiled folds across
-processes.
+counts them; the finiteness check of the result is one small program more per result shape);
+:func:`enable_compilation_cache` (from :mod:`jfactor.cache`) keeps compiled folds across processes.
 """
 
 from __future__ import annotations
@@ -588,12 +588,19 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
 
     Returns:
       :class:`BatchFolded` with kernel (N, *K, C_in, C_out) and bias (N, C_out).
+
+    Raises:
+      ConfigError: an unknown method, a dtype that is not floating (integer weights would fold
+        truncated), a mesh or shard of the wrong type.
+      StackError: items that are not valid stacks, or whose folds are not finite (NaN or inf
+        weights, an overflow): found by one more jitted reduction over the result, whose value
+        it waits for (not under ``jax.jit``, where the result is not concrete).
     """
     if method not in METHODS:
         raise ConfigError(f"fold_batch: method must be one of {METHODS}, got {method!r}")
     check_mesh(mesh, shard)
     n = batch_size(stacks)
-    dtype = jnp.dtype(floating(dtype or stacks.dtype, "fold_batch"))
+    dtype = floating(dtype or stacks.dtype, "fold_batch: dtype" if dtype else "fold_batch: the weights' dtype")
     try:
         if method == "auto":
             devices = list(mesh.devices.flat) if mesh is not None else jax.devices() if shard else jax.devices()[:1]
@@ -605,6 +612,8 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
             f"valid stack; does every weight carry the batch axis first? {exc}"
         ) from exc
     folded = jax.tree.map(jnp.asarray, folded)
+    if not is_concrete(folded.kernel):  # under jax.jit or jax.grad: the caller's to check
+        return folded
     bad = np.flatnonzero(np.asarray(_non_finite_items(folded.kernel, folded.bias)))  # a pass on its device
     if bad.size:
         raise StackError(f"fold_batch: the folds of {bad.size} of {n} items are not finite (the first: item {bad[0]}): "
@@ -614,9 +623,9 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
 
 @jax.jit
 def _non_finite_items(kernel, bias):
-    """Which items (axis 0) of a batched fold have a non-finite kernel or bias: a bool per item."""
+    """Which items (axis 0) of a batched fold, kernel (N, ...) and bias (N, C_out), are not finite: (N,) bool."""
     rows = lambda a: jnp.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)  # noqa: E731
-    return ~(rows(kernel) & (True if bias is None else rows(bias)))
+    return ~(rows(kernel) & rows(bias))
 
 
 def _structure_error(stacks: Sequence[Stack], i: int) -> StackError:

@@ -66,7 +66,8 @@ class Stack:
     def astype(self, dtype) -> Stack:
         """The same stack with every weight cast to ``dtype`` (a floating dtype: integer weights
         would fold truncated)."""
-        return jax.tree_util.tree_map(lambda a: a.astype(_checks.floating(dtype, "Stack.astype")), self)
+        dtype = _checks.floating(dtype, "Stack.astype: dtype")
+        return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
 
     def with_input_shape(self, input_shape) -> Stack:
         """The same layers bound to another input shape (re-validated)."""

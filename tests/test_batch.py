@@ -328,3 +328,11 @@ def test_fold_batch_refuses_a_mesh_or_shard_of_the_wrong_type(options, match):
     one = jf.Stack([jf.Conv(np.ones((3, 3, 1, 1)))], input_shape=(8, 8, 1))
     with pytest.raises(jf.ConfigError, match=match):
         jf.batch.fold_batch(jf.batch.stack_batch([one, one]), **options)
+
+
+def test_fold_batch_still_traces_under_jit_and_bfloat16_is_a_floating_dtype():
+    one = jf.Stack([jf.Conv(np.ones((3, 3, 1, 1))), jf.Conv(np.full((3, 3, 1, 1), 0.5))], input_shape=(8, 8, 1))
+    stacks = jf.batch.stack_batch([one, one])
+    traced = jax.jit(lambda s: jf.batch.fold_batch(s).kernel)(stacks)  # no finiteness check on tracers
+    np.testing.assert_allclose(traced, jf.batch.fold_batch(stacks).kernel)
+    assert one.astype(jnp.bfloat16).dtype == jnp.bfloat16

@@ -300,3 +300,10 @@ def test_search_and_cheapest_under_refuse_arguments_of_the_wrong_kind():
     for bad in ("0.1", float("nan"), -1.0):
         with pytest.raises(jf.ConfigError, match="max_error must be a relative error >= 0"):
             cheapest_under([], bad)
+
+
+def test_search_takes_any_sequence_of_candidates():
+    from jfactor.factorize.search import candidates
+
+    chains = candidates(jf.factorize.Target.from_array(np.ones((5, 5))), sizes=range(3, 6, 2), layers=np.array([1, 2]))
+    assert {c.extent for c in chains} == {(5, 5), (7, 7)}  # within the default slack of 2

@@ -206,12 +206,12 @@ def test_the_dropin_experiment_runs(tmp_path):
 
 def test_bad_dtypes_biases_and_options_are_refused_before_any_factorization():
     conv = nnx.Conv(1, 1, (5, 5), rngs=nnx.Rngs(0), param_dtype=np.float64, dtype=np.float64)
-    with pytest.raises(jf.ConfigError, match="from_conv: param_dtype: dtype must be a floating dtype"):
+    with pytest.raises(jf.ConfigError, match="from_conv: param_dtype must be a floating dtype"):
         FactorizedConv.from_conv(conv, (3, 3), param_dtype=np.int32)  # was an all-zero layer
     with pytest.raises(FactorizationError, match="runs no baselines"):
         FactorizedConv.from_conv(conv, (3, 3), baselines=("svd",))
     factors = [np.ones((3, 3, 1, 1)), np.ones((3, 3, 1, 1))]
     with pytest.raises(FactorizationError, match=r"bias has 1 non-finite value\(s\)"):
         FactorizedConv(factors, Chain.build([3, 3]), kernel_size=5, bias=np.array([np.nan]))
-    with pytest.raises(jf.ConfigError, match="FactorizedConv: param_dtype: dtype must be a floating dtype"):
+    with pytest.raises(jf.ConfigError, match="FactorizedConv: param_dtype must be a floating dtype"):
         FactorizedConv(factors, Chain.build([3, 3]), kernel_size=5, param_dtype=np.int8)

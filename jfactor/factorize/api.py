@@ -34,7 +34,7 @@ from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, factor_fits, gram_factor, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
 from jfactor.progress import ProgressBar
-from jfactor.sharding import sharded_call
+from jfactor.sharding import check_mesh, sharded_call
 from jfactor.schema import unknown_key
 
 DEFAULT_IMAGES = ("camera", "astronaut", "coins")
@@ -414,6 +414,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         raise ConfigError(f"objective must be a name ('kernel', 'images', 'spectral') or an Objective, got "
                           f"{type(objective).__name__}")
     baselines = _checked_baselines(baselines)
+    check_mesh(mesh, shard)
     solver = solver or Solver()
     policy = dataclasses.replace(search or SearchPolicy(), **{k: v for k, v in
                                                               (("restarts", restarts), ("budget_s", budget_s))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,9 +45,11 @@ class Candidate:
 def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2, 3),
                slack: int = 2, limit: int = 200) -> list[Chain]:
     """Chains from the given sets whose receptive field is within [size, size + slack] per dim."""
-    for name, values in (("sizes", sizes), ("dilations", dilations), ("widths", widths), ("layers", layers)):
-        if not isinstance(values, (list, tuple)) or not values:
+    sets = {"sizes": sizes, "dilations": dilations, "widths": widths, "layers": layers}
+    for name, values in sets.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)) or not len(values):
             raise FactorizationError(f"{name} must be a non-empty list (a set of candidates), got {values!r}")
+    sizes, dilations, widths, layers = (list(values) for values in sets.values())
     if not all(is_int(n) and n >= 1 for n in layers):
         raise FactorizationError(f"layers must be positive integers, got {list(layers)}")
     if not is_int(slack) or slack < 0:
@@ -100,7 +104,7 @@ def search(target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2
 
 def cheapest_under(front: list[Candidate], max_error: float) -> Candidate | None:
     """The front's cheapest chain with ``rel_error <= max_error`` (None if none is that good)."""
-    if isinstance(max_error, bool) or not isinstance(max_error, (int, float, np.floating)) or not max_error >= 0:
+    if isinstance(max_error, bool) or not isinstance(max_error, numbers.Real) or not max_error >= 0:
         raise ConfigError(f"max_error must be a relative error >= 0, got {max_error!r}")
     fitting = [c for c in front if c.on_front and c.rel_error <= max_error]
     return min(fitting, key=lambda c: c.macs) if fitting else None

@@ -146,7 +146,9 @@ class FactorizedConv(nnx.Module):
         Raises:
           FactorizationError: grouped convs, a conv nnx computes otherwise than one
             convolution, strides the chain does not multiply to, a chain whose receptive
-            field is smaller than the kernel, or a factorization that failed.
+            field is smaller than the kernel, ``baselines`` among the options (none run), or
+            a factorization that failed.
+          ConfigError: a ``param_dtype`` that is not floating (checked before factorizing).
         """
         if param_dtype is not None:  # before the factorization, not after it
             _checks.floating(param_dtype, "FactorizedConv.from_conv: param_dtype")
