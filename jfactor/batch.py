@@ -517,9 +517,13 @@ def _fold(stack: Stack, dtype, method: str) -> BatchFolded:
 def fold_plan(stacks: Stack, method: str = "auto", dtype=None) -> tuple[Composition, ...]:
     """The compositions :func:`fold_batch` runs with ``method`` (``"auto"``: the CPU's per-composition
     picks), found by tracing the fold abstractly (nothing computed); cached per structure and shapes."""
+    n = batch_size(stacks)  # a batched stack, or a clear error
     dtype = jnp.dtype(dtype or stacks.dtype)
     shapes = tuple(leaf.shape for leaf in jax.tree.leaves(stacks))
-    return _cached_plan(jax.tree.structure(stacks), shapes, dtype, method)
+    try:
+        return _cached_plan(jax.tree.structure(stacks), shapes, dtype, method)
+    except StackError as exc:
+        raise _not_an_item(exc, n) from exc
 
 
 @functools.lru_cache(maxsize=256)
@@ -548,6 +552,12 @@ def auto_method(stacks: Stack, platform: str, n_per_device: int, dtype=None) -> 
     itemsize = jnp.dtype(dtype or stacks.dtype).itemsize
     return min(("chain", "fft", "shift"),
                key=lambda m: modelled_seconds(fold_plan(stacks, m, dtype), n_per_device, ACCELERATOR, itemsize))
+
+
+def _not_an_item(exc: StackError, n: int) -> StackError:
+    """The error of a batch whose items (weights without their leading axis N) are not valid stacks."""
+    return StackError(f"one item of the batch (the weights without their leading axis, N = {n}) is not a valid "
+                      f"stack; does every weight carry the batch axis first? {exc}")
 
 
 def batch_size(stacks: Stack) -> int:
@@ -607,10 +617,7 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
             method = auto_method(stacks, devices[0].platform, -(-n // len(devices)), dtype)
         folded = sharded_call(lambda s: _fold(s, dtype, method), stacks, mesh=mesh, shard=shard)
     except StackError as exc:
-        raise StackError(
-            f"one item of the batch (the weights without their leading axis, N = {n}) is not a "
-            f"valid stack; does every weight carry the batch axis first? {exc}"
-        ) from exc
+        raise _not_an_item(exc, n) from exc
     folded = jax.tree.map(jnp.asarray, folded)
     if not is_concrete(folded.kernel):  # under jax.jit or jax.grad: the caller's to check
         return folded

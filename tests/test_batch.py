@@ -336,3 +336,9 @@ def test_fold_batch_still_traces_under_jit_and_bfloat16_is_a_floating_dtype():
     traced = jax.jit(lambda s: jf.batch.fold_batch(s).kernel)(stacks)  # no finiteness check on tracers
     np.testing.assert_allclose(traced, jf.batch.fold_batch(stacks).kernel)
     assert one.astype(jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_fold_plan_of_an_unbatched_stack_says_what_a_batch_is():
+    unbatched = jf.Stack([jf.Conv(np.ones((3, 3, 1, 2))), jf.Conv(np.ones((3, 3, 2, 1)))], input_shape=(8, 8, 1))
+    with pytest.raises(jf.StackError, match="one item of the batch .* is not a valid stack"):
+        jf.batch.fold_plan(unbatched)  # was jax's ValueError from vmap

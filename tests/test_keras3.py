@@ -179,3 +179,8 @@ def test_import_jfactor_imports_no_optional_framework():
                             cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_model_without_an_input_is_a_clear_error():
+    with pytest.raises(StackError, match="the model is not built, so its input shape is unknown"):
+        from_keras(keras.Sequential([keras.layers.Conv2D(3, 3)]))  # was Keras's own AttributeError

@@ -358,3 +358,8 @@ def nnx_models(draw):
 @given(nnx_models())
 def test_round_trip_of_random_models(case):
     _assert_round_trip(*case)
+
+
+def test_to_nnx_refuses_rngs_that_are_not_nnx_rngs():
+    with pytest.raises(jf.StackError, match=r"rngs must be an nnx.Rngs \(nnx.Rngs\(5\), say\), got int"):
+        to_nnx(jf.Conv(np.ones((3, 3, 1, 1))), rngs=5)

@@ -160,6 +160,9 @@ def _node(layer, inputs: tuple[str, ...], output: str, shape: Shape | None) -> N
 
 def _graph(model) -> tuple[list[Node], str, str, dict]:
     """Nodes of ``model`` in order, its input and output tensor names, and every tensor's shape."""
+    if isinstance(model, keras.Model) and not model.built:
+        raise StackError(f"{model.name}: the model is not built, so its input shape is unknown; start it with "
+                         "keras.Input(shape=...) or call model.build((None, *spatial, C))")
     if isinstance(model, keras.Sequential):
         names = [layer.name for layer in model.layers]
         entries = [(layer, (before,), layer.name) for layer, before in zip(model.layers, ["input"] + names)]

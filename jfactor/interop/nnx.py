@@ -339,6 +339,8 @@ def to_nnx(obj, *, rngs=None):
     Raises:
       StackError: for another type, or a Residual/Branches layer (naming ``layers[i]``).
     """
+    if rngs is not None and not isinstance(rngs, nnx.Rngs):
+        raise StackError(f"to_nnx: rngs must be an nnx.Rngs (nnx.Rngs({rngs!r}), say), got {type(rngs).__name__}")
     if isinstance(obj, Conv):
         return _nnx_conv(obj, rngs)
     if not isinstance(obj, Stack):
