@@ -441,11 +441,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     if len(objective.stride) != first.ndim:
         raise ConfigError(f"objective stride {objective.stride} has {len(objective.stride)} entries for a "
                           f"{first.ndim}-D target")
-    objective = dataclasses.replace(objective, factored=False)  # factorize_batch decides (below)
     padding = check_chain(chain, first)
-    # adaptive searches screen restarts every ``segment`` LM iterations
-    problem = Problem(chain, first.c_in, first.c_out, objective,
-                      dataclasses.replace(solver, chunk=policy.segment) if policy.adaptive else solver)
     np_dtype = np.dtype(dtype)
     size = policy.wave_size
     extent = tuple(chain.extent)  # the target zero-padded to it
@@ -459,13 +455,17 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     image_shape = images.shape if images is not None else (2 * len(DEFAULT_IMAGES),) + (side,) * first.ndim + (
         first.c_in,)
     padded_shape = extent + first.kernel.shape[-2:]
+    # the images objective from the images' Gram factor where it fits (decided here, whatever the caller's
+    # objective said): the same steps, far fewer residuals
+    factored = objective.name == "images" and factor_fits(image_shape, padded_shape, objective.stride)
+    objective = dataclasses.replace(objective, factored=factored)
+    # adaptive searches screen restarts every ``segment`` LM iterations
+    problem = Problem(chain, first.c_in, first.c_out, objective,
+                      dataclasses.replace(solver, chunk=policy.segment) if policy.adaptive else solver)
     spec = lambda shape: jax.ShapeDtypeStruct(shape, np_dtype)  # noqa: E731
-    # the images objective from the images' Gram factor where it fits: the same steps, far fewer residuals
-    if objective.name == "images" and factor_fits(image_shape, padded_shape, objective.stride):
-        problem = dataclasses.replace(problem, objective=dataclasses.replace(objective, factored=True))
     taps = math.prod(padded_shape[:-1])
-    objective_shape = (taps, taps) if problem.objective.factored else image_shape
-    residuals = residual_size(problem.objective, spec(padded_shape),
+    objective_shape = (taps, taps) if factored else image_shape
+    residuals = residual_size(objective, spec(padded_shape),
                               spec(objective_shape) if objective.name == "images" else None)
     solve.check_hessian(problem, residuals)
     cost = budget.estimate(chain, first.c_in, first.c_out, problem.free, residuals, len(targets) * size,
@@ -496,7 +496,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     exact_blurs = (policy.exact_hessian and len(chain.layers) == 2 and any(m is not None for m in moves)
                    and solve.takes_exact_hessian(problem, residuals))
     objective_images = None if objective.name != "images" else jnp.asarray(
-        gram_factor(images, padded_shape, objective.stride) if problem.objective.factored else images, np_dtype)
+        gram_factor(images, padded_shape, objective.stride) if factored else images, np_dtype)
 
     def draw(b: int, wave: int) -> tuple[list[list], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Wave ``wave``'s starts of target ``b`` and, each (size,): which are fresh (drawn without
