@@ -233,20 +233,24 @@ def _jacobian(problem: Problem, free, frozen, target, images):
     return r, jac
 
 
-def _normal_equations(problem: Problem, free, frozen, target, exact=None):
+def _normal_equations(problem: Problem, free, frozen, target, exact=None, any_exact=True):
     """``J^T J`` (n, n) and ``J^T r`` (n,) of the kernel objective (whose residual is the
     kernel's error over the target's norm) by correlations (:func:`chain_normal_equations`);
     with ``solver.hessian == "full"``, or where ``exact`` (a bool, this restart's) is true, the
-    loss's exact Hessian in place of ``J^T J`` (:func:`chain_second_order` added)."""
+    loss's exact Hessian in place of ``J^T J`` (:func:`chain_second_order` added).  ``any_exact``
+    (a bool shared by every restart of a vmapped call, so a branch, not a select): whether any of
+    them is; where none is, the second-order term is not computed."""
     factors = factors_of(problem, free, frozen)
     scale = jnp.linalg.norm(target)
     error = (chain_kernel(factors, problem.chain) - target) / scale
     gram, gradient = chain_normal_equations(factors, problem.chain, problem.free, error)
     gram = gram / scale**2
     full = problem.solver.hessian == "full"
-    if full or exact is not None:
-        second = chain_second_order(factors, problem.chain, problem.free, error) / scale
-        gram = gram + (second if full else jnp.where(exact, second, 0.0))
+    second = lambda: chain_second_order(factors, problem.chain, problem.free, error) / scale  # noqa: E731
+    if full:
+        gram = gram + second()
+    elif exact is not None:
+        gram = gram + jnp.where(exact, lax.cond(any_exact, second, lambda: jnp.zeros_like(gram)), 0.0)
     return gram, gradient / scale
 
 
@@ -333,8 +337,9 @@ def _matrix_free_step(problem: Problem, x, unravel, frozen, jvp, vjp, g, mu, ite
     return delta
 
 
-def _lm_iterate(problem: Problem, state, template, frozen, target, images):
-    """One damped Gauss-Newton step of one restart; a done restart is returned unchanged."""
+def _lm_iterate(problem: Problem, state, template, frozen, target, images, any_exact=True):
+    """One damped Gauss-Newton step of one restart; a done restart is returned unchanged.
+    ``any_exact``: whether any restart of the vmapped call takes the exact Hessian (:func:`_normal_equations`)."""
     _, unravel = ravel_pytree(template)
     fn = lambda x: residual(problem, unravel(x), frozen, target, images)  # noqa: E731
     x, cost, mu, nu = state["x"], state["cost"], state["mu"], state["nu"]
@@ -347,7 +352,7 @@ def _lm_iterate(problem: Problem, state, template, frozen, target, images):
     if (solver.hessian == "full" or "exact" in state) and not normal:
         raise ValueError("the exact Hessian needs the normal equations' step (see check_hessian)")
     if normal:  # J^T J without J (m n^2 saved)
-        gram, g = _normal_equations(problem, unravel(x), frozen, target, state.get("exact"))
+        gram, g = _normal_equations(problem, unravel(x), frozen, target, state.get("exact"), any_exact)
         delta = _normal_step(gram, g, mu)
         curvature = jnp.vdot(delta, gram @ delta)
     elif dense_step(solver, m, n):
@@ -453,7 +458,7 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
     """
     if cover not in COVERS:
         raise ValueError(f"cover must be one of {COVERS}, got {cover!r}")
-    iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, None, None, 0, None))
+    iterate = jax.vmap(functools.partial(_lm_iterate, problem), in_axes=(0, None, None, 0, None, None))
     items = state["cost"].shape[0]
     block_sizes = jnp.asarray(blocks, jnp.int32)
     padded = -(-items // blocks[0]) * blocks[0]  # rows: the items, then done copies of the first
@@ -464,7 +469,10 @@ def lm_segment(problem: Problem, state, template, frozen, target, images, steps:
     def block(size: int):
         def run(offset, state, target):
             rows = lambda a: lax.dynamic_slice_in_dim(a, offset, size)  # noqa: E731
-            new = iterate(jax.tree.map(rows, state), template, frozen, rows(target), images)
+            block_state = jax.tree.map(rows, state)
+            # a block none of whose running restarts takes the exact Hessian skips its second-order term
+            any_exact = jnp.any(block_state["exact"] & ~block_state["done"]) if "exact" in state else True
+            new = iterate(block_state, template, frozen, rows(target), images, any_exact)
             return jax.tree.map(lambda a, n: lax.dynamic_update_slice_in_dim(a, n, offset, 0), state, new)
 
         return run
@@ -548,12 +556,16 @@ class Screening(NamedTuple):
         iterations stops if its loss is above ``cutoff**2`` times the target's lowest so far
         (:func:`_above_cutoff`; None: every survivor runs to convergence).
       cutoff_after: LM iterations before that check.
+      polish: once screening is over, the survivors take LM steps on the loss's exact Hessian
+        (as with ``Solver(hessian="full")``) where the normal equations give the step
+        (:func:`takes_exact_hessian`; elsewhere, and during screening, the solver's own steps).
     """
 
     keep: float
     floor: int
     cutoff: float | None = None
     cutoff_after: int = 0
+    polish: bool = False
 
 
 def _kept(size: int, prune: Screening) -> int:
@@ -608,7 +620,10 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     but where ``prune.cutoff`` is set, first up to ``prune.cutoff_after`` iterations, after which
     the survivors far above their target's best (:func:`_above_cutoff`, ``best_before`` (B,) its
     best loss before this batch, default none) stop as pruned: their minima cannot be the best,
-    and the slowest of them run on alone, where an iteration costs the most per restart.
+    and the slowest of them run on alone, where an iteration costs the most per restart.  Where
+    ``prune.polish`` is set, that rest takes the exact Hessian's steps where a step can
+    (:func:`takes_exact_hessian`): every restart's ``exact`` flag is set then, so the screening
+    chunks and the rest run one program.
     ``exact_hessian`` (B, R): the restarts whose steps take the loss's exact Hessian where the
     solver's is Gauss-Newton's (:func:`_normal_equations`; default: none).
     """
@@ -619,6 +634,10 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     state = jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), state)
     if exact_hessian is not None:
         state["exact"] = np.asarray(exact_hessian, bool).ravel()
+    polish = (prune is not None and prune.polish and problem.solver.hessian != "full"
+              and takes_exact_hessian(problem, residual_size(problem.objective, target[0], images)))
+    if polish and "exact" not in state:
+        state["exact"] = np.zeros(total, bool)
     # on the host like the state: a slice of sharded factors would make the segment one program over
     # every device they are sharded on, whose while-loop deadlocks XLA's CPU backend (jax 0.10.2);
     # sliced after the copy, as a slice on the device compiles two small programs per factor shape
@@ -647,6 +666,8 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
         length = (steps if cut else prune.cutoff_after) - done if rest else min(solver.chunk, steps - done)
         before = state["iterations"]
         # one program for every call: the iteration count is a traced limit, not a shape
+        if rest and polish:
+            state["exact"][:] = True
         state, costs = lm_segment(problem, state, template, frozen, target, images, steps, blocks, cover,
                                   np.asarray(length, np.int32))
         state = jax.tree.map(np.array, state)
