@@ -72,6 +72,8 @@ def test_unknown_hessian_and_exact_hessian_values_are_config_errors():
         Solver(hessian="newton")
     with pytest.raises(ConfigError, match="exact_hessian"):
         SearchPolicy(exact_hessian="yes")
+    with pytest.raises(ConfigError, match="polish"):
+        SearchPolicy(polish="yes")
 
 
 @pytest.mark.parametrize("kernel, sizes, policy, takes", [
@@ -80,8 +82,8 @@ def test_unknown_hessian_and_exact_hessian_values_are_config_errors():
     (kernels.make("log", 11), [3, 5, 5], SearchPolicy(), False),  # three layers
     (kernels.disk(9), [5, 5], SearchPolicy(), False),  # no blur starts: not band-pass
 ])
-def test_the_default_search_gives_the_exact_hessian_to_two_layer_blur_starts_only(monkeypatch, kernel, sizes,
-                                                                                  policy, takes):
+def test_the_default_search_flags_two_layer_blur_starts_only_for_the_exact_hessian(monkeypatch, kernel, sizes,
+                                                                                     policy, takes):
     seen = []
     refine = solve.refine
 
@@ -130,20 +132,25 @@ def _segments(monkeypatch, kernel, sizes, policy, **kwargs):
     return result, seen
 
 
-@pytest.mark.parametrize("policy, objective, polished", [
-    (SearchPolicy(max_restarts=64), "kernel", True),
-    (SearchPolicy(max_restarts=64, polish=False), "kernel", False),
-    (SearchPolicy(max_restarts=64), "spectral", False),  # its step does not come from the normal equations
+@pytest.mark.parametrize("kernel, sizes, policy, objective, first, polished", [
+    (kernels.make("log", 11), [3, 5, 5], SearchPolicy(max_restarts=64), "kernel", "gauss-newton", True),
+    (kernels.make("log", 11), [3, 5, 5], SearchPolicy(max_restarts=64, polish=False), "kernel", "gauss-newton", False),
+    # its step does not come from the normal equations
+    (kernels.make("log", 11), [3, 5, 5], SearchPolicy(max_restarts=64), "spectral", "gauss-newton", False),
+    # two layers, band-pass: the blur starts take the exact Hessian from the start, the others after screening
+    (kernels.gabor(9), [5, 5], SearchPolicy(max_restarts=64), "kernel", "mixed", True),
+    # a plain multistart: no screening, no polishing
+    (kernels.make("log", 11), [3, 5, 5], SearchPolicy(restarts=16), "kernel", "gauss-newton", False),
 ])
-def test_the_survivors_of_screening_and_only_they_step_on_the_exact_hessian(monkeypatch, policy, objective, polished):
-    """One wave: segments of successive halving on Gauss-Newton's steps, then (polished) the rest
-    to convergence on the exact Hessian's."""
-    _, seen = _segments(monkeypatch, kernels.make("log", 11), [3, 5, 5], policy, objective=objective,
-                        solver=Solver(refine_steps=200))
+def test_the_survivors_of_screening_and_only_they_step_on_the_exact_hessian(monkeypatch, kernel, sizes, policy,
+                                                                           objective, first, polished):
+    """One wave: segments of successive halving (or a plain run's chunks) on the restarts' own
+    steps, then (polished) the rest to convergence on the exact Hessian's."""
+    _, seen = _segments(monkeypatch, kernel, sizes, policy, objective=objective, solver=Solver(refine_steps=200))
     hessians = [h for h, _ in seen]
     screening = hessians.index("full") if polished else len(hessians)
-    assert screening > 1  # successive halving: several segments
-    assert hessians == ["gauss-newton"] * screening + ["full"] * (len(hessians) - screening)
+    assert screening > (0 if policy.restarts else 1)  # successive halving: several segments
+    assert hessians == [first] * screening + ["full"] * (len(hessians) - screening)
 
 
 def test_polishing_keeps_the_best_minimum_in_fewer_iterations(monkeypatch):
@@ -159,6 +166,38 @@ def test_polishing_keeps_the_best_minimum_in_fewer_iterations(monkeypatch):
     np.testing.assert_allclose(runs[True][0].rel_error, runs[False][0].rel_error, rtol=1e-6)
     iterations = {polish: sum(n for _, n in seen) for polish, (_, seen) in runs.items()}
     assert iterations[True] < 0.85 * iterations[False]
+
+
+def _conds(jaxpr) -> int:
+    """``cond`` equations in a jaxpr and every jaxpr nested in it (``lax.switch`` branches included)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "cond"
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _conds(inner)
+    return count
+
+
+def test_the_second_order_term_is_a_branch_of_each_block_not_a_select():
+    """With per-restart flags, each block size's LM step holds one more ``cond`` (whether any of
+    its running rows is flagged) than without: a predicate batched with the rows would have made it
+    a select, which computes the second-order term for every block."""
+    rng = np.random.default_rng(3)
+    problem = Problem(CHAIN, 1, 1, Objective("kernel"), Solver(optimizer="none"))
+    free = tuple(jnp.asarray(rng.normal(size=(4, 3, 3, 1, 1))) for _ in range(2))
+    target = jnp.asarray(rng.normal(size=(4, 5, 5, 1, 1)))
+    state = jax.vmap(lambda f, t: _lm_state(problem, f, [None, None], t, None))(free, target)
+    template = jax.tree.map(lambda a: a[0], free)
+
+    def conds(state):
+        return _conds(jax.make_jaxpr(lambda s: lm_segment(problem, s, template, [None, None], target, None, 3,
+                                                          (4, 2, 1)))(state).jaxpr)
+
+    blocks = 3
+    assert conds({**state, "exact": jnp.zeros(4, bool)}) == conds(state) + blocks
 
 
 def test_a_block_with_no_exact_restart_steps_as_gauss_newton_does():

@@ -491,8 +491,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     refits = [_refits(u, chain) for u in units]
     redraws = [_redraw_hops(u, chain, g) for u, g in zip(units, groups)]
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
-    # blur starts and hops of a two-layer chain take the exact Hessian (SearchPolicy.exact_hessian); every restart of
-    # a wave then computes its second-order term (vmapped), the Gauss-Newton ones without using it
+    # blur starts and hops of a two-layer chain take the exact Hessian (SearchPolicy.exact_hessian); a block of LM
+    # rows computes its second-order term where any of its running rows is one of them, the others not using it
     exact_blurs = (policy.exact_hessian and len(chain.layers) == 2 and any(m is not None for m in moves)
                    and solve.takes_exact_hessian(problem, residuals))
     objective_images = None if objective.name != "images" else jnp.asarray(

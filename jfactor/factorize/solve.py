@@ -339,7 +339,8 @@ def _matrix_free_step(problem: Problem, x, unravel, frozen, jvp, vjp, g, mu, ite
 
 def _lm_iterate(problem: Problem, state, template, frozen, target, images, any_exact=True):
     """One damped Gauss-Newton step of one restart; a done restart is returned unchanged.
-    ``any_exact``: whether any restart of the vmapped call takes the exact Hessian (:func:`_normal_equations`)."""
+    ``any_exact``: whether any running restart of the vmapped block takes the exact Hessian
+    (:func:`_normal_equations`)."""
     _, unravel = ravel_pytree(template)
     fn = lambda x: residual(problem, unravel(x), frozen, target, images)  # noqa: E731
     x, cost, mu, nu = state["x"], state["cost"], state["mu"], state["nu"]
@@ -558,7 +559,8 @@ class Screening(NamedTuple):
       cutoff_after: LM iterations before that check.
       polish: once screening is over, the survivors take LM steps on the loss's exact Hessian
         (as with ``Solver(hessian="full")``) where the normal equations give the step
-        (:func:`takes_exact_hessian`; elsewhere, and during screening, the solver's own steps).
+        (:func:`takes_exact_hessian`; elsewhere, and during screening, each restart steps as it did:
+        the solver's steps, or the exact Hessian's where its ``exact_hessian`` flag is set).
     """
 
     keep: float
@@ -633,7 +635,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     total = batch * restarts
     state = jax.tree.map(lambda a: np.array(a).reshape((total,) + a.shape[2:]), state)
     if exact_hessian is not None:
-        state["exact"] = np.asarray(exact_hessian, bool).ravel()
+        state["exact"] = np.array(exact_hessian, bool).ravel()  # a copy: polishing writes to it
     polish = (prune is not None and prune.polish and problem.solver.hessian != "full"
               and takes_exact_hessian(problem, residual_size(problem.objective, target[0], images)))
     if polish and "exact" not in state:
