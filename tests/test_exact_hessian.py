@@ -139,6 +139,8 @@ def _segments(monkeypatch, kernel, sizes, policy, **kwargs):
     (kernels.make("log", 11), [3, 5, 5], SearchPolicy(max_restarts=64), "spectral", "gauss-newton", False),
     # two layers, band-pass: the blur starts take the exact Hessian from the start, the others after screening
     (kernels.gabor(9), [5, 5], SearchPolicy(max_restarts=64), "kernel", "mixed", True),
+    # more free layers than POLISH_MAX_FREE: the second-order term costs one inverse FFT per pair
+    (kernels.make("log", 9), [3, 3, 3, 3], SearchPolicy(max_restarts=64), "kernel", "gauss-newton", False),
     # a plain multistart: no screening, no polishing
     (kernels.make("log", 11), [3, 5, 5], SearchPolicy(restarts=16), "kernel", "gauss-newton", False),
 ])

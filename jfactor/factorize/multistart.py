@@ -184,14 +184,16 @@ class SearchPolicy:
         29 against 38).
       polish: whether, once screening is over, the survivors run to convergence on the exact
         Hessian's LM steps (:attr:`jfactor.factorize.solve.Screening.polish`; where the step
-        comes from the normal equations).  By then each is inside the basin it will end in, and
-        Gauss-Newton converges only linearly there where the residual is not small against
-        ``J^T J``'s small eigenvalues: the 15x15 LoG's survivors took 250-450 iterations, most
-        of them within 1e-3 of their minimum.  Paired over seeds 0-4 and 100-109 of the 19 targets of
-        ``experiments/bench_optimality.py`` (one process, the same seeds with and without it),
-        278 of 285 runs landed within 1.01x of the best known against 276, in 8% less time in
-        all (7% fewer LM iterations): the LoG 29% less, the 3-D kernel 26%, the 2->2 kernel
-        16-17%, the 11x11 Gabor 7-9%, the others within 5% either way (the DoG 1-3% more).
+        comes from the normal equations, on chains of at most
+        :data:`jfactor.factorize.solve.POLISH_MAX_FREE` free layers). By then each is inside the
+        basin it will end in, and Gauss-Newton converges only linearly there where the residual
+        is not small against ``J^T J``'s small eigenvalues: the 15x15 LoG's survivors took
+        250-450 iterations, most of them within 1e-3 of their minimum. Paired over seeds 0-4 and
+        100-109 of the 19 targets of ``experiments/bench_optimality.py`` (one process, the same
+        seeds with and without it), 278 of 285 runs landed within 1.01x of the best known
+        against 276, in 8% less time in all (7% fewer LM iterations): the LoG 29% less, the 3-D
+        kernel 26%, the 2->2 kernel 16-17%, the 11x11 Gabor 7-9%, the others within 5% either
+        way (the DoG 1-3% more).
     """
 
     restarts: int | None = None

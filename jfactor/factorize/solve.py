@@ -547,6 +547,14 @@ def _blocks(problem: Problem, n: int, target, images, total: int) -> tuple[tuple
     return cpu_blocks(group), "exact"
 
 
+POLISH_MAX_FREE = 3
+"""The most free layers a chain may have for :attr:`Screening.polish` to apply.  The exact
+Hessian's second-order term costs one inverse FFT per pair of free factors: on the quickstart's
+15x15 LoG into seven 3x3 (21 pairs) polishing reached the same minima at seeds 0-3 in 27% more
+time (4.55 s against 3.58 s) and its first call compiled 4 s longer (9.96 s against 6.02 s),
+where on three layers (3 pairs) it took the 15x15 LoG's search 29% less time."""
+
+
 class Screening(NamedTuple):
     """How restarts are screened (successive halving; see :func:`first_order` and :func:`refine`).
 
@@ -558,9 +566,10 @@ class Screening(NamedTuple):
         (:func:`_above_cutoff`; None: every survivor runs to convergence).
       cutoff_after: LM iterations before that check.
       polish: once screening is over, the survivors take LM steps on the loss's exact Hessian
-        (as with ``Solver(hessian="full")``) where the normal equations give the step
-        (:func:`takes_exact_hessian`; elsewhere, and during screening, each restart steps as it did:
-        the solver's steps, or the exact Hessian's where its ``exact_hessian`` flag is set).
+        (as with ``Solver(hessian="full")``) where the chain has at most :data:`POLISH_MAX_FREE`
+        free layers and the normal equations give the step (:func:`takes_exact_hessian`;
+        elsewhere, and during screening, each restart steps as it did: the solver's steps, or
+        the exact Hessian's where its ``exact_hessian`` flag is set).
     """
 
     keep: float
@@ -624,8 +633,9 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     best loss before this batch, default none) stop as pruned: their minima cannot be the best,
     and the slowest of them run on alone, where an iteration costs the most per restart.  Where
     ``prune.polish`` is set, that rest takes the exact Hessian's steps where a step can
-    (:func:`takes_exact_hessian`): every restart's ``exact`` flag is set then, so the screening
-    chunks and the rest run one program.
+    (:func:`takes_exact_hessian`) on a chain of at most :data:`POLISH_MAX_FREE` free layers:
+    every restart's ``exact`` flag is set then, so the screening chunks and the rest run one
+    program.
     ``exact_hessian`` (B, R): the restarts whose steps take the loss's exact Hessian where the
     solver's is Gauss-Newton's (:func:`_normal_equations`; default: none).
     """
@@ -637,6 +647,7 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     if exact_hessian is not None:
         state["exact"] = np.array(exact_hessian, bool).ravel()  # a copy: polishing writes to it
     polish = (prune is not None and prune.polish and problem.solver.hessian != "full"
+              and len(problem.free) <= POLISH_MAX_FREE
               and takes_exact_hessian(problem, residual_size(problem.objective, target[0], images)))
     if polish and "exact" not in state:
         state["exact"] = np.zeros(total, bool)
