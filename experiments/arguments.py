@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from jfactor import rundir
+from jfactor._checks import given_path
 from jfactor.errors import ConfigError
 
 
@@ -35,10 +36,8 @@ def positive_ints(text: str) -> list[int]:
 def output_dir(text: str) -> Path:
     """A directory that exists and is writable, or can be made; not an empty path (an unset
     shell variable would otherwise mean the current directory)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; give a directory (. for the current one)")
     try:
-        return rundir.check_writable(Path(text))
+        return rundir.check_writable(given_path(text))
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

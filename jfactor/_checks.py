@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,14 @@ def floating(dtype, where: str):
                else "jfactor works with real floating weights")
         raise ConfigError(f"{where} must be a floating dtype (float32 or float64), got {dtype}: {why}")
     return dtype
+
+
+def given_path(text) -> Path:
+    """``text`` (a string or a path) as a :class:`~pathlib.Path`; a :class:`ConfigError` where it is
+    empty (an unset shell variable, say), which would otherwise mean the current directory."""
+    if not str(text).strip():
+        raise ConfigError("an empty path; give a directory (. for the current one)")
+    return Path(text)
 
 
 def non_finite(array) -> int:
@@ -182,8 +191,8 @@ def as_weight(value, name: str, where: str, ndim: int | None = None) -> jax.Arra
         raise StackError(f"{where}: {name} must have {ndim} dims, got shape {tuple(array.shape)}")
     if array.size == 0:
         raise StackError(f"{where}: {name} is empty (shape {tuple(array.shape)})")
-    if is_concrete(array) and non_finite(array):
-        raise StackError(f"{where}: {name} has {non_finite(array)} non-finite value(s) (NaN or inf)")
+    if is_concrete(array) and (bad := non_finite(array)):
+        raise StackError(f"{where}: {name} has {bad} non-finite value(s) (NaN or inf)")
     return array
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from jfactor._checks import assignments
+from jfactor._checks import assignments, given_path
 from jfactor.errors import JFactorError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -22,9 +22,10 @@ def _directory(value: str | Path) -> Path:
     """A directory option's value (the text given, or the option's default ``Path``, which typer
     passes through too); an empty one (an unset shell variable, say) is refused rather than read
     as the current directory, where results would land among whatever is there."""
-    if not str(value).strip():
-        raise typer.BadParameter("an empty path; give a directory (. for the current one)")
-    return Path(value)
+    try:
+        return given_path(value)
+    except JFactorError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 OutputDir = Annotated[Path | None, typer.Option("--out", metavar="DIR", parser=_directory,

@@ -85,8 +85,9 @@ def conv_from_affine(affine: Affine, in_shape, out_shape, *, bias: bool = True) 
     pads = pads_for(affine, tuple(in_shape[:-1]), tuple(out_shape[:-1]))
     kernel = regroup(affine.kernel, affine.groups)
     for name, values in (("kernel", kernel), ("bias", affine.bias if bias else None)):
-        if values is not None and not isinstance(values, jax.core.Tracer) and non_finite(values):  # layers: finite
-            raise FoldError(f"the folded {name} has {non_finite(values)} non-finite value(s): the layers' weights "
+        # the layers are finite, so a non-finite fold is an overflow
+        if values is not None and not isinstance(values, jax.core.Tracer) and (bad := non_finite(values)):
+            raise FoldError(f"the folded {name} has {bad} non-finite value(s): the layers' weights "
                             f"overflow {values.dtype} when composed; scale them down")
     return Conv(kernel, affine.bias if bias else None, affine.stride, 1, pads, affine.groups)
 

@@ -31,7 +31,7 @@ from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_ker
 from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, comb_init, fit_target, has_line_axis,
                                     impulse_start, line_init, random_init, redraw_hop, refit_one, separable_init)
 from jfactor.factorize.multistart import SearchPolicy
-from jfactor.factorize.objectives import Objective, factor_fits, gram_factor, load_images
+from jfactor.factorize.objectives import Objective, factor_fits, factor_taps, gram_factor, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
 from jfactor.progress import ProgressBar
 from jfactor.sharding import check_mesh, sharded_call
@@ -463,8 +463,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     problem = Problem(chain, first.c_in, first.c_out, objective,
                       dataclasses.replace(solver, chunk=policy.segment) if policy.adaptive else solver)
     spec = lambda shape: jax.ShapeDtypeStruct(shape, np_dtype)  # noqa: E731
-    taps = math.prod(padded_shape[:-1])
-    objective_shape = (taps, taps) if factored else image_shape
+    objective_shape = (factor_taps(padded_shape),) * 2 if factored else image_shape
     residuals = residual_size(objective, spec(padded_shape),
                               spec(objective_shape) if objective.name == "images" else None)
     solve.check_hessian(problem, residuals)

@@ -100,6 +100,12 @@ class Objective:
 FACTOR_BYTES = 2**26  # the most the Gram matrix (:func:`gram_factor`), or one chunk of windows, may take
 
 
+def factor_taps(kernel_shape: tuple[int, ...]) -> int:
+    """p, the rows and columns of :func:`gram_factor` for kernels ``kernel_shape`` (*k, C_in, C_out):
+    the kernel's taps times C_in."""
+    return math.prod(kernel_shape[:-1])
+
+
 def factor_fits(image_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """Whether the images objective runs on :func:`gram_factor` for images ``image_shape``
     (B, *spatial, C_in) and kernels ``kernel_shape`` (*k, C_in, C_out) at ``stride``: where
@@ -107,7 +113,7 @@ def factor_fits(image_shape: tuple[int, ...], kernel_shape: tuple[int, ...], str
     Gram matrix (p^2 entries in float64) stays under :data:`FACTOR_BYTES`."""
     ndim = len(kernel_shape) - 2
     out = [(n - k) // s + 1 for n, k, s in zip(image_shape[1:-1], kernel_shape[:ndim], stride)]
-    taps = math.prod(kernel_shape[:ndim + 1])
+    taps = factor_taps(kernel_shape)
     return min(out) > 0 and taps < image_shape[0] * math.prod(out) and 8 * taps**2 <= FACTOR_BYTES
 
 
@@ -124,7 +130,7 @@ def gram_factor(images: np.ndarray, kernel_shape: tuple[int, ...], stride: tuple
     """
     ndim = len(kernel_shape) - 2
     k = tuple(kernel_shape[:ndim])
-    taps = math.prod(k) * kernel_shape[ndim]
+    taps = factor_taps(kernel_shape)
     gram = np.zeros((taps, taps))
     for image in np.asarray(images, np.float64):
         windows = np.lib.stride_tricks.sliding_window_view(image, k, axis=tuple(range(ndim)))

@@ -74,8 +74,8 @@ def _check_bias(bias, c_out: int, dtype):
     bias = jnp.asarray(bias, dtype)
     if bias.shape != (c_out,):
         raise FactorizationError(f"bias has shape {tuple(bias.shape)}; the chain's C_out needs ({c_out},)")
-    if _checks.is_concrete(bias) and _checks.non_finite(bias):
-        raise FactorizationError(f"bias has {_checks.non_finite(bias)} non-finite value(s) (NaN or inf)")
+    if _checks.is_concrete(bias) and (bad := _checks.non_finite(bias)):
+        raise FactorizationError(f"bias has {bad} non-finite value(s) (NaN or inf)")
     return bias
 
 
