@@ -14,8 +14,8 @@
 # At most 6 minutes (each step is cut at its budget: 110 s, 75 s, 55 s, 110 s).
 #
 # Needs only python3 with jax (CUDA), flax, optax, numpy, scipy, scikit-image, matplotlib,
-# typer, rich, PyYAML, pytest and hypothesis, and pydantic and flatbuffers (jax.export's
-# serialization), which a stock CUDA image may lack and no registry can bring there: carry
+# typer, rich, PyYAML, pytest and hypothesis, and pydantic, flatbuffers (jax.export's
+# serialization) and threadpoolctl, which a stock CUDA image may lack and no registry can bring there: carry
 # their wheels (and pydantic's four dependencies') in .whl/ at
 # the repository root (git ignores it). Fetch them where a registry is reachable, for
 # Python 3.12 on x86-64 Linux:
@@ -23,7 +23,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-#     typing-extensions==4.16.0 flatbuffers==25.12.19
+#     typing-extensions==4.16.0 flatbuffers==25.12.19 threadpoolctl==3.6.0
 #
 # The project is used from the checkout (PYTHONPATH), not installed: constraints.txt pins
 # jax 0.10.2 for Python 3.11 on the CPU, and the device's Python and jax are newer.
@@ -42,14 +42,15 @@ import importlib.util, sys
 print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
 PY
 }
-if [ -n "$(missing pydantic flatbuffers)" ] && compgen -G ".whl/*.whl" >/dev/null; then
+if [ -n "$(missing pydantic flatbuffers threadpoolctl)" ] && compgen -G ".whl/*.whl" >/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/jfactor-site .whl/*.whl || exit 2
   export PYTHONPATH="/tmp/jfactor-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-gone=$(missing jax flax optax numpy scipy skimage matplotlib typer rich yaml pytest hypothesis pydantic flatbuffers)
+gone=$(missing jax flax optax numpy scipy skimage matplotlib typer rich yaml pytest hypothesis pydantic flatbuffers
+  threadpoolctl)
 if [ -n "$gone" ]; then
-  echo "device_check: $py cannot import: $gone. pydantic's and flatbuffers' wheels travel in .whl/ (the command that fetches" \
+  echo "device_check: $py cannot import: $gone. pydantic's, flatbuffers' and threadpoolctl's wheels travel in .whl/ (the command that fetches" \
        "them is at the top of experiments/device_check.sh); the rest must be installed there." >&2
   exit 2
 fi

@@ -33,6 +33,7 @@ from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, com
 from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, factor_fits, factor_taps, gram_factor, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
+from jfactor.host_blas import serial_blas
 from jfactor.progress import ProgressBar
 from jfactor.sharding import check_mesh, sharded_call
 from jfactor.schema import unknown_key
@@ -370,6 +371,7 @@ class _Record:
         return np.concatenate(getattr(self, name))
 
 
+@serial_blas
 def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kernel", solver: Solver | None = None,
                     restarts: int | None = None, budget_s: float | None = None, search: SearchPolicy | None = None,
                     init: str = "auto", dtype: str = "float64", seed: int = 0, starts=None, images=None,

@@ -467,6 +467,20 @@ def _blur(size: tuple[int, ...], rng: np.random.Generator, orbits: tuple[int, ..
     return functools.reduce(np.multiply.outer, axes)[..., None, None]
 
 
+@functools.lru_cache(maxsize=64)
+def _shift_index(size: tuple[int, ...], dilation: tuple[int, ...], extent: tuple[int, ...]) -> np.ndarray:
+    """Flat indices (prod(size), prod(extent)) into a kernel of shape ``extent``: row ``tap``
+    gathers it shifted by ``tap * dilation`` (axis by axis, mod ``extent``), the least-squares
+    columns of a factor of ``size`` taps spaced ``dilation`` (:func:`_fit_factor`)."""
+    count = len(size)
+    shifted = [np.expand_dims((np.arange(e)[None, :] - np.arange(k)[:, None] * d) % e,
+                              [b for b in range(2 * count) if b not in (a, count + a)])
+               for a, (k, d, e) in enumerate(zip(size, dilation, extent))]
+    index = np.ravel_multi_index(tuple(shifted), extent).reshape(math.prod(size), -1)
+    index.flags.writeable = False  # shared by every call
+    return index
+
+
 def _fit_factor(factors: list[np.ndarray], fitted: int, kernel: np.ndarray, chain: Chain) -> list[np.ndarray]:
     """``factors`` (width 1, (*k_i, 1, 1)) with factor ``fitted`` replaced by the least-squares
     fit of ``kernel`` (*extent,) given the others, which the chain is linear in.
@@ -480,13 +494,7 @@ def _fit_factor(factors: list[np.ndarray], fitted: int, kernel: np.ndarray, chai
     factors[fitted] = np.zeros(size + (1, 1))
     factors[fitted][(0,) * len(size)] = 1.0
     at_origin = chain_kernel_numpy(factors, chain)[..., 0, 0]
-    dilation = chain.effective_dilations[fitted]
-    # columns[tap, pixel] = at_origin[(pixel - tap * dilation) mod extent], axis by axis
-    count = len(size)
-    shifted = [np.expand_dims((np.arange(e)[None, :] - np.arange(k)[:, None] * d) % e,
-                              [b for b in range(2 * count) if b not in (a, count + a)])
-               for a, (k, d, e) in enumerate(zip(size, dilation, at_origin.shape))]
-    columns = at_origin[tuple(shifted)].reshape(math.prod(size), -1)
+    columns = at_origin.ravel()[_shift_index(size, tuple(chain.effective_dilations[fitted]), at_origin.shape)]
     # QR with column pivoting (LAPACK gelsy), its rank cut where numpy's SVD-based lstsq cuts: the
     # same solution (full column rank: a nonzero kernel's shifts) 2.2x faster for a 9x9 factor
     # (81 columns), which blur hops refit by the hundred
