@@ -437,11 +437,17 @@ def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monke
     first = objectives.load_images(["camera"], size=16, count=2, seed=3)
     decode = data.camera
     monkeypatch.setattr(data, "camera", lambda: pytest.fail("decoded again"))
+    kept = next(tmp_path.glob("camera-*.npy"))
+    kept.write_bytes(b"damaged")  # in memory for the rest of the process: the file is not read again
     np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)
-    next(tmp_path.glob("camera-*.npy")).write_bytes(b"damaged")
+    assert not objectives.sample_image("camera").flags.writeable
+    objectives._sample_image.cache_clear()  # as a new process: the damaged copy is read, decoded again
     monkeypatch.setattr(data, "camera", decode)
-    np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)  # again
-    assert np.load(next(tmp_path.glob("camera-*.npy"))).shape == decode().shape  # and replaced
+    np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)
+    assert np.load(kept).shape == decode().shape  # and replaced
+    objectives._sample_image.cache_clear()
+    monkeypatch.setattr(data, "camera", lambda: pytest.fail("decoded again"))
+    np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)  # from disk
 
 
 def _ring_carry(restarts: int, seed: int, optimizer: str = "lbfgs"):

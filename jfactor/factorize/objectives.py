@@ -19,6 +19,7 @@ every optimizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -151,26 +152,35 @@ def image_cache() -> Path | None:
 def sample_image(name: str) -> np.ndarray:
     """skimage.data's image ``name``, decoded once and then kept as ``.npy`` in ``images/``
     beside the compile cache (:mod:`jfactor.cache`; decoding imports skimage.io, ~0.3 s of
-    every command's start-up).  Without a compile cache, decoded every time."""
+    every command's start-up), and in memory for the rest of the process (read-only; reading
+    the three default images from disk took about 8 ms of every factorization).  Without a
+    compile cache, decoded once per process."""
+    return _sample_image(name, image_cache())
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_image(name: str, root: Path | None) -> np.ndarray:
     import skimage
     from skimage import data
 
     from jfactor.rundir import write_with
 
-    root = image_cache()
     path = None if root is None else root / f"{name}-skimage-{skimage.__version__}.npy"
+    image = None
     if path is not None and path.is_file():
         try:
-            return np.load(path, allow_pickle=False)
+            image = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             pass  # a damaged copy: decode again and replace it
-    image = getattr(data, name)()
-    if path is not None:
-        try:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            write_with(path, lambda handle: np.save(handle, image))
-        except OSError:
-            pass  # a read-only cache only costs the decoding
+    if image is None:
+        image = getattr(data, name)()
+        if path is not None:
+            try:
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                write_with(path, lambda handle: np.save(handle, image))
+            except OSError:
+                pass  # a read-only cache only costs the decoding
+    image.flags.writeable = False  # shared by every caller in this process
     return image
 
 
