@@ -47,7 +47,7 @@ if [ -n "$(missing pydantic flatbuffers threadpoolctl)" ] && compgen -G ".whl/*.
     --target /tmp/jfactor-site .whl/*.whl || exit 2
   export PYTHONPATH="/tmp/jfactor-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-gone=$(missing jax flax optax numpy scipy skimage matplotlib typer rich yaml pytest hypothesis pydantic flatbuffers
+gone=$(missing jax flax optax numpy scipy skimage matplotlib typer rich yaml pytest hypothesis pydantic flatbuffers \
   threadpoolctl)
 if [ -n "$gone" ]; then
   echo "device_check: $py cannot import: $gone. pydantic's, flatbuffers' and threadpoolctl's wheels travel in .whl/ (the command that fetches" \

@@ -1,36 +1,57 @@
-"""One BLAS thread for the host's linear algebra while a factorization runs.
+"""One BLAS thread for the host's linear algebra while a factorization draws its starts.
 
-A factorization's host work is small linear algebra: least-squares refits of one factor
-(at most a few hundred rows), SVDs and root finding of a target.  OpenBLAS's worker threads
-gain nothing there, and after each call they spin for a while waiting for the next, on the
-cores XLA is computing on.  On a 2-core CPU, numpy's and scipy's OpenBLAS (two copies) limited
-to one thread took 12-28% off the default search's time on the 15x15 targets of
-``experiments/bench_optimality.py`` (seeds 0-3: the motion blur 1.03 s to 0.75 s, the DoG
-1.10 s to 0.92 s) and 8-15% off 1,024 plain restarts; a 9x9 factor's refit (81 x 225, QR)
-took 0.21 ms instead of 0.58 ms with no jax computing beside it.
+Each wave of a factorization first draws its starts and hops on the host: small linear
+algebra, least-squares refits of one factor (at most a few hundred rows), SVDs and roots of a
+target.  OpenBLAS's worker threads gain nothing there, and after each call they spin for a
+while waiting for the next, on the cores XLA then computes the wave on.  On a 2-core CPU,
+numpy's and scipy's OpenBLAS (two copies) held to one thread while a wave is drawn took 7-18%
+off the default search's median time on the slow targets of
+``experiments/bench_optimality.py`` (the 15x15 motion blur 0.89 s to 0.73 s, the DoG 1.15 s to
+0.95 s); the DoG's 9x9 refits (81 x 225, QR), replayed alone, took 0.21 ms each instead of a
+median of 0.58 ms.  Held to one thread for the whole factorization instead (jax's CPU LAPACK
+kernels, its Cholesky among them, call scipy's), the same to within this machine's noise, so
+the limit stays where the gain is: the rest (a large images objective's Gram matrix, a large
+chain's LM) keeps every thread.
 
-:func:`serial_blas` applies the limit (threadpoolctl) for the duration of a call and restores
-the previous thread counts after it.
+:func:`serial_blas` is that limit (threadpoolctl), process-wide: nested or concurrent uses
+(several threads drawing at once) share one, restored when the last of them ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
-from typing import TypeVar
+import threading
+from collections.abc import Iterator
 
-Result = TypeVar("Result")
+_lock = threading.Lock()
+_holders = 0  # uses of serial_blas in progress
+_limiter = None  # threadpoolctl's limiter while any is
 
 
-def serial_blas(function: Callable[..., Result]) -> Callable[..., Result]:
-    """``function`` run with every loaded BLAS library (numpy's and scipy's) at one thread."""
+@functools.cache
+def _controller():
+    """threadpoolctl's controller of the BLAS libraries loaded, scipy's own OpenBLAS included."""
+    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, so that the controller finds it)
+    from threadpoolctl import ThreadpoolController
 
-    @functools.wraps(function)
-    def limited(*args, **kwargs) -> Result:
-        import scipy.linalg  # noqa: F401  (loads scipy's own OpenBLAS, so that the limit reaches it)
-        from threadpoolctl import threadpool_limits
+    return ThreadpoolController()
 
-        with threadpool_limits(limits=1, user_api="blas"):
-            return function(*args, **kwargs)
 
-    return limited
+@contextlib.contextmanager
+def serial_blas() -> Iterator[None]:
+    """Every BLAS library the controller found (numpy's and scipy's) at one thread inside the
+    block; their earlier thread counts back once no block of any thread is inside one."""
+    global _holders, _limiter
+    with _lock:
+        if _holders == 0:
+            _limiter = _controller().limit(limits=1, user_api="blas")
+        _holders += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _holders -= 1
+            if _holders == 0:
+                _limiter.restore_original_limits()
+                _limiter = None

@@ -18,6 +18,7 @@ def test_device_check_writes_every_json(tmp_path):
     out = subprocess.run(["bash", str(ROOT / "experiments" / "device_check.sh"), str(tmp_path / "out")],
                          check=False, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "command not found" not in out.stderr, out.stderr[-3000:]  # a broken line of the script itself
     summary = json.loads((tmp_path / "out" / "device_check.json").read_text())
     assert list(summary["steps"]) == ["tests", "fold", "fold_methods", "factorize"]
     assert all(step["exit"] == 0 for step in summary["steps"].values())

@@ -371,7 +371,6 @@ class _Record:
         return np.concatenate(getattr(self, name))
 
 
-@serial_blas
 def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kernel", solver: Solver | None = None,
                     restarts: int | None = None, budget_s: float | None = None, search: SearchPolicy | None = None,
                     init: str = "auto", dtype: str = "float64", seed: int = 0, starts=None, images=None,
@@ -541,7 +540,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     with ProgressBar(progress, cap if policy.adaptive else total_steps, label) as bar:
         wave = 0
         while live:
-            drawn = [draw(b, wave) for b in live]
+            with serial_blas():  # host linear algebra, then XLA on the same cores (jfactor.host_blas)
+                drawn = [draw(b, wave) for b in live]
             if wave == 0:
                 records = [_Record(first_starts=s) for s, *_ in drawn]
             size_now = bucket(len(live), len(targets))
