@@ -4,10 +4,10 @@ Each wave of a factorization first draws its starts and hops on the host: small 
 algebra, least-squares refits of one factor (at most a few hundred rows), SVDs and roots of a
 target.  OpenBLAS's worker threads gain nothing there, and after each call they spin for a
 while waiting for the next, on the cores XLA then computes the wave on.  On a 2-core CPU,
-numpy's and scipy's OpenBLAS (two copies) held to one thread while a wave is drawn took 7-18%
-off the default search's median time on the slow targets of
-``experiments/bench_optimality.py`` (the 15x15 motion blur 0.89 s to 0.73 s, the DoG 1.15 s to
-0.95 s); the DoG's 9x9 refits (81 x 225, QR), replayed alone, took 0.21 ms each instead of a
+numpy's and scipy's OpenBLAS (two copies) held to one thread while a wave is drawn took 4-21%
+off the default search's median time on the 15x15 targets of
+``experiments/bench_optimality.py`` (the motion blur 0.89 s to 0.72 s, the DoG 1.15 s to
+0.91 s, the LoG 1.20 s to 1.15 s); the DoG's 9x9 refits (81 x 225, QR), replayed alone, took 0.21 ms each instead of a
 median of 0.58 ms.  Held to one thread for the whole factorization instead (jax's CPU LAPACK
 kernels, its Cholesky among them, call scipy's), the same to within this machine's noise, so
 the limit stays where the gain is: the rest (a large images objective's Gram matrix, a large
