@@ -7,11 +7,11 @@ while waiting for the next, on the cores XLA then computes the wave on.  On a 2-
 numpy's and scipy's OpenBLAS (two copies) held to one thread while a wave is drawn took 4-21%
 off the default search's median time on the 15x15 targets of
 ``experiments/bench_optimality.py`` (the motion blur 0.89 s to 0.72 s, the DoG 1.15 s to
-0.91 s, the LoG 1.20 s to 1.15 s); the DoG's 9x9 refits (81 x 225, QR), replayed alone, took 0.21 ms each instead of a
-median of 0.58 ms.  Held to one thread for the whole factorization instead (jax's CPU LAPACK
-kernels, its Cholesky among them, call scipy's), the same to within this machine's noise, so
-the limit stays where the gain is: the rest (a large images objective's Gram matrix, a large
-chain's LM) keeps every thread.
+0.91 s, the LoG 1.20 s to 1.15 s); the DoG's 9x9 refits (81 x 225, QR), replayed alone, took
+0.21 ms each instead of a median of 0.58 ms.  Held to one thread for the whole factorization
+instead (jax's CPU LAPACK kernels, its Cholesky among them, call scipy's), the searches timed
+the same to within this machine's noise, so the limit stays where the gain is: the rest (a
+large images objective's Gram matrix, a large chain's LM) keeps every thread.
 
 :func:`serial_blas` is that limit (threadpoolctl), process-wide: nested or concurrent uses
 (several threads drawing at once) share one, restored when the last of them ends.
