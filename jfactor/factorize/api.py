@@ -34,6 +34,7 @@ from jfactor.factorize.multistart import SearchPolicy
 from jfactor.factorize.objectives import Objective, factor_fits, factor_taps, gram_factor, load_images
 from jfactor.factorize.solve import Problem, Solver, bucket, optimise, residual_size
 from jfactor.host_blas import serial_blas
+from jfactor.one_at_a_time import one_at_a_time
 from jfactor.progress import ProgressBar
 from jfactor.sharding import check_mesh, sharded_call
 from jfactor.schema import unknown_key
@@ -371,6 +372,7 @@ class _Record:
         return np.concatenate(getattr(self, name))
 
 
+@one_at_a_time
 def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kernel", solver: Solver | None = None,
                     restarts: int | None = None, budget_s: float | None = None, search: SearchPolicy | None = None,
                     init: str = "auto", dtype: str = "float64", seed: int = 0, starts=None, images=None,

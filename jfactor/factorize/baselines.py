@@ -27,6 +27,7 @@ import numpy as np
 from jfactor.factorize.chain import Chain, chain_kernel, chain_kernel_numpy
 from jfactor.factorize.metrics import rel_error
 from jfactor.factorize.npconv import convolve_full
+from jfactor.one_at_a_time import one_at_a_time
 
 BASELINES = ("svd", "als", "lstsq", "wiener", "unsupervised_wiener", "scipy_lm")
 DEFAULT_BASELINES = ("svd", "lstsq", "wiener", "unsupervised_wiener")  # the fast ones; als, scipy_lm on request
@@ -87,6 +88,7 @@ def _stacked(starts: list[list[np.ndarray]]) -> list[jax.Array]:
     return [jnp.stack([jnp.asarray(start[i]) for start in starts]) for i in range(len(starts[0]))]
 
 
+@one_at_a_time
 def als(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], sweeps: int = 100) -> dict:
     """Best relative error of ALS over ``starts`` (each a full factor list), all run at once."""
     args = (chain, tuple(_free_indices(chain)), _stacked(starts), jnp.asarray(target), sweeps)
@@ -196,6 +198,7 @@ def _baseline(name: str, target: np.ndarray, chain: Chain, starts: list[list[np.
     return scipy_lm(target, chain, starts)
 
 
+@one_at_a_time
 def run_baselines(names, target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], seed: int = 0) -> dict:
     """Every baseline in ``names`` on ``target`` (*extent, C_in, C_out), float64.
 
