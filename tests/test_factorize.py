@@ -239,21 +239,21 @@ policy = SearchPolicy(wave=16, min_restarts=32, max_restarts=48)
 one = factorize_batch(targets, Chain.build([3, 3, 3]), solver=Solver(steps=20, refine_steps=60), search=policy)
 many = factorize_batch(targets, Chain.build([3, 3, 3]), solver=Solver(steps=20, refine_steps=60), search=policy,
                        shard=True)
+first = policy.wave
 for a, b in zip(one, many):
-    # the same search: its waves, restarts, stop and best error (to rounding: several restarts share the
-    # best minimum, each kernel a little off it, so which of them is returned may differ, by ~1e-3 in a
-    # tap of LoG 7 into 3-3-3). Each device's share of the restarts is another batch, whose arithmetic
-    # differs in the last bits (errors agree to 1e-12), so a screening or a grouping of two restarts that
-    # tie to rounding may go either way: the refined restarts, their hits and minima by one at most.
-    # (Waves and the stop cannot move with them here: 48 restarts are three waves, too few for the
-    # patience of `repeated` and `stalled`.)
+    # the same first wave, to rounding: the same starts, screened alike, at the same minima. Each device's share
+    # of the restarts is another batch, whose arithmetic differs in the last bits (errors agree to 1e-12), so
+    # later waves may part: they perturb the best distinct minima so far, and two minima that tie to rounding
+    # may be ranked, or grouped, the other way round, so that a hop starts from the other one (on one host,
+    # 2026-12-06, the LoG at sigma 0.8 ended 0.35% lower on one device than on four, through its second wave).
+    # Waves, restarts and the stop cannot move with them here: 48 restarts are three waves, too few for the
+    # patience of `repeated` and `stalled`.
+    assert np.allclose(a.restart_errors[:first], b.restart_errors[:first], rtol=1e-9), (a.restart_errors,
+                                                                                       b.restart_errors)
+    assert (a.pruned[:first] == b.pruned[:first]).all(), (a.pruned, b.pruned)
     assert a.evidence.keys() == b.evidence.keys()
     for key in ("restarts", "waves", "stopped", "exact"):
         assert a.evidence[key] == b.evidence[key], (key, a.evidence, b.evidence)
-    assert (a.evidence["warning"] is None) == (b.evidence["warning"] is None), (a.evidence, b.evidence)
-    assert np.isclose(a.evidence["best_error"], b.evidence["best_error"], rtol=1e-9), (a.evidence, b.evidence)
-    for key in ("refined", "best_hits", "independent_hits", "distinct_minima"):
-        assert abs(a.evidence[key] - b.evidence[key]) <= 1, (key, a.evidence, b.evidence)
 assert all(a.evidence["waves"] > 1 and a.evidence["refined"] < a.evidence["restarts"] for a in one)
 """
 
@@ -261,7 +261,7 @@ assert all(a.evidence["waves"] > 1 and a.evidence["refined"] < a.evidence["resta
 def test_batched_factorization_sharded_over_devices_matches():
     """Five targets over four CPU devices (padded to eight): with a fixed restart count the same
     factors as on one device; with the default search (waves, screening, per-restart graces) the
-    same search, to rounding."""
+    same first wave, to rounding, and as many waves and restarts."""
     import os
     import subprocess
     import sys

@@ -1,11 +1,15 @@
 """Factorizations from several threads run in turn instead of hanging XLA's CPU runtime."""
 
+import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
+from jfactor.factorize import Chain, api, baselines, factorize
 from jfactor.one_at_a_time import one_at_a_time
 
 ROOT = Path(__file__).parent.parent
@@ -26,9 +30,11 @@ def test_factorizations_from_two_threads_finish_with_the_sequential_results():
         "for thread in threads: thread.join()\n"
         "print(found == {s: run(s) for s in (0, 1)}, sorted(found))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA's CPU LAPACK calls are what hung
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "[0,", "1]"]
+    assert done.stdout.split() == ["True", "[0,", "1]"], done.stderr
 
 
 def test_calls_from_several_threads_do_not_overlap_and_may_nest():
@@ -42,7 +48,7 @@ def test_calls_from_several_threads_do_not_overlap_and_may_nest():
             work(depth - 1)  # reentrant: the lock's holder may call in again
         spans.append((start, time.perf_counter(), depth))
 
-    threads = [threading.Thread(target=work, args=(1,)) for _ in range(3)]
+    threads = [threading.Thread(target=work, args=(1,), daemon=True) for _ in range(3)]  # a deadlock fails, not hangs
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -51,3 +57,26 @@ def test_calls_from_several_threads_do_not_overlap_and_may_nest():
     outer = sorted((start, end) for start, end, depth in spans if depth == 1)
     assert len(outer) == 3 and len(spans) == 6
     assert all(end <= next_start for (_, end), (next_start, _) in zip(outer, outer[1:]))
+
+
+def test_the_factorizations_and_the_als_baselines_jax_work_holds_the_lock(monkeypatch):
+    """While the LM phase and the ALS baseline run, another thread's locked call waits."""
+    waited = {}
+
+    def probed(name, function):
+        def run(*args, **kwargs):
+            other = threading.Event()
+            threading.Thread(target=one_at_a_time(other.set), daemon=True).start()
+            waited[name] = (not other.wait(0.2), other)
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(api, "optimise", probed("optimise", api.optimise))
+    monkeypatch.setattr(baselines, "_als", probed("als", baselines._als))
+    target = np.outer([1.0, 2.0, 1.0, 3.0, 1.0], [1.0, -1.0, 2.0, 1.0, 1.0])
+    factorize(target, Chain.build([3, 3]), restarts=4, baselines=("als",))
+    assert set(waited) == {"optimise", "als"}
+    for name, (blocked, other) in waited.items():
+        assert blocked, name
+        assert other.wait(30), name  # and ran once the factorization was done

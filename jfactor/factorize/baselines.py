@@ -104,6 +104,7 @@ def als(target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], sweeps
     return entry
 
 
+@one_at_a_time
 def lstsq(target: np.ndarray, chain: Chain, start: list[np.ndarray]) -> dict:
     free = _free_indices(chain)
     if len(free) != 1:
@@ -198,7 +199,6 @@ def _baseline(name: str, target: np.ndarray, chain: Chain, starts: list[list[np.
     return scipy_lm(target, chain, starts)
 
 
-@one_at_a_time
 def run_baselines(names, target: np.ndarray, chain: Chain, starts: list[list[np.ndarray]], seed: int = 0) -> dict:
     """Every baseline in ``names`` on ``target`` (*extent, C_in, C_out), float64.
 
