@@ -652,7 +652,8 @@ def refine(problem: Problem, state, free, frozen, target, images, progress, prun
     if polish and "exact" not in state:
         state["exact"] = np.zeros(total, bool)
     # on the host like the state: a slice of sharded factors would make the segment one program over
-    # every device they are sharded on, whose while-loop deadlocks XLA's CPU backend (jax 0.10.2);
+    # every device they are sharded on, which deadlocks XLA's CPU backend (jax 0.10.2): each device's
+    # batched Cholesky waits on the one intra-op thread pool they share (jfactor.one_at_a_time);
     # sliced after the copy, as a slice on the device compiles two small programs per factor shape
     template = jax.tree.map(lambda a: np.asarray(a)[0, 0], free)
     owner = np.repeat(np.arange(batch), restarts)
