@@ -160,8 +160,9 @@ def make(name: str, size: int, **params) -> np.ndarray:
             bound = "a number >= 0" if zero_ok else "a positive number"
             raise ConfigError(f"kernel family {name!r}: {key} must be {bound}, got {params[key]!r}")
     ndim = params.get("ndim", 2)
-    if not (is_int(ndim) and ndim >= 1):
-        raise ConfigError(f"kernel family {name!r}: ndim must be a positive integer, got {ndim!r}")
+    if not (is_int(ndim) and 1 <= ndim <= 3):
+        # a 4-D family kernel (k, k, k, k) would read as a 2-D one with k channels in and out
+        raise ConfigError(f"kernel family {name!r}: ndim must be 1, 2 or 3, got {ndim!r}")
     try:
         need = _TEMPORARIES * 8 * float(size) ** ndim
     except OverflowError:

@@ -116,6 +116,21 @@ def test_factorize_table_and_errors(tmp_path):
     assert none.exit_code == 2 and "give one target" in none.output
 
 
+def test_a_target_of_four_spatial_dims_is_refused_before_any_search(tmp_path):
+    # before: a (3, 3, 3, 3, 1, 1) file ran its search, then failed with a traceback in the output
+    # metric, and a 4-D family kernel (9, 9, 9, 9) was read as a 2-D one with 9 channels in and out
+    np.save(tmp_path / "d4.npy", np.ones((3, 3, 3, 3, 1, 1)))
+    outcomes = [runner.invoke(app, ["factorize", "--target", str(tmp_path / "d4.npy"), "--chain", "3", "--json",
+                                    "--out", str(tmp_path / "o")]),
+                runner.invoke(app, ["factorize", "--family", "gaussian", "--size", "9", "--param", "ndim=4",
+                                    "--chain", "3,3,3,3", "--restarts", "2", "--out", str(tmp_path / "o")])]
+    for result, message in zip(outcomes, ["has 4 spatial dims; jfactor factorizes kernels of 1 to 3",
+                                          "ndim must be 1, 2 or 3, got 4"]):
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_search_prints_the_front(tmp_path):
     result = runner.invoke(app, ["search", "--family", "gaussian", "--size", "7", "--sizes", "3,5", "--layers", "2",
                                  "--restarts", "2", "--optimizer", "none", "--refine-steps", "30", "--budget", "1e-8",

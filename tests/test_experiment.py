@@ -126,7 +126,7 @@ def test_set_overrides_any_key(tmp_path):
     ({"target": {"family": "gaussian", "size": 7, "params": {"sigmaa": 1}}}, r"did you mean 'sigma'\?"),
     ({"target": {"family": "gaussian", "size": 7, "params": {"sigma": -1}}}, r"target: .*sigma must be a positive"),
     ({"target": {"family": "disk", "size": 7, "params": {"radius": 0}}}, r"radius must be a positive number, got 0"),
-    ({"target": {"family": "gaussian", "size": 7, "params": {"ndim": 2.5}}}, r"ndim must be a positive integer"),
+    ({"target": {"family": "gaussian", "size": 7, "params": {"ndim": 2.5}}}, r"ndim must be 1, 2 or 3, got 2\.5"),
     ({"target": {"family": "gaussian", "size": 7, "params": {"sigma": 1e-1}}, "baselines": ["svd", "svd"]},
      r"baselines: svd given twice"),
 ])

@@ -31,6 +31,11 @@ class FactorizationError(JFactorError):
     """A chain that cannot match its target, or a factorization that cannot be trusted."""
 
 
+MAX_SPATIAL_DIMS = 3
+"""The most spatial dims a target may have: the output metric filters natural images, which
+:func:`jfactor.factorize.objectives.load_images` gives in 1, 2 or 3 dims."""
+
+
 def _per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
     try:
         values = (value,) * ndim if isinstance(value, (int, np.integer)) else tuple(value)
@@ -235,6 +240,10 @@ class Target:
         if spatial_dims < 1 or kernel.ndim not in (spatial_dims, spatial_dims + 2):
             raise FactorizationError(
                 f"{name}: shape {kernel.shape} is neither (*k,) nor (*k, C_in, C_out) with {spatial_dims} spatial dims")
+        if spatial_dims > MAX_SPATIAL_DIMS:
+            raise FactorizationError(
+                f"{name}: shape {kernel.shape} has {spatial_dims} spatial dims; jfactor factorizes kernels of 1 to "
+                f"{MAX_SPATIAL_DIMS} (its output metric filters images of at most {MAX_SPATIAL_DIMS} dims)")
         spatial_only = kernel.ndim == spatial_dims
         if spatial_only:
             kernel = kernel[..., None, None]
