@@ -166,6 +166,8 @@ def _target_spec(target, family, size, params, stack, *, stacks: bool = True) ->
     if len(sources) != 1:
         raise typer.BadParameter("give one target: --target T.npy" + (", --family NAME --size N, or --stack S.yaml"
                                                                      if stacks else " or --family NAME --size N"))
+    if family is None and (size is not None or params):
+        raise typer.BadParameter("--size and --param describe a --family target; remove them")
     if target is not None:
         return {"file": str(Path(target).resolve())}
     if family is not None:

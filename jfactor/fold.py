@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfactor import analysis
-from jfactor._checks import non_finite
+from jfactor._checks import is_int, non_finite
 from jfactor.errors import FoldError
 from jfactor.layers import AvgPool, Conv, Identity, Parallel, Subsample
 from jfactor.memory import check_bytes
@@ -393,6 +393,11 @@ def fold(stack: Stack, *, seed: int = 0, probe_batch: int = 2) -> Folded:
     float32 fold is certified to float32 rounding.  Under ``jax.jit``, ``jax.grad`` or
     ``jax.vmap`` use :func:`fold_conv` (the certificate needs concrete weights).
     """
+    if not isinstance(stack, Stack):
+        raise FoldError(f"fold takes a jfactor.Stack (jfactor.Stack(layers, input_shape)), got {type(stack).__name__}")
+    for name, value, least in (("seed", seed, 0), ("probe_batch", probe_batch, 1)):
+        if not is_int(value) or value < least:
+            raise FoldError(f"fold: {name} must be an integer >= {least}, got {value!r}")
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(stack)):
         raise FoldError("fold certifies with concrete float64 weights and cannot run under jax.jit, jax.grad or "
                         "jax.vmap; use jfactor.fold_conv(stack) there")

@@ -114,6 +114,8 @@ def test_factorize_table_and_errors(tmp_path):
     assert bad.exit_code == 2 and "covers 5x5 but the target is 7x7" in bad.output
     none = runner.invoke(app, ["factorize", "--chain", "3,3"])
     assert none.exit_code == 2 and "give one target" in none.output
+    stray = runner.invoke(app, ["factorize", "--target", str(tmp_path / "t.npy"), "--size", "5", "--chain", "3"])
+    assert stray.exit_code == 2 and "--size and --param describe a --family target" in stray.output
 
 
 def test_a_target_of_four_spatial_dims_is_refused_before_any_search(tmp_path):

@@ -127,6 +127,10 @@ def test_set_overrides_any_key(tmp_path):
     ({"target": {"family": "gaussian", "size": 7, "params": {"sigma": -1}}}, r"target: .*sigma must be a positive"),
     ({"target": {"family": "disk", "size": 7, "params": {"radius": 0}}}, r"radius must be a positive number, got 0"),
     ({"target": {"family": "gaussian", "size": 7, "params": {"ndim": 2.5}}}, r"ndim must be 1, 2 or 3, got 2\.5"),
+    ({"target": {"family": "gaussian", "size": 7, "key": "k"}}, r"target: key does not apply to a family target"),
+    ({"target": {"file": "t.npy", "size": 7}}, r"target: size does not apply to a file target \(only to family\)"),
+    ({"target": {"values": [[1.0]], "params": {"sigma": 1}}}, r"target: params does not apply to a values target"),
+    ({"target": {"stack": "s.yaml", "stride": 2}}, r"target: stride does not apply to a stack target"),
     ({"target": {"family": "gaussian", "size": 7, "params": {"sigma": 1e-1}}, "baselines": ["svd", "svd"]},
      r"baselines: svd given twice"),
 ])
@@ -199,3 +203,25 @@ def test_the_images_objective_of_a_config_takes_images_of_the_targets_dimensions
     config, _, base = load_config(tmp_path / "c.yaml")
     images = plan(config, base, "c.yaml").images
     assert images.ndim == ndim + 2 and images.shape[1:-1] == (12,) * ndim
+
+
+def test_image_files_are_read_relative_to_the_config_like_its_other_files(tmp_path, monkeypatch):
+    # before: relative to the current directory, while targets and weights (and a sweep's file
+    # hashes) resolve against the config's directory
+    import numpy as np
+    from skimage import io
+
+    from jfactor.experiment.config import load_config
+    from jfactor.experiment.run import plan
+    from jfactor.factorize.objectives import load_images
+
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    picture = np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8)
+    io.imsave(folder / "picture.png", picture, check_contrast=False)
+    config = _write(folder, {**SMALL, "objective": {"name": "images", "images": ["picture.png"], "image_size": 24,
+                                                    "crops": 1}})
+    monkeypatch.chdir(tmp_path)
+    parsed, _, base = load_config(config)
+    images = plan(parsed, base, str(config)).images
+    np.testing.assert_array_equal(images, load_images([str(folder / "picture.png")], size=24, count=1))

@@ -116,3 +116,17 @@ def test_fold_under_a_transformation_names_fold_conv():
     stack = jf.Stack([jf.Conv(np.ones((3, 3, 1, 1)))], (8, 8, 1))
     with pytest.raises(jf.FoldError, match="use jfactor.fold_conv"):
         jax.grad(lambda s: jf.fold(s).conv.kernel.sum())(stack)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda stack: jf.fold([stack.layers[0]]), r"fold takes a jfactor\.Stack .* got list"),
+    (lambda stack: jf.fold(None), r"fold takes a jfactor\.Stack .* got NoneType"),
+    (lambda stack: jf.fold(stack, probe_batch=0), r"probe_batch must be an integer >= 1, got 0"),
+    (lambda stack: jf.fold(stack, seed=-1), r"seed must be an integer >= 0, got -1"),
+    (lambda stack: jf.fold(stack, seed=1.5), r"seed must be an integer >= 0, got 1\.5"),
+])
+def test_fold_names_a_bad_argument(call, message):
+    # before: an AttributeError on a list's dtype, numpy's errors on a zero or negative count
+    stack = jf.Stack([jf.Conv(np.ones((3, 3, 1, 1)))], (8, 8, 1))
+    with pytest.raises(jf.FoldError, match=message):
+        call(stack)

@@ -19,6 +19,7 @@
       grid: {chains.0.channels: [1, 2, 4]}
       zip: {target.family: [gaussian, log], target.size: [15, 15]}
 
+Every file a config names (target, weights, stacks, image files) is read relative to its directory.
 A config with a ``stack`` and no chain is a fold-only run.  ``tiny: true`` (or
 ``--set tiny=true``) shrinks steps, restarts and sizes for smoke tests, so every shipped
 config can be run in seconds.
@@ -47,6 +48,11 @@ PositiveInt = Annotated[int, Field(strict=True, gt=0)]
 Sizes = Annotated[PositiveInt | list[PositiveInt], Field(description="an int or one per spatial dim")]
 
 
+SOURCE_KEYS = {"size": ("family",), "params": ("family",), "key": ("file",),
+               "spatial_dims": ("family", "file", "values"), "stride": ("family", "file", "values")}
+"""The target keys that only some sources read (a stack's target takes its dims and stride from its fold)."""
+
+
 class TargetSpec(Strict):
     """Exactly one of ``family`` (with ``size``), ``file``, ``values`` or ``stack``."""
 
@@ -65,6 +71,10 @@ class TargetSpec(Strict):
         given = [k for k in ("family", "file", "values", "stack") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of family, file, values or stack; got {given or 'none'}")
+        for key, sources in SOURCE_KEYS.items():
+            if key in self.model_fields_set and given[0] not in sources:
+                raise ValueError(f"{key} does not apply to a {given[0]} target (only to {' or '.join(sources)}): "
+                                 "remove it")
         if self.family is not None:
             if self.family not in kernels.FAMILIES:
                 raise ValueError(unknown_key(self.family, kernels.FAMILIES, "kernel family"))
@@ -327,13 +337,16 @@ def build_solver(spec: SolverSpec) -> Solver:
     return Solver(**spec.model_dump())
 
 
-def build_objective(spec: ObjectiveSpec, target: Target, source: str):
-    """(Objective, images (B, *spatial, C_in) or None for the default images); errors name ``source``."""
+def build_objective(spec: ObjectiveSpec, target: Target, base: Path, source: str):
+    """(Objective, images (B, *spatial, C_in) or None for the default images); errors name ``source``.
+    Image files (names with a suffix) are read relative to ``base``, the config's directory, like
+    every other file a config names (and as a sweep hashes them)."""
     objective = Objective(spec.name, spec.p, spec.pad, target.stride)
     if spec.name != "images":
         return objective, None
+    images = [str(base / name) if "." in name else name for name in spec.images]  # an absolute path stays
     try:  # rows of the crops for a 1-D target, stacks of shifted crops for a 3-D one
-        return objective, load_images(spec.images, size=spec.image_size, count=spec.crops, c_in=target.c_in,
+        return objective, load_images(images, size=spec.image_size, count=spec.crops, c_in=target.c_in,
                                       ndim=target.ndim)
     except ConfigError as exc:
         raise ConfigError(f"{source}: objective.images: {exc}") from None

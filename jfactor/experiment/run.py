@@ -66,7 +66,7 @@ def plan(config: ExperimentConfig, base: Path, source: str) -> Plan:
                     check_chain(chain, result.target)
                 except JFactorError as exc:
                     raise ConfigError(f"{source}: chains[{i}]: {exc}") from None
-            result.objective, result.images = build_objective(config.objective, result.target, source)
+            result.objective, result.images = build_objective(config.objective, result.target, base, source)
     except ConfigError:
         raise
     except JFactorError as exc:
