@@ -119,7 +119,9 @@ def test_family_parameters_are_checked_without_refusing_valid_ones():
                                       ("disk", 7, {"radius": 0}, "radius must be a positive number"),
                                       ("ring", 7, {"radius": -1}, "radius must be a number >= 0"),
                                       ("gaussian", 7, {"sigma": 1e200}, "parameters"),
-                                      ("box", 3, {"ndim": 1000}, "needs about inf GB"),
+                                      ("box", 3, {"ndim": 1000}, "ndim must be 1, 2 or 3, got 1000"),
+                                      ("gabor", 7, {"theta": "inf"}, "theta must be a finite number, got 'inf'"),
+                                      ("gabor", 7, {"phase": float("nan")}, "phase must be a finite number"),
                                       ("gaussian", 10**200, {}, "past the memory budget")]:
         with pytest.raises(jf.ConfigError, match=named):
             kernels.make(name, size, **params)
