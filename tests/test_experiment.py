@@ -128,6 +128,8 @@ def test_set_overrides_any_key(tmp_path):
     ({"target": {"family": "disk", "size": 7, "params": {"radius": 0}}}, r"radius must be a positive number, got 0"),
     ({"target": {"family": "gaussian", "size": 7, "params": {"ndim": 2.5}}}, r"ndim must be 1, 2 or 3, got 2\.5"),
     ({"target": {"family": "gaussian", "size": 7, "key": "k"}}, r"target: key does not apply to a family target"),
+    ({"objective": {"name": "images", "images": ["camera"], "image_size": 4}},
+     r"objective\.image_size 4 is smaller than chains\[0\]'s extent \(7, 7\): give at least 7"),
     ({"target": {"file": "t.npy", "size": 7}}, r"target: size does not apply to a file target \(only to family\)"),
     ({"target": {"values": [[1.0]], "params": {"sigma": 1}}}, r"target: params does not apply to a values target"),
     ({"target": {"stack": "s.yaml", "stride": 2}}, r"target: stride does not apply to a stack target"),

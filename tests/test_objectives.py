@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jfactor.errors import ConfigError
 from jfactor.factorize import Chain, factorize
 from jfactor.factorize import api as factorize_api
 from jfactor.factorize.objectives import factor_fits, gram_factor, load_images
@@ -85,3 +86,14 @@ def test_the_factored_images_objective_finds_what_the_filtered_images_find(monke
     # error, which the images objective does not weigh, settles to about 1e-6 either way
     np.testing.assert_allclose(factored.restart_errors, filtered.restart_errors, rtol=1e-5)
     np.testing.assert_allclose(factored.approx, filtered.approx, atol=1e-4 * np.abs(target).max())
+
+
+def test_an_image_file_without_content_is_named(tmp_path):
+    # before: an all-black file failed later without its name, a NaN one after resize warnings
+    from skimage import io
+
+    io.imsave(tmp_path / "black.png", np.zeros((32, 32), np.uint8), check_contrast=False)
+    io.imsave(tmp_path / "nan.tif", np.full((32, 32), np.nan, np.float32), check_contrast=False)
+    for name, message in (("black.png", "the image is all zero"), ("nan.tif", "the image has non-finite values")):
+        with pytest.raises(ConfigError, match=f"{name}: {message}"):
+            load_images([str(tmp_path / name)], size=16, count=1)

@@ -67,6 +67,11 @@ def plan(config: ExperimentConfig, base: Path, source: str) -> Plan:
                 except JFactorError as exc:
                     raise ConfigError(f"{source}: chains[{i}]: {exc}") from None
             result.objective, result.images = build_objective(config.objective, result.target, base, source)
+            for i, chain in enumerate(result.chains if result.images is not None else []):
+                extent = tuple(chain.extent)  # what the images are filtered with (it covers the target)
+                if any(n < k for n, k in zip(result.images.shape[1:-1], extent)):
+                    raise ConfigError(f"{source}: objective.image_size {config.objective.image_size} is smaller "
+                                      f"than chains[{i}]'s extent {extent}: give at least {max(extent)}")
     except ConfigError:
         raise
     except JFactorError as exc:

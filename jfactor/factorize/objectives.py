@@ -213,6 +213,9 @@ def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, s
         image = util.img_as_float(image)
         if image.ndim == 3:
             image = color.rgb2gray(image[..., :3])
+        if not np.isfinite(image).all() or not image.any():  # before resizing, which warns on NaN
+            raise ConfigError(f"{name}: the image {'has non-finite values' if image.any() else 'is all zero'}: "
+                              "give one with content")
         if min(image.shape) < size:
             image = transform.resize(image, (max(size, image.shape[0]), max(size, image.shape[1])))
         depth = size if ndim == 3 else 1
