@@ -79,13 +79,23 @@ def validate(model: type[BaseModel], data, source: str):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        by_key: dict[str, list[str]] = {}  # the alternatives of a union share a key: one line, "or"
+        by_key: dict[str, list[dict]] = {}  # the alternatives of a union share a key: one line, "or"
         for error in exc.errors():
-            messages = by_key.setdefault(key_path(error["loc"]), [])
-            if _message(error) not in messages:
-                messages.append(_message(error))
-        raise ConfigError("\n".join(f"{source}: {key}: {'; or '.join(messages)}"
-                                     for key, messages in by_key.items())) from None
+            by_key.setdefault(key_path(error["loc"]), []).append(error)
+        raise ConfigError("\n".join(f"{source}: {key}: {'; or '.join(_alternatives(errors))}"
+                                     for key, errors in by_key.items())) from None
+
+
+def _alternatives(errors: list[dict]) -> list[str]:
+    """The distinct messages of one key's errors; where the value has the type of some alternative
+    of a union (its error is about the value, as "greater than 0"), not the others' "should be a
+    valid list": those only say the value is not of their type."""
+    about_value = [e for e in errors if not e["type"].endswith("_type")]
+    messages = []
+    for error in about_value or errors:
+        if _message(error) not in messages:
+            messages.append(_message(error))
+    return messages
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -117,6 +117,10 @@ def test_set_overrides_any_key(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"restart": 3}, r"unknown key 'restart'; did you mean 'restarts'\?"),
     ({"restarts": "many"}, r"restarts: Input should be a valid integer"),
+    # a union (an int or a list): the int alternative's complaint alone, not "or a valid list"
+    ({"chain": {"sizes": [3, 5], "channels": 0}}, r"chain\.channels: Input should be greater than 0 \(got 0\)$"),
+    ({"chain": {"sizes": [3, 5], "channels": "two"}},
+     r"chain\.channels: Input should be a valid integer .*; or Input should be a valid list"),
     ({"chain": {"sizes": [3, 3]}}, r"chains\[0\]: chain 3x3 -> 3x3, width 1 covers 5x5 but the target is 7x7"),
     ({"target": {"file": "missing.npy"}}, r"missing\.npy: file not found"),
     ({"target": {"family": "gausian", "size": 7}}, r"unknown kernel family 'gausian'; did you mean 'gaussian'\?"),
