@@ -26,7 +26,7 @@ def slug(name: str) -> str:
 
 def writable_dir(path) -> Path:
     """Create ``path`` (and parents); a clear :class:`ConfigError` if that is impossible."""
-    path = Path(path)
+    path = check_writable(path)  # the messages every command gives (a file in the way: "not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
@@ -41,7 +41,8 @@ def check_writable(path) -> Path:
     path = Path(path)
     existing = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
     if not existing.is_dir():
-        raise ConfigError(f"{existing}: output directory is not a directory")
+        raise ConfigError(f"{existing}: is a file, so the output directory {path} cannot be made"
+                          if existing != path else f"{path}: is a file, not an output directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{existing}: output directory is not writable")
     return path

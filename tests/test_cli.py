@@ -69,8 +69,12 @@ def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     config = ROOT / "configs" / "seed" / "section4_avgpool.yaml"
-    result = runner.invoke(app, ["fold", str(config), "--out", str(blocker / "sub")])
-    assert result.exit_code == 2
+    for out, message in ((blocker / "sub", "file: is a file, so the output directory"),
+                         (blocker, "file: is a file, not an output directory")):
+        for command in (["fold", str(config)], ["factorize", "--family", "gaussian", "--size", "5", "--chain", "3,3"]):
+            result = runner.invoke(app, [*command, "--out", str(out)])  # one message for every command
+            assert result.exit_code == 2 and message in result.output, result.output
+            assert blocker.read_text() == "x"
 
 
 def test_factorize_writes_the_contract_files(tmp_path):

@@ -309,6 +309,8 @@ def load_any(path) -> Stack:
     """
     path = Path(path)
     loader = LOADERS.get(path.suffix.lower())
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a stack file (.yaml, .yml, .txt, .py)")
     if loader is None:
         raise ConfigError(f"{path}: unknown file type {path.suffix!r}; expected a YAML stack config "
                           f"(.yaml, .yml) or Keras lines (.txt, .py)")
