@@ -327,6 +327,9 @@ def run(
     config = config or QUICKSTART
     try:
         parsed, _, base = load_config(config, set_)
+        if parsed.sweep is not None:
+            print(f"note: {config} has a sweep: block, which jfactor run leaves alone: this runs the config as it "
+                  f"stands (jfactor sweep {config} runs its cells)", file=sys.stderr)
         directory = run_experiment(parsed, base, str(config), runs_dir, progress=not quiet)
     except EXPECTED as exc:
         _fail(exc)

@@ -169,6 +169,14 @@ def _sweep_config(tmp_path) -> Path:
                   "sweep.yaml")
 
 
+def test_run_says_that_it_leaves_a_sweep_block_alone(tmp_path):
+    config = _write(tmp_path, {**SMALL, "sweep": {"grid": {"seed": [0, 1]}}})
+    result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"note: {config} has a sweep: block, which jfactor run leaves alone" in result.output
+    assert len(list((tmp_path / "r").iterdir())) == 1  # one run, the config as it stands
+
+
 def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
     config = _sweep_config(tmp_path)
     whole = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir",
