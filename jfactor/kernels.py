@@ -159,7 +159,7 @@ def make(name: str, size: int, **params) -> np.ndarray:
             raise ConfigError(f"kernel family {name!r}: {key} must be a finite number, got {value!r}")
     for key in POSITIVE & {k for k, v in params.items() if v is not None}:
         value, zero_ok = _real(params[key]), (name, key) == ("ring", "radius")  # a ring of radius 0: a small disk
-        if value is None or not np.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        if value < 0 or (value == 0 and not zero_ok):
             bound = "a number >= 0" if zero_ok else "a positive number"
             raise ConfigError(f"kernel family {name!r}: {key} must be {bound}, got {params[key]!r}")
     ndim = params.get("ndim", 2)

@@ -26,7 +26,7 @@ def slug(name: str) -> str:
 
 def writable_dir(path) -> Path:
     """Create ``path`` (and parents); a clear :class:`ConfigError` if that is impossible."""
-    path = check_writable(path)  # the messages every command gives (a file in the way: "not a directory")
+    path = check_writable(path)  # the messages every command gives (a file in the way, say)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
