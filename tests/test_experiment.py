@@ -157,7 +157,12 @@ def test_unwritable_runs_dir_fails_before_compute(tmp_path):
     config = _write(tmp_path, SMALL)
     result = runner.invoke(app, ["run", str(config), "--runs-dir", str(blocker / "runs")])
     assert result.exit_code == 2
-    assert "output directory is not writable" in result.output
+    assert "file: is a file, so the output directory" in result.output
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere
+        result = runner.invoke(app, ["run", str(config), "--runs-dir", str(locked / "runs")])
+        assert result.exit_code == 2 and "output directory is not writable" in result.output
 
 
 CELLS = 12  # enough that the kill, polled every 20 ms after the second cell, lands mid-sweep
@@ -239,3 +244,34 @@ def test_image_files_are_read_relative_to_the_config_like_its_other_files(tmp_pa
     parsed, _, base = load_config(config)
     images = plan(parsed, base, str(config)).images
     np.testing.assert_array_equal(images, load_images([str(folder / "picture.png")], size=24, count=1))
+
+
+@pytest.mark.parametrize("target", [
+    {"family": "gaussian", "size": 7, "params": {"sigma": 1.2}},
+    {"values": [[0.0, 1.0, 0.0], [1.0, 2.0, 1.0], [0.0, 1.0, 0.0]]},
+    {"file": "t.npy"},
+    {"stack": {"input_shape": [16, 16, 1], "layers": [{"conv": {"kernel_size": 3, "weights": "w.npy"}},
+                                                      {"conv": {"kernel_size": 3, "filters": 1}}]}},
+])
+def test_a_runs_config_yaml_runs_again_from_its_run_directory(target, tmp_path, monkeypatch):
+    # before: its relative file paths were read against the run directory (file not found), and an
+    # inline stack's layers, written with their other kinds null, did not validate
+    import numpy as np
+
+    from jfactor.experiment.config import load_config
+    from jfactor.experiment.run import plan
+
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    np.save(folder / "t.npy", np.outer([1.0, 2.0, 1.0, 2.0, 1.0], [1.0, 0.0, 1.0, 3.0, 1.0]))
+    np.save(folder / "w.npy", np.arange(9.0).reshape(3, 3, 1, 1) - 4)
+    monkeypatch.chdir(tmp_path)
+    parsed, _, base = load_config(_write(folder, {**SMALL, "target": target}))
+    first = plan(parsed, base, "config.yaml")
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(folder / "config.yaml"), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 0, result.output
+    written = next(runs.iterdir()) / "config.yaml"
+    assert yaml.safe_load(written.read_text())["target"].get("stride") == 1  # the defaults are written
+    again, _, written_base = load_config(written)
+    np.testing.assert_array_equal(plan(again, written_base, str(written)).target.kernel, first.target.kernel)

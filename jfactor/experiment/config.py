@@ -71,8 +71,8 @@ class TargetSpec(Strict):
         given = [k for k in ("family", "file", "values", "stack") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of family, file, values or stack; got {given or 'none'}")
-        for key, sources in SOURCE_KEYS.items():
-            if key in self.model_fields_set and given[0] not in sources:
+        for key, sources in SOURCE_KEYS.items():  # a default (as a run's resolved config.yaml writes) is no value
+            if getattr(self, key) not in (None, type(self).model_fields[key].default) and given[0] not in sources:
                 raise ValueError(f"{key} does not apply to a {given[0]} target (only to {' or '.join(sources)}): "
                                  "remove it")
         if self.family is not None:

@@ -41,13 +41,14 @@ class Plan:
     objective: object = None
     images: object = None
     stack: object = None
+    base: Path = Path(".")  # the config's directory: what its relative file paths are read against
 
 
 def plan(config: ExperimentConfig, base: Path, source: str) -> Plan:
     """Build and check target, chains and objective; raises ConfigError before any compute."""
     if config.tiny:
         config = shrink(config)
-    result = Plan(config, source)
+    result = Plan(config, source, base=Path(base))
     try:
         if config.stack is not None:
             result.stack = load_stack_spec(config, base, source)
@@ -115,12 +116,41 @@ def _csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+def resolved_yaml(config: ExperimentConfig, base: Path) -> str:
+    """``config`` as a run's ``config.yaml`` keeps it, so that it runs again from there as it ran:
+    every key given or defaulted but none null (every optional key defaults to None; an inline
+    stack's layers with their other kinds null did not read back), and every file it names (read
+    relative to ``base``, the config's directory) as an absolute path."""
+    return dump_yaml(_absolute_paths(config.model_dump(mode="json", exclude_none=True), Path(base)))
+
+
+def _absolute_paths(node, base: Path):
+    """``node`` (a config mapping) with its file paths (``file:`` and ``stack:`` strings, image
+    files among ``images:``) made absolute against ``base``."""
+    def absolute(path: str) -> str:
+        return str((base / path).resolve())  # an absolute path stays itself
+
+    if isinstance(node, list):
+        return [_absolute_paths(item, base) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in ("file", "stack") and isinstance(value, str):
+            out[key] = absolute(value)
+        elif key == "images" and isinstance(value, list):
+            out[key] = [absolute(name) if "." in name else name for name in value]  # as build_objective reads them
+        else:
+            out[key] = _absolute_paths(value, base)
+    return out
+
+
 def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: dict | None = None) -> dict:
     """Run a plan into ``directory``; returns the results mapping (also in results.json, with
     the entries of ``extra`` added)."""
     config = the_plan.config
     started = time.time()
-    rundir.write_text(directory / "config.yaml", dump_yaml(config.model_dump(mode="json")))
+    rundir.write_text(directory / "config.yaml", resolved_yaml(config, the_plan.base))
     summaries, metric_rows, plots = [], [], []
     if the_plan.stack is not None:
         from jfactor.fold import fold
