@@ -646,3 +646,16 @@ def test_every_restart_of_a_fixed_count_run_but_the_impulse_and_mirrored_starts_
     # printed, one line with the answer and how sure it is, not every array it holds
     assert repr(result) == (f"Factorization(3x3 -> 3x3, width 1 for targets[0]: rel_error {result.rel_error:.3e}, "
                             f"best of 8 restarts reached 8 times, stopped: restarts)")
+
+
+def test_a_float32_runs_evidence_ranks_restarts_as_its_result_is_measured():
+    # before: float32's own errors ranked restarts (and chose the best by its loss), so restarts
+    # reported below the returned rel_error and one minimum split into hundreds of "distinct" ones
+    target = kernels.make("log", 9)
+    result = factorize(target, Chain.build([3, 3, 5]), dtype="float32", restarts=8, solver=FAST)
+    best, errors = result.evidence["best_error"], result.restart_errors
+    assert result.rel_error == pytest.approx(best, rel=1e-12)
+    assert np.min(errors[np.isfinite(errors)]) == pytest.approx(best, rel=1e-12)
+    assert result.evidence["runner_up"] is None or result.evidence["runner_up"] > best
+    approx = chain_kernel_numpy(result.factors, result.chain)[..., 0, 0]
+    assert np.linalg.norm(approx - target) / np.linalg.norm(target) == pytest.approx(result.rel_error, rel=1e-12)
