@@ -371,6 +371,12 @@ def _layer_rows(stack: Stack, dtype) -> list[dict]:
     return rows
 
 
+def _check_stack(stack, function: str) -> None:
+    if not isinstance(stack, Stack):
+        raise FoldError(f"{function} takes a jfactor.Stack (jfactor.Stack(layers, input_shape)), "
+                        f"got {type(stack).__name__}")
+
+
 def fold_conv(stack: Stack) -> Conv:
     """The one :class:`~jfactor.layers.Conv` equal to ``stack`` (on ``fold(stack).exact_region``).
 
@@ -381,6 +387,7 @@ def fold_conv(stack: Stack) -> Conv:
     :func:`jfactor.batch.fold_batch`: ``vmap`` over a convolution's kernel is a grouped
     convolution, quadratic in the batch on CPU.
     """
+    _check_stack(stack, "fold_conv")
     dtype = stack.dtype or jnp.float64
     affine = fold_affine(stack, dtype)
     return conv_from_affine(affine, stack.input_shape, stack.output_shape, bias=has_bias(stack.lower(dtype)))
@@ -393,8 +400,7 @@ def fold(stack: Stack, *, seed: int = 0, probe_batch: int = 2) -> Folded:
     float32 fold is certified to float32 rounding.  Under ``jax.jit``, ``jax.grad`` or
     ``jax.vmap`` use :func:`fold_conv` (the certificate needs concrete weights).
     """
-    if not isinstance(stack, Stack):
-        raise FoldError(f"fold takes a jfactor.Stack (jfactor.Stack(layers, input_shape)), got {type(stack).__name__}")
+    _check_stack(stack, "fold")
     for name, value, least in (("seed", seed, 0), ("probe_batch", probe_batch, 1)):
         if not is_int(value) or value < least:
             raise FoldError(f"fold: {name} must be an integer >= {least}, got {value!r}")

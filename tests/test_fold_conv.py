@@ -121,6 +121,7 @@ def test_fold_under_a_transformation_names_fold_conv():
 @pytest.mark.parametrize("call,message", [
     (lambda stack: jf.fold([stack.layers[0]]), r"fold takes a jfactor\.Stack .* got list"),
     (lambda stack: jf.fold(None), r"fold takes a jfactor\.Stack .* got NoneType"),
+    (lambda stack: jf.fold_conv([stack.layers[0]]), r"fold_conv takes a jfactor\.Stack .* got list"),
     (lambda stack: jf.fold(stack, probe_batch=0), r"probe_batch must be an integer >= 1, got 0"),
     (lambda stack: jf.fold(stack, seed=-1), r"seed must be an integer >= 0, got -1"),
     (lambda stack: jf.fold(stack, seed=1.5), r"seed must be an integer >= 0, got 1\.5"),

@@ -321,18 +321,33 @@ def _checked_images(images, target: Target, extent: tuple[int, ...]) -> np.ndarr
 
 
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
-    """User starting points for target ``b``, checked against the chain's factor shapes."""
+    """User starting points for target ``b`` (None: none), checked against the chain's factor shapes:
+    real, finite, and no free layer's factor all zero (the chain's kernel is then zero, a
+    stationary point that no step leaves: such a start returned the zero kernel, error 1)."""
     shapes = chain.factor_shapes(target.c_in, target.c_out)
-    given = [[np.asarray(f, np.float64) for f in factors] for factors in given]
-    if len(given) > restarts:
-        raise ConfigError(f"starts[{b}]: {len(given)} starting points for {restarts} restarts")
-    for r, factors in enumerate(given):
+    checked = []
+    for r, factors in enumerate(given or []):
+        try:
+            factors = [np.asarray(f) for f in factors]
+        except (TypeError, ValueError) as exc:  # ragged nested lists, not a list at all
+            raise FactorizationError(f"starts[{b}][{r}]: not a list of factor arrays ({exc})") from None
         if [f.shape for f in factors] != shapes:
             raise FactorizationError(f"starts[{b}][{r}]: factor shapes {[f.shape for f in factors]}, "
                                      f"the chain needs {shapes}")
+        if not all(np.issubdtype(f.dtype, np.number) and np.isrealobj(f) for f in factors):
+            raise FactorizationError(f"starts[{b}][{r}]: factors must be real numbers, got "
+                                     f"{', '.join(sorted({str(f.dtype) for f in factors}))}")
+        factors = [f.astype(np.float64) for f in factors]
         if not all(np.isfinite(f).all() for f in factors):
             raise FactorizationError(f"starts[{b}][{r}]: non-finite factors")
-    return given
+        zero = [i for i, (f, w) in enumerate(zip(factors, chain.weights)) if w is None and not f.any()]
+        if zero:
+            raise FactorizationError(f"starts[{b}][{r}]: layer {zero[0]}'s factor is all zero, so the chain's "
+                                     "kernel is zero: a stationary point no step leaves")
+        checked.append(factors)
+    if len(checked) > restarts:
+        raise ConfigError(f"starts[{b}]: {len(checked)} starting points for {restarts} restarts")
+    return checked
 
 
 @dataclasses.dataclass
@@ -398,8 +413,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
       seed: target ``b`` draws its starts from ``numpy.random.default_rng(seed + b)``, so
         ``factorize_batch(ts, seed=s)[b]`` starts where ``factorize(ts[b], seed=s + b)`` does.
       starts: per target, factor lists (``(*k_i, C_{i-1}, C_i)``, frozen layers included)
-        to use as its first restarts (warm starts, or another tool's starting points); the
-        rest of the first wave is drawn by ``init``.
+        to use as its first restarts (warm starts, or another tool's starting points; None: none
+        for that target); the rest of the first wave is drawn by ``init``.
       images: (B, *spatial, C_in) for the ``images`` objective and the output-space metric
         (default: crops of skimage's camera, astronaut and coins).
       baselines: names from :data:`jfactor.factorize.baselines.BASELINES`.
