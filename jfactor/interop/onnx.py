@@ -237,8 +237,14 @@ def _nodes(model: onnx.ModelProto, values: dict, shapes: dict) -> list[Node]:
                 raise _NotLinear(f"makes {len(node.output)} tensors")
             layer, merge = _layer_of(node, values, shapes)
             nodes.append(Node(name, data, node.output[0], layer, merge))
-        except (_NotLinear, StackError) as exc:
+        except _NotLinear as exc:  # a boundary between linear segments
             nodes.append(Node(name, data, node.output[0], why=f"{node.op_type}: {exc}"))
+        except StackError as exc:  # a linear node whose layer is bad (non-finite weights, ...): an error,
+            # not a boundary: fold_model skipped such a node without a word
+            bad = [t for t in node.input if t in values and np.issubdtype(np.asarray(values[t]).dtype, np.floating)
+                   and non_finite(np.asarray(values[t]))]
+            raise StackError(f"node {name} ({node.op_type}): {exc}"
+                             + (f"; non-finite initializers: {', '.join(map(repr, bad))}" if bad else "")) from None
     return nodes
 
 
@@ -598,7 +604,10 @@ def fold_file(path, out_dir, *, cheaper_only: bool = False) -> dict:
 
     path, out_dir = Path(path), Path(out_dir)
     original = _load(path)
-    folded, reports = fold_model(original, cheaper_only=cheaper_only)
+    try:
+        folded, reports = fold_model(original, cheaper_only=cheaper_only)
+    except StackError as exc:
+        raise StackError(f"{path}: {exc}") from None
     target = out_dir / f"{path.stem}.folded.onnx"
     checked = _compared(path, original, folded)  # before anything is written: a failed check leaves nothing
     rundir.write_with(target, lambda handle: handle.write(folded.SerializeToString()))
