@@ -96,6 +96,9 @@ def test_the_output_error_is_the_kernel_error(padding, images):
     layer = FactorizedConv.from_conv(conv, CHAIN, solver=FAST, restarts=2, seed=1)
     result = factorize(target, Chain.build(CHAIN), solver=FAST, restarts=2, seed=1, baselines=())  # the same run
     assert layer.init_error == result.rel_error > 0.1  # a random kernel does not factorize
+    assert result.evidence["warning"]  # two restarts, two minima: the search doubts its best
+    with pytest.warns(UserWarning, match="likely not the global optimum"):  # before: it never reached the user
+        FactorizedConv.from_conv(conv, CHAIN, solver=FAST, restarts=2, seed=1)
     assert result.padding == ((0, 1), (0, 1))  # 15 centred in 16: the odd zero high, as the layer pads
     _close(chain_kernel([k[...] for k in layer.kernels], layer.chain), result.approx)
     error = jnp.asarray(result.approx - result.target_padded)

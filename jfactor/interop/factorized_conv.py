@@ -18,6 +18,8 @@ It computes in the promotion of the input's and the weights' dtypes at HIGHEST p
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -141,7 +143,8 @@ class FactorizedConv(nnx.Module):
             ``images``, ``dtype``, ``progress``); baselines are not run.
 
         The factorization's metrics (``rel_error`` of the kernel, ``output_psnr_db``, ...)
-        stay on the module: ``.metrics``, ``.init_error``.
+        stay on the module: ``.metrics``, ``.init_error``.  Where the search doubts its best (reached
+        by one or two restarts, say), a ``UserWarning`` says so.
 
         Raises:
           FactorizationError: grouped convs, a conv nnx computes otherwise than one
@@ -161,6 +164,8 @@ class FactorizedConv(nnx.Module):
         target = Target.from_array(kernel, spatial_dims=layer.ndim, stride=layer.strides, name="conv kernel")
         _check_covers(chain, target)
         result = factorize(target, chain, restarts=restarts, solver=solver, baselines=(), **options)
+        if result.evidence["warning"]:  # the search's own doubt, which the metrics alone do not carry
+            warnings.warn(f"FactorizedConv.from_conv: {result.evidence['warning']}", UserWarning, stacklevel=2)
         return cls(result.factors, chain, kernel_size=target.size, padding=layer.padding, bias=layer.bias,
                    param_dtype=param_dtype or layer.kernel.dtype, metrics=result.metrics)
 
