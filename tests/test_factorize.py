@@ -310,6 +310,20 @@ def test_search_and_cheapest_under_refuse_arguments_of_the_wrong_kind():
     for bad in ("0.1", float("nan"), -1.0):
         with pytest.raises(jf.ConfigError, match="max_error must be a relative error >= 0"):
             cheapest_under([], bad)
+    for bad in (["a"], None):  # before: AttributeError, TypeError
+        with pytest.raises(jf.ConfigError, match="cheapest_under takes the list of Candidates search"):
+            cheapest_under(bad, 1.0)
+
+
+def test_numpy_dtypes_are_taken_and_a_target_whose_norm_overflows_is_named():
+    fast = Solver(optimizer="none", refine_steps=5)
+    for dtype in (np.float32, np.dtype("float32")):  # before: only the string was taken
+        result = factorize(np.ones((5, 5)), Chain.build([3, 3]), dtype=dtype, restarts=1, solver=fast, baselines=())
+        assert result.settings["dtype"] == "float32"
+    # before: "all restarts diverged ... lower the learning rate"; 1e300 is fine (README: any finite scale)
+    with pytest.raises(FactorizationError, match=r"the target's norm overflows float64 \(largest \|tap\| 1\.5e\+308\)"):
+        factorize(np.full((5, 5), 1.5e308), Chain.build([3, 3]), restarts=1)
+    assert Target.from_array(np.full((5, 5), 1e300)).kernel.max() == 1e300
 
 
 def test_search_takes_any_sequence_of_candidates():

@@ -449,6 +449,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         raise FactorizationError(f"targets of one batch must share shape and stride, got {sorted(geometry)}")
     if init not in INITS:
         raise ConfigError(unknown_key(init, INITS, "init"))
+    dtype = getattr(dtype, "__name__", None) or str(getattr(dtype, "name", dtype))  # np.float32, np.dtype, "float32"
     if dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
     first = targets[0]

@@ -253,6 +253,11 @@ class Target:
             raise FactorizationError(f"{name}: the target has {int((~np.isfinite(kernel)).sum())} non-finite values")
         if not np.any(kernel):
             raise FactorizationError(f"{name}: the target is all zeros; there is nothing to approximate")
+        peak = np.abs(kernel).max()
+        with np.errstate(over="ignore"):
+            if not np.isfinite(peak * np.linalg.norm(kernel / peak)):  # every error is relative to the norm
+                raise FactorizationError(f"{name}: the target's norm overflows float64 (largest |tap| {peak:.3g}): "
+                                         "scale it down")
         return cls(kernel, _per_dim(stride, spatial_dims, "target stride"), name, spatial_only)
 
     @property

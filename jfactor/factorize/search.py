@@ -106,5 +106,7 @@ def cheapest_under(front: list[Candidate], max_error: float) -> Candidate | None
     """The front's cheapest chain with ``rel_error <= max_error`` (None if none is that good)."""
     if isinstance(max_error, bool) or not isinstance(max_error, numbers.Real) or not max_error >= 0:
         raise ConfigError(f"max_error must be a relative error >= 0, got {max_error!r}")
+    if not isinstance(front, (list, tuple)) or not all(isinstance(c, Candidate) for c in front):
+        raise ConfigError(f"cheapest_under takes the list of Candidates search() returns, got {front!r:.80}")
     fitting = [c for c in front if c.on_front and c.rel_error <= max_error]
     return min(fitting, key=lambda c: c.macs) if fitting else None
