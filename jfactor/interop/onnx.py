@@ -255,6 +255,9 @@ def _channels_last(shape) -> tuple[int, ...]:
 def _load(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
+    if not isinstance(model, (str, Path)):  # bytes, a number: pathlib's own TypeError named neither
+        raise ConfigError(f"expected an onnx.ModelProto or the path of a .onnx file, got {type(model).__name__} "
+                          "(serialized bytes: onnx.load_from_string)")
     path = Path(model)
     try:
         loaded = onnx.load(str(path))
