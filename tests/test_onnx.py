@@ -290,5 +290,5 @@ def test_fold_model_refuses_a_linear_node_with_non_finite_weights_instead_of_ski
 def test_a_model_that_is_neither_a_proto_nor_a_path_is_named():
     for bad, kind in ((b"\x08\x07", "bytes"), (3, "int")):  # before: pathlib's TypeError
         for call in (fold_model, jf.from_onnx):
-            with pytest.raises(jf.ConfigError, match=f"a ModelProto or the path of a .onnx file, got {kind}"):
+            with pytest.raises(jf.ConfigError, match=f"onnx.ModelProto or the path of a .onnx file, got {kind}"):
                 call(bad)
