@@ -246,6 +246,9 @@ def test_batch_items_out_of_range_and_non_finite_weights_are_named():
     for i in (2, -3):
         with pytest.raises(IndexError, match=f"item {i} of a batch of 2"):
             folded.conv(i)
+    with pytest.raises(TypeError, match="items are numbered by integers, got 'a'"):
+        folded.conv("a")
+    np.testing.assert_array_equal(folded.conv(np.int64(1)).kernel, folded.conv(1).kernel)
     bad = jax.tree.map(lambda w: np.where(np.arange(w.size).reshape(w.shape) == 0, np.nan, w), stacks[1])
     with pytest.raises(jf.StackError, match=r"stack_batch: stacks\[1\]\.layers\[0\]\.kernel has non-finite"):
         batch.stack_batch([stacks[0], bad])
