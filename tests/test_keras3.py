@@ -163,6 +163,15 @@ def test_unsupported_layers_are_errors_naming_them(make, match):
         from_keras(model)
 
 
+def test_a_merge_other_than_add_or_concatenate_is_named_as_one():
+    inputs = keras.Input((8, 8, 1))
+    a, b = L.Conv2D(1, 3, name="a")(inputs), L.Conv2D(1, 3, name="b")(inputs)
+    model = keras.Model(inputs, L.Subtract(name="minus")([a, b]))
+    # before: "takes 2 inputs", as though Add took one
+    with pytest.raises(StackError, match=r"minus, Subtract\): merges 2 inputs, which jfactor reads only as Add or"):
+        from_keras(model)
+
+
 def test_keras_on_another_backend_is_a_clear_error():
     code = "import keras\nimport jfactor.interop.keras3"
     env = {**os.environ, "KERAS_BACKEND": "numpy"}

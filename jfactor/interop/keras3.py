@@ -137,8 +137,8 @@ def _node(layer, inputs: tuple[str, ...], output: str, shape: Shape | None) -> N
             if kind == "Concatenate" and not _concat_axis_ok(layer, len(shape) + 1):
                 raise _NotLinear(f"concatenates axis {layer.axis}, not the channels (last) axis")
             return Node(layer.name, inputs, output, merge="sum" if kind == "Add" else "concat")
-        if len(inputs) != 1:
-            raise _NotLinear(f"takes {len(inputs)} inputs")
+        if len(inputs) != 1:  # the merges jfactor reads (Add, Concatenate) are above
+            raise _NotLinear(f"merges {len(inputs)} inputs, which jfactor reads only as Add or Concatenate")
         _check_channels_last(layer)
         if kind in ("Conv1D", "Conv2D", "Conv3D"):
             return Node(layer.name, inputs, output, _conv(layer))
