@@ -331,3 +331,5 @@ def test_search_takes_any_sequence_of_candidates():
 
     chains = candidates(jf.factorize.Target.from_array(np.ones((5, 5))), sizes=range(3, 6, 2), layers=np.array([1, 2]))
     assert {c.extent for c in chains} == {(5, 5), (7, 7)}  # within the default slack of 2
+    from_sets = candidates(jf.factorize.Target.from_array(np.ones((5, 5))), sizes={5, 3}, layers={2, 1})
+    assert [c.describe() for c in from_sets] == [c.describe() for c in chains]  # a set: in sorted order

@@ -47,9 +47,12 @@ def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), 
     """Chains from the given sets whose receptive field is within [size, size + slack] per dim."""
     sets = {"sizes": sizes, "dilations": dilations, "widths": widths, "layers": layers}
     for name, values in sets.items():
-        if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)) or not len(values):
-            raise FactorizationError(f"{name} must be a non-empty list (a set of candidates), got {values!r}")
-    sizes, dilations, widths, layers = (list(values) for values in sets.values())
+        if (isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray, set, frozenset))
+                or not len(values)):
+            raise FactorizationError(f"{name} must be a non-empty list or set of candidates, got {values!r}")
+    # a set, in its sorted order: the candidates (and so the search) do not depend on the set's hash order
+    sizes, dilations, widths, layers = (sorted(values) if isinstance(values, (set, frozenset)) else list(values)
+                                        for values in sets.values())
     if not all(is_int(n) and n >= 1 for n in layers):
         raise FactorizationError(f"layers must be positive integers, got {list(layers)}")
     if not is_int(slack) or slack < 0:
