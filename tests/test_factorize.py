@@ -307,6 +307,9 @@ def test_search_and_cheapest_under_refuse_arguments_of_the_wrong_kind():
         search(np.ones((5, 5)), layers=2)
     with pytest.raises(FactorizationError, match="sizes must be a non-empty list"):
         search(np.ones((5, 5)), sizes=5)
+    strided = jf.factorize.Target.from_array(np.ones((7, 7)), stride=2)
+    with pytest.raises(FactorizationError, match=r"search builds chains without strides, and the target has stride"):
+        search(strided, sizes=(3, 5), layers=(2,))
     for bad in ("0.1", float("nan"), -1.0):
         with pytest.raises(jf.ConfigError, match="max_error must be a relative error >= 0"):
             cheapest_under([], bad)
