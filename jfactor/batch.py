@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import operator
 import math
 from collections.abc import Sequence
 
@@ -60,7 +61,7 @@ import numpy as np
 from jax import lax
 
 from jfactor import ops
-from jfactor._checks import floating, is_concrete, is_int
+from jfactor._checks import floating, is_concrete
 from jfactor._pytree import pytree_dataclass, static
 from jfactor.cache import enable_compilation_cache
 from jfactor.errors import ConfigError, StackError
@@ -108,8 +109,10 @@ class BatchFolded:
 
     def affine(self, i: int) -> ops.Affine:
         """The infinite-grid map of item ``i`` (negative ``i`` counts from the end)."""
-        if not is_int(i):  # before: a string compared with the length, Python's TypeError
-            raise TypeError(f"items are numbered by integers, got {i!r}")
+        try:
+            i = operator.index(i)  # Python, numpy and concrete jax integers
+        except TypeError:
+            raise TypeError(f"items are numbered by integers, got {i!r}") from None
         if not -len(self) <= i < len(self):
             raise IndexError(f"item {i} of a batch of {len(self)} folded stacks")
         return ops.Affine(self.kernel[i], self.bias[i], self.stride, self.offset, self.groups)

@@ -155,7 +155,7 @@ def make(name: str, size: int, **params) -> np.ndarray:
     if not is_int(size) or size < 1:
         raise ConfigError(f"kernel family {name!r}: size must be a positive integer, got {size!r}")
     for key, value in params.items():  # every parameter of every family is one real number (None: its default)
-        if value is not None and (_real(value) is None or not np.isfinite(_real(value))):
+        if value is not None and not is_int(value) and (_real(value) is None or not np.isfinite(_real(value))):
             raise ConfigError(f"kernel family {name!r}: {key} must be a finite number, got {value!r}")
     for key in POSITIVE & {k for k, v in params.items() if v is not None}:
         value, zero_ok = _real(params[key]), (name, key) == ("ring", "radius")  # a ring of radius 0: a small disk

@@ -9,10 +9,11 @@ try, also with ``OPENBLAS_NUM_THREADS=1``, ``--xla_cpu_multi_thread_eigen=false`
 synchronous CPU dispatch, and so did one jitted program holding two independent batched
 Choleskys of matrices it computed; a jitted Cholesky beside a jitted matrix product, or beside
 scipy's Cholesky, ran, and so did scipy's Cholesky in both threads.  The Levenberg-Marquardt
-steps of all but the largest chains are Cholesky solves, and the ALS and least-squares
-baselines solve with LU, so two threads calling :func:`jfactor.factorize.factorize` at once
-hung, in every try.  (Within one of jfactor's programs the solves run one after another: each
-needs the step before it.)  :func:`one_at_a_time` makes such calls wait for each other instead.
+steps of all but the largest chains are Cholesky solves, so two threads calling
+:func:`jfactor.factorize.factorize` at once hung, in every try; the ALS and least-squares
+baselines solve with jax's LU (its kernel not traced here) and hold the lock too.  (Within one
+of jfactor's programs the solves run one after another: each needs the step before it.)
+:func:`one_at_a_time` makes such calls wait for each other instead.
 Code of the caller's own that calls LAPACK through jax from another thread can still meet one
 of jfactor's; wrapped with :func:`one_at_a_time` (reentrant, process-wide) it waits too.
 """

@@ -248,7 +248,8 @@ def test_batch_items_out_of_range_and_non_finite_weights_are_named():
             folded.conv(i)
     with pytest.raises(TypeError, match="items are numbered by integers, got 'a'"):
         folded.conv("a")
-    np.testing.assert_array_equal(folded.conv(np.int64(1)).kernel, folded.conv(1).kernel)
+    for index in (np.int64(1), jnp.int32(1), np.array(1)):  # numpy and concrete jax integers are items too
+        np.testing.assert_array_equal(folded.conv(index).kernel, folded.conv(1).kernel)
     bad = jax.tree.map(lambda w: np.where(np.arange(w.size).reshape(w.shape) == 0, np.nan, w), stacks[1])
     with pytest.raises(jf.StackError, match=r"stack_batch: stacks\[1\]\.layers\[0\]\.kernel has non-finite"):
         batch.stack_batch([stacks[0], bad])

@@ -113,7 +113,7 @@ def test_family_parameters_are_checked_without_refusing_valid_ones():
 
     for name, params in [("ring", {"radius": 0}), ("gabor", {"gamma": 0, "wavelength": -3.0}),
                          ("gaussian", {"sigma": None}), ("gaussian", {"sigma": jnp.float32(2)}),
-                         ("gaussian", {"sigma": np.array(2.0)})]:
+                         ("gaussian", {"sigma": np.array(2.0)}), ("random_normal", {"seed": 10**400})]:
         assert np.isfinite(kernels.make(name, 7, **params)).all()
     for name, size, params, named in [("gaussian", 7, {"sigma": -1}, "sigma must be a positive number"),
                                       ("disk", 7, {"radius": 0}, "radius must be a positive number"),

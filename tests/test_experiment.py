@@ -137,6 +137,8 @@ def test_set_overrides_any_key(tmp_path):
     ({"target": {"file": "t.npy", "size": 7}}, r"target: size does not apply to a file target \(only to family\)"),
     ({"target": {"values": [[1.0]], "params": {"sigma": 1}}}, r"target: params does not apply to a values target"),
     ({"target": {"stack": "s.yaml", "stride": 2}}, r"target: stride does not apply to a stack target"),
+    ({"target": {"stack": "s.yaml", "stride": [1, 1]}, "chain": {"sizes": [3, 3], "dilations": [0, 1]}},
+     r"chain\.dilations\[0\]: Input should be greater than 0"),  # stride [1, 1] on a stack: its default, taken
     ({"target": {"family": "gaussian", "size": 7, "params": {"sigma": 1e-1}}, "baselines": ["svd", "svd"]},
      r"baselines: svd given twice"),
 ])
@@ -244,6 +246,10 @@ def test_image_files_are_read_relative_to_the_config_like_its_other_files(tmp_pa
     parsed, _, base = load_config(config)
     images = plan(parsed, base, str(config)).images
     np.testing.assert_array_equal(images, load_images([str(folder / "picture.png")], size=24, count=1))
+    from jfactor.factorize.objectives import local_image_path
+
+    assert local_image_path("https://example.org/a.png", folder) == "https://example.org/a.png"  # a URL as it is
+    assert local_image_path("camera", folder) == "camera"
 
 
 @pytest.mark.parametrize("target", [

@@ -281,15 +281,17 @@ def test_given_starts_are_used_and_checked():
     assert warm.rel_error < 1e-12  # started at the answer
     with pytest.raises(FactorizationError, match=r"starts\[0\]\[0\]: factor shapes"):
         factorize(target, chain, starts=[[b, a]], restarts=1, baselines=())
-    # before: a zero factor ran to the zero kernel (error 1) as a success, complex ones lost their
+    # before: zero factors ran to the zero kernel (error 1) as a success, complex ones lost their
     # imaginary part, ragged lists raised numpy's errors, and None for one target a TypeError
-    for start, message in (([a, np.zeros_like(b)], r"starts\[0\]\[0\]: layer 1's factor is all zero"),
+    for start, message in (([0 * a, 0 * b], r"starts\[0\]\[0\]: layers 0, 1 are all zero, so every gradient"),
                            ([a, b + 1j], r"starts\[0\]\[0\]: factors must be real numbers, got complex128, "),
                            ([a, [[1, 2], [3]]], r"starts\[0\]\[0\]: not a list of factor arrays")):
         with pytest.raises(FactorizationError, match=message):
             factorize(target, chain, starts=[start], restarts=1, baselines=())
     fast = Solver(optimizer="none", refine_steps=5)
     both = factorize_batch([target, target], chain, starts=[[[a, b]], None], restarts=1, solver=fast)
+    one_zero = factorize(target, chain, starts=[[a, 0 * b]], restarts=1, solver=Solver(optimizer="none"), baselines=())
+    assert one_zero.rel_error < 1e-6  # one zero factor: its gradient holds the other, and LM leaves it
     assert both[0].rel_error < 1e-12 and both[1].rel_error > 1e-12  # the second drew its own start
 
 

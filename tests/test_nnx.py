@@ -165,7 +165,7 @@ TWO_D = (8, 8, 2)
         (nnx.relu, r"layers\[1\] \(relu\): not linear, or unknown to jfactor; it folds nnx\.Conv"),
         (jax.nn.gelu, r"layers\[1\] \(gelu\): not linear"),
         (functools.partial(nnx.max_pool, window_shape=(2, 2)), r"layers\[1\] \(max_pool\): not linear"),
-        (linear(2, 2), r"layers\[1\] \(Linear\): a dense layer over the features, not a convolution; .*kernel_size=1"),
+        (linear(2, 2), r"layers\[1\] \(Linear\): nnx\.Linear \(on an \(N, \*spatial, C\) input, a 1x1 .*kernel_size=1"),
         (nnx.Dropout(0.5, rngs=nnx.Rngs(0)), r"layers\[1\] \(Dropout\): not linear: Dropout in training mode"),
         (nnx.BatchNorm(2, rngs=nnx.Rngs(0)),
          r"\(BatchNorm\): not linear: BatchNorm in training mode .* model\.eval\(\)"),

@@ -39,7 +39,7 @@ from jfactor._checks import assignments, repeated
 from jfactor.errors import ConfigError
 from jfactor.factorize import BASELINES, DEFAULT_BASELINES, Chain, Objective, Solver, Target
 from jfactor.factorize.init import INITS
-from jfactor.factorize.objectives import OBJECTIVES, load_images
+from jfactor.factorize.objectives import OBJECTIVES, load_images, local_image_path
 from jfactor.factorize.solve import HESSIANS, LINEAR_SOLVERS, OPTIMIZERS, REFINES, SCHEDULES
 from jfactor.schema import Strict, load_yaml, load_yaml_text, unknown_key, validate
 from jfactor.stack_config import StackConfig, WeightSpec, _Builder, stack_from_dict
@@ -72,7 +72,10 @@ class TargetSpec(Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of family, file, values or stack; got {given or 'none'}")
         for key, sources in SOURCE_KEYS.items():  # a default (as a run's resolved config.yaml writes) is no value
-            if getattr(self, key) not in (None, type(self).model_fields[key].default) and given[0] not in sources:
+            value = getattr(self, key)
+            default = value in (None, type(self).model_fields[key].default) or (isinstance(value, list)
+                                                                                 and set(value) == {1})  # stride
+            if not default and given[0] not in sources:
                 raise ValueError(f"{key} does not apply to a {given[0]} target (only to {' or '.join(sources)}): "
                                  "remove it")
         if self.family is not None:
@@ -344,7 +347,7 @@ def build_objective(spec: ObjectiveSpec, target: Target, base: Path, source: str
     objective = Objective(spec.name, spec.p, spec.pad, target.stride)
     if spec.name != "images":
         return objective, None
-    images = [str(base / name) if "." in name else name for name in spec.images]  # an absolute path stays
+    images = [local_image_path(name, base) for name in spec.images]
     try:  # rows of the crops for a 1-D target, stacks of shifted crops for a 3-D one
         return objective, load_images(images, size=spec.image_size, count=spec.crops, c_in=target.c_in,
                                       ndim=target.ndim)

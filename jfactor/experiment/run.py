@@ -24,6 +24,7 @@ from jfactor.experiment.config import (
     ExperimentConfig, build_chain, build_objective, build_solver, build_target, load_stack_spec, shrink,
 )
 from jfactor.factorize import Factorization, check_chain, factorize
+from jfactor.factorize.objectives import local_image_path
 from jfactor.fold import certified
 from jfactor.schema import dump_yaml
 
@@ -139,7 +140,7 @@ def _absolute_paths(node, base: Path):
         if key in ("file", "stack") and isinstance(value, str):
             out[key] = absolute(value)
         elif key == "images" and isinstance(value, list):
-            out[key] = [absolute(name) if "." in name else name for name in value]  # as build_objective reads them
+            out[key] = [local_image_path(name, base) for name in value]  # as build_objective reads them
         else:
             out[key] = _absolute_paths(value, base)
     return out

@@ -27,7 +27,8 @@ from jfactor.errors import ConfigError
 from jfactor.factorize import baselines as baseline_lib
 from jfactor.factorize import budget, metrics
 from jfactor.factorize import multistart, solve, symmetry
-from jfactor.factorize.chain import Chain, FactorizationError, Target, chain_kernel_numpy, check_chain, to_stack
+from jfactor.factorize.chain import (Chain, FactorizationError, Target, chain_kernel, chain_kernel_numpy, check_chain,
+                                    to_stack)
 from jfactor.factorize.init import (INITS, blur_hop, blur_init, blur_target, comb_init, fit_target, has_line_axis,
                                     impulse_start, line_init, random_init, redraw_hop, refit_one, separable_init)
 from jfactor.factorize.multistart import SearchPolicy
@@ -322,8 +323,8 @@ def _checked_images(images, target: Target, extent: tuple[int, ...]) -> np.ndarr
 
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
     """User starting points for target ``b`` (None: none), checked against the chain's factor shapes:
-    real, finite, and no free layer's factor all zero (the chain's kernel is then zero, a
-    stationary point that no step leaves: such a start returned the zero kernel, error 1)."""
+    real, finite, and at most one free layer's factor all zero (with two, every gradient is zero:
+    LM stays at the zero kernel, error 1)."""
     shapes = chain.factor_shapes(target.c_in, target.c_out)
     checked = []
     for r, factors in enumerate(given or []):
@@ -334,16 +335,16 @@ def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) ->
         if [f.shape for f in factors] != shapes:
             raise FactorizationError(f"starts[{b}][{r}]: factor shapes {[f.shape for f in factors]}, "
                                      f"the chain needs {shapes}")
-        if not all(np.issubdtype(f.dtype, np.number) and np.isrealobj(f) for f in factors):
+        if any(f.dtype.kind in "cbOSU" for f in factors):  # complex, bool, objects, strings (bfloat16 is fine)
             raise FactorizationError(f"starts[{b}][{r}]: factors must be real numbers, got "
                                      f"{', '.join(sorted({str(f.dtype) for f in factors}))}")
         factors = [f.astype(np.float64) for f in factors]
         if not all(np.isfinite(f).all() for f in factors):
             raise FactorizationError(f"starts[{b}][{r}]: non-finite factors")
         zero = [i for i, (f, w) in enumerate(zip(factors, chain.weights)) if w is None and not f.any()]
-        if zero:
-            raise FactorizationError(f"starts[{b}][{r}]: layer {zero[0]}'s factor is all zero, so the chain's "
-                                     "kernel is zero: a stationary point no step leaves")
+        if len(zero) > 1:  # each factor's gradient holds every other factor: one zero is left, two never
+            raise FactorizationError(f"starts[{b}][{r}]: layers {', '.join(map(str, zero))} are all zero, so every "
+                                     "gradient is zero: a stationary point no step leaves")
         checked.append(factors)
     if len(checked) > restarts:
         raise ConfigError(f"starts[{b}]: {len(checked)} starting points for {restarts} restarts")
@@ -618,15 +619,19 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
 def _float64_errors(free: list[np.ndarray], chain: Chain, targets: np.ndarray, errors) -> np.ndarray:
     """Relative errors (B, R) of a float32 run's restarts, recomputed in float64 from their factors
     (``free``: the free layers', each (B, R, *shape)) against ``targets`` (B, *k, C_in, C_out), as the
-    result's ``rel_error`` is.  float32's own errors carry its rounding, about 1e-3 relative on an
-    error of 2e-4: on a 9x9 LoG into 3-3-5 they split one minimum into 523 (its best reached twice,
-    where float64 reached it 95 times) and ranked restarts below the returned best.  Diverged
-    restarts (``errors`` not finite) stay inf."""
+    result's ``rel_error`` is: float32's own carry its rounding (about 1e-3 relative on an error of
+    2e-4), which splits one minimum into many and ranks restarts against the result.  One batched
+    chain kernel over the finite restarts; diverged ones (``errors`` not finite) stay inf."""
     out = np.array(errors, np.float64)
-    for b, r in zip(*np.nonzero(np.isfinite(out))):
-        layers = iter(f[b, r] for f in free)
-        factors = [next(layers) if w is None else np.asarray(w, np.float64) for w in chain.weights]
-        out[b, r] = np.linalg.norm(chain_kernel_numpy(factors, chain) - targets[b]) / np.linalg.norm(targets[b])
+    rows, cols = np.nonzero(np.isfinite(out))
+    if rows.size:
+        layers = iter(jnp.asarray(f[rows, cols]) for f in free)
+        factors = [next(layers) if w is None else jnp.broadcast_to(jnp.asarray(w, jnp.float64), (rows.size,) + w.shape)
+                   for w in chain.weights]
+        approx = np.asarray(jax.vmap(lambda *fs: chain_kernel(list(fs), chain))(*factors))
+        residual = (approx - targets[rows]).reshape(rows.size, -1)
+        scale = np.linalg.norm(targets[rows].reshape(rows.size, -1), axis=1)
+        out[rows, cols] = np.linalg.norm(residual, axis=1) / scale
     return out
 
 

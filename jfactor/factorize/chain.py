@@ -21,6 +21,7 @@ import numpy as np
 
 from jfactor._checks import is_int
 from jfactor.errors import JFactorError
+from jfactor.factorize.metrics import norm
 from jfactor.factorize.npconv import convolve_full
 from jfactor.layers import Conv
 from jfactor.ops import dilate
@@ -253,11 +254,10 @@ class Target:
             raise FactorizationError(f"{name}: the target has {int((~np.isfinite(kernel)).sum())} non-finite values")
         if not np.any(kernel):
             raise FactorizationError(f"{name}: the target is all zeros; there is nothing to approximate")
-        peak = np.abs(kernel).max()
         with np.errstate(over="ignore"):
-            if not np.isfinite(peak * np.linalg.norm(kernel / peak)):  # every error is relative to the norm
-                raise FactorizationError(f"{name}: the target's norm overflows float64 (largest |tap| {peak:.3g}): "
-                                         "scale it down")
+            if not np.isfinite(norm(kernel)):  # every error is relative to it
+                raise FactorizationError(f"{name}: the target's norm overflows float64 (largest |tap| "
+                                         f"{np.abs(kernel).max():.3g}): scale it down")
         return cls(kernel, _per_dim(stride, spatial_dims, "target stride"), name, spatial_only)
 
     @property

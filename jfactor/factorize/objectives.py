@@ -184,6 +184,18 @@ def _sample_image(name: str, root: Path | None) -> np.ndarray:
     return image
 
 
+def is_image_file(name: str) -> bool:
+    """Whether :func:`load_images` reads ``name`` as a file (a name with a suffix) rather than a
+    skimage.data name; a URL (``://``) too, read as it is."""
+    return "." in str(name)
+
+
+def local_image_path(name: str, base) -> str:
+    """``name`` as :func:`load_images` should read it from a config in directory ``base``: an image
+    file relative to ``base`` (an absolute path stays itself), a skimage.data name or a URL as it is."""
+    return str((Path(base) / name).resolve()) if is_image_file(name) and "://" not in str(name) else str(name)
+
+
 def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, seed: int = 0,
                 ndim: int = 2) -> np.ndarray:
     """Grey float images (count * len(names), *(size,) * ndim, c_in) from skimage.data or files.
@@ -198,7 +210,7 @@ def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, s
     rng = np.random.default_rng(seed)
     crops = []
     for name in names_or_paths:
-        if "." in str(name):
+        if is_image_file(name):
             from skimage import io
 
             try:

@@ -92,7 +92,7 @@ def search(target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2
            limit: int = 200, progress: bool = False, **options) -> list[Candidate]:
     """Factorize every candidate chain (``options`` go to :func:`factorize`); return all, front first."""
     target = target if isinstance(target, Target) else Target.from_array(target)
-    if any(s != 1 for s in target.stride):  # before: "give strides whose product is ...", which search takes none of
+    if any(s != 1 for s in target.stride):  # its chains have none, and search takes no strides to give them
         raise FactorizationError(f"{target.name}: search builds chains without strides, and the target has stride "
                                  f"{target.stride}: factorize it into chains of your own, Chain.build(sizes, "
                                  "strides=...) with strides that multiply to it")

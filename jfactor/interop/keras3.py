@@ -138,7 +138,8 @@ def _node(layer, inputs: tuple[str, ...], output: str, shape: Shape | None) -> N
                 raise _NotLinear(f"concatenates axis {layer.axis}, not the channels (last) axis")
             return Node(layer.name, inputs, output, merge="sum" if kind == "Add" else "concat")
         if len(inputs) != 1:  # the merges jfactor reads (Add, Concatenate) are above
-            raise _NotLinear(f"merges {len(inputs)} inputs, which jfactor reads only as Add or Concatenate")
+            raise _NotLinear(f"takes {len(inputs)} inputs; of the layers with several, jfactor reads Add and "
+                             "Concatenate")
         _check_channels_last(layer)
         if kind in ("Conv1D", "Conv2D", "Conv3D"):
             return Node(layer.name, inputs, output, _conv(layer))

@@ -180,8 +180,8 @@ def _from_nnx_layer(layer, shape: Shape) -> Layer:
         return Identity()
     if isinstance(layer, functools.partial) and layer.func is nnx.avg_pool:
         return _from_avg_pool(layer, shape)
-    if isinstance(layer, nnx.Linear):  # linear, but over the features alone: "not linear" would puzzle
-        raise _NotFoldable("a dense layer over the features, not a convolution; for a 1x1 convolution use "
+    if isinstance(layer, nnx.Linear):  # linear: "not linear" would puzzle
+        raise _NotFoldable("nnx.Linear (on an (N, *spatial, C) input, a 1x1 convolution) is not read: write it as "
                            "nnx.Conv(kernel_size=1), which jfactor folds")
     raise _NotFoldable(
         "not linear, or unknown to jfactor; it folds nnx.Conv, nnx.BatchNorm(use_running_average=True), "

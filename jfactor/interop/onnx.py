@@ -24,6 +24,7 @@ why it keeps the others.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,7 @@ def _nodes(model: onnx.ModelProto, values: dict, shapes: dict) -> list[Node]:
         except _NotLinear as exc:  # a boundary between linear segments
             nodes.append(Node(name, data, node.output[0], why=f"{node.op_type}: {exc}"))
         except StackError as exc:  # a linear node whose layer is bad (non-finite weights, ...): an error,
-            # not a boundary: fold_model skipped such a node without a word
+            # not a boundary between segments
             bad = [t for t in node.input if t in values and np.issubdtype(np.asarray(values[t]).dtype, np.floating)
                    and non_finite(np.asarray(values[t]))]
             raise StackError(f"node {name} ({node.op_type}): {exc}"
@@ -255,7 +256,7 @@ def _channels_last(shape) -> tuple[int, ...]:
 def _load(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
-    if not isinstance(model, (str, Path)):  # bytes, a number: pathlib's own TypeError named neither
+    if not isinstance(model, (str, os.PathLike)):  # bytes, a number: pathlib's own TypeError named neither
         raise ConfigError(f"expected an onnx.ModelProto or the path of a .onnx file, got {type(model).__name__} "
                           "(serialized bytes: onnx.load_from_string)")
     path = Path(model)
@@ -268,6 +269,15 @@ def _load(model) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:  # an empty file parses as an empty model
         raise ConfigError(f"{path}: not a valid ONNX model (onnx.checker: {_first_line(exc)})") from None
     return loaded
+
+
+def _checker_complaint(model: onnx.ModelProto) -> str | None:
+    """The first line of onnx.checker's complaint about ``model`` (None: it passes)."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        return _first_line(exc)
+    return None
 
 
 def _first_line(exc: Exception) -> str:
@@ -483,12 +493,9 @@ def _pruned(model: onnx.ModelProto, nodes: list, inits: list) -> onnx.ModelProto
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as exc:  # the model's own flaw (an output declared without a
-        # shape, which onnxruntime runs) stays the folded model's; one of the fold's own is a bug
-        try:
-            onnx.checker.check_model(model)
-        except onnx.checker.ValidationError:
-            return out
-        raise FoldError(f"the folded model is not valid ONNX (onnx.checker: {_first_line(exc)})") from None
+        # shape, which onnxruntime runs) stays the folded model's; any other is the fold's, a bug
+        if _first_line(exc) != _checker_complaint(model):
+            raise FoldError(f"the folded model is not valid ONNX (onnx.checker: {_first_line(exc)})") from None
     return out
 
 
