@@ -299,3 +299,20 @@ def test_a_model_that_is_neither_a_proto_nor_a_path_is_named():
         for call in (fold_model, jf.from_onnx):
             with pytest.raises(jf.ConfigError, match=f"onnx.ModelProto or the path of a .onnx file, got {kind}"):
                 call(bad)
+
+
+def test_fold_model_names_an_input_of_unknown_spatial_sizes():
+    # before: no segment and no reason (every node read as not foldable)
+    def model(spatial):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="c0"),
+                 helper.make_node("Conv", ["h", "w"], ["y"], name="c1")]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, *spatial])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, None, None])
+        graph = helper.make_graph(nodes, "dynamic", [x], [y], [numpy_helper.from_array(np.ones((1, 1, 3, 3),
+                                                                                                np.float32), "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    with pytest.raises(jf.StackError, match=r"input 'x' has shape \(None, 1, None, None\): fold_model needs"):
+        fold_model(model(["H", "W"]))
+    _, reports = fold_model(model([8, 8]))  # an unknown batch size alone is fine
+    assert [r.folded for r in reports] == [True]

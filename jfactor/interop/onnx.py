@@ -447,6 +447,12 @@ def fold_model(model, *, cheaper_only: bool = False) -> tuple[onnx.ModelProto, l
     """
     model = _named(_load(model))
     graph = _graph(model)
+    unknown = {i.name: graph.shapes.get(i.name) for i in model.graph.input if i.name not in graph.values
+               and len(graph.shapes.get(i.name) or ()) > 2 and None in graph.shapes[i.name][2:]}
+    if unknown:  # every node then reads as not foldable, and no segment would say why
+        named = ", ".join(f"{name!r} has shape {shape}" for name, shape in unknown.items())
+        raise StackError(f"input {named}: fold_model needs the spatial sizes (None: unknown); export the model "
+                         "with fixed ones")
     reports, replace = [], {}
     for segment in segments(graph.nodes, [o.name for o in model.graph.output]):
         dtype = _weights_dtype(model, segment, graph.values)
