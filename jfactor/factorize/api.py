@@ -621,15 +621,14 @@ def _float64_errors(free: list[np.ndarray], chain: Chain, targets: np.ndarray, e
     (``free``: the free layers', each (B, R, *shape)) against ``targets`` (B, *k, C_in, C_out), as the
     result's ``rel_error`` is: float32's own carry its rounding (about 1e-3 relative on an error of
     2e-4), which splits one minimum into many and ranks restarts against the result.  One batched
-    chain kernel over the finite restarts; diverged ones (``errors`` not finite) stay inf."""
+    chain kernel over the finite restarts (frozen layers broadcast); diverged ones (``errors`` not
+    finite) stay inf."""
     out = np.array(errors, np.float64)
     rows, cols = np.nonzero(np.isfinite(out))
     if rows.size:
-        layers = iter(jnp.asarray(f[rows, cols]) for f in free)
-        factors = [next(layers) if w is None else jnp.broadcast_to(jnp.asarray(w, jnp.float64), (rows.size,) + w.shape)
-                   for w in chain.weights]
-        approx = np.asarray(jax.vmap(lambda *fs: chain_kernel(list(fs), chain))(*factors))
-        residual = (approx - targets[rows]).reshape(rows.size, -1)
+        layers = iter(f[rows, cols] for f in free)
+        factors = [next(layers) if w is None else np.asarray(w, np.float64) for w in chain.weights]
+        residual = (np.asarray(chain_kernel(factors, chain)) - targets[rows]).reshape(rows.size, -1)
         scale = np.linalg.norm(targets[rows].reshape(rows.size, -1), axis=1)
         out[rows, cols] = np.linalg.norm(residual, axis=1) / scale
     return out

@@ -242,8 +242,7 @@ def _nodes(model: onnx.ModelProto, values: dict, shapes: dict) -> list[Node]:
             nodes.append(Node(name, data, node.output[0], why=f"{node.op_type}: {exc}"))
         except StackError as exc:  # a linear node whose layer is bad (non-finite weights, ...): an error,
             # not a boundary between segments
-            bad = [t for t in node.input if t in values and np.issubdtype(np.asarray(values[t]).dtype, np.floating)
-                   and non_finite(np.asarray(values[t]))]
+            bad = _non_finite_names({t: values[t] for t in node.input if t in values})
             raise StackError(f"node {name} ({node.op_type}): {exc}"
                              + (f"; non-finite initializers: {', '.join(map(repr, bad))}" if bad else "")) from None
     return nodes
@@ -269,6 +268,12 @@ def _load(model) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:  # an empty file parses as an empty model
         raise ConfigError(f"{path}: not a valid ONNX model (onnx.checker: {_first_line(exc)})") from None
     return loaded
+
+
+def _non_finite_names(arrays: dict) -> list[str]:
+    """The names of ``arrays`` (name -> array) that are floating and hold a NaN or an inf."""
+    return [name for name, a in arrays.items()
+            if np.issubdtype(np.asarray(a).dtype, np.floating) and non_finite(np.asarray(a))]
 
 
 def _checker_complaint(model: onnx.ModelProto) -> str | None:
@@ -600,8 +605,7 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
         return skipped(f"onnxruntime cannot run the model on this input: {_first_line(exc)}")
     bad = sum(non_finite(a) for a in before)
     if bad:
-        inits = [t.name for t in original.graph.initializer
-                 if np.issubdtype((v := numpy_helper.to_array(t)).dtype, np.floating) and non_finite(v)]
+        inits = _non_finite_names({t.name: numpy_helper.to_array(t) for t in original.graph.initializer})
         why = f"the model's output on a standard normal input of shape {dims} has {bad} non-finite value(s)"
         if inits:
             raise ConfigError(f"{why}; non-finite initializers: {', '.join(map(repr, inits))}")
