@@ -226,6 +226,34 @@ def test_the_images_objective_of_a_config_takes_images_of_the_targets_dimensions
     assert images.ndim == ndim + 2 and images.shape[1:-1] == (12,) * ndim
 
 
+@pytest.mark.parametrize("image_size,expected", [(96, 49), (60, 49), (40, None)])
+def test_the_tiny_variant_shrinks_images_no_smaller_than_the_chains_kernels(tmp_path, image_size, expected):
+    # before: tiny cut every image to 48 pixels, so a config whose chain covers 49x49 ran in full
+    # and failed in its smoke run, naming a size (48) the config did not have
+    from jfactor.errors import ConfigError
+    from jfactor.experiment.config import load_config
+    from jfactor.experiment.run import plan
+
+    config = _write(tmp_path, {"target": {"family": "gaussian", "size": 49}, "chain": [17, 33],
+                               "objective": {"name": "images", "image_size": image_size, "crops": 1}})
+    parsed, _, base = load_config(config, ["tiny=true"])
+    if expected is None:  # the config's own size is too small: named as given
+        with pytest.raises(ConfigError, match=rf"objective\.image_size {image_size} is smaller than chains\[0\]"):
+            plan(parsed, base, str(config))
+        return
+    planned = plan(parsed, base, str(config))
+    assert planned.images.shape[1:-1] == (expected, expected) and planned.config.objective.image_size == expected
+    assert planned.config.restarts == 2 and planned.chains[0].describe().startswith("17x17 -> 33x33")
+
+
+def test_a_chain_may_be_written_as_its_sizes(tmp_path):
+    from jfactor.experiment.config import load_config
+
+    short, _, _ = load_config(_write(tmp_path, {**SMALL, "chain": [3, 5]}, "short.yaml"))
+    full, _, _ = load_config(_write(tmp_path, {**SMALL, "chain": {"sizes": [3, 5]}}, "full.yaml"))
+    assert short.chain == full.chain and short.chain.sizes == [3, 5]
+
+
 def test_image_files_are_read_relative_to_the_config_like_its_other_files(tmp_path, monkeypatch):
     # before: relative to the current directory, while targets and weights (and a sweep's file
     # hashes) resolve against the config's directory

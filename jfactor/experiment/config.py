@@ -105,6 +105,11 @@ class ChainSpec(Strict):
     frozen: list[FrozenSpec] = []
     name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data):
+        return {"sizes": data} if isinstance(data, list) else data  # chain: [3, 5, 9], as --chain 3,5,9
+
     @model_validator(mode="after")
     def _frozen_once(self):
         twice = repeated(item.layer for item in self.frozen)
@@ -269,16 +274,19 @@ def load_config(path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict
     return validate(ExperimentConfig, raw, source), raw, path.parent
 
 
-def shrink(config: ExperimentConfig) -> ExperimentConfig:
+def shrink(config: ExperimentConfig, extent: int = 0) -> ExperimentConfig:
     """The tiny variant: 10 LM iterations (no first-order phase), 2 restarts, cheap baselines,
-    small images.  It exercises a config end to end in seconds; its numbers mean nothing.
+    small images (48 pixels a side, or ``extent``, the largest chain extent, where that is more:
+    no smaller than the kernels they are filtered with, and no larger than the config's).  It
+    exercises a config end to end in seconds; its numbers mean nothing.
 
     (Sweeps also keep only their first and last cells; see :mod:`jfactor.experiment.sweep`.)
     """
     solver = config.solver.model_copy(update={"optimizer": "none", "refine": "lm", "refine_steps": 10,
                                               "chunk": 10})
-    objective = config.objective.model_copy(update={"image_size": min(config.objective.image_size, 48),
-                                                    "crops": 1, "images": config.objective.images[:1]})
+    image_size = min(config.objective.image_size, max(48, extent))
+    objective = config.objective.model_copy(update={"image_size": image_size, "crops": 1,
+                                                    "images": config.objective.images[:1]})
     baselines = [b for b in config.baselines if b not in ("als", "scipy_lm", "unsupervised_wiener")]
     return config.model_copy(update={"solver": solver, "objective": objective, "baselines": baselines,
                                      "restarts": min(config.restarts or 2, 2), "plots": config.plots})

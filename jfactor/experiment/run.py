@@ -47,8 +47,6 @@ class Plan:
 
 def plan(config: ExperimentConfig, base: Path, source: str) -> Plan:
     """Build and check target, chains and objective; raises ConfigError before any compute."""
-    if config.tiny:
-        config = shrink(config)
     result = Plan(config, source, base=Path(base))
     try:
         if config.stack is not None:
@@ -68,6 +66,9 @@ def plan(config: ExperimentConfig, base: Path, source: str) -> Plan:
                     check_chain(chain, result.target)
                 except JFactorError as exc:
                     raise ConfigError(f"{source}: chains[{i}]: {exc}") from None
+        if config.tiny:  # the tiny variant's images no smaller than the chains' kernels
+            config = result.config = shrink(config, max((max(chain.extent) for chain in result.chains), default=0))
+        if result.target is not None:
             result.objective, result.images = build_objective(config.objective, result.target, base, source)
             for i, chain in enumerate(result.chains if result.images is not None else []):
                 extent = tuple(chain.extent)  # what the images are filtered with (it covers the target)
