@@ -58,9 +58,11 @@ def _group(
 ) -> None:
     """Fold linear convolution stacks exactly; factorize large kernels into small ones."""
     from jfactor.cache import configure
+    from jfactor.memory import memory_budget
 
     try:
         configure(compile_cache, use_compile_cache)
+        memory_budget()  # a bad JFACTOR_MEMORY_BUDGET_GB is the environment's fault, named before any config's
     except EXPECTED as exc:
         _fail(exc)
 

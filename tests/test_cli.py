@@ -65,6 +65,19 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_bad_memory_budget_variable_is_named_as_the_environments_fault(tmp_path, monkeypatch):
+    # before: a factorize call reported it as "command line: target: JFACTOR_MEMORY_BUDGET_GB=..."
+    for value, message in (("abc", "expected a number of gigabytes"), ("-1", "must be > 0")):
+        monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", value)
+        for command in (["factorize", "--family", "gaussian", "--size", "7", "--chain", "3,5", "--restarts", "2",
+                         "--out", str(tmp_path / "f")],
+                        ["fold", str(ROOT / "configs" / "seed" / "section4_avgpool.yaml"), "--out", str(tmp_path / "o")]):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 2
+            assert result.output.strip() == f"error: JFACTOR_MEMORY_BUDGET_GB='{value}': {message}", result.output
+    assert not (tmp_path / "f").exists() and not (tmp_path / "o").exists()
+
+
 def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
