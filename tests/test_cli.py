@@ -69,9 +69,10 @@ def test_a_bad_memory_budget_variable_is_named_as_the_environments_fault(tmp_pat
     # before: a factorize call reported it as "command line: target: JFACTOR_MEMORY_BUDGET_GB=..."
     for value, message in (("abc", "expected a number of gigabytes"), ("-1", "must be > 0")):
         monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", value)
+        stack = ROOT / "configs" / "seed" / "section4_avgpool.yaml"
         for command in (["factorize", "--family", "gaussian", "--size", "7", "--chain", "3,5", "--restarts", "2",
                          "--out", str(tmp_path / "f")],
-                        ["fold", str(ROOT / "configs" / "seed" / "section4_avgpool.yaml"), "--out", str(tmp_path / "o")]):
+                        ["fold", str(stack), "--out", str(tmp_path / "o")]):
             result = runner.invoke(app, command)
             assert result.exit_code == 2
             assert result.output.strip() == f"error: JFACTOR_MEMORY_BUDGET_GB='{value}': {message}", result.output
