@@ -242,6 +242,20 @@ def test_the_images_objective_counts_its_images_against_the_budget(monkeypatch):
     run(images[:2])  # two images fit
 
 
+def test_the_images_objectives_gram_factor_counts_against_the_budget(monkeypatch):
+    """A 41x41 kernel's factor is made from a 1,681 x 1,681 Gram matrix (about 90 MB at its peak),
+    which the estimate once left out: it passed a 50 MB budget."""
+    from jfactor.factorize import api as factorize_api
+
+    target = kernels.make("gaussian", 41, sigma=6.0)
+    made = []
+    monkeypatch.setattr(factorize_api, "gram_factor", lambda *args: made.append(args))  # nothing is computed
+    monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "0.05")
+    with pytest.raises(ConfigError, match=r"\(objective\) needs about 9\d\.\d MB, past the memory budget"):
+        factorize(target, Chain.build([21, 21]), restarts=1, solver=FAST, baselines=(), objective="images")
+    assert not made
+
+
 def test_huge_chains_stop_at_the_memory_budget_before_any_array_is_made():
     """A 100,000-wide chain would pad the target to 75 GB and the metric's images to 30 TB: the
     budget check comes first (it once ran out of memory in numpy)."""

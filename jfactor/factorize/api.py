@@ -491,7 +491,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                            size, solver, np_dtype.itemsize, baselines, cpu=jax.default_backend() == "cpu",
                            arrays=budget.arrays(padded_shape, len(targets),
                                                 0 if images is not None else math.prod(image_shape),
-                                                residuals if objective.name == "images" else 0))
+                                                residuals if objective.name == "images" else 0,
+                                                factor_taps(padded_shape) if factored else 0))
     budget.check(cost, f"{first.name}: chain {chain.describe()}")
     norms = [metrics.norm(t.kernel) for t in targets]
     padded = [np.pad(t.kernel, list(padding) + [(0, 0), (0, 0)]) for t in targets]

@@ -84,16 +84,22 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
 # whatever the restarts: 1.30 and 2.54 GB peaks with 30 and 60 crops of each default image (a 7x7
 # target into 3-5, 2 restarts, 2026-12-06), 0.45 GB for the default search on 2 crops
 OBJECTIVE_COPIES = 140
+# float64 copies of the images' Gram matrix (p x p) that making its factor holds at its peak (the matrix,
+# eigh's eigenvectors and workspace, the factor): 3.6 by tracemalloc for a 53x53 kernel (p = 2,809)
+GRAM_COPIES = 4
 
 
-def arrays(targets: tuple[int, ...], count: int, image_values: int = 0, objective_residuals: int = 0) -> dict:
+def arrays(targets: tuple[int, ...], count: int, image_values: int = 0, objective_residuals: int = 0,
+           gram_taps: int = 0) -> dict:
     """Bytes of the float64 arrays a run makes before it starts, for :func:`estimate`'s ``arrays``:
     ``count`` targets of shape ``targets`` (zero-padded to the chain's extent; three copies),
     ``image_values`` values of the default images of the output-space metric (four copies: the
     resize that makes them and the FFTs that filter them) and, for the images objective, its
-    ``objective_residuals`` residuals (:data:`OBJECTIVE_COPIES` copies)."""
+    ``objective_residuals`` residuals (:data:`OBJECTIVE_COPIES` copies) and, where it runs on the
+    images' Gram factor (:func:`jfactor.factorize.objectives.gram_factor`), that factor's making
+    for ``gram_taps`` taps (:data:`GRAM_COPIES` copies of its p x p matrix)."""
     return {"targets": 3 * count * math.prod(targets) * 8, "images": 4 * image_values * 8,
-            "objective": OBJECTIVE_COPIES * objective_residuals * 8}
+            "objective": (OBJECTIVE_COPIES * objective_residuals + GRAM_COPIES * gram_taps**2) * 8}
 
 
 # what to change where each part of an estimate passes the budget
