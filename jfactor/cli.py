@@ -73,6 +73,13 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _note_sweep(parsed, config: Path, command: str) -> None:
+    """Say on stderr that ``jfactor COMMAND`` runs a config with a ``sweep:`` block as it stands."""
+    if parsed.sweep is not None:
+        print(f"note: {config} has a sweep: block, which jfactor {command} leaves alone: this runs the config as it "
+              f"stands (jfactor sweep {config} runs its cells)", file=sys.stderr)
+
+
 # what a command reports as one line instead of a traceback: bad input, and files it cannot read or write
 EXPECTED = (JFactorError, OSError, typer.BadParameter)
 
@@ -281,6 +288,7 @@ def factorize(
         if config is not None:
             parsed, _, base = load_config(config, set_)
             source = str(config)
+            _note_sweep(parsed, config, "factorize")
         else:
             raw = _factorize_config(target, family, size, param, stack, chain, dilations, strides, channels, dtype,
                                     restarts, budget_s, objective, optimizer, steps, refine, refine_steps, init,
@@ -329,9 +337,7 @@ def run(
     config = config or QUICKSTART
     try:
         parsed, _, base = load_config(config, set_)
-        if parsed.sweep is not None:
-            print(f"note: {config} has a sweep: block, which jfactor run leaves alone: this runs the config as it "
-                  f"stands (jfactor sweep {config} runs its cells)", file=sys.stderr)
+        _note_sweep(parsed, config, "run")
         directory = run_experiment(parsed, base, str(config), runs_dir, progress=not quiet)
     except EXPECTED as exc:
         _fail(exc)

@@ -63,7 +63,7 @@ def test_every_shipped_config_runs_in_its_tiny_variant(config, tmp_path):
         assert (directory / "table.csv").exists() and (directory / "summary.png").exists()
         rows = _rows(directory / "table.csv")
         assert len(rows) >= 1
-        assert {"restarts", "distinct_minima", "best_hits", "runner_up", "stopped"} <= set(rows[0])  # how sure
+        assert {"restarts_run", "distinct_minima", "best_hits", "runner_up", "stopped"} <= set(rows[0])  # how sure
     else:
         for name in ("config.yaml", "results.json", "metrics.csv", "report.md"):
             assert (directory / name).exists(), name
@@ -176,12 +176,48 @@ def _sweep_config(tmp_path) -> Path:
                   "sweep.yaml")
 
 
-def test_run_says_that_it_leaves_a_sweep_block_alone(tmp_path):
+def test_run_and_factorize_say_that_they_leave_a_sweep_block_alone(tmp_path):
     config = _write(tmp_path, {**SMALL, "sweep": {"grid": {"seed": [0, 1]}}})
     result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "r"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert f"note: {config} has a sweep: block, which jfactor run leaves alone" in result.output
     assert len(list((tmp_path / "r").iterdir())) == 1  # one run, the config as it stands
+    result = runner.invoke(app, ["factorize", str(config), "--out", str(tmp_path / "f"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert f"note: {config} has a sweep: block, which jfactor factorize leaves alone" in result.output
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"sweep": {"grid": {"name": ["a", "b"]}}}, r"name: the sweep's cells are named after it"),
+    ({"sweep": {"grid": {"seed": [0, 1, 0]}}}, r"sweep: grid seed: 0 given twice \(the same cell twice\)"),
+    ({"sweep": {"zip": {"seed": [0, 0], "init": ["svd", "svd"]}}}, r'sweep: zip init and seed: \["svd", 0\] given'),
+    ({"target": None, "stack": "s.yaml", "chain": None, "sweep": {"grid": {"seed": [0, 1]}}},
+     r"a sweep tabulates factorizations and this config has no chain"),
+])
+def test_sweeps_that_would_tabulate_nothing_new_are_refused(change, message, tmp_path):
+    # before: a swept name ran identical cells, a repeated value ran a cell twice, and a fold-only
+    # sweep wrote an empty table.csv (and no summary.png) with exit code 0
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"input_shape": [8, 8, 1], "layers": [
+        {"conv": {"kernel_size": 3, "filters": 1}}]}))
+    data = {k: v for k, v in {**SMALL, **change}.items() if v is not None}
+    config = _write(tmp_path, data)
+    result = runner.invoke(app, ["sweep", str(config), "--runs-dir", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_swept_restart_count_keeps_its_column_beside_the_restarts_run(tmp_path):
+    # before: the evidence's restarts (512 for the adaptive search) overwrote the swept value (null)
+    config = _write(tmp_path, {**SMALL, "chain": [3, 5], "solver": {"optimizer": "none", "refine_steps": 10},
+                               "sweep": {"grid": {"restarts": [None, 2], "chain.channels": [1, 2]}}})
+    result = runner.invoke(app, ["sweep", str(config), "--runs-dir", str(tmp_path / "r"), "--quiet",
+                                 "--set", "tiny=true"])
+    assert result.exit_code == 0, result.output
+    rows = _rows(_last_line(result.stdout) / "table.csv")
+    assert [(r["restarts"], r["chain.channels"]) for r in rows] == [("None", "1"), ("2", "2")]  # tiny: first, last
+    assert rows[1]["restarts_run"] == "2" and rows[1]["chain"].endswith("width 2")
+    assert int(rows[0]["restarts_run"]) >= 1
 
 
 def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
@@ -246,12 +282,21 @@ def test_the_tiny_variant_shrinks_images_no_smaller_than_the_chains_kernels(tmp_
     assert planned.config.restarts == 2 and planned.chains[0].describe().startswith("17x17 -> 33x33")
 
 
-def test_a_chain_may_be_written_as_its_sizes(tmp_path):
+def test_a_chain_may_be_written_as_its_sizes_and_an_objective_as_its_name(tmp_path):
+    from jfactor.errors import ConfigError
     from jfactor.experiment.config import load_config
 
     short, _, _ = load_config(_write(tmp_path, {**SMALL, "chain": [3, 5]}, "short.yaml"))
     full, _, _ = load_config(_write(tmp_path, {**SMALL, "chain": {"sizes": [3, 5]}}, "full.yaml"))
     assert short.chain == full.chain and short.chain.sizes == [3, 5]
+    # the keys below a shorthand can be set, as on the mapping
+    path = _write(tmp_path, {**SMALL, "chain": None, "chains": [[3, 5], [5, 3]], "objective": "spectral"}, "lists.yaml")
+    parsed, raw, _ = load_config(path, ["chains.1.channels=2", "objective.p=4", "chains.0.sizes.0=5"])
+    assert [c.sizes for c in parsed.chains] == [[5, 5], [5, 3]] and parsed.chains[1].channels == 2
+    assert parsed.objective.name == "spectral" and parsed.objective.p == 4
+    assert raw["chains"][1] == {"sizes": [5, 3], "channels": 2}
+    with pytest.raises(ConfigError, match=r"target\.family\.x: target\.family is not a mapping"):
+        load_config(path, ["target.family.x=1"])  # before: a TypeError from inside set_path
 
 
 def test_image_files_are_read_relative_to_the_config_like_its_other_files(tmp_path, monkeypatch):

@@ -98,6 +98,16 @@ def test_the_warning_says_what_to_rerun():
     assert early.endswith("rerun with other --seed values and keep the best") and "ran all its" not in early
 
 
+def test_a_result_no_better_than_the_zero_kernel_is_said_to_be():
+    found = {"exact": False, "best_hits": 5, "refined": 64, "restarts": 64}
+    assert warning({**found, "best_error": 0.999}, "stalled", 1.0) is None
+    assert warning({**found, "best_error": 1.3373}, "stalled", 1.0).startswith(
+        "no better than the zero kernel: the relative error 1.337 is at least 1")
+    assert warning({**found, "best_error": 1.3373}, "stalled", 1.0, kernel_objective=False) is None  # outputs decide
+    both = warning({**found, "best_error": 1.0, "best_hits": 1}, "restarts", 1.0)
+    assert both.startswith("likely not the global optimum") and "; no better than the zero kernel" in both
+
+
 def test_a_target_with_an_exact_optimum_stops_in_the_first_wave():
     result = factorize(kernels.gaussian(9), Chain.build([3, 3, 5]), baselines=())
     assert result.rel_error < 1e-12

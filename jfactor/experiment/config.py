@@ -28,6 +28,7 @@ config can be run in seconds.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -97,6 +98,16 @@ class FrozenSpec(Strict):
         return self
 
 
+def _sizes_shorthand(data):
+    """A chain written as its sizes (``chain: [3, 5, 9]``, as ``--chain 3,5,9``) as its mapping."""
+    return {"sizes": data} if isinstance(data, list) else data
+
+
+def _name_shorthand(data):
+    """An objective written as its name (``objective: images``) as its mapping."""
+    return {"name": data} if isinstance(data, str) else data
+
+
 class ChainSpec(Strict):
     sizes: list[Sizes] = Field(min_length=1)
     dilations: list[Sizes] | None = None
@@ -108,7 +119,7 @@ class ChainSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data):
-        return {"sizes": data} if isinstance(data, list) else data  # chain: [3, 5, 9], as --chain 3,5,9
+        return _sizes_shorthand(data)
 
     @model_validator(mode="after")
     def _frozen_once(self):
@@ -129,7 +140,7 @@ class ObjectiveSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data):
-        return {"name": data} if isinstance(data, str) else data
+        return _name_shorthand(data)
 
 
 class SolverSpec(Strict):
@@ -161,6 +172,15 @@ class SweepSpec(Strict):
         for key, values in {**self.grid, **self.zip}.items():
             if not values:
                 raise ValueError(f"{key}: needs at least one value")
+        if "name" in self.grid or "name" in self.zip:
+            raise ValueError("name: the sweep's cells are named after it (<name>-<index>); sweep another key")
+        text = lambda value: json.dumps(value, sort_keys=True)  # noqa: E731  (lists and mappings too)
+        lists = [(f"grid {key}", [text(v) for v in values]) for key, values in self.grid.items()]
+        lists.append((f"zip {' and '.join(self.zip)}", [text(v) for v in zip(*self.zip.values())]))
+        for key, texts in lists:
+            twice = repeated(texts)
+            if twice:
+                raise ValueError(f"{key}: {', '.join(twice)} given twice (the same cell twice)")
         return self
 
 
@@ -230,13 +250,15 @@ def set_path(data: dict, path: str, value) -> dict:
     node = data
     for i, key in enumerate(keys[:-1]):
         nxt = keys[i + 1]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{path}: {'.'.join(keys[:i])} is not a mapping")
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise ConfigError(f"{path}: {'.'.join(keys[:i])} has no item {key}")
-            node = node[int(key)]
-            continue
-        if key not in node or node[key] is None:
+            key = int(key)
+        elif key not in node or node[key] is None:
             node[key] = [] if nxt.isdigit() else {}
+        node[key] = _expanded(keys[:i + 1], node[key])
         node = node[key]
     last = keys[-1]
     if isinstance(node, list):
@@ -248,6 +270,14 @@ def set_path(data: dict, path: str, value) -> dict:
     else:
         raise ConfigError(f"{path}: {'.'.join(keys[:-1])} is not a mapping")
     return data
+
+
+def _expanded(keys: list[str], value):
+    """``value`` at the config path ``keys`` with its shorthand written out (a chain's sizes, an
+    objective's name), so that a key below it can be set (``chain.channels`` of ``chain: [3, 5]``)."""
+    if keys == ["chain"] or (len(keys) == 2 and keys[0] == "chains" and keys[1].isdigit()):
+        return _sizes_shorthand(value)
+    return _name_shorthand(value) if keys == ["objective"] else value
 
 
 def overrides_of(items: list[str]) -> list[tuple[str, str]]:

@@ -10,7 +10,8 @@ every file it references (targets, weights, stacks, and the files those referenc
 cell whose inputs changed, or whose ``results.json`` is unreadable, is computed again
 with a warning naming the cause; a killed cell (no ``results.json``) is simply rerun.
 
-``table.csv`` has one row per cell and chain, one column per swept key and per metric;
+``table.csv`` has one row per cell and chain, one column per swept key and per metric (the
+evidence's restart count as ``restarts_run``: a swept ``restarts`` keeps its own column);
 times are measurements and are the only columns that differ between an interrupted and
 an uninterrupted sweep.  With several processes (:mod:`jfactor.experiment.processes`),
 process ``p`` of ``n`` computes the cells ``c`` with ``c % n == p`` and records its index
@@ -41,7 +42,10 @@ from jfactor.schema import validate
 
 METRICS = ("rel_error", "max_abs_error", "psnr_db", "spectral_error", "output_psnr_db", "params", "macs",
            "dense_macs", "time_s", "compile_s")
-EVIDENCE = ("restarts", "distinct_minima", "best_hits", "independent_hits", "runner_up", "stopped")  # how sure
+# how sure each result is, as table.csv names it: the restarts run are `restarts_run`, so that a swept
+# `restarts` (the config's restart count) keeps its own column
+EVIDENCE = {"restarts_run": "restarts", "distinct_minima": "distinct_minima", "best_hits": "best_hits",
+            "independent_hits": "independent_hits", "runner_up": "runner_up", "stopped": "stopped"}
 
 
 def cells(raw: dict) -> tuple[list[str], list[dict]]:
@@ -179,6 +183,9 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
     processes = processes or Processes()
     if config.sweep is None or not (config.sweep.grid or config.sweep.zip):
         raise ConfigError(f"{source}: sweep needs a `sweep:` block with grid and/or zip lists")
+    if not config.all_chains:
+        raise ConfigError(f"{source}: a sweep tabulates factorizations and this config has no chain (a stack alone "
+                          f"is only folded): give chain or chains, or fold it with jfactor fold")
     keys, assignments = cells(raw)
     if config.tiny:  # smoke run: the first and last cells exercise the grid at a fraction of the cost
         assignments = list(dict.fromkeys(map(json.dumps, [assignments[0], assignments[-1]])))
@@ -241,7 +248,7 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
                 continue
             row = {"cell": cell["index"], **{k: _label(cell["assignment"][k]) for k in keys}, "chain": entry["chain"]}
             row.update({m: entry[m] for m in METRICS})
-            row.update({k: entry["evidence"][k] for k in EVIDENCE})
+            row.update({column: entry["evidence"][k] for column, k in EVIDENCE.items()})
             for name, value in entry["baselines"].items():
                 row[f"{name}.rel_error"] = value["rel_error"]
             rows.append(row)

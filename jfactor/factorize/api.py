@@ -607,7 +607,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                 f"{target.name}: all {record.found[-1]['restarts']} restarts diverged (non-finite loss); lower the "
                 "learning rate, use optimizer lbfgs, or check the target's scale")
         found = {**record.found[-1], "stopped": record.stopped, "waves": len(record.losses),
-                 "warning": multistart.warning(record.found[-1], record.stopped, elapsed)}
+                 "warning": multistart.warning(record.found[-1], record.stopped, elapsed, objective.name == "kernel")}
         results.append(_result(target, chain, problem, record.best_free, norms[b], padded[b], padding,
                                record.joined("errors"), record.joined("diverged"), record.joined("pruned"), found,
                                record.best_history, record.best_index, elapsed / len(targets),

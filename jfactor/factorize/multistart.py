@@ -363,13 +363,31 @@ def stop_reason(history: list[dict], policy: SearchPolicy, elapsed: float) -> st
     return None
 
 
-def warning(found: dict, stopped: str, elapsed: float) -> str | None:
-    """A plain warning when the best was reached by fewer than three restarts, with what to
-    rerun: a fixed restart count (``stopped == "restarts"``) grows fourfold or gives way to the
-    adaptive search; an adaptive search stopped by its budget gets a longer one; any other
-    adaptive stop (all its restarts run, ``max_restarts``, which a longer budget would repeat to
-    the digit; or ``repeated``/``stalled`` under a policy asking for fewer than three hits)
-    other seeds."""
+def warning(found: dict, stopped: str, elapsed: float, kernel_objective: bool = True) -> str | None:
+    """A plain warning where the result may not be the best: reached by fewer than three restarts
+    (:func:`_few_hits`), or, for the kernel objective, a relative error of 1 or more, which the zero
+    kernel already reaches (:func:`_no_better_than_zero`); both joined where both apply."""
+    notes = [_few_hits(found, stopped, elapsed), _no_better_than_zero(found) if kernel_objective else None]
+    return "; ".join(note for note in notes if note) or None
+
+
+def _no_better_than_zero(found: dict) -> str | None:
+    """Where the best relative error is 1 or more (a chain of zeros has 1): the chain cannot fit the
+    target at all, or its restarts stopped far from a minimum."""
+    error = found.get("best_error")
+    if error is None or error < 1:
+        return None
+    return (f"no better than the zero kernel: the relative error {error:.4g} is at least 1, what a chain of zeros "
+            f"gives; the chain cannot fit this target, or its restarts stopped far from a minimum (raise "
+            f"--refine-steps, solver.refine_steps in a config)")
+
+
+def _few_hits(found: dict, stopped: str, elapsed: float) -> str | None:
+    """Where the best was reached by fewer than three restarts, the warning with what to rerun: a
+    fixed restart count (``stopped == "restarts"``) grows fourfold or gives way to the adaptive
+    search; an adaptive search stopped by its budget gets a longer one; any other adaptive stop
+    (all its restarts run, ``max_restarts``, which a longer budget would repeat to the digit; or
+    ``repeated``/``stalled`` under a policy asking for fewer than three hits) other seeds."""
     if found["exact"] or found["best_hits"] >= 3:
         return None
     if stopped == "restarts":
