@@ -338,3 +338,41 @@ def test_search_takes_any_sequence_of_candidates():
     assert {c.extent for c in chains} == {(5, 5), (7, 7)}  # within the default slack of 2
     from_sets = candidates(jf.factorize.Target.from_array(np.ones((5, 5))), sizes={5, 3}, layers={2, 1})
     assert [c.describe() for c in from_sets] == [c.describe() for c in chains]  # a set: in sorted order
+
+
+def _composite(factors):
+    """scipy reference: the kernel (*extent, C_0, C_L) of a chain of full 2-D convolutions."""
+    kernel = factors[0]
+    for f in factors[1:]:
+        kernel = np.stack([np.stack([sum(sp.convolve(kernel[..., i, a], f[..., a, o]) for a in range(f.shape[-2]))
+                                     for o in range(f.shape[-1])], -1) for i in range(kernel.shape[-2])], -2)
+    return kernel
+
+
+def test_search_factorizes_each_distinct_chain_once():
+    # before: 26 candidates for 9 distinct 3x3 chains dilated 1, 2 or 4 (each reordering its own run, and
+    # scored apart), and no width-2 chain with 5x5 or 9x9 in the middle
+    from jfactor.factorize.search import candidates
+
+    single = Target.from_array(np.ones((9, 9)))
+    chains = candidates(single, sizes=[3], dilations=[1, 2, 4], layers=[3], slack=30)
+    layers = {tuple(sorted((layer.size[0], layer.dilation[0]) for layer in c.layers)) for c in chains}
+    assert len(chains) == 9 and len(layers) == 9
+    wide = candidates(Target.from_array(np.ones((15, 15))), sizes=[3, 5, 9], layers=[3], widths=[2])
+    assert [c.describe() for c in wide] == ["3x3 -> 5x5 -> 9x9, width 2", "3x3 -> 9x9 -> 5x5, width 2",
+                                            "5x5 -> 3x3 -> 9x9, width 2", "5x5 -> 5x5 -> 9x9, width 2",
+                                            "5x5 -> 9x9 -> 5x5, width 2"]
+    two = candidates(Target.from_array(np.ones((15, 15, 2, 2))), sizes=[3, 5, 9], layers=[3])
+    assert len(two) == 9  # channels in and out: every order (the six of 3-5-9, the three of 5-5-9)
+    # why: a reordered width-1 chain, and a reversed wider one with its channels transposed, fold to the same kernel
+    from jfactor.factorize.chain import chain_kernel
+
+    rng = np.random.default_rng(0)
+    narrow = [rng.standard_normal((k, k, 1, 1)) for k in (3, 5, 9)]
+    reordered = chain_kernel([narrow[i] for i in (2, 0, 1)], Chain.build([9, 3, 5]))
+    np.testing.assert_allclose(reordered, _composite(narrow), atol=1e-12)
+    chain = Chain.build([3, 5, 9], channels=2)
+    factors = [rng.standard_normal(s) for s in chain.factor_shapes(1, 1)]
+    reversed_chain = Chain.build([9, 5, 3], channels=2)
+    flipped = [np.swapaxes(f, -1, -2) for f in factors[::-1]]
+    np.testing.assert_allclose(chain_kernel(flipped, reversed_chain), _composite(factors), atol=1e-12)

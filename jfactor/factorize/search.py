@@ -5,8 +5,9 @@ channel widths and a number of layers; every chain whose receptive field covers 
 target (and overshoots it by less than ``slack`` pixels) is factorized, and the ones
 no other candidate beats on both error and cost form the front, best (lowest error)
 first.  :func:`cheapest_under` then picks the cheapest chain within an error budget.
-Sizes are combined without regard to order for single-channel chains (convolution
-commutes there), in every order otherwise.
+Layers (a size and a dilation each) are combined without regard to order for single-channel
+chains of width 1 (convolution commutes there), up to reversal for single-channel chains of
+more channels, in every order otherwise (:func:`arrangement`).
 """
 
 from __future__ import annotations
@@ -57,18 +58,19 @@ def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), 
         raise FactorizationError(f"layers must be positive integers, got {list(layers)}")
     if not is_int(slack) or slack < 0:
         raise FactorizationError(f"slack must be a non-negative integer, got {slack!r}")
-    found = []
     single = target.c_in == 1 and target.c_out == 1
+    arranged = {}  # each distinct chain once, in the order of its first arrangement
     for n in layers:
-        size_sets = (itertools.combinations_with_replacement(sorted(sizes), n) if single
-                     else itertools.product(sizes, repeat=n))
-        for chosen in size_sets:
+        for chosen in itertools.product(sizes, repeat=n):
             for dilation in itertools.product(dilations, repeat=n):
                 for width in widths if n > 1 else (1,):
-                    chain = Chain.build(list(chosen), dilations=list(dilation), channels=width, ndim=target.ndim)
-                    if all(0 <= e - s <= slack for e, s in zip(chain.extent, target.size)):
-                        found.append(chain)
-    found = list(dict.fromkeys(found))
+                    arranged.setdefault((arrangement(tuple(zip(chosen, dilation)), width, single), width), None)
+    found = []
+    for layer_list, width in arranged:
+        chosen, dilation = zip(*layer_list)
+        chain = Chain.build(list(chosen), dilations=list(dilation), channels=width, ndim=target.ndim)
+        if all(0 <= e - s <= slack for e, s in zip(chain.extent, target.size)):
+            found.append(chain)
     if not found:
         raise FactorizationError(
             f"no chain from sizes {list(sizes)}, dilations {list(dilations)} and {list(layers)} layers covers "
@@ -76,6 +78,18 @@ def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), 
     if len(found) > limit:
         raise FactorizationError(f"{len(found)} candidate chains (limit {limit}); narrow the sets or raise the limit")
     return found
+
+
+def arrangement(layers: tuple, width: int, single: bool) -> tuple:
+    """The chain of ``layers`` ((size, dilation) each) and ``width`` channels, in the order that
+    stands for every order giving the same chains: sorted for a single-channel chain of width 1
+    (its kernel is a product of single-channel convolutions, which commute); of it and its
+    reverse the lower for a single-channel chain of more channels (its kernel is
+    ``sum_{a,b} f_1[a] * f_2[a,b] * ... * f_n[., .]``, which the reversed chain with transposed
+    channels gives as well); as it is for other chains."""
+    if single and (width == 1 or len(layers) == 1):
+        return tuple(sorted(layers))
+    return min(layers, layers[::-1]) if single else layers
 
 
 def pareto(points: list[Candidate]) -> list[Candidate]:
