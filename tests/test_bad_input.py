@@ -100,6 +100,8 @@ CASES = [
     ("factorize --family log --size 7 --chain 3,5 --steps 5 --set solver=null", "--set solver and --steps"),
     ("factorize {d}/nosweep.yaml --restarts 4 --seed 1", "or with --set restarts=..., --set seed=..."),
     ("run {d}/nosweep.yaml --set restart=3", "nosweep.yaml with --set restart: (top level): unknown key 'restart'"),
+    ("run {d}/nosweep.yaml --set chain.sizes.5=3", "nosweep.yaml: --set chain.sizes.5: the list has no item 5"),
+    ("run {d}/nosweep.yaml --set target.size.x=1", "nosweep.yaml: --set target.size.x: target.size is not a mapping"),
     ("factorize --family log --size 7 --chain 3,5 --set restarts=", "--set restarts=: the value is empty"),
     ("factorize --family log --size 7 --chain 3,5 --set restarts=[1", "--set value '[1' is not YAML"),
     ("factorize --family log --size 7 --chain 3,5 --set solver.learning_rate=.inf", "solver.learning_rate"),

@@ -286,18 +286,26 @@ def overrides_of(items: list[str]) -> list[tuple[str, str]]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key.path=value`` overrides (``--set``)."""
+    """Apply ``key.path=value`` overrides (``--set``); a :class:`ConfigError` names the one at fault."""
     for path, text in overrides_of(overrides):
         if not text.strip():  # an unset shell variable, most likely: YAML would read it as null
             raise ConfigError(f"--set {path}=: the value is empty; write {path}=null where null is meant")
-        data = set_path(data, path, parse_value(text))
+        value = parse_value(text)
+        try:
+            data = set_path(data, path, value)
+        except ConfigError as exc:
+            raise ConfigError(f"--set {exc}") from None
     return data
 
 
 def load_config(path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict, Path]:
     """(validated config, resolved raw mapping, base directory) of a YAML file with overrides."""
     path = Path(path)
-    raw = apply_overrides(load_yaml(path), list(overrides))
+    raw = load_yaml(path)
+    try:
+        raw = apply_overrides(raw, list(overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     # chains written as `chain` shorthand stay as written; validation reports the file and the overrides
     keys = [key for key, _ in overrides_of(list(overrides))]
     source = f"{path} with --set {', '.join(keys)}" if keys else str(path)
