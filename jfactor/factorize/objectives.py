@@ -83,7 +83,7 @@ class Objective:
             size = tuple(self.pad * n for n in approx.shape[:ndim])
             spectrum = jnp.fft.rfftn(error, s=size, axes=tuple(range(ndim)))
             power = spectrum.real**2 + spectrum.imag**2
-            return (power ** (self.p / 4)).ravel()
+            return (jnp.sqrt(_half_spectrum_weights(size[-1], power.ndim - ndim)) * power ** (self.p / 4)).ravel()
         if images is None:
             raise ConfigError("objective images needs images (B, *spatial, C_in)")
         if self.factored:  # images is the Gram factor R (p, p): |R e|^2 is |conv(images, e)|^2 per output channel
@@ -99,6 +99,16 @@ class Objective:
 
 
 FACTOR_BYTES = 2**26  # the most the Gram matrix (:func:`gram_factor`), or one chunk of windows, may take
+
+
+def _half_spectrum_weights(n: int, trailing: int):
+    """How many frequencies each bin of a real FFT's last axis (length ``n``, ``n // 2 + 1`` bins)
+    stands for, shaped to broadcast over ``trailing`` axes after it: 1 for the zero frequency and
+    (``n`` even) the Nyquist one, 2 for every other (it and its mirror, of equal modulus for a real
+    kernel).  Summed with these weights, ``|E|^p`` over the half spectrum is its sum over the whole
+    one, so at ``p = 2`` the spectral objective is the kernel one (Parseval)."""
+    bins = np.arange(n // 2 + 1)
+    return np.where((bins == 0) | (2 * bins == n), 1.0, 2.0).reshape((-1,) + (1,) * trailing)
 
 
 def factor_taps(kernel_shape: tuple[int, ...]) -> int:
