@@ -99,6 +99,25 @@ def test_an_image_file_without_content_is_named(tmp_path):
             load_images([str(tmp_path / name)], size=16, count=1)
 
 
+def test_image_files_of_any_channel_layout_are_read_as_grey(tmp_path):
+    # before: a grey+alpha PNG reached skimage's rgb2gray and ended the run with its traceback
+    from PIL import Image
+
+    grey = np.random.default_rng(0).integers(1, 255, (40, 40), dtype=np.uint8)
+    alpha = np.full_like(grey, 255)
+    Image.fromarray(np.stack([grey, alpha], -1), mode="LA").save(tmp_path / "la.png")
+    Image.fromarray(grey, mode="L").save(tmp_path / "l.png")
+    Image.fromarray(np.stack([grey] * 3 + [alpha], -1), mode="RGBA").save(tmp_path / "rgba.png")
+    expected = load_images([str(tmp_path / "l.png")], size=16, count=1)
+    for name in ("la.png", "rgba.png"):
+        np.testing.assert_allclose(load_images([str(tmp_path / name)], size=16, count=1), expected, atol=1e-3)
+    from skimage import io
+
+    io.imsave(tmp_path / "stack.tif", np.ones((3, 20, 20, 5), np.float32), check_contrast=False)
+    with pytest.raises(ConfigError, match=r"stack\.tif: not a grey or colour picture \(an array of shape"):
+        load_images([str(tmp_path / "stack.tif")], size=16, count=1)
+
+
 @st.composite
 def _kernels(draw):
     ndim = draw(st.integers(1, 3))

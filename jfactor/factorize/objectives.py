@@ -233,8 +233,13 @@ def load_images(names_or_paths, size: int = 96, count: int = 4, c_in: int = 1, s
             raise ConfigError(f"unknown image {name!r}: give a skimage.data name (camera, astronaut, "
                               "coins, moon, ...) or an image file path")
         image = util.img_as_float(image)
-        if image.ndim == 3:
+        if image.ndim == 3 and image.shape[-1] in (1, 2):  # grey, with or without alpha
+            image = image[..., 0]
+        elif image.ndim == 3 and image.shape[-1] in (3, 4):  # colour, with or without alpha
             image = color.rgb2gray(image[..., :3])
+        elif image.ndim != 2:
+            raise ConfigError(f"{name}: not a grey or colour picture (an array of shape {image.shape}): give a "
+                              "2-D image, grey or RGB(A)")
         if not np.isfinite(image).all() or not image.any():  # before resizing, which warns on NaN
             raise ConfigError(f"{name}: the image {'has non-finite values' if image.any() else 'is all zero'}: "
                               "give one with content")
