@@ -6,7 +6,7 @@ import scipy.signal as sp
 
 import jfactor as jf
 from jfactor import kernels
-from jfactor.factorize import Chain, FactorizationError, Solver, Target, factorize, factorize_batch
+from jfactor.factorize import Chain, FactorizationError, SearchPolicy, Solver, Target, factorize, factorize_batch
 
 FAST = Solver(optimizer="none", refine_steps=200, chunk=50)  # LM only: one compile per geometry
 SEED_A1 = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1]], float)  # seed section 3
@@ -300,6 +300,20 @@ def test_a_batched_target_starts_like_a_single_call_with_its_seed():
     batched = factorize_batch(targets, Chain.build([3, 5]), solver=FAST, restarts=3, seed=5)
     single = factorize(targets[1], Chain.build([3, 5]), solver=FAST, restarts=3, seed=6, baselines=())
     np.testing.assert_allclose(batched[1].restart_errors, single.restart_errors, rtol=1e-6)
+
+
+def test_a_target_exact_at_its_starts_keeps_its_own_evidence_in_a_batch():
+    # before: the exact stop applied only when every target of the batch was exact at its starts, so a
+    # gaussian beside a LoG ran LM on all 64 restarts (refined 10, hits 10) where alone it stood at 1
+    chain = Chain.build([3, 5])
+    targets = [kernels.make("gaussian", 7), kernels.make("log", 7)]
+    batched = factorize_batch(targets, chain, seed=0, search=SearchPolicy(max_restarts=64))
+    single = factorize(targets[0], chain, seed=0, baselines=())
+    keys = ("restarts", "refined", "best_hits", "independent_hits", "distinct_minima", "stopped")
+    assert {k: batched[0].evidence[k] for k in keys} == {k: single.evidence[k] for k in keys}
+    assert batched[0].evidence["stopped"] == "exact" and batched[0].evidence["refined"] == 1
+    assert batched[0].rel_error < 1e-14 and batched[1].rel_error > 1e-5
+    np.testing.assert_array_equal(batched[0].pruned, single.pruned)
 
 
 def test_search_and_cheapest_under_refuse_arguments_of_the_wrong_kind():

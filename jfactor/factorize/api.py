@@ -412,7 +412,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         ``svd``, ``lines``, ``blurs`` or ``random``.
       dtype: ``float64`` or ``float32``.
       seed: target ``b`` draws its starts from ``numpy.random.default_rng(seed + b)``, so
-        ``factorize_batch(ts, seed=s)[b]`` starts where ``factorize(ts[b], seed=s + b)`` does.
+        ``factorize_batch(ts, seed=s)[b]`` starts where ``factorize(ts[b], seed=s + b)`` does;
+        the default images (the ``images`` objective's and the output metric's) are drawn with
+        ``seed``, one set for the whole batch (``factorize`` with ``images=`` those reproduces it).
       starts: per target, factor lists (``(*k_i, C_{i-1}, C_i)``, frozen layers included)
         to use as its first restarts (warm starts, or another tool's starting points; None: none
         for that target); the rest of the first wave is drawn by ``init``.

@@ -873,10 +873,14 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
     free, state = to_refine(problem, starts, best, frozen, target, images, eligible)
     pruned = screened
     second = np.zeros((batch, restarts, 0))
-    if exact_loss is not None and (lowest.min(axis=1) <= exact_loss).all():
+    solved = np.zeros(batch, bool) if exact_loss is None else lowest.min(axis=1) <= exact_loss
+    if solved.all():
         pruned = lowest > exact_loss
         state = None  # the starts, or the first-order phase's best points, stand
     elif state is not None:
+        if solved.any():  # an exact target stands as it would alone: its exact points as they are, the rest pruned
+            screened = screened | (solved[:, None] & (lowest > exact_loss))
+            state = {**state, "done": np.asarray(state["done"]) | (solved[:, None] & (lowest <= exact_loss))}
         state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss,
                                        screened, fresh, graces, best_before, exact_hessian)
     free, losses, errors = finish(problem, free, state, frozen, target, images)
