@@ -51,7 +51,8 @@ def floating(dtype, where: str):
     if not jnp.issubdtype(dtype, jnp.floating):
         why = ("integer weights would be truncated" if jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.dtype(bool)
                else "jfactor works with real floating weights")
-        raise ConfigError(f"{where} must be a floating dtype (float32 or float64), got {dtype}: {why}")
+        raise ConfigError(f"{where} must be a floating dtype (float64, float32, float16 or bfloat16), got "
+                          f"{dtype}: {why}")
     return dtype
 
 

@@ -21,7 +21,7 @@ def check_mesh(mesh, shard) -> None:
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
         raise ConfigError(f"mesh must be a jax.sharding.Mesh (jfactor.sharding.batch_mesh(devices) makes one), got "
                           f"{type(mesh).__name__}")
-    if not isinstance(shard, bool):
+    if not isinstance(shard, (bool, np.bool_)):
         raise ConfigError(f"shard must be True or False, got {shard!r}")
 
 

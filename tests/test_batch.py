@@ -332,6 +332,8 @@ def test_fold_batch_refuses_a_mesh_or_shard_of_the_wrong_type(options, match):
     one = jf.Stack([jf.Conv(np.ones((3, 3, 1, 1)))], input_shape=(8, 8, 1))
     with pytest.raises(jf.ConfigError, match=match):
         jf.batch.fold_batch(jf.batch.stack_batch([one, one]), **options)
+    folded = jf.batch.fold_batch(jf.batch.stack_batch([one, one]), shard=np.True_)  # before: refused, a numpy bool
+    np.testing.assert_array_equal(folded.kernel[1], jf.fold(one).conv.kernel)
 
 
 def test_fold_batch_still_traces_under_jit_and_bfloat16_is_a_floating_dtype():

@@ -302,6 +302,13 @@ def test_a_batched_target_starts_like_a_single_call_with_its_seed():
     np.testing.assert_allclose(batched[1].restart_errors, single.restart_errors, rtol=1e-6)
 
 
+def test_a_batch_of_mixed_shapes_names_the_target_that_differs():
+    # before: the set of every (shape, stride) in the batch, not which target
+    with pytest.raises(FactorizationError, match=r"targets\[2\] has shape \(5, 5, 1, 1\) and stride \(1, 1\), "
+                                                 r"targets\[0\] \(7, 7, 1, 1\)"):
+        factorize_batch([np.ones((7, 7)), np.ones((7, 7)), np.ones((5, 5))], Chain.build([3, 5]), restarts=1)
+
+
 def test_a_target_exact_at_its_starts_keeps_its_own_evidence_in_a_batch():
     # before: the exact stop applied only when every target of the batch was exact at its starts, so a
     # gaussian beside a LoG ran LM on all 64 restarts (refined 10, hits 10) where alone it stood at 1

@@ -269,6 +269,9 @@ def test_huge_chains_stop_at_the_memory_budget_before_any_array_is_made():
     ({"images": np.full((2, 16, 16, 1), np.nan)}, "images have non-finite values"),
     ({"images": np.ones((2, 4, 4, 1))}, r"images \(4, 4\) are smaller than the kernel .* \(5, 5\)"),
     ({"images": np.zeros((2, 16, 16, 1)), "objective": "images"}, "images objective .* all zero"),
+    ({"images": np.zeros((0, 16, 16, 1))}, r"images hold no image \(B = 0"),  # before: taken, no output metric
+    ({"images": np.ones((2, 16, 16, 1)) * 1j}, "images are complex"),  # before: cast to real with a warning
+    ({"budget_s": "1"}, "budget_s must be a positive number of seconds"),  # before: a TypeError from math
 ])
 def test_bad_factorize_options_are_refused_by_name(options, named):
     with pytest.raises(ConfigError, match=named):

@@ -310,9 +310,13 @@ def _checked_baselines(baselines) -> tuple[str, ...]:
 def _checked_images(images, target: Target, extent: tuple[int, ...]) -> np.ndarray:
     """The user's ``images`` as float64 (B, *spatial, C_in), each spatial size at least the kernel's
     ``extent`` they are filtered with, all finite; a :class:`ConfigError` naming what is wrong."""
+    if np.iscomplexobj(images):
+        raise ConfigError("images are complex: give real images")
     images = np.asarray(images, np.float64)
     if images.ndim != target.ndim + 2 or images.shape[-1] != target.c_in:
         raise ConfigError(f"images must be (B, *spatial, {target.c_in}), got {images.shape}")
+    if images.shape[0] == 0:
+        raise ConfigError(f"images hold no image (B = 0 of shape {images.shape}): give at least one")
     if any(n < k for n, k in zip(images.shape[1:-1], extent)):
         raise ConfigError(f"images {images.shape[1:-1]} are smaller than the kernel they are filtered with "
                           f"{extent} (the chain's extent or the target's): give larger images")
@@ -447,9 +451,12 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     targets = [_as_target(t, f"targets[{i}]") for i, t in enumerate(targets)]
     if not targets:
         raise ConfigError("factorize_batch needs at least one target")
-    geometry = {(t.kernel.shape, t.stride) for t in targets}
-    if len(geometry) > 1:
-        raise FactorizationError(f"targets of one batch must share shape and stride, got {sorted(geometry)}")
+    other = next((i for i, t in enumerate(targets) if (t.kernel.shape, t.stride) != (targets[0].kernel.shape,
+                                                                                       targets[0].stride)), None)
+    if other is not None:
+        raise FactorizationError(f"targets of one batch must share shape and stride: targets[{other}] has shape "
+                                 f"{targets[other].kernel.shape} and stride {targets[other].stride}, targets[0] "
+                                 f"{targets[0].kernel.shape} and {targets[0].stride}")
     if init not in INITS:
         raise ConfigError(unknown_key(init, INITS, "init"))
     dtype = getattr(dtype, "__name__", None) or str(getattr(dtype, "name", dtype))  # np.float32, np.dtype, "float32"

@@ -234,7 +234,8 @@ class SearchPolicy:
         for name in ("exact_hessian", "polish"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.budget_s is not None and not (math.isfinite(self.budget_s) and self.budget_s > 0):
+        if self.budget_s is not None and not (isinstance(self.budget_s, (int, float)) and not isinstance(
+                self.budget_s, bool) and math.isfinite(self.budget_s) and self.budget_s > 0):
             raise ConfigError(f"budget_s must be a positive number of seconds, got {self.budget_s!r}")
         for name in ("keep", "perturb"):
             value = getattr(self, name)
