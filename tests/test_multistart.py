@@ -669,3 +669,18 @@ def test_a_float32_runs_evidence_ranks_restarts_as_its_result_is_measured():
     assert result.evidence["runner_up"] is None or result.evidence["runner_up"] > best
     approx = chain_kernel_numpy(result.factors, result.chain)[..., 0, 0]
     assert np.linalg.norm(approx - target) / np.linalg.norm(target) == pytest.approx(result.rel_error, rel=1e-12)
+
+
+def test_the_evidence_of_another_objective_ranks_restarts_as_the_result_is_chosen():
+    # before: minima were grouped and ranked by the kernel's error while the result was the lowest loss of
+    # the objective, so the evidence's best could be another restart and its runner-up below the result
+    from jfactor.factorize import Objective
+
+    target = kernels.motion_blur(7, angle=30.0)
+    result = factorize(target, Chain.build([3, 5]), objective=Objective("spectral", p=4.0), solver=FAST, search=SMALL,
+                       baselines=(), seed=0)
+    found = result.evidence
+    final_loss = result.history[result.history_row][-1]
+    assert found["best_error"] == pytest.approx(np.sqrt(2 * final_loss), rel=1e-9)  # the objective's own error
+    assert found["runner_up"] is None or found["runner_up"] > found["best_error"]
+    assert found["best_hits"] >= 1

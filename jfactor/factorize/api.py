@@ -391,6 +391,17 @@ class _Record:
     def joined(self, name: str) -> np.ndarray:
         return np.concatenate(getattr(self, name))
 
+    def ranked_errors(self, kernel: bool) -> np.ndarray:
+        """The errors the evidence groups and ranks restarts by, as the result is chosen (R,): the
+        kernel's relative errors for the kernel objective (its loss is half their square), the
+        objective's own (its residual's norm, relative to the zero kernel's: the square root of
+        twice the loss) for the others, whose best by loss may not be the best kernel; inf where
+        a restart's result is not usable."""
+        errors = self.joined("errors")
+        if kernel:
+            return errors
+        return np.where(np.isfinite(errors), np.sqrt(2 * np.maximum(self.joined("losses"), 0.0)), np.inf)
+
 
 @one_at_a_time
 def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kernel", solver: Solver | None = None,
@@ -597,7 +608,8 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
             for j, b in enumerate(live):
                 records[b].add([f[j] for f in free], history[j], losses[j], errors[j], diverged[j], pruned[j],
                                drawn[j][2], solver.refine == "lm")
-                records[b].found.append(multistart.evidence(records[b].joined("errors"), records[b].joined("pruned"),
+                records[b].found.append(multistart.evidence(records[b].ranked_errors(objective.name == "kernel"),
+                                                            records[b].joined("pruned"),
                                                             records[b].joined("independent"), dtype))
                 records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed)
             if policy.adaptive:
