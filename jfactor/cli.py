@@ -62,7 +62,8 @@ def _group(
 
     try:
         configure(compile_cache, use_compile_cache)
-        memory_budget()  # a bad JFACTOR_MEMORY_BUDGET_GB is the environment's fault, named before any config's
+        if not {"--help", "-h"} & set(sys.argv[1:]):  # a bad JFACTOR_MEMORY_BUDGET_GB: the environment's fault,
+            memory_budget()  # named before any config's
     except EXPECTED as exc:
         _fail(exc)
 

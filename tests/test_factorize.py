@@ -383,6 +383,8 @@ def test_search_factorizes_each_distinct_chain_once():
     assert [c.describe() for c in wide] == ["3x3 -> 5x5 -> 9x9, width 2", "3x3 -> 9x9 -> 5x5, width 2",
                                             "5x5 -> 3x3 -> 9x9, width 2", "5x5 -> 5x5 -> 9x9, width 2",
                                             "5x5 -> 9x9 -> 5x5, width 2"]
+    mixed = candidates(single, sizes=[3, (3, 3)], dilations=[1, (2, 2), 4], layers=[3], slack=30)
+    assert [c.describe() for c in mixed] == [c.describe() for c in chains]  # per-dim forms: before, a TypeError
     two = candidates(Target.from_array(np.ones((15, 15, 2, 2))), sizes=[3, 5, 9], layers=[3])
     assert len(two) == 9  # channels in and out: every order (the six of 3-5-9, the three of 5-5-9)
     # why: a reordered width-1 chain, and a reversed wider one with its channels transposed, fold to the same kernel

@@ -174,7 +174,7 @@ class SweepSpec(Strict):
                 raise ValueError(f"{key}: needs at least one value")
         if "name" in self.grid or "name" in self.zip:
             raise ValueError("name: the sweep's cells are named after it (<name>-<index>); sweep another key")
-        text = lambda value: json.dumps(value, sort_keys=True)  # noqa: E731  (lists and mappings too)
+        text = lambda value: json.dumps(value, sort_keys=True, default=str)  # noqa: E731  (lists, mappings, dates)
         lists = [(f"grid {key}", [text(v) for v in values]) for key, values in self.grid.items()]
         lists.append((f"zip {' and '.join(self.zip)}", [text(v) for v in zip(*self.zip.values())]))
         for key, texts in lists:

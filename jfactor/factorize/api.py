@@ -391,16 +391,15 @@ class _Record:
     def joined(self, name: str) -> np.ndarray:
         return np.concatenate(getattr(self, name))
 
-    def ranked_errors(self, kernel: bool) -> np.ndarray:
+    def ranked_errors(self, objective: Objective) -> np.ndarray:
         """The errors the evidence groups and ranks restarts by, as the result is chosen (R,): the
         kernel's relative errors for the kernel objective (its loss is half their square), the
-        objective's own (its residual's norm, relative to the zero kernel's: the square root of
-        twice the loss) for the others, whose best by loss may not be the best kernel; inf where
-        a restart's result is not usable."""
+        objective's own (:meth:`Objective.error_of_loss`) for the others, whose best by loss may
+        not be the best kernel; inf where a restart's result is not usable."""
         errors = self.joined("errors")
-        if kernel:
+        if objective.name == "kernel":
             return errors
-        return np.where(np.isfinite(errors), np.sqrt(2 * np.maximum(self.joined("losses"), 0.0)), np.inf)
+        return np.where(np.isfinite(errors), objective.error_of_loss(self.joined("losses")), np.inf)
 
 
 @one_at_a_time
@@ -600,15 +599,14 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                                        batch[2], batch[3], batch[4] if exact_blurs else None),
                 (wave_targets, free, graces, best_before, exact), mesh=mesh, shard=shard)
             free = [np.asarray(f, np.float64) for f in free]
-            if np_dtype != np.float64:  # float32's rounding would split minima and rank them (_float64_errors)
-                errors = _float64_errors(free, chain, normalised[rows], errors)
-                if objective.name == "kernel":  # its loss is half the squared relative error: the best by either
-                    losses = np.where(np.isfinite(losses), 0.5 * errors**2, np.asarray(losses, np.float64))
+            if np_dtype != np.float64:  # float32's rounding would split minima and rank them (_float64_results)
+                errors, losses = _float64_results(free, chain, normalised[rows], errors, losses, objective,
+                                                  objective_images)
             elapsed = time.perf_counter() - start
             for j, b in enumerate(live):
                 records[b].add([f[j] for f in free], history[j], losses[j], errors[j], diverged[j], pruned[j],
                                drawn[j][2], solver.refine == "lm")
-                records[b].found.append(multistart.evidence(records[b].ranked_errors(objective.name == "kernel"),
+                records[b].found.append(multistart.evidence(records[b].ranked_errors(objective),
                                                             records[b].joined("pruned"),
                                                             records[b].joined("independent"), dtype))
                 records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed)
@@ -638,22 +636,27 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     return results
 
 
-def _float64_errors(free: list[np.ndarray], chain: Chain, targets: np.ndarray, errors) -> np.ndarray:
-    """Relative errors (B, R) of a float32 run's restarts, recomputed in float64 from their factors
-    (``free``: the free layers', each (B, R, *shape)) against ``targets`` (B, *k, C_in, C_out), as the
-    result's ``rel_error`` is: float32's own carry its rounding (about 1e-3 relative on an error of
-    2e-4), which splits one minimum into many and ranks restarts against the result.  One batched
-    chain kernel over the finite restarts (frozen layers broadcast); diverged ones (``errors`` not
-    finite) stay inf."""
-    out = np.array(errors, np.float64)
-    rows, cols = np.nonzero(np.isfinite(out))
+def _float64_results(free: list[np.ndarray], chain: Chain, targets: np.ndarray, errors, losses,
+                     objective: Objective, images) -> tuple[np.ndarray, np.ndarray]:
+    """Relative errors and losses (B, R) of a float32 run's restarts, recomputed in float64 from their
+    factors (``free``: the free layers', each (B, R, *shape)) against ``targets`` (B, *k, C_in, C_out),
+    as the result's ``rel_error`` is: float32's own carry its rounding (about 1e-3 relative on an
+    error of 2e-4), which splits one minimum into many and ranks restarts against the result.  One
+    batched chain kernel over the finite restarts (frozen layers broadcast), and ``objective``'s
+    residual of it (``images``: the objective's images or Gram factor, or None); diverged ones
+    (``errors`` not finite) keep theirs."""
+    errors, losses = np.array(errors, np.float64), np.array(losses, np.float64)
+    rows, cols = np.nonzero(np.isfinite(errors))
     if rows.size:
         layers = iter(f[rows, cols] for f in free)
         factors = [next(layers) if w is None else np.asarray(w, np.float64) for w in chain.weights]
-        residual = (np.asarray(chain_kernel(factors, chain)) - targets[rows]).reshape(rows.size, -1)
-        scale = np.linalg.norm(targets[rows].reshape(rows.size, -1), axis=1)
-        out[rows, cols] = np.linalg.norm(residual, axis=1) / scale
-    return out
+        approx, wanted = chain_kernel(factors, chain), jnp.asarray(targets[rows], jnp.float64)
+        scale = jnp.linalg.norm(wanted.reshape(rows.size, -1), axis=1)
+        errors[rows, cols] = np.asarray(jnp.linalg.norm((approx - wanted).reshape(rows.size, -1), axis=1) / scale)
+        images = None if images is None else jnp.asarray(images, jnp.float64)
+        residuals = jax.vmap(lambda a, t: objective.residual(a, t, images))(approx, wanted)
+        losses[rows, cols] = np.asarray(0.5 * jnp.sum(residuals**2, axis=1))
+    return errors, losses
 
 
 def _settings(objective: Objective, solver: Solver, init: str, dtype: str, policy: SearchPolicy, seed: int,

@@ -99,7 +99,7 @@ def arrays(targets: tuple[int, ...], count: int, image_values: int = 0, objectiv
     images' Gram factor (:func:`jfactor.factorize.objectives.gram_factor`), that factor's making
     for ``gram_taps`` taps (:data:`GRAM_COPIES` copies of its p x p matrix)."""
     return {"targets": 3 * count * math.prod(targets) * 8, "images": 4 * image_values * 8,
-            "objective": (OBJECTIVE_COPIES * objective_residuals + GRAM_COPIES * gram_taps**2) * 8}
+            "objective": OBJECTIVE_COPIES * objective_residuals * 8, "gram": GRAM_COPIES * gram_taps**2 * 8}
 
 
 # what to change where each part of an estimate passes the budget
@@ -112,6 +112,8 @@ KNOBS = {
               "chain's extent)",
     "objective": "use fewer or smaller images for the images objective (objective.crops, objective.image_size, "
                  "objective.images)",
+    "gram": "use smaller chain sizes or dilations (the images objective's Gram factor grows with the square of the "
+            "kernel's taps)",
 }
 
 

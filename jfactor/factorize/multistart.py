@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 import numpy as np
@@ -234,7 +235,7 @@ class SearchPolicy:
         for name in ("exact_hessian", "polish"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.budget_s is not None and not (isinstance(self.budget_s, (int, float)) and not isinstance(
+        if self.budget_s is not None and not (isinstance(self.budget_s, numbers.Real) and not isinstance(
                 self.budget_s, bool) and math.isfinite(self.budget_s) and self.budget_s > 0):
             raise ConfigError(f"budget_s must be a positive number of seconds, got {self.budget_s!r}")
         for name in ("keep", "perturb"):

@@ -83,7 +83,8 @@ class Objective:
             size = tuple(self.pad * n for n in approx.shape[:ndim])
             spectrum = jnp.fft.rfftn(error, s=size, axes=tuple(range(ndim)))
             power = spectrum.real**2 + spectrum.imag**2
-            return (jnp.sqrt(_half_spectrum_weights(size[-1], power.ndim - ndim)) * power ** (self.p / 4)).ravel()
+            weights = jnp.asarray(np.sqrt(_half_spectrum_weights(size[-1], power.ndim - ndim)), power.dtype)
+            return (weights * power ** (self.p / 4)).ravel()
         if images is None:
             raise ConfigError("objective images needs images (B, *spatial, C_in)")
         if self.factored:  # images is the Gram factor R (p, p): |R e|^2 is |conv(images, e)|^2 per output channel
@@ -91,6 +92,13 @@ class Objective:
         out = conv(images.astype(error.dtype), error, strides=self.stride, dilation=(1,) * ndim,
                    pads=((0, 0),) * ndim, groups=1)
         return out.ravel()
+
+    def error_of_loss(self, loss):
+        """The relative error a loss ``|r|^2 / 2`` stands for, of degree one in the kernel's error:
+        ``(2 loss)^(1/p)`` for ``spectral`` (the error spectrum's p-norm over the target's), ``(2
+        loss)^(1/2)`` for the others (for ``kernel`` the kernel's relative error, for ``images`` the
+        outputs')."""
+        return (2 * np.maximum(loss, 0.0)) ** (1 / (self.p if self.name == "spectral" else 2))
 
     def residual(self, approx, target, images=None):
         """``raw`` scaled so that ``|residual(0, target)| = 1``."""

@@ -59,10 +59,12 @@ def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), 
     if not is_int(slack) or slack < 0:
         raise FactorizationError(f"slack must be a non-negative integer, got {slack!r}")
     single = target.c_in == 1 and target.c_out == 1
+    per_dim = lambda v: tuple(v) if isinstance(v, (tuple, list, np.ndarray)) else (v,) * target.ndim  # noqa: E731
+    each_size, each_dilation = [per_dim(v) for v in sizes], [per_dim(v) for v in dilations]  # comparable in any form
     arranged = {}  # each distinct chain once, in the order of its first arrangement
     for n in layers:
-        for chosen in itertools.product(sizes, repeat=n):
-            for dilation in itertools.product(dilations, repeat=n):
+        for chosen in itertools.product(each_size, repeat=n):
+            for dilation in itertools.product(each_dilation, repeat=n):
                 for width in widths if n > 1 else (1,):
                     arranged.setdefault((arrangement(tuple(zip(chosen, dilation)), width, single), width), None)
     found = []
@@ -87,7 +89,7 @@ def arrangement(layers: tuple, width: int, single: bool) -> tuple:
     reverse the lower for a single-channel chain of more channels (its kernel is
     ``sum_{a,b} f_1[a] * f_2[a,b] * ... * f_n[., .]``, which the reversed chain with transposed
     channels gives as well); as it is for other chains."""
-    if single and (width == 1 or len(layers) == 1):
+    if single and width == 1:
         return tuple(sorted(layers))
     return min(layers, layers[::-1]) if single else layers
 

@@ -850,7 +850,9 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
     restart skipped is NaN (not drawn).  ``prune`` screens restarts in both phases
     (:func:`first_order`, :func:`refine`).  Once every target has a restart at or below
     ``exact_loss`` (a start, or the first-order phase's best), the phases stop and the other
-    restarts count as pruned.  Only the first ``fresh`` restarts (default: all) may take the
+    restarts count as pruned; where the first-order phase did not run, so too for each target
+    with such a start (its exact starts stand, unrefined, as they would alone; a first-order
+    phase runs on every target until all are exact).  Only the first ``fresh`` restarts (default: all) may take the
     first-order phase; the others perturb earlier minima and go straight to LM.  ``graces``
     (B, R): LM iterations before each restart may be screened, and ``best_before`` (B,) each target's
     best loss before this batch, for ``prune.cutoff``, and ``exact_hessian`` (B, R) the restarts whose
@@ -878,7 +880,7 @@ def optimise(problem: Problem, free, frozen, target, images, progress, prune: Sc
         pruned = lowest > exact_loss
         state = None  # the starts, or the first-order phase's best points, stand
     elif state is not None:
-        if solved.any():  # an exact target stands as it would alone: its exact points as they are, the rest pruned
+        if solved.any() and carry is None:  # an exact target stands as alone: its exact starts, the rest pruned
             screened = screened | (solved[:, None] & (lowest > exact_loss))
             state = {**state, "done": np.asarray(state["done"]) | (solved[:, None] & (lowest <= exact_loss))}
         state, second, pruned = refine(problem, state, free, frozen, target, images, progress, prune, exact_loss,
