@@ -92,6 +92,8 @@ def evidence_line(summary: dict) -> str:
     """One line: restarts, distinct minima, hits of the best, runner-up, why the search stopped."""
     e = summary["evidence"]
     runner = "none" if e["runner_up"] is None else f"{e['runner_up']:.4g}"
+    if e["runner_up"] is not None and summary.get("objective", "kernel") != "kernel":
+        runner += f" ({summary['objective']}'s own error)"  # the evidence's units (README, "How sure")
     return (f"search: {e['restarts']} restarts in {e['waves']} wave(s) ({summary['diverged']} diverged), "
             f"{e['refined']} run to convergence, {e['distinct_minima']} distinct minima; the best reached by "
             f"{e['best_hits']} ({e['independent_hits']} from independent starts), runner-up {runner}; stopped: "

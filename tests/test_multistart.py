@@ -683,6 +683,10 @@ def test_the_evidence_of_another_objective_ranks_restarts_as_the_result_is_chose
     final_loss = result.history[result.history_row][-1]
     assert found["best_error"] == pytest.approx((2 * final_loss) ** (1 / 4), rel=1e-9)  # the objective's own error
     assert found["runner_up"] is None or found["runner_up"] > found["best_error"]
+    from jfactor.display import evidence_line
+
+    line = evidence_line(result.to_dict())  # the terminal says which error the runner-up is
+    assert found["runner_up"] is None or "(spectral_p4's own error)" in line
     # of degree one in the kernel's error: the p-th root, so the float floor means what it means for the kernel
     sharp = factorize(target, Chain.build([3, 5]), objective=Objective("spectral", p=8.0), solver=FAST,
                       search=SMALL, baselines=(), seed=0, dtype="float32")  # before: float64 arrays in a float32 run
