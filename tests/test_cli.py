@@ -76,6 +76,8 @@ def test_a_bad_memory_budget_variable_is_named_as_the_environments_fault(tmp_pat
             result = runner.invoke(app, command)
             assert result.exit_code == 2
             assert result.output.strip() == f"error: JFACTOR_MEMORY_BUDGET_GB='{value}': {message}", result.output
+        helped = subprocess.run([sys.executable, "-m", "jfactor", "fold", "--help"], capture_output=True, text=True)
+        assert helped.returncode == 0 and "Usage" in helped.stdout  # help is still there to read
     assert not (tmp_path / "f").exists() and not (tmp_path / "o").exists()
 
 

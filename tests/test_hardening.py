@@ -278,6 +278,16 @@ def test_bad_factorize_options_are_refused_by_name(options, named):
         factorize(kernels.make("gaussian", 5), Chain.build([3, 3]), restarts=1, solver=FAST, baselines=(), **options)
 
 
+def test_a_budget_may_be_a_numpy_number():
+    from jfactor.factorize import SearchPolicy
+
+    for budget in (np.int64(10), np.float32(2.5), 3):
+        assert SearchPolicy(budget_s=budget).budget_s == budget
+    for bad in (True, "1", np.nan):
+        with pytest.raises(ConfigError, match="budget_s must be a positive number of seconds"):
+            SearchPolicy(budget_s=bad)
+
+
 @pytest.mark.parametrize("chain", ["3,3", [3, 3], None])
 def test_a_chain_that_is_not_a_chain_is_refused_by_name(chain):
     with pytest.raises(ConfigError, match="chain must be a Chain"):
