@@ -22,7 +22,7 @@ import numpy as np
 from jfactor._checks import is_int
 from jfactor.errors import ConfigError
 from jfactor.factorize.api import Factorization, factorize
-from jfactor.factorize.chain import Chain, FactorizationError, Target
+from jfactor.factorize.chain import Chain, FactorizationError, Target, _per_dim
 from jfactor.progress import ProgressBar
 
 
@@ -59,8 +59,9 @@ def candidates(target: Target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), 
     if not is_int(slack) or slack < 0:
         raise FactorizationError(f"slack must be a non-negative integer, got {slack!r}")
     single = target.c_in == 1 and target.c_out == 1
-    per_dim = lambda v: tuple(v) if isinstance(v, (tuple, list, np.ndarray)) else (v,) * target.ndim  # noqa: E731
-    each_size, each_dilation = [per_dim(v) for v in sizes], [per_dim(v) for v in dilations]  # comparable in any form
+    # per-dim tuples, comparable whichever form each was given in
+    each_size = [_per_dim(v, target.ndim, "sizes") for v in sizes]
+    each_dilation = [_per_dim(v, target.ndim, "dilations") for v in dilations]
     arranged = {}  # each distinct chain once, in the order of its first arrangement
     for n in layers:
         for chosen in itertools.product(each_size, repeat=n):
