@@ -19,6 +19,10 @@ from jfactor.errors import ConfigError, StackError
 
 Padding = str | tuple[tuple[int, int], ...]
 
+MAX_SPATIAL_DIMS = 3
+"""The most spatial dims a target may have: the output metric filters natural images, which
+:func:`jfactor.factorize.objectives.load_images` gives in 1, 2 or 3 dims."""
+
 
 def repeated(items) -> list:
     """The items that occur more than once in ``items``, sorted (each once)."""

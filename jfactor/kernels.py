@@ -13,7 +13,7 @@ import inspect
 
 import numpy as np
 
-from jfactor._checks import is_int
+from jfactor._checks import MAX_SPATIAL_DIMS, is_int
 from jfactor.errors import ConfigError
 from jfactor.memory import check_bytes
 from jfactor.schema import unknown_key
@@ -163,9 +163,10 @@ def make(name: str, size: int, **params) -> np.ndarray:
             bound = "a number >= 0" if zero_ok else "a positive number"
             raise ConfigError(f"kernel family {name!r}: {key} must be {bound}, got {params[key]!r}")
     ndim = params.get("ndim", 2)
-    if not (is_int(ndim) and 1 <= ndim <= 3):
+    if not (is_int(ndim) and 1 <= ndim <= MAX_SPATIAL_DIMS):
         # a 4-D family kernel (k, k, k, k) would read as a 2-D one with k channels in and out
-        raise ConfigError(f"kernel family {name!r}: ndim must be 1, 2 or 3, got {ndim!r}")
+        dims = ", ".join(map(str, range(1, MAX_SPATIAL_DIMS))) + f" or {MAX_SPATIAL_DIMS}"
+        raise ConfigError(f"kernel family {name!r}: ndim must be {dims}, got {ndim!r}")
     try:
         need = _TEMPORARIES * 8 * float(size) ** ndim
     except OverflowError:

@@ -19,7 +19,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jfactor._checks import is_int
+from jfactor._checks import MAX_SPATIAL_DIMS, is_int
 from jfactor.errors import JFactorError
 from jfactor.factorize.metrics import norm
 from jfactor.factorize.npconv import convolve_full
@@ -31,10 +31,6 @@ from jfactor.stack import Stack
 class FactorizationError(JFactorError):
     """A chain that cannot match its target, or a factorization that cannot be trusted."""
 
-
-MAX_SPATIAL_DIMS = 3
-"""The most spatial dims a target may have: the output metric filters natural images, which
-:func:`jfactor.factorize.objectives.load_images` gives in 1, 2 or 3 dims."""
 
 
 def _per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
