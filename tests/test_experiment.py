@@ -220,6 +220,19 @@ def test_a_swept_restart_count_keeps_its_column_beside_the_restarts_run(tmp_path
     assert int(rows[0]["restarts_run"]) >= 1
 
 
+def test_a_swept_key_goes_into_a_swept_mapping_above_it(tmp_path):
+    # before: the zipped `chain` was set after the grid's `chain.channels` and replaced it
+    from jfactor.experiment.config import ExperimentConfig
+    from jfactor.experiment.sweep import _cell_config, cells
+    from jfactor.schema import validate
+
+    raw = {**SMALL, "sweep": {"grid": {"chain.channels": [1, 2]}, "zip": {"chain": [[3, 5], [5, 3]]}}}
+    keys, assignments = cells(raw)
+    chains = [validate(ExperimentConfig, _cell_config(raw, a, "s.yaml", i), "s.yaml").chain
+              for i, a in enumerate(assignments)]
+    assert [(c.sizes, c.channels) for c in chains] == [([3, 5], 1), ([5, 3], 1), ([3, 5], 2), ([5, 3], 2)]
+
+
 def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
     config = _sweep_config(tmp_path)
     whole = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir",
@@ -295,6 +308,11 @@ def test_a_chain_may_be_written_as_its_sizes_and_an_objective_as_its_name(tmp_pa
     assert [c.sizes for c in parsed.chains] == [[5, 5], [5, 3]] and parsed.chains[1].channels == 2
     assert parsed.objective.name == "spectral" and parsed.objective.p == 4
     assert raw["chains"][1] == {"sizes": [5, 3], "channels": 2}
+    # a number below a list shorthand is one of its sizes (before: an unknown key `0` beside `sizes`)
+    parsed, raw, _ = load_config(path, ["chains.1.0=9", "chains.0.1=7"])
+    assert [c.sizes for c in parsed.chains] == [[3, 7], [9, 3]] and raw["chains"] == [[3, 7], [9, 3]]
+    parsed, _, _ = load_config(_write(tmp_path, {**SMALL, "chain": [3, 5]}, "one.yaml"), ["chain.1=9"])
+    assert parsed.chain.sizes == [3, 9]
     with pytest.raises(ConfigError, match=r"target\.family\.x: target\.family is not a mapping"):
         load_config(path, ["target.family.x=1"])  # before: a TypeError from inside set_path
 

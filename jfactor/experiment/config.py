@@ -258,7 +258,8 @@ def set_path(data: dict, path: str, value) -> dict:
             key = int(key)
         elif key not in node or node[key] is None:
             node[key] = [] if nxt.isdigit() else {}
-        node[key] = _expanded(keys[:i + 1], node[key])
+        if not nxt.isdigit():  # `chain.0` is the first size of `chain: [3, 5]`, `chain.channels` a key of it
+            node[key] = _expanded(keys[:i + 1], node[key])
         node = node[key]
     last = keys[-1]
     if isinstance(node, list):

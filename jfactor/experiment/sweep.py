@@ -61,7 +61,8 @@ def cells(raw: dict) -> tuple[list[str], list[dict]]:
 
 def _cell_config(raw: dict, assignment: dict, source: str, index: int) -> dict:
     data = {k: v for k, v in raw.items() if k != "sweep"}
-    for key, value in assignment.items():
+    # shallower keys first: a swept `chain` is set before a swept `chain.channels` goes into it
+    for key, value in sorted(assignment.items(), key=lambda item: item[0].count(".")):
         try:
             data = set_path(data, key, value)
         except ConfigError as exc:
