@@ -56,6 +56,9 @@ Sizes = Annotated[Any, AfterValidator(_sizes)]
 PaddingSpec = Annotated[Any, AfterValidator(_padding)]
 
 
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class WeightSpec(Strict):
     """A weight array: a file, an initialiser, or literal values (exactly one)."""
 
@@ -63,10 +66,10 @@ class WeightSpec(Strict):
     key: str | None = None
     init: Literal[weights.INITS] | None = None  # type: ignore[valid-type]
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
-    mean: float = 0.0
-    std: float | None = None
-    low: float | None = None
-    high: float | None = None
+    mean: Finite = 0.0
+    std: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    low: Finite | None = None
+    high: Finite | None = None
     values: list | None = None
 
     @model_validator(mode="before")

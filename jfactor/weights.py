@@ -25,11 +25,22 @@ def initialize(init: str, shape, *, seed: int = 0, mean: float = 0.0, std: float
     shape = tuple(int(s) for s in shape)
     check_bytes(8 * math.prod(shape), f"weights of shape {shape}", "give fewer filters or smaller kernels")
     if init == "normal":
+        _check_finite(init, mean=mean, std=std)
+        if std < 0:
+            raise ConfigError(f"normal needs std >= 0, got std={std}")
         return rng.normal(mean, std, shape)
     if init == "uniform":
-        return rng.uniform(-1.0 if low is None else low, 1.0 if high is None else high, shape)
+        low, high = (-1.0 if low is None else low), (1.0 if high is None else high)
+        _check_finite(init, low=low, high=high)
+        if high < low:
+            raise ConfigError(f"uniform needs high >= low, got low={low}, high={high}")
+        return rng.uniform(low, high, shape)
     if init == "randint":
-        low, high = (0 if low is None else int(low)), (2 if high is None else int(high))
+        low, high = (0 if low is None else low), (2 if high is None else high)
+        _check_finite(init, low=low, high=high)
+        if max(abs(low), abs(high)) > 2 ** 53:  # float64 holds every integer up to there
+            raise ConfigError(f"randint needs |low| and |high| at most 2**53, got low={low}, high={high}")
+        low, high = int(low), int(high)
         if high <= low:
             raise ConfigError(f"randint needs high > low, got low={low}, high={high}")
         return rng.integers(low, high, shape).astype(np.float64)
@@ -38,6 +49,12 @@ def initialize(init: str, shape, *, seed: int = 0, mean: float = 0.0, std: float
     if init == "ones":
         return np.ones(shape)
     raise ConfigError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
+
+
+def _check_finite(init: str, **numbers) -> None:
+    bad = [f"{name}={value}" for name, value in numbers.items() if not math.isfinite(value)]
+    if bad:
+        raise ConfigError(f"{init} needs finite numbers, got {', '.join(bad)}")
 
 
 def load(path, key: str | None = None) -> np.ndarray:

@@ -48,6 +48,35 @@ def test_initialisers_are_seeded_and_follow_numpy():
     assert 0 <= u.min() and u.max() < 0.5
 
 
+@pytest.mark.parametrize("spec,named", [
+    ({"init": "normal", "std": -1}, r"weights\.std: Input should be greater than or equal to 0"),
+    ({"init": "uniform", "low": 2, "high": 1}, r"weights: uniform needs high >= low"),
+    ({"init": "uniform", "low": float("nan")}, r"weights\.low: Input should be a finite number"),
+    ({"init": "normal", "mean": float("inf")}, r"weights\.mean: Input should be a finite number"),
+    ({"init": "randint", "high": 1e30}, r"weights: randint needs \|low\| and \|high\| at most 2\*\*53"),
+])
+def test_bad_initialiser_numbers_are_named_before_numpy_sees_them(tmp_path, spec, named):
+    # before: numpy's ValueError or OverflowError ended `jfactor fold` with a traceback
+    from jfactor.errors import ConfigError
+
+    path = _write(tmp_path, {"input_shape": [6, 6, 1], "layers": [
+        {"conv": {"kernel_size": 3, "filters": 1, "weights": spec}}]})
+    with pytest.raises(ConfigError, match=r"stack\.yaml: layers\[0\]\.conv\." + named):
+        load_stack(path)
+
+
+@pytest.mark.parametrize("init,numbers,named", [
+    ("normal", {"std": -0.5}, "normal needs std >= 0"), ("normal", {"mean": float("nan")}, "normal needs finite"),
+    ("uniform", {"low": 1.0, "high": 0.0}, "uniform needs high >= low"),
+    ("uniform", {"high": float("inf")}, "uniform needs finite numbers, got high=inf"),
+    ("randint", {"low": -1e20}, r"randint needs \|low\|")])
+def test_initialize_refuses_numbers_numpy_cannot_draw_with(init, numbers, named):
+    from jfactor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        weights.initialize(init, (2, 2), **numbers)
+
+
 def test_config_dtype_nesting_and_defaults(tmp_path):
     path = _write(tmp_path, {
         "input_shape": [12, 12, 2],
