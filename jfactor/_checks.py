@@ -7,6 +7,7 @@ such as ``layers[2] (conv)``), and raises :class:`~jfactor.errors.StackError` wi
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +78,11 @@ def non_finite(array) -> int:
 def is_int(value) -> bool:
     """An integer (Python or numpy), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """A real number (Python or numpy, NaN and inf included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def positive_ints(value, name: str, where: str) -> int | tuple[int, ...]:

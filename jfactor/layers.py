@@ -14,6 +14,7 @@ Pools, subsampling, BatchNorm and identity lower to depthwise convolutions (a bo
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -320,8 +321,8 @@ class BatchNorm(Layer):
         sizes = {name: a.shape[0] for name, a in arrays.items()}
         if len(set(sizes.values())) > 1:
             raise StackError(f"{where}: gamma, beta, mean and var must have one length, got {sizes}")
-        if not isinstance(self.epsilon, (int, float)) or self.epsilon < 0:
-            raise StackError(f"{where}: epsilon must be a number >= 0, got {self.epsilon!r}")
+        if not _checks.is_real(self.epsilon) or not math.isfinite(self.epsilon) or self.epsilon < 0:
+            raise StackError(f"{where}: epsilon must be a finite number >= 0, got {self.epsilon!r}")
         set_field(self, "epsilon", float(self.epsilon))
         var = arrays["var"]
         if _checks.is_concrete(var) and bool((var + self.epsilon <= 0).any()):
@@ -342,6 +343,10 @@ class BatchNorm(Layer):
         ndim = len(in_shape) - 1
         gamma, beta, mean, var = (a.astype(dtype) for a in (self.gamma, self.beta, self.mean, self.var))
         scale = gamma / jnp.sqrt(var + self.epsilon)
+        if _checks.is_concrete(scale) and not bool(jnp.isfinite(scale).all()):
+            bad = [int(c) for c in jnp.flatnonzero(~jnp.isfinite(scale))[:5]]
+            raise StackError(f"{self.kind}: gamma / sqrt(var + epsilon) overflows {jnp.dtype(dtype).name} in "
+                             f"channel(s) {bad}")
         shift = beta - mean * scale
         kernel = scale.reshape((1,) * ndim + (1, self.channels))
         return (Conv(kernel, shift, (1,) * ndim, (1,) * ndim, ((0, 0),) * ndim, self.channels),)
@@ -367,6 +372,10 @@ def sequence_out_shape(layers, in_shape: Shape, path: str) -> Shape:
     for i, layer in enumerate(layers):
         if not isinstance(layer, Layer):
             raise StackError(f"{path}[{i}]: {layer!r} is not a jfactor layer")
+        missing = [name for name in ("out_shape", "lower") if getattr(type(layer), name) is getattr(Layer, name)]
+        if missing:
+            raise StackError(f"{path}[{i}]: {type(layer).__name__} defines no {' or '.join(missing)}, so jfactor "
+                             "cannot fold it (only linear layers fold; see jfactor.layers)")
         shape = layer.out_shape(shape, f"{path}[{i}]")
     return shape
 

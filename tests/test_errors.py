@@ -27,6 +27,8 @@ K3 = np.ones((3, 3, 1, 1))
         (lambda: jf.AvgPool(2, padding="same"), r"only padding='valid'"),
         (lambda: jf.BatchNorm([1.0], [0.0], [0.0], [-1.0], 0.0), r"var \+ epsilon must be > 0"),
         (lambda: jf.BatchNorm([1.0, 1.0], [0.0], [0.0], [1.0]), r"one length"),
+        (lambda: jf.BatchNorm([1.0], [0.0], [0.0], [1.0], float("nan")), r"epsilon must be a finite number >= 0"),
+        (lambda: jf.BatchNorm([1.0], [0.0], [0.0], [1.0], True), r"epsilon must be a finite number >= 0, got True"),
         (lambda: jf.Branches([[jf.Identity()]], merge="max"), r"merge must be 'sum' or 'concat'"),
         (lambda: jf.Residual([]), r"residual: needs at least one layer"),
     ],
@@ -34,6 +36,27 @@ K3 = np.ones((3, 3, 1, 1))
 def test_bad_layers(make, match):
     with pytest.raises(jf.StackError, match=match):
         make()
+
+
+class OnlyShaped(jf.Layer):
+    """A user's layer with a shape but no lowering (a max pool, say): nothing jfactor can fold."""
+
+    kind = "only_shaped"
+
+    def out_shape(self, in_shape, path=""):
+        return in_shape
+
+
+def test_batch_norm_takes_numpy_epsilons_and_names_its_overflow():
+    # before: a numpy float epsilon was refused; a NaN one was taken, and an overflowing scale
+    # was reported as a non-finite `conv` kernel
+    norm = jf.BatchNorm([1.0], [0.0], [0.0], [1.0], np.float32(1e-5))
+    assert norm.epsilon == float(np.float32(1e-5))
+    stack = jf.Stack([jf.Conv(np.ones((3, 1, 2))), jf.BatchNorm([1e200, 1.0], [0.0] * 2, [0.0] * 2, [1e-300, 1.0],
+                                                              0.0)], (8, 1))
+    with pytest.raises(jf.StackError, match=r"batch_norm: gamma / sqrt\(var \+ epsilon\) overflows float64 in "
+                                            r"channel\(s\) \[0\]"):
+        jf.fold(stack)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +80,8 @@ def test_bad_layers(make, match):
         ([jf.Branches([[jf.Identity()], [jf.Identity(), jf.AvgPool(9)]])], (8, 8, 1),
          r"layers\[0\]\.branches\[1\]\[1\] \(avg_pool\)"),
         (["conv"], (8, 8, 1), r"layers\[0\]: 'conv' is not a jfactor layer"),
+        ([jf.Identity(), OnlyShaped()], (8, 8, 1), r"layers\[1\]: OnlyShaped defines no lower, so jfactor cannot"),
+        ([jf.Layer()], (8, 8, 1), r"layers\[0\]: Layer defines no out_shape or lower"),
         ([jf.Conv(K3)], (8, 8, 0), r"input_shape must be a positive integer"),
         ([jf.Conv(K3)], (8,), r"input_shape must list the spatial sizes then the channels"),
     ],

@@ -88,12 +88,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable
 
 import numpy as np
 
-from jfactor._checks import is_int
+from jfactor._checks import is_int, is_real
 from jfactor.errors import ConfigError
 from jfactor.factorize.solve import Screening
 
@@ -229,14 +228,13 @@ class SearchPolicy:
                                  "cutoff_after") else 1
             if not is_int(value) or value < least:
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-        if self.cutoff is not None and not (isinstance(self.cutoff, (int, float)) and not isinstance(self.cutoff, bool)
-                                            and math.isfinite(self.cutoff) and self.cutoff >= 1):
+        if self.cutoff is not None and not (is_real(self.cutoff) and math.isfinite(self.cutoff) and self.cutoff >= 1):
             raise ConfigError(f"cutoff must be a number >= 1 (or None: off), got {self.cutoff!r}")
         for name in ("exact_hessian", "polish"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.budget_s is not None and not (isinstance(self.budget_s, numbers.Real) and not isinstance(
-                self.budget_s, bool) and math.isfinite(self.budget_s) and self.budget_s > 0):
+        if self.budget_s is not None and not (is_real(self.budget_s) and math.isfinite(self.budget_s)
+                                              and self.budget_s > 0):
             raise ConfigError(f"budget_s must be a positive number of seconds, got {self.budget_s!r}")
         for name in ("keep", "perturb"):
             value = getattr(self, name)

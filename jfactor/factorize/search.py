@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
 
-from jfactor._checks import is_int
+from jfactor._checks import is_int, is_real
 from jfactor.errors import ConfigError
 from jfactor.factorize.api import Factorization, factorize
 from jfactor.factorize.chain import Chain, FactorizationError, Target, _per_dim
@@ -128,7 +127,7 @@ def search(target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2
 
 def cheapest_under(front: list[Candidate], max_error: float) -> Candidate | None:
     """The front's cheapest chain with ``rel_error <= max_error`` (None if none is that good)."""
-    if isinstance(max_error, bool) or not isinstance(max_error, numbers.Real) or not max_error >= 0:
+    if not is_real(max_error) or not max_error >= 0:
         raise ConfigError(f"max_error must be a relative error >= 0, got {max_error!r}")
     if not isinstance(front, (list, tuple)) or not all(isinstance(c, Candidate) for c in front):
         raise ConfigError(f"cheapest_under takes the list of Candidates search() returns, got {front!r:.80}")
