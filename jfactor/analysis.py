@@ -27,23 +27,33 @@ def _item_out_spatial(item, in_spatial):
 
 
 def _conv_dim(clean, support, item, d: int, m: int):
-    """Clean mask and support of one conv item's output in spatial dim ``d`` (``m`` outputs)."""
+    """Clean mask and support of one conv item's output in spatial dim ``d`` (``m`` outputs).
+
+    Output ``j`` reads ``s j - lo + dil t`` for taps ``t < k``; it is clean when none of those
+    reads is *bad*: a real position that is not clean, or a padded one inside the support.  The
+    bad reads are counted by prefix sums per residue mod ``dil``: O(n + m) memory, not O(m k).
+    """
     n = clean.shape[0]
     lo, _ = item.padding[d]
     s, dil, k = item.strides[d], item.dilation[d], item.size[d]
-    reads = s * np.arange(m)[:, None] - lo + dil * np.arange(k)[None, :]  # (m, k)
+    first, last = -lo, s * (m - 1) - lo + dil * (k - 1)  # the lowest and highest position read
+    reads = np.arange(first, last + 1)
     inside = (reads >= 0) & (reads < n)
-    fine = np.where(inside, clean[np.clip(reads, 0, n - 1)], True)
-    if support is None:
-        fine &= inside
-    else:
-        fine &= inside | (reads < support[0]) | (reads > support[1])
+    bad = np.ones(reads.shape, bool) if support is None else (reads >= support[0]) & (reads <= support[1])
+    bad[inside] = ~clean[reads[inside]]
+    rows = -(-bad.size // dil)  # bad[r] sits at row r // dil, column r % dil
+    grid = np.zeros(rows * dil, np.int64)
+    grid[:bad.size] = bad
+    counts = np.concatenate([np.zeros((1, dil), np.int64), np.cumsum(grid.reshape(rows, dil), axis=0)])
+    start = s * np.arange(m)  # output j's first read, counted from `first`
+    row, column = start // dil, start % dil
+    fine = counts[row + k, column] == counts[row, column]
     if support is None or item.bias is not None:
         new_support = None
     else:
         u, v = support
         new_support = (-((-(u + lo - (k - 1) * dil)) // s), (v + lo) // s)
-    return fine.all(axis=1), new_support
+    return fine, new_support
 
 
 def _clean(program, state):
@@ -66,16 +76,13 @@ def _clean(program, state):
 
 
 def _longest_run(mask) -> tuple[int, int]:
-    """Half-open (start, stop) of the longest run of True; (0, 0) when there is none."""
-    best, start = (0, 0), None
-    for i, value in enumerate(list(mask) + [False]):
-        if value and start is None:
-            start = i
-        elif not value and start is not None:
-            if i - start > best[1] - best[0]:
-                best = (start, i)
-            start = None
-    return best
+    """Half-open (start, stop) of the longest (first longest) run of True; (0, 0) when there is none."""
+    edges = np.diff(np.concatenate([[0], np.asarray(mask, np.int8), [0]]))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if not starts.size:
+        return (0, 0)
+    longest = int(np.argmax(stops - starts))
+    return (int(starts[longest]), int(stops[longest]))
 
 
 def exact_region(program, in_spatial: tuple[int, ...]):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 import jfactor as jf
 from jfactor.fold import certified
@@ -153,3 +154,48 @@ def test_an_empty_exact_region_certifies_nothing():
     assert folded.certificate.outside_max_abs_diff > 1e-6
     for relative in (False, True):
         assert certified(folded.certificate.to_dict(), relative).startswith("none: no output position is exact")
+
+
+@given(st.integers(1, 40), st.integers(1, 6), st.integers(1, 3), st.integers(1, 4), st.integers(0, 8),
+       st.integers(0, 8), st.data())
+def test_each_dims_clean_mask_counts_every_read_of_each_output(n, k, s, dil, lo, hi, data):
+    """The per-dim analysis against the definition: output j is clean when each of its k reads is a
+    clean real position, or a padded one outside the support (below: a loop over every read)."""
+    from jfactor.analysis import _conv_dim
+
+    extent = dil * (k - 1) + 1
+    if n + lo + hi < extent:
+        return
+    m = (n + lo + hi - extent) // s + 1
+    clean = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    support = data.draw(st.none() | st.tuples(st.integers(-5, n + 5), st.integers(-5, n + 5)).map(sorted))
+    item = jf.Conv(np.ones((k, 1, 1)), strides=s, dilation=dil, padding=((lo, hi),))
+    expected = []
+    for j in range(m):
+        ok = True
+        for t in range(k):
+            r = s * j - lo + dil * t
+            if 0 <= r < n:
+                ok &= bool(clean[r])
+            else:
+                ok &= support is not None and not support[0] <= r <= support[1]
+        expected.append(ok)
+    mask, _ = _conv_dim(clean, None if support is None else tuple(support), item, 0, m)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_the_exact_region_of_a_long_input_takes_memory_of_its_length_not_times_the_taps():
+    # before: an (outputs x taps) index array per dim: 2.5 GB for 500,000 samples and 255 taps
+    import tracemalloc
+
+    from jfactor.analysis import exact_region
+
+    n = 100_000
+    stack = jf.Stack([jf.Conv(np.ones((255, 1, 1))), jf.Conv(np.ones((255, 1, 1)), padding="same")], (n, 1))
+    program = stack.lower(np.float64)
+    tracemalloc.start()
+    region = exact_region(program, (n,))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert region == ((127, n - 254 - 127),)
+    assert peak < 100 * n  # a few arrays of n entries (about 70 bytes each); (n x 255) int64 alone is 204 MB
