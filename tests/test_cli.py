@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 import jfactor as jf
@@ -122,6 +123,31 @@ def test_factorize_writes_the_contract_files(tmp_path):
     assert again.exit_code == 0, again.output
     assert json.loads((out / "result.json").read_text())["baselines"].keys() == {"svd"}
     assert not any((out / name).exists() for name in ("kernels.png", "spectrum.png", "loss.png", "search.png"))
+
+
+def test_a_chain_wider_than_its_target_writes_its_whole_folded_kernel_and_errors_over_it(tmp_path):
+    # before: approx.npy was cropped to the target (not the convolution that replaces the chain,
+    # and a lower error than reported), and psnr_db averaged over the chain's wider extent
+    from scipy.signal import convolve
+
+    target = np.random.default_rng(3).standard_normal((7, 7))
+    np.save(tmp_path / "t.npy", target)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["factorize", "--target", str(tmp_path / "t.npy"), "--chain", "5,5", "--restarts",
+                                 "2", "--optimizer", "none", "--refine-steps", "20", "--baselines", "svd",
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    approx, factors = np.load(out / "approx.npy"), np.load(out / "factors.npz")
+    composed = convolve(factors["layer0"][..., 0, 0], factors["layer1"][..., 0, 0])  # scipy's full convolution
+    np.testing.assert_allclose(approx, composed, rtol=1e-12, atol=1e-14)
+    assert approx.shape == (9, 9) and printed["target"]["padding"] == [[1, 1], [1, 1]]
+    padded = np.pad(target, printed["target"]["padding"])
+    error = np.sum((approx - padded) ** 2)
+    assert printed["rel_error"] == pytest.approx(np.sqrt(error) / np.linalg.norm(target), rel=1e-9)
+    assert np.sum((approx - padded)[1:-1, 1:-1] ** 2) < 0.999 * error  # the taps outside the target count
+    assert printed["psnr_db"] == pytest.approx(10 * np.log10(np.abs(target).max() ** 2 / (error / target.size)),
+                                               rel=1e-9)
 
 
 def test_factorize_table_and_errors(tmp_path):

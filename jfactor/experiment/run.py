@@ -199,12 +199,13 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: di
 
 def write_factorization(result: Factorization, directory: Path, stem: str = "", *, plots: bool = True) -> list[str]:
     """``<stem>_factors.npz`` (layer0, layer1, ... in chain order), ``<stem>_approx.npy`` (the
-    folded chain in the target's layout) and, with ``plots``, the PNGs (:data:`PLOTS`); returns
+    folded chain in the target's layout, its whole extent: the target sits at ``padding`` inside
+    it where the chain's extent is larger) and, with ``plots``, the PNGs (:data:`PLOTS`); returns
     the PNG names.  Without ``plots`` it removes those PNGs where an earlier result in the same
     directory left them, so no picture in it shows another result."""
     prefix = f"{stem}_" if stem else ""
     rundir.write_npz(directory / f"{prefix}factors.npz", **{f"layer{j}": f for j, f in enumerate(result.factors)})
-    rundir.write_npy(directory / f"{prefix}approx.npy", result.approx_like_target())
+    rundir.write_npy(directory / f"{prefix}approx.npy", result.approx_like_target(crop=False))
     if not plots:
         for name in PLOTS:
             (directory / f"{prefix}{name}.png").unlink(missing_ok=True)

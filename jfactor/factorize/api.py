@@ -99,12 +99,13 @@ class Factorization:
         """The best restart's row of ``history`` (every wave has the same number of restarts)."""
         return self.best % self.history.shape[0]
 
-    def approx_like_target(self) -> np.ndarray:
-        """``approx`` in the target's own shape and layout: cropped to the target's support where the
-        chain's extent is larger (``padding``; ``approx`` keeps the full extent), and without the
-        channel axes for spatial-only targets."""
-        crop = tuple(slice(lo, n - hi) for (lo, hi), n in zip(self.padding, self.approx.shape))
-        approx = self.approx[crop]
+    def approx_like_target(self, crop: bool = True) -> np.ndarray:
+        """``approx`` in the target's layout (without the channel axes for spatial-only targets),
+        cropped to the target's support where the chain's extent is larger (``padding``), or with
+        ``crop=False`` whole: the chain's folded kernel, the one convolution that replaces it."""
+        window = tuple(slice(lo, n - hi) if crop else slice(None) for (lo, hi), n in zip(self.padding,
+                                                                                         self.approx.shape))
+        approx = self.approx[window]
         return approx[..., 0, 0] if self.settings["target_spatial_only"] else approx
 
     def to_stack(self, input_shape) -> "jfactor.Stack":  # noqa: F821
@@ -672,7 +673,7 @@ def _result(target, chain, problem, free, norm, padded, padding, errors, diverge
     free = iter(f * scale for f in free)
     factors = [next(free) if w is None else np.asarray(w, np.float64) for w in chain.weights]
     approx = chain_kernel_numpy(factors, chain)
-    measured = metrics.scaled_summary(approx, padded, images, target.stride)
+    measured = metrics.scaled_summary(approx, padded, images, target.stride, taps=target.kernel.size)
     table = baseline_lib.run_baselines(baseline_names, padded / norm, chain, starts, seed) if baseline_names else {}
     return Factorization(target, chain, factors, approx, padded, padding, measured, errors, diverged, pruned, found,
                          history, best, elapsed, compile_s, compiles, settings, table)

@@ -29,9 +29,13 @@ def max_abs_error(approx: np.ndarray, target: np.ndarray) -> float:
     return float(np.abs(approx - target).max())
 
 
-def psnr_db(approx: np.ndarray, target: np.ndarray) -> float | None:
-    """Peak signal-to-noise ratio of the taps, peak = max |target|; None when bit-exact."""
-    mse = float(np.mean((approx - target) ** 2))
+def psnr_db(approx: np.ndarray, target: np.ndarray, taps: int | None = None) -> float | None:
+    """Peak signal-to-noise ratio of the taps, peak = max |target|; None when bit-exact.
+
+    The squared error is summed over every tap of both (a chain's taps outside the target's support
+    count) and averaged over ``taps``, the target's own number of taps (default: ``target.size``),
+    so zero padding around both does not change it."""
+    mse = float(np.sum((approx - target) ** 2)) / (target.size if taps is None else taps)
     return None if mse == 0 else 10 * math.log10(float(np.abs(target).max()) ** 2 / mse)
 
 
@@ -76,23 +80,25 @@ def output_psnr_db(approx: np.ndarray, target: np.ndarray, images: np.ndarray, s
     return None if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def summary(approx: np.ndarray, target: np.ndarray) -> dict:
-    """The kernel-space metrics as a dict (rel_error, max_abs_error, psnr_db, spectral_error)."""
+def summary(approx: np.ndarray, target: np.ndarray, taps: int | None = None) -> dict:
+    """The kernel-space metrics as a dict (rel_error, max_abs_error, psnr_db, spectral_error);
+    ``taps``: the target's own number of taps where ``target`` is zero-padded (:func:`psnr_db`)."""
     return {
         "rel_error": rel_error(approx, target),
         "max_abs_error": max_abs_error(approx, target),
-        "psnr_db": psnr_db(approx, target),
+        "psnr_db": psnr_db(approx, target, taps),
         "spectral_error": spectral_error(approx, target),
     }
 
 
-def scaled_summary(approx: np.ndarray, target: np.ndarray, images: np.ndarray, stride) -> dict:
+def scaled_summary(approx: np.ndarray, target: np.ndarray, images: np.ndarray, stride,
+                   taps: int | None = None) -> dict:
     """:func:`summary` and :func:`output_psnr_db`, measured on both kernels divided by the
     target's peak so that any finite scale gives the same relative numbers (max_abs_error is
     scaled back)."""
     peak = float(np.abs(target).max()) or 1.0
     approx, target = approx / peak, target / peak
-    measured = summary(approx, target)
+    measured = summary(approx, target, taps)
     measured["max_abs_error"] *= peak
     measured["output_psnr_db"] = output_psnr_db(approx, target, images, stride)
     return measured
