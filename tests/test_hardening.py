@@ -209,6 +209,17 @@ def test_any_finite_scale_gives_the_same_relative_error(scale):
     assert norm(target * scale) == pytest.approx(np.linalg.norm(target) * scale, rel=1e-12)
 
 
+def test_the_memory_estimate_counts_the_least_squares_baselines_that_run():
+    # before: lstsq's part was counted (as "als") on chains with two free factors, where it does not run
+    from jfactor.factorize import budget
+
+    chain, solver = Chain.build([3, 33]), Solver(optimizer="none", refine="none")
+    parts = lambda free, names: budget.estimate(chain, 1, 1, free, 35 * 35, 2, 2, solver, 8, names).memory  # noqa: E731
+    assert parts((0, 1), ("svd", "lstsq")) == {}
+    assert set(parts((1,), ("svd", "lstsq"))) == {"lstsq"}
+    assert parts((0, 1), ("als", "lstsq"))["als"] == 2 * parts((1,), ("lstsq",))["lstsq"]  # from each start
+
+
 def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkeypatch):
     target = kernels.make("gaussian", 7, sigma=1.0)  # before the budget shrinks (making a family checks it too)
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1e-6")

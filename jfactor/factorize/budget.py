@@ -70,11 +70,12 @@ def estimate(chain, c_in: int, c_out: int, free: tuple[int, ...], residuals: int
     if solver.optimizer != "none" and solver.steps:
         memory["first-order"] = items * (m + 8 * n + solver.steps) * itemsize
         flops += solver.steps * items * 6 * m * max(channels)
-    baselines = set(baselines)
-    if baselines & {"als", "lstsq"}:
-        starts = restarts if "als" in baselines else 1
+    # ALS runs from every start; lstsq from one, and only where one factor is free (else it says so)
+    least_squares = [name for name in ("als", "lstsq") if name in set(baselines) and (name == "als" or len(free) == 1)]
+    if least_squares:
+        starts = restarts if "als" in least_squares else 1
         widest = max(sizes)
-        memory["als"] = starts * (m * widest + widest * widest) * 8
+        memory[least_squares[0]] = starts * (m * widest + widest * widest) * 8
         flops += ALS_SWEEPS * starts * sum(m * s * s for s in sizes)
     memory.update(arrays or {})
     return Estimate(memory, flops)
@@ -106,7 +107,8 @@ def arrays(targets: tuple[int, ...], count: int, image_values: int = 0, objectiv
 KNOBS = {
     "lm": "use fewer restarts, fewer channels or smaller chain sizes, or set solver.linear_solver: cg",
     "first-order": "use fewer restarts or channels",
-    "als": "drop the als and lstsq baselines (baselines: [svd]) or use fewer restarts",
+    "als": "drop the als baseline (and lstsq: baselines: [svd]) or use fewer restarts",
+    "lstsq": "drop the lstsq baseline (baselines: [svd])",
     "targets": "use smaller chain sizes or dilations (the target is zero-padded to the chain's extent)",
     "images": "use smaller chain sizes or dilations (the output metric filters images four times the "
               "chain's extent)",
