@@ -105,6 +105,7 @@ CASES = [
     ("factorize --family log --size 7 --chain 3,5 --set restarts=", "--set restarts=: the value is empty"),
     ("factorize --family log --size 7 --chain 3,5 --set restarts=[1", "--set value '[1' is not YAML"),
     ("factorize --family log --size 7 --chain 3,5 --set solver.learning_rate=.inf", "solver.learning_rate"),
+    ("factorize --family log --size 7 --chain 3,5 --restarts 4 --budget-s 1", "restarts and budget_s: give one"),
 ]
 
 

@@ -203,6 +203,22 @@ def test_a_budget_stops_after_the_wave_that_spends_it():
     assert result.evidence["stopped"] == "budget" and result.evidence["waves"] == 1
 
 
+def test_a_budget_beside_an_exact_restart_count_is_refused_not_ignored(tmp_path):
+    # before: restarts=N ran its one wave to the end and the budget never applied, silently
+    from jfactor.experiment.config import load_config, shrink
+
+    with pytest.raises(ConfigError, match=r"restarts and budget_s: give one\. restarts=N runs exactly N"):
+        factorize(kernels.gaussian(7), Chain.build([3, 5]), restarts=4, budget_s=10.0, solver=FAST, baselines=())
+    with pytest.raises(ConfigError, match=r"restarts and budget_s: give one"):
+        SearchPolicy(restarts=4, budget_s=1)
+    path = tmp_path / "c.yaml"
+    path.write_text("target: {family: gaussian, size: 7}\nchain: [3, 5]\nbudget_s: 30\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml with --set restarts: .*restarts and budget_s: give one"):
+        load_config(path, ["restarts=8"])
+    config, _, _ = load_config(path, ["tiny=true"])
+    assert shrink(config).restarts == 2 and shrink(config).budget_s is None  # the tiny variant runs one wave
+
+
 def test_waves_in_a_batch_stop_per_target():
     results = factorize_batch([kernels.gaussian(7), kernels.motion_blur(7, angle=30.0)], Chain.build([3, 5]),
                               solver=FAST, search=SMALL)

@@ -11,8 +11,8 @@
       - {sizes: [3, 3, 3], dilations: [1, 2, 4], channels: 2}
     objective: kernel                        # or {name: spectral, p: 8} / {name: images, images: [camera]}
     solver: {optimizer: lbfgs, steps: 200, refine: lm, refine_steps: 500}
-    restarts: 32                             # exactly 32, each refined; omit for waves until sure
-    budget_s: 60                             # stop starting new waves after a minute
+    restarts: 32                             # exactly 32, each refined; omit for waves until sure,
+    # budget_s: 60                           # ... or, with restarts omitted, no new wave after a minute
     init: auto
     baselines: [svd, als, lstsq, wiener, unsupervised_wiener]
     sweep:                                   # for `jfactor sweep` only
@@ -40,6 +40,7 @@ from jfactor._checks import assignments, repeated
 from jfactor.errors import ConfigError
 from jfactor.factorize import BASELINES, DEFAULT_BASELINES, Chain, Objective, Solver, Target
 from jfactor.factorize.init import INITS
+from jfactor.factorize.multistart import RESTARTS_OR_BUDGET
 from jfactor.factorize.objectives import OBJECTIVES, load_images, local_image_path
 from jfactor.factorize.solve import HESSIANS, LINEAR_SOLVERS, OPTIMIZERS, REFINES, SCHEDULES
 from jfactor.schema import Strict, load_yaml, load_yaml_text, unknown_key, validate
@@ -222,6 +223,8 @@ class ExperimentConfig(Strict):
                              "target: {stack: path.yaml})")
         if self.target is not None and not self.all_chains:
             raise ValueError("a target needs a chain (or chains) to factorize it into")
+        if self.restarts is not None and self.budget_s is not None:
+            raise ValueError(RESTARTS_OR_BUDGET)
         if self.solver.hessian == "full" and (self.objective.name != "kernel" or self.solver.refine != "lm"):
             raise ValueError("solver.hessian full (the exact Hessian) needs objective kernel and solver.refine lm")
         return self
@@ -328,7 +331,8 @@ def shrink(config: ExperimentConfig, extent: int = 0) -> ExperimentConfig:
                                                     "images": config.objective.images[:1]})
     baselines = [b for b in config.baselines if b not in ("als", "scipy_lm", "unsupervised_wiener")]
     return config.model_copy(update={"solver": solver, "objective": objective, "baselines": baselines,
-                                     "restarts": min(config.restarts or 2, 2), "plots": config.plots})
+                                     "restarts": min(config.restarts or 2, 2), "budget_s": None,
+                                     "plots": config.plots})
 
 
 # ------------------------------------------------------------------------------- building

@@ -96,6 +96,8 @@ from jfactor._checks import is_int, is_real
 from jfactor.errors import ConfigError
 from jfactor.factorize.solve import Screening
 
+RESTARTS_OR_BUDGET = ("restarts and budget_s: give one. restarts=N runs exactly N restarts in one wave, "
+                      "budget_s bounds the default search's waves (with restarts it would never apply)")
 HIT_TOLERANCE = 1e-6  # two restarts found the same minimum if their errors agree to this
 EXACT = {"float64": 1e-12, "float32": 1e-6}  # relative errors at the rounding floor
 
@@ -236,6 +238,8 @@ class SearchPolicy:
         if self.budget_s is not None and not (is_real(self.budget_s) and math.isfinite(self.budget_s)
                                               and self.budget_s > 0):
             raise ConfigError(f"budget_s must be a positive number of seconds, got {self.budget_s!r}")
+        if self.restarts is not None and self.budget_s is not None:
+            raise ConfigError(RESTARTS_OR_BUDGET)
         for name in ("keep", "perturb"):
             value = getattr(self, name)
             if not 0 < value <= 1 if name == "keep" else not 0 <= value <= 1:
