@@ -371,10 +371,11 @@ def sweep(
     """
     from jfactor.experiment.config import load_config
     from jfactor.experiment.processes import connect
-    from jfactor.experiment.sweep import run_sweep
+    from jfactor.experiment.sweep import check_overrides, run_sweep
 
     try:
         parsed, raw, base = load_config(config, set_)
+        check_overrides(raw, set_, str(config))
         processes = connect(coordinator, num_processes, process_id)
         directory = run_sweep(parsed, raw, base, str(config), runs_dir, progress=not quiet, processes=processes)
     except EXPECTED as exc:

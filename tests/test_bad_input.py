@@ -32,6 +32,8 @@ def _files(tmp_path: Path) -> None:
         "sizes": [3, 3], "frozen": [{"layer": 0, "weights": {"init": "ones"}}]}}))
     (tmp_path / "twice.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
                                                          "sweep": {"grid": {"seed": [1, 2]}, "zip": {"seed": [3, 4]}}}))
+    (tmp_path / "swept.yaml").write_text(yaml.safe_dump({"target": GOOD_TARGET, "chain": {"sizes": [3, 3]},
+                                                         "sweep": {"grid": {"seed": [1, 2]}}}))
     (tmp_path / "bigpad.yaml").write_text(yaml.safe_dump({"input_shape": [28, 28, 1], "layers": [
         {"conv": {"kernel_size": 3, "filters": 1, "padding": 30000}}]}))
     (tmp_path / "text.npy").write_text("not an array")
@@ -86,6 +88,7 @@ CASES = [
     ("factorize {d}/binary.yaml", "binary.yaml: not a text file"),
     ("run {d}/frozeninit.yaml", "chain.frozen[0]: a frozen layer's weights come from a file or values"),
     ("sweep {d}/twice.yaml", "seed: swept twice"),
+    ("sweep {d}/swept.yaml --set seed=5", "swept.yaml: --set seed: the sweep sets seed in every cell"),
     ("fold {d}/bigpad.yaml", "layers[0]: the certificate's probe run"),
     ("factorize --family log --size 7 --chain 3,5 --set restarts=2 --set restarts=3", "--set restarts: given twice"),
     ("factorize --family log --size 7 --chain 3,5 --param sigma=1 --param sigma=2", "--param sigma: given twice"),

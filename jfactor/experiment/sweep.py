@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 
 from jfactor import rundir
 from jfactor.errors import ConfigError
-from jfactor.experiment.config import ExperimentConfig, set_path
+from jfactor.experiment.config import ExperimentConfig, overrides_of, set_path
 from jfactor.experiment.processes import Processes
 from jfactor.experiment.run import execute, plan
 from jfactor.progress import ProgressBar
@@ -57,6 +57,16 @@ def cells(raw: dict) -> tuple[list[str], list[dict]]:
     zip_values = list(zip(*zipped.values())) if zipped else [()]
     combos = [dict(zip(keys, g + z)) for g in grid_values for z in zip_values]
     return keys, combos
+
+
+def check_overrides(raw: dict, overrides: list[str], source: str) -> None:
+    """Refuse a ``--set`` of a key that every cell sets again: a swept key or one below it."""
+    swept, _ = cells(raw)
+    for key, _ in overrides_of(overrides):
+        covering = [s for s in swept if key == s or key.startswith(s + ".")]
+        if covering:
+            raise ConfigError(f"{source}: --set {key}: the sweep sets {covering[0]} in every cell, so this would "
+                              f"change nothing; change its values in the sweep block instead")
 
 
 def _cell_config(raw: dict, assignment: dict, source: str, index: int) -> dict:
