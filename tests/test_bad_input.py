@@ -109,6 +109,7 @@ CASES = [
     ("factorize --family log --size 7 --chain 3,5 --set restarts=[1", "--set value '[1' is not YAML"),
     ("factorize --family log --size 7 --chain 3,5 --set solver.learning_rate=.inf", "solver.learning_rate"),
     ("factorize --family log --size 7 --chain 3,5 --restarts 4 --budget-s 1", "restarts and budget_s: give one"),
+    ("factorize --family log --size 7 --chain 3,5 --optimizer none --refine none", "nothing would optimise the starts"),
 ]
 
 

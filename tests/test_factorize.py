@@ -182,6 +182,10 @@ def test_bad_factorize_arguments_are_config_errors(options, match):
     (lambda: jf.factorize.Objective("spectral", p=float("inf")), "p must be a finite number >= 2"),
     (lambda: Solver(learning_rate=float("inf")), "learning_rate: must be a finite number > 0"),
     (lambda: Solver(learning_rate=float("nan")), "learning_rate: must be a finite number > 0"),
+    # before: nothing ran, and the evidence counted the raw starts as restarts run to convergence
+    (lambda: Solver(optimizer="none", refine="none"), "nothing would optimise the starts"),
+    (lambda: Solver(steps=0, refine_steps=0), "nothing would optimise the starts"),
+    (lambda: Solver(optimizer="adam", steps=0, refine="none"), "nothing would optimise the starts"),
 ])
 def test_non_finite_settings_are_refused(make, match):
     with pytest.raises(jf.ConfigError, match=match):

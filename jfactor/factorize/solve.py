@@ -93,6 +93,9 @@ class Solver:
             raise ConfigError(f"solver.learning_rate: must be a finite number > 0, got {self.learning_rate!r}")
         if not 0 <= self.first_order_share <= 1:
             raise ConfigError(f"solver.first_order_share: must be in [0, 1], got {self.first_order_share!r}")
+        if not self.refines and (self.optimizer == "none" or self.steps == 0):
+            raise ConfigError("solver: nothing would optimise the starts (optimizer none or steps 0, and refine none "
+                              "or refine_steps 0); give steps or refine_steps")
         if self.refine == "none" and self.optimizer != "none":
             object.__setattr__(self, "first_order_share", 1.0)  # nothing else would optimise the rest
 
