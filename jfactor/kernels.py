@@ -176,7 +176,8 @@ def make(name: str, size: int, **params) -> np.ndarray:
         with np.errstate(all="ignore"):  # a size too small for the family divides by zero
             kernel = function(int(size), **params)
     except (TypeError, ValueError, ArithmeticError) as exc:  # a parameter numpy cannot use (a string, 1e200, ...)
-        raise ConfigError(f"kernel family {name!r}: parameters {params}: {exc}") from None
+        reason = exc.args[-1] if isinstance(exc, OverflowError) and exc.args else exc  # not (34, 'Numerical ...')
+        raise ConfigError(f"kernel family {name!r}: parameters {params}: {reason}") from None
     if not np.isfinite(kernel).all():
         raise ConfigError(f"kernel family {name!r}: size {size} with {params or 'the default parameters'} gives "
                           "non-finite values (too small for the family, or a parameter out of range): use a larger "

@@ -81,6 +81,8 @@ def load(path, key: str | None = None) -> np.ndarray:
         names = list(data.files)
         if key is None and len(names) == 1:
             key = names[0]
+        if not names:
+            raise ConfigError(f"{path}: holds no arrays")
         if key not in names:
             raise ConfigError(f"{path}: needs a key, one of {names}" if key is None
                               else f"{path}: has no array {key!r}; it holds {names}")

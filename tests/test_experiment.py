@@ -372,3 +372,26 @@ def test_a_runs_config_yaml_runs_again_from_its_run_directory(target, tmp_path, 
     assert yaml.safe_load(written.read_text())["target"].get("stride") == 1  # the defaults are written
     again, _, written_base = load_config(written)
     np.testing.assert_array_equal(plan(again, written_base, str(written)).target.kernel, first.target.kernel)
+
+
+def test_messages_name_the_fault_in_the_users_terms(tmp_path):
+    # before: raw errno text, "needs a key, one of []", "target: target:", "valid dictionary or
+    # instance of ChainSpec" and "chain.sizes: Field required" for a config that has `chains`
+    import numpy as np
+
+    from jfactor import kernels, weights
+    from jfactor.errors import ConfigError
+    from jfactor.experiment.config import build_target, load_config
+
+    with pytest.raises(ConfigError, match=r"parameters \{'sigma': 1e\+300\}: Numerical result out of range$"):
+        kernels.make("gaussian", 7, sigma=1e300)
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(ConfigError, match=r"empty\.npz: holds no arrays$"):
+        weights.load(tmp_path / "empty.npz")
+    config, _, base = load_config(_write(tmp_path, {**SMALL, "target": {"values": [[1.0, float("nan")]]}}, "v.yaml"))
+    with pytest.raises(ConfigError, match=r"v\.yaml: target: values: the target has 1 non-finite values"):
+        build_target(config.target, base, "v.yaml")
+    with pytest.raises(ConfigError, match=r"chain: give the sizes as a list \(\[3, 5, 9\]\) or a mapping .* got '3,5'"):
+        load_config(_write(tmp_path, {**SMALL, "chain": "3,5"}, "s.yaml"))
+    with pytest.raises(ConfigError, match=r"l\.yaml: --set chain\.channels: this config has chains, not chain$"):
+        load_config(_write(tmp_path, {**SMALL, "chain": None, "chains": [[3, 5]]}, "l.yaml"), ["chain.channels=2"])

@@ -101,6 +101,8 @@ class FrozenSpec(Strict):
 
 def _sizes_shorthand(data):
     """A chain written as its sizes (``chain: [3, 5, 9]``, as ``--chain 3,5,9``) as its mapping."""
+    if isinstance(data, str):
+        raise ValueError(f"give the sizes as a list ([3, 5, 9]) or a mapping ({{sizes: [3, 5, 9], ...}}), got {data!r}")
     return {"sizes": data} if isinstance(data, list) else data
 
 
@@ -260,6 +262,9 @@ def set_path(data: dict, path: str, value) -> dict:
                 raise ConfigError(f"{path}: {'.'.join(keys[:i])} has no item {key}")
             key = int(key)
         elif key not in node or node[key] is None:
+            other = {"chain": "chains", "chains": "chain"}.get(key) if i == 0 else None
+            if other in node:
+                raise ConfigError(f"{path}: this config has {other}, not {key}")
             node[key] = [] if nxt.isdigit() else {}
         if not nxt.isdigit():  # `chain.0` is the first size of `chain: [3, 5]`, `chain.channels` a key of it
             node[key] = _expanded(keys[:i + 1], node[key])
@@ -365,7 +370,7 @@ def build_target(spec: TargetSpec, base: Path, source: str) -> Target:
     else:
         weight = WeightSpec(file=spec.file, key=spec.key) if spec.file else WeightSpec(values=spec.values)
         array = _Builder(base, source).array(weight, None, "target")
-        name = Path(spec.file).stem if spec.file else "target"
+        name = Path(spec.file).stem if spec.file else "values"
     try:
         return Target.from_array(array, spatial_dims=spec.spatial_dims, stride=spec.stride, name=name)
     except ConfigError:
