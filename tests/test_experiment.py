@@ -233,6 +233,21 @@ def test_a_swept_key_goes_into_a_swept_mapping_above_it(tmp_path):
     assert [(c.sizes, c.channels) for c in chains] == [([3, 5], 1), ([5, 3], 1), ([3, 5], 2), ([5, 3], 2)]
 
 
+def test_a_resumed_sweep_clears_the_temp_files_a_killed_table_write_left(tmp_path):
+    config = _write(tmp_path, {**SMALL, "sweep": {"grid": {"seed": [0, 1]}}})
+    args = ["sweep", str(config), "--runs-dir", str(tmp_path / "r"), "--quiet", "--set", "tiny=true"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    directory = _last_line(first.stdout)
+    stale = [directory / ".summary.png.k1ll3d.tmp", directory / ".table.csv.k1ll3d.tmp"]
+    for path in stale:
+        path.write_bytes(b"")
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert _last_line(again.stdout) == directory and not any(p.exists() for p in stale)
+    assert _rows(directory / "table.csv") and (directory / "summary.png").stat().st_size > 0
+
+
 def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
     config = _sweep_config(tmp_path)
     whole = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir",

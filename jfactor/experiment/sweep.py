@@ -263,11 +263,15 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
             for name, value in entry["baselines"].items():
                 row[f"{name}.rel_error"] = value["rel_error"]
             rows.append(row)
-    rundir.write_text(directory / "table.csv", _table(rows))
-    if rows:
-        from jfactor.report import plot_sweep
+    with FileLock(directory / "table.lock"):  # sweeps of one config started together write it in turn
+        for name in ("table.csv", "summary.png"):  # a write that a kill cut short left its temp file
+            for stale in directory.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        rundir.write_text(directory / "table.csv", _table(rows))
+        if rows:
+            from jfactor.report import plot_sweep
 
-        plot_sweep(rows, keys, directory / "summary.png")
+            plot_sweep(rows, keys, directory / "summary.png")
     return directory
 
 
