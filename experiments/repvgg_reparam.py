@@ -197,17 +197,21 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="5 steps on 4 small crops (a smoke run)")
-    parser.add_argument("--out", type=arguments.output_file, default=DEFAULT_OUT,
-                        help="the JSON (the default rewrites README too)")
+    parser.add_argument("--out", type=arguments.output_file,
+                        help=f"write the JSON here (default: {DEFAULT_OUT.name} in experiments/results, which "
+                             "rewrites README's table too; a --tiny run writes only where --out says)")
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.size, args.train, args.test = 5, 12, 3, 3
+    out = args.out or (None if args.tiny else DEFAULT_OUT)
     result = run(args)
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    if args.out == DEFAULT_OUT and not args.tiny:
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    if out == DEFAULT_OUT:
         replace_block("repvgg_reparam", table(result))
 
 

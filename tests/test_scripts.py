@@ -59,6 +59,24 @@ def test_repvgg_reparam_runs_tiny(tmp_path):
         assert abs(row["deployed_test_mse"] - row["test_mse"]) < 1e-12
 
 
+def test_a_tiny_repvgg_run_leaves_the_kept_results_alone(tmp_path, monkeypatch):
+    # before: --tiny without --out wrote its 5-step numbers over experiments/results/repvgg_reparam.json
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import repvgg_reparam
+
+    kept, blocks = tmp_path / "kept.json", []
+    monkeypatch.setattr(repvgg_reparam, "DEFAULT_OUT", kept)
+    monkeypatch.setattr(repvgg_reparam, "run", lambda args: {"steps": args.steps})
+    monkeypatch.setattr(repvgg_reparam, "table", lambda result: f"table of {result['steps']} steps")
+    monkeypatch.setattr(repvgg_reparam, "replace_block", lambda name, text: blocks.append(name))
+    monkeypatch.setattr(sys, "argv", ["repvgg_reparam.py", "--tiny"])
+    repvgg_reparam.main()
+    assert not kept.exists() and blocks == []
+    monkeypatch.setattr(sys, "argv", ["repvgg_reparam.py", "--steps", "7"])
+    repvgg_reparam.main()
+    assert json.loads(kept.read_text()) == {"steps": 7} and blocks == ["repvgg_reparam"]
+
+
 def test_onnx_speed_runs_tiny(tmp_path):
     out = _run("experiments/onnx_speed.py", "--tiny", "--out", str(tmp_path / "speed.json"))
     assert "| whole model |" in out and "kept: inner zero padding" in out
@@ -84,7 +102,6 @@ def test_bench_optimality_targets_are_distinct_problems():
     """No target is another's mirror image, transpose or negative with the same chain: that one
     would have the same best and the same basins (a 15x15 line at 60 degrees is the 30-degree
     motion blur transposed, and both stood in the set once)."""
-    sys.path.insert(0, str(ROOT / "experiments"))
     import bench_optimality
 
     targets = bench_optimality.target_set()
@@ -102,7 +119,6 @@ def test_bench_optimality_targets_are_distinct_problems():
 def test_bench_optimality_without_kept_results_refuses_rather_than_compute_for_hours(tmp_path, monkeypatch, capsys):
     """On a device with no kept JSON (a GPU's results folder), the plain command that shows the
     kept table in seconds must not start the hours-long reference."""
-    sys.path.insert(0, str(ROOT / "experiments"))
     import bench_optimality
 
     missing = tmp_path / "gpu" / "bench_optimality.json"
