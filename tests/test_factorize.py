@@ -225,6 +225,21 @@ def test_search_front_and_budget():
     assert pick.macs == min(c.macs for c in found if c.rel_error <= 1e-8)
 
 
+def test_exact_candidates_tie_on_the_front_and_the_cheaper_one_dominates():
+    # before: 2.3e-16 at 20 MACs and 3.2e-16 at 10 MACs (both exact) were both on the front, the
+    # dearer one first
+    from types import SimpleNamespace
+
+    from jfactor.factorize.search import Candidate, pareto
+
+    def candidate(error, macs, exact):
+        return Candidate(Chain.build([5, 5]), error, macs, macs, SimpleNamespace(evidence={"exact": exact}))
+
+    marked = pareto([candidate(2.3e-16, 20, True), candidate(3.2e-16, 10, True), candidate(1e-3, 5, False),
+                     candidate(2e-16, 30, False)])
+    assert [(c.macs, c.on_front) for c in marked] == [(10, True), (5, True), (20, False), (30, False)]
+
+
 SHARDED = """
 import numpy as np, jax
 import jfactor

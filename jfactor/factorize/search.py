@@ -94,14 +94,20 @@ def arrangement(layers: tuple, width: int, single: bool) -> tuple:
     return min(layers, layers[::-1]) if single else layers
 
 
+def _compared_error(candidate: Candidate) -> float:
+    """The error a front compares: 0 where the search found it exact (at the dtype's rounding
+    floor, where 2e-16 and 3e-16 are the same answer)."""
+    return 0.0 if candidate.result.evidence.get("exact") else candidate.rel_error
+
+
 def pareto(points: list[Candidate]) -> list[Candidate]:
     """Mark the candidates no other beats on both error and MACs; front first, by error."""
     marked = []
     for p in points:
-        dominated = any(q.rel_error <= p.rel_error and q.macs <= p.macs
-                        and (q.rel_error < p.rel_error or q.macs < p.macs) for q in points)
+        dominated = any(_compared_error(q) <= _compared_error(p) and q.macs <= p.macs
+                        and (_compared_error(q) < _compared_error(p) or q.macs < p.macs) for q in points)
         marked.append(dataclasses.replace(p, on_front=not dominated))
-    return sorted(marked, key=lambda c: (not c.on_front, c.rel_error, c.macs))
+    return sorted(marked, key=lambda c: (not c.on_front, _compared_error(c), c.macs))
 
 
 def search(target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2, 3), slack: int = 2,
