@@ -149,18 +149,25 @@ def factorization_plots(result: Factorization, directory, stem: str = "") -> lis
             plot_search(result, directory / f"{prefix}search.png")]
 
 
+def _cost_axis(ax, macs: list) -> None:
+    """Multiply-adds on x: a log axis where they span a decade or more, else a linear one (a log
+    axis of less than a decade labels its minor ticks, on top of one another)."""
+    ax.set_xscale("log" if macs and max(macs) >= 10 * min(macs) else "linear")
+
+
 def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", title: str = "") -> Path:
     """Relative error against multiply-adds per output, one point per row (log-log)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
     middle = np.sqrt(min(row["macs"] for row in rows) * max(row["macs"] for row in rows)) if rows else 0
     for i, row in enumerate(rows):
         error = max(row["rel_error"], 1e-17)
-        ax.loglog(row["macs"], error, "o", color=f"C{i % 10}")
+        ax.semilogy(row["macs"], error, "o", color=f"C{i % 10}")
         right_half = row["macs"] > middle  # labels point inwards, so they stay inside the axes
         label = ax.annotate(textwrap.fill(str(row.get(label_key, i)), 36), (row["macs"], error), fontsize=7,
                             xytext=(-4 if right_half else 4, 4), textcoords="offset points",
                             ha="right" if right_half else "left")
         label.set_in_layout(False)
+    _cost_axis(ax, [row["macs"] for row in rows])
     ax.margins(x=0.1, y=0.15)
     ax.set_xlabel("multiply-adds per output")
     ax.set_ylabel("relative error")
@@ -177,7 +184,8 @@ def plot_sweep(rows: list[dict], keys: list[str], path) -> Path:
                              squeeze=False, layout="constrained")
     axes = axes.ravel()
     errors = np.array([max(r["rel_error"], 1e-17) for r in rows])
-    axes[0].loglog([r["macs"] for r in rows], errors, "o")
+    axes[0].semilogy([r["macs"] for r in rows], errors, "o")
+    _cost_axis(axes[0], [r["macs"] for r in rows])
     axes[0].set_xlabel("multiply-adds per output")
     axes[0].set_ylabel("relative error")
     axes[0].set_title("error vs cost")

@@ -240,6 +240,21 @@ def test_exact_candidates_tie_on_the_front_and_the_cheaper_one_dominates():
     assert [(c.macs, c.on_front) for c in marked] == [(10, True), (5, True), (20, False), (30, False)]
 
 
+def test_the_cost_axis_is_logarithmic_only_where_the_costs_span_a_decade():
+    # before: always log, and a front of 115 and 131 MACs labelled its minor ticks over one another
+    import matplotlib.pyplot as plt
+
+    from jfactor.report import _cost_axis
+
+    fig, ax = plt.subplots()
+    scales = []
+    for macs in ([115, 131], [10, 100, 99], [12, 500]):
+        _cost_axis(ax, macs)
+        scales.append(ax.get_xscale())
+    plt.close(fig)
+    assert scales == ["linear", "log", "log"]
+
+
 SHARDED = """
 import numpy as np, jax
 import jfactor
