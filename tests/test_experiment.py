@@ -387,6 +387,17 @@ def test_a_runs_config_yaml_runs_again_from_its_run_directory(target, tmp_path, 
     assert yaml.safe_load(written.read_text())["target"].get("stride") == 1  # the defaults are written
     again, _, written_base = load_config(written)
     np.testing.assert_array_equal(plan(again, written_base, str(written)).target.kernel, first.target.kernel)
+    # results.json records the files as config.yaml does (before: relative to a folder it does not name)
+    recorded = json.loads((written.parent / "results.json").read_text())["config"]
+
+    def paths(node):
+        if isinstance(node, dict):
+            return [v for k, v in node.items() if k in ("file", "stack") and isinstance(v, str)] + \
+                [p for v in node.values() for p in paths(v)]
+        return [p for v in node for p in paths(v)] if isinstance(node, list) else []
+
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths(recorded))
+    assert len(paths(recorded)) == ("file" in target) + ("stack" in target)
 
 
 def test_messages_name_the_fault_in_the_users_terms(tmp_path):

@@ -184,7 +184,7 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: di
     rundir.write_text(directory / "metrics.csv", _csv(metric_rows))
     payload = {
         "name": config.name,
-        "config": config.model_dump(mode="json"),
+        "config": _absolute_paths(config.model_dump(mode="json"), the_plan.base),  # as config.yaml has them
         "environment": environment(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_s": time.time() - started,
