@@ -10,7 +10,8 @@ Each study runs its config(s) in configs/ablations/ through `jfactor sweep` / `j
 (run directories under runs/), then writes experiments/results/<study>.json, .md and .png,
 prints the table, and replaces the study's block in README.md (between the
 ``<!-- ablation:<study> -->`` markers) with the new table and figure.  ``--tiny`` runs the
-configs' tiny variants and writes nothing but the printed table (a smoke test).
+configs' tiny variants (a smoke test): it prints the table and writes only their run directories
+(under ``--runs-dir``), no results and no README.
 """
 
 from __future__ import annotations

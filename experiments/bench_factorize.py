@@ -330,7 +330,8 @@ def _num(value, spec: str = ".2e") -> str:
 
 
 def table_a(a: dict) -> str:
-    head = ("| family | target | chain | toolkit err | same 16 starts | scipy err | toolkit/scipy | wiener | "
+    starts = "/".join(sorted({str(r["scipy_starts"]) for r in a["rows"]}, key=int))  # scipy's, the toolkit's too
+    head = (f"| family | target | chain | toolkit err | same {starts} starts | scipy err | toolkit/scipy | wiener | "
             "unsup. wiener | toolkit s | compile s | scipy s | exact | <= scipy | 10x < wiener |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in a["rows"]:

@@ -98,6 +98,11 @@ def exact_region(program, in_spatial: tuple[int, ...]):
     return tuple(_longest_run(mask) for mask in masks)
 
 
+def exact_nowhere(region) -> bool:
+    """Whether an :func:`exact_region` box holds no position (an empty interval in some dim)."""
+    return region is not None and any(start == stop for start, stop in region)
+
+
 def program_macs(program, in_spatial: tuple[int, ...]) -> int:
     """Multiply-adds of one example through ``program`` (pools count their adds)."""
     total, spatial = 0, tuple(in_spatial)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from jfactor.analysis import exact_nowhere
 from jfactor.fold import Folded, certified
 
 
@@ -39,6 +40,9 @@ def fold_summary(folded: Folded, console: Console, title: str = "stack") -> None
                   f"(max abs diff to the folded conv {folded.canonical.max_abs_diff:.2e})")
     if folded.exact_region is None:
         console.print("exact on the whole output")
+    elif exact_nowhere(folded.exact_region):
+        console.print(f"[yellow]exact nowhere[/yellow]: zero padding between layers reaches every output position "
+                      f"(measured max abs diff {cert.outside_max_abs_diff:.3g})")
     else:
         box = " x ".join(f"[{a}, {b})" for a, b in folded.exact_region)
         console.print(

@@ -154,6 +154,16 @@ def test_an_empty_exact_region_certifies_nothing():
     assert folded.certificate.outside_max_abs_diff > 1e-6
     for relative in (False, True):
         assert certified(folded.certificate.to_dict(), relative).startswith("none: no output position is exact")
+    # and it is said so, not as an "exact only on output region [0, 0) x [0, 0)"
+    from rich.console import Console
+
+    from jfactor.display import fold_summary
+
+    console = Console(record=True, width=200)
+    fold_summary(folded, console)
+    text = console.export_text()
+    assert "exact nowhere: zero padding between layers reaches every output position" in text
+    assert "[0, 0)" not in text
 
 
 @given(st.integers(1, 40), st.integers(1, 6), st.integers(1, 3), st.integers(1, 4), st.integers(0, 8),

@@ -87,15 +87,17 @@ def test_the_warning_says_what_to_rerun():
     # a fixed count: more restarts or the adaptive search (a budget would not change a fixed count)
     fixed = warning(found, "restarts", 5.0)
     assert "reached by 1 of 64 refined restarts" in fixed and "--budget-s" not in fixed
-    assert "--restarts 256 (restarts: 256 in a config)" in fixed
+    assert "--restarts 256 (restarts: 256 in a config, restarts=256 in Python)" in fixed
     # an adaptive search stopped by its budget: a longer budget
-    assert warning(found, "budget", 30.0).endswith("rerun with --budget-s 60 (budget_s: 60 in a config)")
+    assert warning(found, "budget", 30.0).endswith("rerun with --budget-s 60 (budget_s: 60 in a config, budget_s=60 in "
+                                                   "Python)")
     # one that ran all its restarts: a longer budget would give the same answer, other seeds may not
     capped = warning({**found, "restarts": 1024}, "max_restarts", 2.0)
     assert "ran all its 1024 restarts" in capped and "--seed" in capped and "--budget-s" not in capped
     # a policy asking for fewer hits stopped it early: other seeds, and no claim that it ran all its restarts
     early = warning({**found, "best_hits": 2, "restarts": 512}, "stalled", 2.0)
-    assert early.endswith("rerun with other --seed values and keep the best") and "ran all its" not in early
+    assert early.endswith("rerun with other --seed values (seed= in Python) and keep the best")
+    assert "ran all its" not in early
 
 
 def test_a_result_no_better_than_the_zero_kernel_is_said_to_be():

@@ -77,6 +77,17 @@ def test_a_tiny_repvgg_run_leaves_the_kept_results_alone(tmp_path, monkeypatch):
     assert json.loads(kept.read_text()) == {"steps": 7} and blocks == ["repvgg_reparam"]
 
 
+def test_bench_factorize_names_the_starts_its_table_shared(monkeypatch):
+    # before: the header said "same 16 starts" whatever --scipy-starts (2 in the tiny run)
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import bench_factorize
+
+    kept = json.loads((ROOT / "experiments" / "results" / "cpu" / "bench_factorize.json").read_text())["quality"]
+    assert "| same 16 starts |" in bench_factorize.table_a(kept).splitlines()[0]
+    rows = [{**row, "scipy_starts": 2} for row in kept["rows"]]
+    assert "| same 2 starts |" in bench_factorize.table_a({**kept, "rows": rows}).splitlines()[0]
+
+
 def test_onnx_speed_runs_tiny(tmp_path):
     out = _run("experiments/onnx_speed.py", "--tiny", "--out", str(tmp_path / "speed.json"))
     assert "| whole model |" in out and "kept: inner zero padding" in out

@@ -211,6 +211,9 @@ def test_load_any_dispatches_on_the_suffix(tmp_path):
         load_any(tmp_path / "bad.txt")
     with pytest.raises(jf.ConfigError, match=r"unknown file type '\.json'; expected a YAML stack config"):
         load_any(tmp_path / "stack.json")
+    with pytest.raises(jf.ConfigError, match=r"'\.keras'; .* an ONNX model \(\.onnx\); a Keras model file is read in "
+                                             r"Python \(jfactor\.from_keras\)"):
+        load_any(tmp_path / "model.keras")
     with pytest.raises(jf.ConfigError, match=r"is a directory, not a stack file"):
         load_any(tmp_path)  # before: "unknown file type ''"
     with pytest.raises(jf.ConfigError, match=r"missing\.txt: cannot read"):

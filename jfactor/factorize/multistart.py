@@ -396,13 +396,13 @@ def _few_hits(found: dict, stopped: str, elapsed: float) -> str | None:
         return None
     if stopped == "restarts":
         more = 4 * found["restarts"]
-        hint = (f"rerun with --restarts {more} (restarts: {more} in a config), or without a restart count (the "
-                f"adaptive search)")
+        hint = (f"rerun with --restarts {more} (restarts: {more} in a config, restarts={more} in Python), or "
+                f"without a restart count (the adaptive search)")
     elif stopped == "budget":
         longer = f"{max(2 * elapsed, elapsed + 10):.0f}"
-        hint = f"rerun with --budget-s {longer} (budget_s: {longer} in a config)"
+        hint = f"rerun with --budget-s {longer} (budget_s: {longer} in a config, budget_s={longer} in Python)"
     else:
-        hint = "rerun with other --seed values and keep the best"
+        hint = "rerun with other --seed values (seed= in Python) and keep the best"
         if stopped == "max_restarts":
             hint = f"the search ran all its {found['restarts']} restarts; {hint}"
     return (f"likely not the global optimum: the best was reached by {found['best_hits']} of "

@@ -32,6 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from jfactor._checks import non_finite
+from jfactor.analysis import exact_nowhere
 from jfactor.errors import ConfigError, FoldError, StackError
 from jfactor.fold import Folded, fold
 from jfactor.interop.graph import Node, Segment, build_stack, segments
@@ -410,8 +411,9 @@ def _fold_segment(graph: _Graph, segment: Segment, cheaper_only: bool) -> tuple[
     folded = fold(stack.astype(np.float64))
     if folded.exact_region is not None:
         region = ", ".join(f"{a}:{b}" for a, b in folded.exact_region)
-        reason = (f"kept: inner zero padding spoils the borders (one conv is exact on [{region}] of "
-                  f"{'x'.join(map(str, folded.output_shape[:-1]))} only)")
+        shape = "x".join(map(str, folded.output_shape[:-1]))
+        where = "nowhere" if exact_nowhere(folded.exact_region) else f"on [{region}] of {shape} only"
+        reason = f"kept: inner zero padding spoils the borders (one conv is exact {where})"
         return _report(segment, ops, stack, folded, False, reason), folded
     if any(p < 0 for pair in folded.conv.padding for p in pair):
         return _report(segment, ops, stack, folded, False, f"kept: the one conv needs negative padding "
@@ -687,7 +689,7 @@ def segment_table(summary: dict, title: str = ""):
                        for op, n in Counter(seg["ops"]).items())
         kernel = seg["kernel"]
         conv = f"{shape(kernel[:-2])} s{seg['stride'][0]}" if kernel else ""
-        region = ("all" if seg["exact_region"] is None else
+        region = ("all" if seg["exact_region"] is None else "nowhere" if exact_nowhere(seg["exact_region"]) else
                   "[" + ", ".join(f"{a}:{b}" for a, b in seg["exact_region"]) + "]") if kernel else ""
         cert = ("" if not seg["certificate"] else "none" if seg["certificate"]["max_abs_diff"] is None
                 else f"{seg['certificate']['max_abs_diff']:.0e}")

@@ -313,7 +313,8 @@ def load_any(path) -> Stack:
         raise ConfigError(f"{path}: is a directory, not a stack file (.yaml, .yml, .txt, .py)")
     if loader is None:
         raise ConfigError(f"{path}: unknown file type {path.suffix!r}; expected a YAML stack config "
-                          f"(.yaml, .yml) or Keras lines (.txt, .py)")
+                          f"(.yaml, .yml), Keras lines (.txt, .py) or, for jfactor fold, an ONNX model (.onnx); a "
+                          f"Keras model file is read in Python (jfactor.from_keras)")
     return loader(path)
 
 
