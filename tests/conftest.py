@@ -1,7 +1,9 @@
 import os
 
+import jax
 import pytest
 from hypothesis import HealthCheck, settings
+from jax.experimental.compilation_cache import compilation_cache
 
 import jfactor  # noqa: F401  (switches on float64 before any array is made)
 from jfactor import cache
@@ -29,3 +31,12 @@ def _own_compile_cache(monkeypatch):
     user's cache crashed one of them twice in four runs, reading a compiled program back (jax 0.10.2)."""
     if _SUITE_CACHE is not None:
         monkeypatch.setenv(cache.ENV, str(_SUITE_CACHE / os.environ.get("PYTEST_XDIST_WORKER", "main")))
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    yield
+    # a command run in this process turned jax's persistent cache on for the worker: off again, so
+    # that only the tests of commands read compiled programs back (jax 0.10.2 crashed a worker once
+    # reading one back in the L-BFGS test that followed a command's test)
+    if (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) != before:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        compilation_cache.reset_cache()
