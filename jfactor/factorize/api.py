@@ -103,8 +103,8 @@ class Factorization:
         """``approx`` in the target's layout (without the channel axes for spatial-only targets),
         cropped to the target's support where the chain's extent is larger (``padding``), or with
         ``crop=False`` whole: the chain's folded kernel, the one convolution that replaces it."""
-        window = tuple(slice(lo, n - hi) if crop else slice(None) for (lo, hi), n in zip(self.padding,
-                                                                                         self.approx.shape))
+        window = tuple(slice(lo, n - hi) if crop else slice(None)
+                       for (lo, hi), n in zip(self.padding, self.approx.shape))
         approx = self.approx[window]
         return approx[..., 0, 0] if self.settings["target_spatial_only"] else approx
 
