@@ -128,6 +128,20 @@ def test_a_sweep_split_over_two_processes_gives_the_single_process_table(tmp_pat
     assert {c["process"] for c in computed_by} == {0, 1}
     assert all(c["num_processes"] == 2 for c in computed_by)
     assert [c["process"] for c in computed_by] == [i % 2 for i in range(len(reference))]
+    assert "reused" not in outputs[0][1]  # before: process 1's cells of this run read as reused from an earlier one
+
+
+def test_processes_started_with_different_configs_are_told_so(tmp_path):
+    # before: both ended with jax's AssertionError "sync_global_devices name mismatch" and a traceback
+    config = _grid_config(tmp_path, cells=2)
+    address = f"127.0.0.1:{_free_port()}"
+    processes = [_start(config, tmp_path / "runs", "--coordinator", address, "--num-processes", "2", "--process-id",
+                        str(i), *(["--set", "seed=1"] if i else [])) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 2, err[-3000:]
+        assert "processes reached different barriers" in err and "the same config, --set values" in err
+        assert "Traceback" not in err
 
 
 def test_process_flags_go_together_and_are_checked(tmp_path):

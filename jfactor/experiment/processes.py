@@ -38,7 +38,11 @@ class Processes:
         if self.count > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(name)
+            try:
+                multihost_utils.sync_global_devices(name)
+            except AssertionError:  # jax compares the names the processes reached
+                raise ConfigError(f"the {self.count} processes reached different barriers ({name} here): start "
+                                  "every process with the same config, --set values and --runs-dir") from None
 
 
 def _check(coordinator: str, num_processes: int, process_id: int) -> None:

@@ -156,9 +156,13 @@ def _finished(results_file: Path, inputs: dict, label: str) -> dict | None:
     return payload
 
 
+def _cell_dir(directory: Path, index: int) -> Path:
+    return directory / "cells" / f"{index:03d}"
+
+
 def _compute(cell: dict, directory: Path, processes: Processes) -> dict:
     """Run one cell (its lock held) into a clean directory; return its results."""
-    cell_dir = directory / "cells" / f"{cell['index']:03d}"
+    cell_dir = _cell_dir(directory, cell["index"])
     if cell_dir.exists():
         shutil.rmtree(cell_dir)  # an interrupted, corrupt or stale cell: start it again
     cell_dir.mkdir(parents=True)
@@ -180,7 +184,7 @@ def _run_cell(cell: dict, directory: Path, processes: Processes, lock: FileLock,
     except Timeout:
         return None, False
     try:
-        results = _finished(directory / "cells" / f"{cell['index']:03d}" / "results.json", cell["inputs"],
+        results = _finished(_cell_dir(directory, cell["index"]) / "results.json", cell["inputs"],
                             cell["label"])
         return (results, True) if results is not None else (_compute(cell, directory, processes), False)
     finally:
@@ -211,6 +215,9 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
     (directory / "cells").mkdir(exist_ok=True)
     rundir.write_json(directory / "sweep.json", {"source": source, "keys": keys, "cells": assignments})
 
+    # cells this run finds finished (by an earlier run) are the ones it reuses; those other processes
+    # of this run finish while it waits are not
+    earlier = {cell["index"] for cell in plans if (_cell_dir(directory, cell["index"]) / "results.json").exists()}
     mine = [cell for cell in plans if processes.owns(cell["index"])]
     locks = {cell["index"]: _lock(directory, cell["index"]) for cell in plans}
     if processes.count > 1:  # claimed before the barrier: process 0 waits for these rather than taking them
@@ -234,7 +241,7 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
                 lock.release()
         if result is not None:
             payloads[cell["index"]] = result
-            reused.extend([cell["index"]] if finished else [])
+            reused.extend([cell["index"]] if finished and cell["index"] in earlier else [])
             bar.advance()
         return result is not None
 
