@@ -35,7 +35,8 @@ def _conv_dim(clean, support, item, d: int, m: int):
     """
     n = clean.shape[0]
     lo, _ = item.padding[d]
-    s, dil, k = item.strides[d], item.dilation[d], item.size[d]
+    s, k = item.strides[d], item.size[d]
+    dil = item.dilation[d] if k > 1 else 1  # one tap: no spacing (and no grid of dil columns)
     first, last = -lo, s * (m - 1) - lo + dil * (k - 1)  # the lowest and highest position read
     reads = np.arange(first, last + 1)
     inside = (reads >= 0) & (reads < n)

@@ -279,7 +279,7 @@ def factorize(
 ) -> None:
     """Learn the best chain of small kernels for a target; compare with the baselines."""
     from jfactor import rundir
-    from jfactor.experiment.config import ExperimentConfig, apply_overrides, build_solver, load_config
+    from jfactor.experiment.config import ExperimentConfig, apply_overrides, load_config
     from jfactor.experiment.run import environment, plan, write_factorization
     from jfactor.factorize import factorize as run_factorize
     from jfactor.schema import validate
@@ -301,7 +301,7 @@ def factorize(
         the_plan = plan(parsed, base, source)
         rundir.check_writable(out or Path("runs"))
         result = run_factorize(the_plan.target, the_plan.chains[0], objective=the_plan.objective,
-                               solver=build_solver(the_plan.config.solver), restarts=the_plan.config.restarts,
+                               solver=the_plan.solver, restarts=the_plan.config.restarts,
                                budget_s=the_plan.config.budget_s, init=the_plan.config.init,
                                dtype=the_plan.config.dtype, seed=the_plan.config.seed,
                                images=the_plan.images, baselines=tuple(the_plan.config.baselines),

@@ -156,7 +156,7 @@ def _cost_axis(ax, macs: list) -> None:
 
 
 def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", title: str = "") -> Path:
-    """Relative error against multiply-adds per output, one point per row (log-log)."""
+    """Relative error (log) against multiply-adds per output (:func:`_cost_axis`), one point per row."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
     middle = np.sqrt(min(row["macs"] for row in rows) * max(row["macs"] for row in rows)) if rows else 0
     for i, row in enumerate(rows):

@@ -193,6 +193,8 @@ def test_run_and_factorize_say_that_they_leave_a_sweep_block_alone(tmp_path):
     ({"sweep": {"zip": {"seed": [0, 0], "init": ["svd", "svd"]}}}, r'sweep: zip init and seed: \["svd", 0\] given'),
     ({"target": None, "stack": "s.yaml", "chain": None, "sweep": {"grid": {"seed": [0, 1]}}},
      r"a sweep tabulates factorizations and this config has no chain"),
+    # before: refused only when its cell ran, after the cells before it
+    ({"sweep": {"grid": {"solver.refine": ["lm", "none"]}}}, r"sweep cell 1\): solver: nothing would optimise"),
 ])
 def test_sweeps_that_would_tabulate_nothing_new_are_refused(change, message, tmp_path):
     # before: a swept name ran identical cells, a repeated value ran a cell twice, and a fold-only

@@ -232,12 +232,12 @@ def test_exact_candidates_tie_on_the_front_and_the_cheaper_one_dominates():
 
     from jfactor.factorize.search import Candidate, pareto
 
-    def candidate(error, macs, exact):
-        return Candidate(Chain.build([5, 5]), error, macs, macs, SimpleNamespace(evidence={"exact": exact}))
+    def candidate(error, macs, dtype="float64"):
+        return Candidate(Chain.build([5, 5]), error, macs, macs, SimpleNamespace(settings={"dtype": dtype}))
 
-    marked = pareto([candidate(2.3e-16, 20, True), candidate(3.2e-16, 10, True), candidate(1e-3, 5, False),
-                     candidate(2e-16, 30, False)])
-    assert [(c.macs, c.on_front) for c in marked] == [(10, True), (5, True), (20, False), (30, False)]
+    marked = pareto([candidate(2.3e-16, 20), candidate(3.2e-16, 10), candidate(1e-3, 5), candidate(2e-7, 30, "float32"),
+                     candidate(1e-9, 40)])
+    assert [(c.macs, c.on_front) for c in marked] == [(10, True), (5, True), (20, False), (30, False), (40, False)]
 
 
 def test_the_cost_axis_is_logarithmic_only_where_the_costs_span_a_decade():

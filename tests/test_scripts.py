@@ -72,6 +72,9 @@ def test_a_tiny_repvgg_run_leaves_the_kept_results_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["repvgg_reparam.py", "--tiny"])
     repvgg_reparam.main()
     assert not kept.exists() and blocks == []
+    monkeypatch.setattr(sys, "argv", ["repvgg_reparam.py", "--tiny", "--out", str(kept)])
+    repvgg_reparam.main()
+    assert json.loads(kept.read_text()) == {"steps": 5} and blocks == []  # asked for; README untouched
     monkeypatch.setattr(sys, "argv", ["repvgg_reparam.py", "--steps", "7"])
     repvgg_reparam.main()
     assert json.loads(kept.read_text()) == {"steps": 7} and blocks == ["repvgg_reparam"]
@@ -113,6 +116,7 @@ def test_bench_optimality_targets_are_distinct_problems():
     """No target is another's mirror image, transpose or negative with the same chain: that one
     would have the same best and the same basins (a 15x15 line at 60 degrees is the 30-degree
     motion blur transposed, and both stood in the set once)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
     import bench_optimality
 
     targets = bench_optimality.target_set()
@@ -130,6 +134,7 @@ def test_bench_optimality_targets_are_distinct_problems():
 def test_bench_optimality_without_kept_results_refuses_rather_than_compute_for_hours(tmp_path, monkeypatch, capsys):
     """On a device with no kept JSON (a GPU's results folder), the plain command that shows the
     kept table in seconds must not start the hours-long reference."""
+    sys.path.insert(0, str(ROOT / "experiments"))
     import bench_optimality
 
     missing = tmp_path / "gpu" / "bench_optimality.json"

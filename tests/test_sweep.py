@@ -140,7 +140,7 @@ def test_processes_started_with_different_configs_are_told_so(tmp_path):
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 2, err[-3000:]
-        assert "processes reached different barriers" in err and "the same config, --set values" in err
+        assert "processes reached different barriers" in err and "the same config and --set values" in err
         assert "Traceback" not in err
 
 

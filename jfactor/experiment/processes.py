@@ -42,7 +42,7 @@ class Processes:
                 multihost_utils.sync_global_devices(name)
             except AssertionError:  # jax compares the names the processes reached
                 raise ConfigError(f"the {self.count} processes reached different barriers ({name} here): start "
-                                  "every process with the same config, --set values and --runs-dir") from None
+                                  "every process with the same config and --set values") from None
 
 
 def _check(coordinator: str, num_processes: int, process_id: int) -> None:

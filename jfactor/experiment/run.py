@@ -41,6 +41,7 @@ class Plan:
     chains: list = dataclasses.field(default_factory=list)
     objective: object = None
     images: object = None
+    solver: object = None
     stack: object = None
     base: Path = Path(".")  # the config's directory: what its relative file paths are read against
 
@@ -69,6 +70,10 @@ def plan(config: ExperimentConfig, base: Path, source: str) -> Plan:
         if config.tiny:  # the tiny variant's images no smaller than the chains' kernels
             config = result.config = shrink(config, max((max(chain.extent) for chain in result.chains), default=0))
         if result.target is not None:
+            try:  # a solver that optimises nothing is refused here, before any cell of a sweep runs
+                result.solver = build_solver(config.solver)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
             result.objective, result.images = build_objective(config.objective, result.target, base, source)
             for i, chain in enumerate(result.chains if result.images is not None else []):
                 extent = tuple(chain.extent)  # what the images are filtered with (it covers the target)
@@ -166,7 +171,7 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: di
                                 "value": fold_summary["certificate"][metric]})
     results = []
     for i, chain in enumerate(the_plan.chains):
-        result = factorize(the_plan.target, chain, objective=the_plan.objective, solver=build_solver(config.solver),
+        result = factorize(the_plan.target, chain, objective=the_plan.objective, solver=the_plan.solver,
                            restarts=config.restarts, budget_s=config.budget_s, init=config.init, dtype=config.dtype,
                            seed=config.seed,
                            images=the_plan.images, baselines=tuple(config.baselines), progress=progress)

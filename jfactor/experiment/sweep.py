@@ -160,6 +160,14 @@ def _cell_dir(directory: Path, index: int) -> Path:
     return directory / "cells" / f"{index:03d}"
 
 
+def _written(path: Path) -> int | None:
+    """When ``path`` was last written (ns; None: it is not there)."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def _compute(cell: dict, directory: Path, processes: Processes) -> dict:
     """Run one cell (its lock held) into a clean directory; return its results."""
     cell_dir = _cell_dir(directory, cell["index"])
@@ -215,9 +223,9 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
     (directory / "cells").mkdir(exist_ok=True)
     rundir.write_json(directory / "sweep.json", {"source": source, "keys": keys, "cells": assignments})
 
-    # cells this run finds finished (by an earlier run) are the ones it reuses; those other processes
-    # of this run finish while it waits are not
-    earlier = {cell["index"] for cell in plans if (_cell_dir(directory, cell["index"]) / "results.json").exists()}
+    # the cells it reuses are those whose results.json an earlier run wrote: still the file this run
+    # found at its start, not one another process of this run wrote (or rewrote) while it waited
+    earlier = {cell["index"]: _written(_cell_dir(directory, cell["index"]) / "results.json") for cell in plans}
     mine = [cell for cell in plans if processes.owns(cell["index"])]
     locks = {cell["index"]: _lock(directory, cell["index"]) for cell in plans}
     if processes.count > 1:  # claimed before the barrier: process 0 waits for these rather than taking them
@@ -241,7 +249,8 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
                 lock.release()
         if result is not None:
             payloads[cell["index"]] = result
-            reused.extend([cell["index"]] if finished and cell["index"] in earlier else [])
+            written = _written(_cell_dir(directory, cell["index"]) / "results.json")
+            reused.extend([cell["index"]] if finished and written == earlier[cell["index"]] else [])
             bar.advance()
         return result is not None
 

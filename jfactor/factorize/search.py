@@ -22,6 +22,7 @@ from jfactor._checks import is_int, is_real
 from jfactor.errors import ConfigError
 from jfactor.factorize.api import Factorization, factorize
 from jfactor.factorize.chain import Chain, FactorizationError, Target, _per_dim
+from jfactor.factorize.multistart import EXACT
 from jfactor.progress import ProgressBar
 
 
@@ -95,9 +96,9 @@ def arrangement(layers: tuple, width: int, single: bool) -> tuple:
 
 
 def _compared_error(candidate: Candidate) -> float:
-    """The error a front compares: 0 where the search found it exact (at the dtype's rounding
-    floor, where 2e-16 and 3e-16 are the same answer)."""
-    return 0.0 if candidate.result.evidence.get("exact") else candidate.rel_error
+    """The error a front compares: 0 at the rounding floor of the run's dtype (:data:`EXACT`),
+    where 2e-16 and 3e-16 are the same answer."""
+    return 0.0 if candidate.rel_error <= EXACT[candidate.result.settings["dtype"]] else candidate.rel_error
 
 
 def pareto(points: list[Candidate]) -> list[Candidate]:
