@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -529,7 +530,17 @@ def test_a_limit_stops_a_long_first_order_segment_where_a_short_one_stops():
 def test_the_batched_lbfgs_phase_follows_optax_documented_loop_restart_by_restart():
     """The vmapped L-BFGS phase reads the loss and gradient the line search stored instead of
     ``optax.value_and_grad_from_state`` (whose ``lax.cond`` evaluates the objective anyway under
-    vmap); each restart's losses must still be those of optax's own loop on that restart alone."""
+    vmap); each restart's losses must still be those of optax's own loop on that restart alone.
+
+    In a process of its own: XLA crashed a test worker twice (a segfault compiling optax's line
+    search loop, run op by op, after the worker's earlier tests; jax 0.10.2), never on its own."""
+    check = "from tests.test_multistart import _lbfgs_phase_against_optax; _lbfgs_phase_against_optax()"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _lbfgs_phase_against_optax():
     import jax
     import jax.numpy as jnp
     import optax
