@@ -421,5 +421,7 @@ def test_messages_name_the_fault_in_the_users_terms(tmp_path):
         build_target(config.target, base, "v.yaml")
     with pytest.raises(ConfigError, match=r"chain: give the sizes as a list \(\[3, 5, 9\]\) or a mapping .* got '3,5'"):
         load_config(_write(tmp_path, {**SMALL, "chain": "3,5"}, "s.yaml"))
+    with pytest.raises(ConfigError, match=r"s\.yaml: --set chain\.channels: chain is not a mapping$"):
+        load_config(tmp_path / "s.yaml", ["chain.channels=2"])  # before: a ValueError's traceback
     with pytest.raises(ConfigError, match=r"l\.yaml: --set chain\.channels: this config has chains, not chain$"):
         load_config(_write(tmp_path, {**SMALL, "chain": None, "chains": [[3, 5]]}, "l.yaml"), ["chain.channels=2"])

@@ -101,8 +101,6 @@ class FrozenSpec(Strict):
 
 def _sizes_shorthand(data):
     """A chain written as its sizes (``chain: [3, 5, 9]``, as ``--chain 3,5,9``) as its mapping."""
-    if isinstance(data, str):
-        raise ValueError(f"give the sizes as a list ([3, 5, 9]) or a mapping ({{sizes: [3, 5, 9], ...}}), got {data!r}")
     return {"sizes": data} if isinstance(data, list) else data
 
 
@@ -122,6 +120,9 @@ class ChainSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data):
+        if isinstance(data, str):  # validation's message, not set_path's (which leaves a string as it is)
+            raise ValueError(f"give the sizes as a list ([3, 5, 9]) or a mapping ({{sizes: [3, 5, 9], ...}}), "
+                             f"got {data!r}")
         return _sizes_shorthand(data)
 
     @model_validator(mode="after")

@@ -32,7 +32,6 @@ class FactorizationError(JFactorError):
     """A chain that cannot match its target, or a factorization that cannot be trusted."""
 
 
-
 def _per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
     try:
         values = (value,) * ndim if isinstance(value, (int, np.integer)) else tuple(value)
