@@ -48,11 +48,17 @@ EVIDENCE = {"restarts_run": "restarts", "distinct_minima": "distinct_minima", "b
             "independent_hits": "independent_hits", "runner_up": "runner_up", "stopped": "stopped"}
 
 
+def swept_keys(raw: dict) -> list[str]:
+    """The keys a sweep sets in every cell: its grid's, then its zipped lists'."""
+    sweep = raw.get("sweep") or {}
+    return list(sweep.get("grid") or {}) + list(sweep.get("zip") or {})
+
+
 def cells(raw: dict) -> tuple[list[str], list[dict]]:
     """(swept keys, one {key: value} per cell): grid product times the zipped lists."""
     sweep = raw.get("sweep") or {}
     grid, zipped = sweep.get("grid") or {}, sweep.get("zip") or {}
-    keys = list(grid) + list(zipped)
+    keys = swept_keys(raw)
     grid_values = list(itertools.product(*grid.values())) if grid else [()]
     zip_values = list(zip(*zipped.values())) if zipped else [()]
     combos = [dict(zip(keys, g + z)) for g in grid_values for z in zip_values]
@@ -61,7 +67,7 @@ def cells(raw: dict) -> tuple[list[str], list[dict]]:
 
 def check_overrides(raw: dict, overrides: list[str], source: str) -> None:
     """Refuse a ``--set`` of a key that every cell sets again: a swept key or one below it."""
-    swept, _ = cells(raw)
+    swept = swept_keys(raw)
     for key, _ in overrides_of(overrides):
         covering = [s for s in swept if key == s or key.startswith(s + ".")]
         if covering:
