@@ -533,7 +533,7 @@ def test_the_batched_lbfgs_phase_follows_optax_documented_loop_restart_by_restar
     vmap); each restart's losses must still be those of optax's own loop on that restart alone.
 
     In a process of its own: XLA crashed a test worker twice (a segfault compiling optax's line
-    search loop, run op by op, after the worker's earlier tests; jax 0.10.2), never on its own."""
+    search loop, then run op by op, after the worker's earlier tests; jax 0.10.2), never on its own."""
     check = "from tests.test_multistart import _lbfgs_phase_against_optax; _lbfgs_phase_against_optax()"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, timeout=600)
@@ -557,14 +557,18 @@ def _lbfgs_phase_against_optax():
 
     tx = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(value_fn)
+    @jax.jit
+    def step(params, state):  # the step of optax's L-BFGS documentation, jitted once for all 24 calls
+        value, grad = value_and_grad(params, state=state)
+        updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
+        return value, optax.apply_updates(params, updates), state
+
     for row in range(2):  # the restarts that took the first-order phase
         params = tuple(jnp.asarray(np.asarray(leaf[0, row])) for leaf in carry[0])
         state, expected = tx.init(params), []
         for _ in range(12):
-            value, grad = value_and_grad(params, state=state)
+            value, params, state = step(params, state)
             expected.append(float(value))
-            updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
-            params = optax.apply_updates(params, updates)
         np.testing.assert_allclose(np.asarray(losses)[0, row], expected, rtol=1e-9)
 
 
