@@ -129,6 +129,87 @@ def test_to_keras_with_explicit_padding_is_zero_padding_then_conv():
     np.testing.assert_allclose(np.asarray(block(x)), _apply(folded.conv, x), atol=1e-12)
 
 
+def test_to_keras_keeps_float64_where_keras_computes_in_float32(monkeypatch):
+    # before: the Sequential of ZeroPadding2D and Conv2D cast its input to Keras' floatx (float32): error 4.7e-7
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+    rng = np.random.default_rng(8)
+    conv = jf.Conv(rng.standard_normal((3, 3, 4, 2)), rng.standard_normal(2), padding=((1, 2), (0, 3)))
+    x = rng.standard_normal((2, 11, 10, 4))
+    y = to_keras(conv)(x)
+    assert y.dtype == "float64"
+    np.testing.assert_allclose(np.asarray(y), _apply(conv, x), rtol=0, atol=1e-12)
+
+
+def _constant_operand_models():
+    """(name, model, the operation a message must name): keras.ops calls with a constant operand."""
+    def conv(inputs):
+        return L.Conv2D(2, 3, name="c")(inputs)
+
+    for name, make in (("x + 1.0", lambda c: c + 1.0), ("ops.add", lambda c: keras.ops.add(c, np.array([10.0, 20.0]))),
+                       ("ops.concatenate", lambda c: keras.ops.concatenate([c, np.ones((1, 4, 4, 1))], axis=-1)),
+                       ("x * 2.0", lambda c: c * 2.0)):
+        inputs = keras.Input((6, 6, 1))
+        yield name, keras.Model(inputs, L.Identity(name="after")(make(conv(inputs))))
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_keras_ops_with_a_constant_operand_are_named_and_split_around(index):
+    # before: x + 1.0 read as x (the constant dropped, folded bias None), ops.concatenate with a constant gave 2
+    # channels where Keras gives 3, and x * 2.0 raised Keras' "No such layer: multiply"
+    name, model = list(_constant_operand_models())[index]
+    with pytest.raises(StackError, match=r"operation \w+ \(\w+, a keras.ops call\): a keras.ops operation with "
+                                         r"operands that are not tensors of the model \((float|ndarray)\)"):
+        from_keras(model)
+    found = from_keras(model, split=True)  # before: ValueError "'add' is not in list" from the layer positions
+    assert [s.nodes for s, _ in found] == [("c",), ("after",)], name
+    x = np.random.default_rng(index).standard_normal((1, 6, 6, 1))
+    conv_out = keras.Model(model.input, model.get_layer("c").output)(x)
+    np.testing.assert_allclose(np.asarray(found[0][1](x)), np.asarray(conv_out), atol=1e-12)
+
+
+def test_keras_ops_of_the_models_tensors_alone_are_read():
+    inputs = keras.Input((6, 6, 1))
+    a, b = L.Conv2D(2, 3, name="a")(inputs), L.Conv2D(2, 3, name="b")(inputs)
+    model = keras.Model(inputs, keras.ops.concatenate([keras.ops.add(a, b), a], axis=-1))
+    found = from_keras(model, split=True)
+    assert len(found) == 1 and found[0][0].positions == (1, 2)  # the keras.ops calls have no place in model.layers
+    x = np.random.default_rng(9).standard_normal((2, 6, 6, 1))
+    expected = model.predict(x, verbose=0)
+    np.testing.assert_allclose(np.asarray(from_keras(model)(x)), expected, atol=1e-12 * np.abs(expected).max())
+
+
+def test_a_broadcast_add_is_named_and_split_around():
+    # before: StackError "branch output shapes [(8, 8, 2), (1, 1, 2)] differ" even with split=True
+    inputs = keras.Input((8, 8, 1))
+    a = L.Conv2D(2, 1, name="a")(inputs)
+    pooled = L.AveragePooling2D(8, name="mean")(a)
+    model = keras.Model(inputs, L.Add(name="plus")([a, pooled]))
+    with pytest.raises(StackError, match=r"layers\[3\] \(plus, Add\): adds tensors of shapes \(8, 8, 2\), "
+                                         r"\(1, 1, 2\) \(broadcast\)"):
+        from_keras(model)
+    # a is also read by the add, outside any segment: a segment ends there
+    assert [s.nodes for s, _ in from_keras(model, split=True)] == [("a",), ("mean",)]
+
+
+def test_a_layers_refused_weights_name_the_keras_layer():
+    # before: "conv: kernel has 1 non-finite value(s)", with no word of which Keras layer
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, L.BatchNormalization(name="my_bn")(L.Conv2D(1, 3, name="my_conv")(inputs)))
+    weights = model.get_layer("my_conv").get_weights()
+    weights[0][0, 0, 0, 0] = np.nan
+    model.get_layer("my_conv").set_weights(weights)
+    with pytest.raises(StackError, match=r"layers\[1\] \(my_conv, Conv2D\): conv: kernel has 1 non-finite"):
+        from_keras(model)
+    weights[0][0, 0, 0, 0] = 1.0
+    model.get_layer("my_conv").set_weights(weights)
+    stats = model.get_layer("my_bn").get_weights()
+    stats[3][:] = -1.0
+    model.get_layer("my_bn").set_weights(stats)
+    with pytest.raises(StackError, match=r"layers\[2\] \(my_bn, BatchNormalization\): batch_norm: var \+ epsilon"):
+        from_keras(model)
+
+
 def test_split_gives_segments_between_nonlinear_layers_with_their_layer_names():
     inputs = keras.Input((12, 12, 1))
     a = L.Conv2D(2, 3, name="c1")(inputs)

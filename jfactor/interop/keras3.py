@@ -12,8 +12,10 @@ Read, for inference (what ``model.predict`` computes):
   their own count of real pixels: not one convolution);
 - ``BatchNormalization`` on the last axis, with its moving statistics;
 - ``ZeroPadding1D/2D/3D`` (an identity convolution with that padding);
-- ``Add`` and ``Concatenate`` on the last axis (parallel branches), ``Identity``,
-  ``Activation('linear')``, ``Dropout`` and ``InputLayer``.
+- ``Add`` (of tensors of one shape) and ``Concatenate`` on the last axis (parallel branches),
+  as layers or as ``keras.ops`` calls on the model's tensors (``a + b``), ``Identity``,
+  ``Activation('linear')``, ``Dropout`` and ``InputLayer``.  A ``keras.ops`` call with a
+  constant operand (``x + 1.0``) is not read.
 
 Any other layer (an activation, max pooling, dense, ...) is not linear: an error naming
 it, or with ``split=True`` a boundary between linear segments.
@@ -126,16 +128,25 @@ def _concat_axis_ok(layer, ndim_total: int) -> bool:
     return layer.axis in (-1, ndim_total - 1)
 
 
-def _node(layer, inputs: tuple[str, ...], output: str, shape: Shape | None) -> Node:
-    """The :class:`Node` of one Keras layer whose (first) input has shape ``(*spatial, C)``."""
+def _node(layer, inputs: tuple[str, ...], output: str, shapes: list[Shape], constants: list[str]) -> Node:
+    """The :class:`Node` of one Keras layer (or ``keras.ops`` operation) whose inputs have shapes
+    ``shapes`` (each ``(*spatial, C)``); ``constants`` names the types of the operands that are
+    not tensors of the model (``x + 1.0``: ``['float']``)."""
     kind = type(layer).__name__
+    shape = shapes[0] if shapes else None
     try:
+        if constants:  # before: the constant was dropped, and x + 1.0 read as x
+            raise _NotLinear(f"a keras.ops operation with operands that are not tensors of the model "
+                             f"({', '.join(constants)}); jfactor reads operations of the model's tensors only")
         if kind in ("InputLayer", "Identity", "Dropout") or (kind == "Activation"
                                                              and layer.activation is keras.activations.linear):
             return Node(layer.name, inputs, output, Identity())
         if kind in ("Add", "Concatenate"):
             if kind == "Concatenate" and not _concat_axis_ok(layer, len(shape) + 1):
                 raise _NotLinear(f"concatenates axis {layer.axis}, not the channels (last) axis")
+            if kind == "Add" and len(set(shapes)) > 1:
+                raise _NotLinear(f"adds tensors of shapes {', '.join(map(str, shapes))} (broadcast); jfactor adds "
+                                 "tensors of one shape")
             return Node(layer.name, inputs, output, merge="sum" if kind == "Add" else "concat")
         if len(inputs) != 1:  # the merges jfactor reads (Add, Concatenate) are above
             raise _NotLinear(f"takes {len(inputs)} inputs; of the layers with several, jfactor reads Add and "
@@ -159,17 +170,32 @@ def _node(layer, inputs: tuple[str, ...], output: str, shape: Shape | None) -> N
         return Node(layer.name, inputs, output, why=str(exc))
 
 
-def _graph(model) -> tuple[list[Node], str, str, dict]:
-    """Nodes of ``model`` in order, its input and output tensor names, and every tensor's shape."""
+def _operands(call) -> list[str]:
+    """The type names of a call's operands that are not Keras tensors (constants of a ``keras.ops`` call)."""
+    values = keras.tree.flatten((call.arguments.args, call.arguments.kwargs))
+    return [type(v).__name__ for v in values if not isinstance(v, keras.KerasTensor)]
+
+
+def _where(model, op) -> str:
+    """How messages name ``op``: its index among ``model.layers``, or as a ``keras.ops`` call."""
+    names = [layer.name for layer in model.layers]
+    if op.name in names:
+        return f"layers[{names.index(op.name)}] ({op.name}, {type(op).__name__})"
+    return f"operation {op.name} ({type(op).__name__}, a keras.ops call)"
+
+
+def _graph(model) -> tuple[list[Node], str, str, dict, dict]:
+    """Nodes of ``model`` in order, its input and output tensor names, every tensor's shape, and
+    each node's Keras layer or operation by name."""
     if isinstance(model, keras.Model) and not model.built:
         raise StackError(f"{model.name}: the model is not built, so its input shape is unknown; start it with "
                          "keras.Input(shape=...) or call model.build((None, *spatial, C))")
     if isinstance(model, keras.Sequential):
         names = [layer.name for layer in model.layers]
-        entries = [(layer, (before,), layer.name) for layer, before in zip(model.layers, ["input"] + names)]
+        entries = [(layer, (before,), layer.name, []) for layer, before in zip(model.layers, ["input"] + names)]
         source, sink = "input", names[-1] if names else "input"
         shapes = {"input": tuple(model.input_shape[1:])}
-        for layer, (inp,), out in entries:
+        for layer, (inp,), out, _ in entries:
             shapes[out] = tuple(layer.compute_output_shape((None,) + shapes[inp])[1:])
     elif isinstance(model, keras.Model):
         if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -187,7 +213,7 @@ def _graph(model) -> tuple[list[Node], str, str, dict]:
             out = call.output_tensors[0]
             shapes[str(id(out))] = tuple(out.shape[1:])
             if type(op).__name__ != "InputLayer":
-                entries.append((op, inputs, str(id(out))))
+                entries.append((op, inputs, str(id(out)), [] if isinstance(op, keras.layers.Layer) else _operands(call)))
         source, sink = str(id(model.inputs[0])), str(id(model.outputs[0]))
         shapes[source] = tuple(model.inputs[0].shape[1:])
     else:
@@ -196,12 +222,19 @@ def _graph(model) -> tuple[list[Node], str, str, dict]:
         if any(d is None for d in shape):
             raise StackError(f"{model.name}: a tensor has shape {shape} with an unknown size; give the model's "
                              "Input a full shape, e.g. keras.Input((28, 28, 1))")
-    nodes = [_node(layer, inputs, out, shapes[inputs[0]] if inputs else None) for layer, inputs, out in entries]
-    return nodes, source, sink, shapes
+    nodes = []
+    for layer, inputs, out, constants in entries:
+        try:
+            nodes.append(_node(layer, inputs, out, [shapes[t] for t in inputs], constants))
+        except StackError as exc:  # a layer's own weights refused (non-finite, a variance below -epsilon, ...)
+            raise StackError(f"{_where(model, layer)}: {exc}") from None
+    return nodes, source, sink, shapes, {layer.name: layer for layer, *_ in entries}
 
 
-def _position(model, name: str) -> int:
-    return [layer.name for layer in model.layers].index(name)
+def _positions(model, names: tuple[str, ...]) -> tuple[int, ...]:
+    """The indices in ``model.layers`` of the layers named ``names`` (``keras.ops`` calls have none)."""
+    index = {layer.name: i for i, layer in enumerate(model.layers)}
+    return tuple(index[name] for name in names if name in index)
 
 
 def from_keras(model, *, split: bool = False) -> Stack | list[tuple[Segment, Stack]]:
@@ -215,29 +248,28 @@ def from_keras(model, *, split: bool = False) -> Stack | list[tuple[Segment, Sta
     Returns:
       ``split=False``: one :class:`Stack` on inputs ``(N, *spatial, C)``.
       ``split=True``: ``[(segment, stack), ...]`` for every maximal linear segment, in
-      model order: ``segment.nodes`` are the Keras layer names it covers (``segment.positions``
-      their indices in ``model.layers``), ``segment.source``
+      model order: ``segment.nodes`` are the Keras layer (and ``keras.ops`` call) names it covers
+      (``segment.positions`` the layers' indices in ``model.layers``), ``segment.source``
       / ``segment.sink`` the layer names of its input (``'input'`` for the model's) and
       output, and ``stack`` runs on the shape reaching it.
 
     Raises:
       StackError: naming the layer that is not linear (``split=False``), or does not fit.
     """
-    nodes, source, sink, shapes = _graph(model)
+    nodes, source, sink, shapes, ops = _graph(model)
     by_output = {n.output: n for n in nodes}
     if not split:
         for n in nodes:
             if not n.linear:
-                kind = type(model.get_layer(n.name)).__name__
-                raise StackError(f"layers[{_position(model, n.name)}] ({n.name}, {kind}): {n.why}; "
-                                 "pass split=True to fold the linear segments around it")
+                raise StackError(f"{_where(model, ops[n.name])}: {n.why}; pass split=True to fold the linear "
+                                 "segments around it")
         return build_stack(nodes, source, sink, shapes[source])
     found = []
     for seg in segments(nodes, [sink]):
         members = [n for n in nodes if n.name in seg.nodes]
         stack = build_stack(members, seg.source, seg.sink, shapes[seg.source])
         named = Segment(seg.nodes, by_output[seg.source].name if seg.source in by_output else "input",
-                        by_output[seg.sink].name, tuple(_position(model, name) for name in seg.nodes))
+                        by_output[seg.sink].name, _positions(model, seg.nodes))
         found.append((named, stack))
     return found
 
@@ -280,7 +312,9 @@ def to_keras(conv: Conv, *, name: str | None = None):
         return layer
     pad_cls = (keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D)[ndim - 1]
     pads = tuple(conv.padding[0]) if ndim == 1 else tuple(tuple(p) for p in conv.padding)
-    return keras.Sequential([pad_cls(pads, dtype=dtype), layer], name=name)
+    # the Input's dtype too: a Sequential without one casts its input to Keras' floatx (float32 by default)
+    return keras.Sequential([keras.Input((None,) * ndim + (conv.in_channels,), dtype=dtype), pad_cls(pads, dtype=dtype),
+                             layer], name=name)
 
 
 __all__ = ["from_keras", "to_keras"]
