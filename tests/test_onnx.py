@@ -316,3 +316,66 @@ def test_fold_model_names_an_input_of_unknown_spatial_sizes():
         fold_model(model(["H", "W"]))
     _, reports = fold_model(model([8, 8]))  # an unknown batch size alone is fine
     assert [r.folded for r in reports] == [True]
+
+
+def _graph_model(nodes, initializers, outputs=None, elem=TensorProto.FLOAT, shape=(1, 2, 12, 12)):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", elem, list(shape))],
+                              outputs or [helper.make_tensor_value_info("output", elem, ["N", "C", "H", "W"])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _weight(name, rng, *shape):
+    return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+
+def _unusual_models():
+    """Valid models onnxruntime runs, each once broken by fold_model (named in the comments)."""
+    rng, node = np.random.default_rng(0), helper.make_node
+    weights = [_weight(f"w{i}", rng, 2, 2, 3, 3) for i in (1, 2, 3)]
+    yield "a node named like an unnamed one", _graph_model(  # before: the folded graph lost a tensor (invalid ONNX)
+        [node("Conv", ["input", "w1"], ["t1"]), node("Conv", ["t1", "w2"], ["t2"]),
+         node("Relu", ["t2"], ["t3"], name="Conv_0"), node("Conv", ["t3", "w3"], ["output"])], weights)
+    yield "a Dropout's mask read", _graph_model(  # before: FoldError "Graph output 'mask' is not an output of any node"
+        [node("Conv", ["input", "w1"], ["t1"]), node("Dropout", ["t1"], ["t2", "mask"]),
+         node("Conv", ["t2", "w2"], ["output"])], weights[:2],
+        outputs=[helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", "C", "H", "W"]),
+                 helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "C", "H", "W"])])
+    yield "float16 pad and pool", _graph_model(  # before: a float32 Conv in a float16 graph
+        [node("Pad", ["input", "pads"], ["t1"]), node("AveragePool", ["t1"], ["output"], kernel_shape=[2, 2])],
+        [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")], elem=TensorProto.FLOAT16)
+    yield "a broadcast Add", _graph_model(  # before: StackError "branch output shapes ... differ"
+        [node("Conv", ["input", "w1"], ["t1"]), node("AveragePool", ["t1"], ["t2"], kernel_shape=[8, 8]),
+         node("Add", ["t1", "t2"], ["t3"]), node("Relu", ["t3"], ["output"])], weights[:1], shape=(1, 2, 10, 10))
+    yield "a Mul that adds axes", _graph_model(  # before: folded to a 4-D output, and compare_outputs broadcast it
+        [node("Conv", ["input", "w1"], ["t1"]), node("Mul", ["t1", "k"], ["output"])],
+        [weights[0], _weight("k", rng, 1, 1, 2, 1, 1)],
+        outputs=[helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 2, 10, 10])])
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_unusual_valid_models_fold_to_what_onnxruntime_computes(index):
+    name, model = list(_unusual_models())[index]
+    folded, _ = fold_model(model)
+    check = compare_outputs(model, folded, strict=True)  # a FoldError where the outputs' shapes differ
+    x = np.ones(check["input_shape"], check["dtype"])
+    assert _run(folded, x).shape == _run(model, x).shape, name
+    assert check["rel_diff"] < (2e-3 if check["dtype"] == "float16" else 1e-5), (name, check)
+
+
+def test_nodes_sharing_a_name_are_refused_and_compare_outputs_checks_shapes():
+    rng, node = np.random.default_rng(1), helper.make_node
+    weights = [_weight(f"w{i}", rng, 2, 2, 3, 3) for i in (1, 2)]
+    model = _graph_model([node("Conv", ["input", "w1"], ["t1"], name="c"), node("Conv", ["t1", "w2"], ["output"],
+                                                                                name="c")], weights)
+    with pytest.raises(StackError, match=r"node name 'c' is given to 2 nodes; ONNX needs each node's name unique"):
+        fold_model(model)  # before: KeyError 't1'
+    wider = _graph_model([node("Conv", ["input", "w1"], ["t1"]), node("Unsqueeze", ["t1", "axes"], ["output"])],
+                         [weights[0], numpy_helper.from_array(np.array([0], np.int64), "axes")],
+                         outputs=[helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 2, 10, 10])])
+    single = _graph_model([node("Conv", ["input", "w1"], ["output"])], weights[:1])
+    with pytest.raises(jf.FoldError, match=r"the folded model's output has shape \(1, 2, 10, 10\), the model's "
+                                        r"\(1, 1, 2, 10, 10\)"):
+        compare_outputs(wider, single)  # before: numpy broadcast the difference, and the check passed

@@ -213,7 +213,8 @@ def _graph(model) -> tuple[list[Node], str, str, dict, dict]:
             out = call.output_tensors[0]
             shapes[str(id(out))] = tuple(out.shape[1:])
             if type(op).__name__ != "InputLayer":
-                entries.append((op, inputs, str(id(out)), [] if isinstance(op, keras.layers.Layer) else _operands(call)))
+                constants = [] if isinstance(op, keras.layers.Layer) else _operands(call)
+                entries.append((op, inputs, str(id(out)), constants))
         source, sink = str(id(model.inputs[0])), str(id(model.outputs[0]))
         shapes[source] = tuple(model.inputs[0].shape[1:])
     else:

@@ -24,6 +24,7 @@ why it keeps the others.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 
@@ -172,6 +173,9 @@ def _per_channel(node, values, channels: int, ndim: int) -> BatchNorm:
     const = next(i for i in node.input if i in values)
     c = np.asarray(values[const], np.float64)
     shape = tuple(c.shape)
+    if len(shape) > ndim + 2:  # broadcasting would add axes to the output: not a map of (N, C, *spatial) onto itself
+        raise _NotLinear(f"{node.op_type} by a constant of shape {shape} gives an output of rank {len(shape)}, "
+                         f"not its input's {ndim + 2}")
     while len(shape) > ndim + 1 and shape[0] == 1:
         shape = shape[1:]
     if c.size == 1:
@@ -197,6 +201,9 @@ def _layer_of(node, values: dict, shapes: dict):
     if op in ("Add", "Sum") and len(data) > 1:
         if len(data) != len([i for i in node.input if i]):
             raise _NotLinear("adds data tensors and constants together")
+        if len({shapes.get(t) for t in data}) > 1:
+            raise _NotLinear(f"adds tensors of shapes {', '.join(str(shapes.get(t)) for t in data)} (broadcast); "
+                             "jfactor adds tensors of one shape")
         return None, "sum"
     if op == "Concat":
         if len(data) != len([i for i in node.input if i]):
@@ -229,14 +236,17 @@ def _layer_of(node, values: dict, shapes: dict):
 
 def _nodes(model: onnx.ModelProto, values: dict, shapes: dict) -> list[Node]:
     nodes = []
-    for i, node in enumerate(model.graph.node):
+    read = {t for node in model.graph.node for t in node.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:
         if all(o in values for o in node.output if o):
             continue  # a constant
-        name = node.name or f"{node.op_type}_{i}"
+        name = node.name
         data = tuple(t for t in node.input if t and t not in values)
         try:
             if len([o for o in node.output if o]) != 1 and node.op_type != "Dropout":
                 raise _NotLinear(f"makes {len(node.output)} tensors")
+            if any(o in read for o in node.output[1:] if o):  # a Dropout's mask
+                raise _NotLinear(f"its output {next(o for o in node.output[1:] if o in read)!r} is read")
             layer, merge = _layer_of(node, values, shapes)
             nodes.append(Node(name, data, node.output[0], layer, merge))
         except _NotLinear as exc:  # a boundary between linear segments
@@ -303,7 +313,7 @@ class _Graph:
 
 
 def _graph(model) -> _Graph:
-    model = _load(model)
+    model = _named(_load(model))
     values = _constants(model)
     shapes = _shapes(model)
     return _Graph(model, _nodes(model, values, shapes), values, shapes)
@@ -425,21 +435,37 @@ def _fold_segment(graph: _Graph, segment: Segment, cheaper_only: bool) -> tuple[
 
 
 def _weights_dtype(model: onnx.ModelProto, segment: Segment, values: dict):
-    """The dtype of the segment's first float weight (float32 when it has none)."""
+    """The dtype of the segment's first float weight; with none (pads and pools), its input's
+    (float32 where shape inference does not say)."""
     for node in model.graph.node:
         if node.name in segment.nodes:
             for name in node.input:
                 if name in values and values[name].dtype.kind == "f":
                     return values[name].dtype
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    for info in (*inferred.input, *inferred.value_info):
+        if info.name == segment.source and info.type.tensor_type.elem_type:
+            return np.dtype(helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type))
     return np.dtype(np.float32)
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with every node named (``<op>_<i>`` where it had no name)."""
+    """``model`` with every node named: ``<op>_<i>`` where it had no name (``<op>_<i>_<k>`` where
+    another node has that name).  Two nodes of one name are a :class:`StackError` (onnxruntime
+    refuses such a model too)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    given = [node.name for node in model.graph.node if node.name]
+    twice = sorted({name for name in given if given.count(name) > 1})
+    if twice:
+        raise StackError(f"node name {twice[0]!r} is given to {given.count(twice[0])} nodes; ONNX needs each node's "
+                         "name unique")
+    taken = set(given)
     for i, node in enumerate(model.graph.node):
         if not node.name:
-            node.name = f"{node.op_type}_{i}"
+            base = f"{node.op_type}_{i}"
+            candidates = itertools.chain([base], (f"{base}_{k}" for k in itertools.count(2)))
+            node.name = next(name for name in candidates if name not in taken)
+            taken.add(node.name)
     return model
 
 
@@ -452,8 +478,8 @@ def fold_model(model, *, cheaper_only: bool = False) -> tuple[onnx.ModelProto, l
     its layers, a crop), and with ``cheaper_only`` where one conv has more multiply-adds than
     the segment (strides inside a segment grow the folded kernel); the report says why.
     """
-    model = _named(_load(model))
     graph = _graph(model)
+    model = graph.model
     unknown = {i.name: graph.shapes.get(i.name) for i in model.graph.input if i.name not in graph.values
                and len(graph.shapes.get(i.name) or ()) > 2 and None in graph.shapes[i.name][2:]}
     if unknown:  # every node then reads as not foldable, and no segment would say why
@@ -619,6 +645,9 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
     if sum(non_finite(a) for a in after):
         raise FoldError(f"the folded model's output is not finite where the model's is (input of shape {dims}): "
                         "a folded kernel overflows its dtype")
+    shapes = [(a.shape, b.shape) for a, b in zip(before, after) if a.shape != b.shape]
+    if shapes:
+        raise FoldError(f"the folded model's output has shape {shapes[0][1]}, the model's {shapes[0][0]}")
     diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(before, after))
     scale = max(float(np.abs(a).max()) for a in before)
     return {**entry, "max_abs_diff": diff, "rel_diff": diff / scale if scale else diff}
