@@ -318,11 +318,11 @@ def test_fold_model_names_an_input_of_unknown_spatial_sizes():
     assert [r.folded for r in reports] == [True]
 
 
-def _graph_model(nodes, initializers, outputs=None, elem=TensorProto.FLOAT, shape=(1, 2, 12, 12)):
+def _graph_model(nodes, initializers, outputs=None, elem=TensorProto.FLOAT, shape=(1, 2, 12, 12), opset=17):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", elem, list(shape))],
                               outputs or [helper.make_tensor_value_info("output", elem, ["N", "C", "H", "W"])],
                               initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.checker.check_model(model)
     return model
 
@@ -353,9 +353,15 @@ def _unusual_models():
         [node("Conv", ["input", "w1"], ["t1"]), node("Mul", ["t1", "k"], ["output"])],
         [weights[0], _weight("k", rng, 1, 1, 2, 1, 1)],
         outputs=[helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 2, 10, 10])])
+    statistics = [numpy_helper.from_array(rng.uniform(0.5, 2.0, (2, 10, 10)).astype(np.float32), name)
+                  for name in ("gamma", "beta", "mean", "var")]
+    yield "opset 7's BatchNormalization per position", _graph_model(  # before: StackError "gamma must have 1 dims"
+        [node("Conv", ["input", "w1"], ["t1"]), node("BatchNormalization", ["t1", "gamma", "beta", "mean", "var"],
+                                                       ["t2"], spatial=0), node("Conv", ["t2", "w2"], ["output"])],
+        weights[:2] + statistics, opset=7)
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_unusual_valid_models_fold_to_what_onnxruntime_computes(index):
     name, model = list(_unusual_models())[index]
     folded, _ = fold_model(model)

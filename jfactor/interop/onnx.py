@@ -220,6 +220,8 @@ def _layer_of(node, values: dict, shapes: dict):
             raise _NotLinear("training_mode=1 normalises with the batch's own statistics")
         gamma, beta, mean, var = (_constant(values, node.input[i], w) for i, w in
                                   zip(range(1, 5), ("scale", "B", "mean", "var")))
+        if a.get("spatial", 1) == 0 and any(np.ndim(v) > 1 for v in (gamma, beta, mean, var)):
+            raise _NotLinear("spatial=0 with statistics per position, not per channel")
         return BatchNorm(gamma, beta, mean, var, float(a.get("epsilon", 1e-5))), None
     if op in ("Mul", "Add") and len([i for i in node.input if i]) == 2:
         return _per_channel(node, values, channels, ndim), None
