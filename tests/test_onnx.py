@@ -385,3 +385,20 @@ def test_nodes_sharing_a_name_are_refused_and_compare_outputs_checks_shapes():
     with pytest.raises(jf.FoldError, match=r"the folded model's output has shape \(1, 2, 10, 10\), the model's "
                                         r"\(1, 1, 2, 10, 10\)"):
         compare_outputs(wider, single)  # before: numpy broadcast the difference, and the check passed
+
+
+def test_compare_outputs_feeds_every_input_of_a_two_input_model():
+    # before: only the first input was fed, and the comparison was "skipped: onnxruntime cannot run the model"
+    rng, node = np.random.default_rng(2), helper.make_node
+    graph = helper.make_graph(
+        [node("Conv", ["a", "w1"], ["t1"]), node("Conv", ["t1", "w2"], ["t2"]), node("Conv", ["b", "w3"], ["t3"]),
+         node("Add", ["t2", "t3"], ["output"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 2, 12, 12]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 2, 10, 10])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [_weight(f"w{i}", rng, 2, 2, 3, 3) for i in (1, 2, 3)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded, reports = fold_model(model)
+    assert sum(r.folded for r in reports) == 1
+    check = compare_outputs(model, folded, strict=True)
+    assert check["input"] == "a" and check["rel_diff"] < 1e-5

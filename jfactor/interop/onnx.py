@@ -602,7 +602,8 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
                     strict: bool = False) -> dict:
     """Both models run by onnxruntime on one random input: the max abs and relative output difference.
 
-    Symbolic axes get ``batch`` (the first) or 1; the input is standard normal in the input's dtype.
+    Symbolic axes get ``batch`` (the first) or 1; every data input is standard normal in its dtype
+    (the result names the first).
     Where onnxruntime cannot run the original (an op or dtype it lacks, a size too small), or the
     original's output is not finite on that input and no initializer is, the result says why under
     ``skipped`` instead (with ``strict``, a :class:`ConfigError`).  A :class:`ConfigError` too where
@@ -611,18 +612,21 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
     """
     import onnxruntime as ort
 
-    info = next(i for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer})
-    dims = [d.dim_value if d.HasField("dim_value") else (batch if k == 0 else 1)
-            for k, d in enumerate(info.type.tensor_type.shape.dim)]
-    dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
-    x = np.random.default_rng(seed).standard_normal(dims).astype(dtype)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for info in (i for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}):
+        dims = [d.dim_value if d.HasField("dim_value") else (batch if k == 0 else 1)
+                for k, d in enumerate(info.type.tensor_type.shape.dim)]
+        dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
+        feeds[info.name] = rng.standard_normal(dims).astype(dtype)  # every data input (before: the first alone)
+    name, x = next(iter(feeds.items()))
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    entry = {"input": info.name, "input_shape": dims, "dtype": str(np.dtype(dtype))}
+    entry = {"input": name, "input_shape": list(x.shape), "dtype": str(x.dtype)}
 
     def run(model):
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(None, {info.name: x})
+        return session.run(None, feeds)
 
     def skipped(why: str) -> dict:
         if strict:
@@ -636,7 +640,7 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
     bad = sum(non_finite(a) for a in before)
     if bad:
         inits = _non_finite_names({t.name: numpy_helper.to_array(t) for t in original.graph.initializer})
-        why = f"the model's output on a standard normal input of shape {dims} has {bad} non-finite value(s)"
+        why = f"the model's output on a standard normal input of shape {list(x.shape)} has {bad} non-finite value(s)"
         if inits:
             raise ConfigError(f"{why}; non-finite initializers: {', '.join(map(repr, inits))}")
         return skipped(why)
@@ -645,8 +649,8 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
     except Exception as exc:  # noqa: BLE001  the original ran: the folded model must too
         raise FoldError(f"onnxruntime runs the model but not its folded version: {_first_line(exc)}") from None
     if sum(non_finite(a) for a in after):
-        raise FoldError(f"the folded model's output is not finite where the model's is (input of shape {dims}): "
-                        "a folded kernel overflows its dtype")
+        raise FoldError(f"the folded model's output is not finite where the model's is (input of shape "
+                        f"{list(x.shape)}): a folded kernel overflows its dtype")
     shapes = [(a.shape, b.shape) for a, b in zip(before, after) if a.shape != b.shape]
     if shapes:
         raise FoldError(f"the folded model's output has shape {shapes[0][1]}, the model's {shapes[0][0]}")
