@@ -112,11 +112,11 @@ def fold(
         stack = load_stack(config)
         folded = fold_stack(stack)
         summary = {"config": str(config), **folded.to_dict()}
-        with rundir.output_dir(out, "runs", f"fold-{config.stem}") as out_dir:
-            rundir.write_npy(out_dir / "kernel.npy", folded.conv.kernel)
+        with rundir.output_dir(out, "runs", f"fold-{config.stem}") as out_dir, rundir.staged(out_dir) as files:
+            rundir.write_npy(files / "kernel.npy", folded.conv.kernel)
             bias = folded.conv.bias if folded.conv.bias is not None else folded.affine.bias
-            rundir.write_npy(out_dir / "bias.npy", bias)
-            rundir.write_json(out_dir / "summary.json", summary)
+            rundir.write_npy(files / "bias.npy", bias)
+            rundir.write_json(files / "summary.json", summary)
     except EXPECTED as exc:
         _fail(exc)
     if as_json:
@@ -280,7 +280,7 @@ def factorize(
     """Learn the best chain of small kernels for a target; compare with the baselines."""
     from jfactor import rundir
     from jfactor.experiment.config import ExperimentConfig, apply_overrides, load_config
-    from jfactor.experiment.run import environment, plan, write_factorization
+    from jfactor.experiment.run import PLOTS, environment, plan, write_factorization
     from jfactor.factorize import factorize as run_factorize
     from jfactor.schema import validate
 
@@ -308,9 +308,10 @@ def factorize(
                                progress=not as_json)
         summary = {**result.to_dict(), "environment": environment()}
         draw = the_plan.config.plots and (plots or plots is None and not as_json)
-        with rundir.output_dir(out, "runs", "factorize") as out_dir:
-            pictures = write_factorization(result, out_dir, plots=draw)
-            rundir.write_json(out_dir / "result.json", summary)
+        with (rundir.output_dir(out, "runs", "factorize") as out_dir,
+              rundir.staged(out_dir, replaces=[f"{name}.png" for name in PLOTS]) as files):
+            pictures = write_factorization(result, files, plots=draw)
+            rundir.write_json(files / "result.json", summary)
     except EXPECTED as exc:
         _fail(exc)
     if as_json:
@@ -449,9 +450,9 @@ def search(
         pick = cheapest_under(found, budget) if budget is not None else None
         summary = {"target": the_target.name, "dense_macs": int(the_target.kernel.size), "candidates": rows,
                    "budget": budget, "cheapest_under_budget": pick.to_dict() if pick else None}
-        with rundir.output_dir(out, "runs", "search") as out_dir:
-            rundir.write_json(out_dir / "front.json", summary)
-            plot_error_vs_cost([r for r in rows if r["on_front"]], out_dir / "pareto.png",
+        with rundir.output_dir(out, "runs", "search") as out_dir, rundir.staged(out_dir) as files:
+            rundir.write_json(files / "front.json", summary)
+            plot_error_vs_cost([r for r in rows if r["on_front"]], files / "pareto.png",
                                title=f"Pareto front, {the_target.name}")
     except EXPECTED as exc:
         _fail(exc)

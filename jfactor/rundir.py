@@ -9,7 +9,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,25 @@ def output_dir(out, root, name: str, *, finished: Callable[[Path], bool] | None 
     except BaseException:
         _remove_created(directory, out, created)
         raise
+
+
+@contextlib.contextmanager
+def staged(directory: Path, replaces: Iterable[str] = ()):
+    """A hidden folder in ``directory`` for a command's files: when the block ends well they move
+    into ``directory`` (one rename each, after every file is written), and the files named in
+    ``replaces`` that the block did not write (an earlier result's pictures) are removed from it;
+    otherwise they are dropped.  Ctrl-C or an error while the files are made (pictures take
+    seconds) leaves ``directory`` as it was, never half an earlier result and half a new one."""
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".staging-"))
+    try:
+        yield staging
+        written = sorted(path.name for path in staging.iterdir())
+        for name in written:
+            os.replace(staging / name, directory / name)
+        for name in set(replaces) - set(written):
+            (directory / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _remove_created(directory: Path, out, created: Path | None) -> None:

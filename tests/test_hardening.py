@@ -375,6 +375,38 @@ def test_ctrl_c_keeps_finished_work_only_where_asked(tmp_path):
     assert not (tmp_path / "plain").exists()
 
 
+def test_staged_files_replace_a_directorys_files_all_at_once_or_not_at_all(tmp_path):
+    (tmp_path / "result.json").write_text("old")
+    (tmp_path / "loss.png").write_text("old picture")
+    (tmp_path / "notes.txt").write_text("the user's")
+    with pytest.raises(KeyboardInterrupt):
+        with rundir.staged(tmp_path, replaces=["loss.png"]) as files:
+            rundir.write_json(files / "result.json", {"new": 1})
+            raise KeyboardInterrupt  # while the pictures are drawn
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["loss.png", "notes.txt", "result.json"]
+    assert (tmp_path / "result.json").read_text() == "old"
+    with rundir.staged(tmp_path, replaces=["loss.png", "search.png"]) as files:
+        rundir.write_json(files / "result.json", {"new": 1})
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["notes.txt", "result.json"]  # no picture of the old one
+    assert json.loads((tmp_path / "result.json").read_text()) == {"new": 1}
+
+
+def test_an_interrupted_factorize_leaves_the_earlier_result_in_its_directory_whole(tmp_path, monkeypatch):
+    # before: result.json of the earlier run beside the new run's factors.npz and approx.npy
+    from typer.testing import CliRunner
+
+    from jfactor.cli import app
+
+    out = tmp_path / "out"
+    command = ["factorize", "--family", "gaussian", "--size", "7", "--restarts", "2", "--out", str(out)]
+    assert CliRunner().invoke(app, [*command, "--chain", "3,5"]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(rundir, "write_json", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    result = CliRunner().invoke(app, [*command, "--chain", "3,3,3"])
+    assert result.exit_code != 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_approx_has_the_target_shape_when_the_chain_is_larger():
     rng = np.random.default_rng(0)
     target = sp.convolve2d(rng.standard_normal((3, 3)), rng.standard_normal((13, 7)))  # 15x9
