@@ -78,6 +78,20 @@ def test_a_corrupt_cell_is_recomputed_with_a_warning(tmp_path):
     json.loads(cell.read_text())
 
 
+def test_a_cell_missing_a_file_its_results_list_is_recomputed_with_a_warning(tmp_path):
+    # before: "2 of 4 cells were finished ... reused", and chain0_factors.npz never came back
+    np.save(tmp_path / "target.npy", np.random.default_rng(1).standard_normal((5, 5)))
+    config = _file_target_config(tmp_path)
+    first = _sweep(config, tmp_path / "runs")
+    reference = _table(_directory(first))
+    lost = _directory(first) / "cells" / "001" / "chain0_factors.npz"
+    assert "chain0_factors.npz" in json.loads((lost.parent / "results.json").read_text())["files"]
+    lost.unlink()
+    second = _sweep(config, tmp_path / "runs")
+    assert f"chain0_factors.npz of {lost.parent} missing; computing the cell again" in second.stderr
+    assert _table(_directory(second)) == reference and lost.is_file()
+
+
 def _grid_config(tmp_path, cells: int = 6) -> Path:
     config = tmp_path / "grid.yaml"
     sigmas = [round(0.8 + 0.15 * i, 2) for i in range(cells)]

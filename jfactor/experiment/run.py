@@ -198,6 +198,8 @@ def execute(the_plan: Plan, directory: Path, *, progress: bool = True, extra: di
         **(extra or {}),
     }
     rundir.write_text(directory / "report.md", _report(payload))
+    # the files beside it, so that a sweep reuses a cell only while all of them are there
+    payload["files"] = sorted(p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
     rundir.write_json(directory / "results.json", payload)
     return payload
 

@@ -5,10 +5,11 @@ The sweep directory is named by the config's content (``sweep-<name>-<hash>``), 
 its own file lock (``cells/<i>.lock``), so sweeps of one config started together, or
 the processes of a multi-process sweep, share the cells and never touch one another's
 running cell.  A cell is done when its ``results.json`` (written atomically, last) is
-readable and records the same inputs: the cell's resolved config and the content hash of
-every file it references (targets, weights, stacks, and the files those reference).  A
-cell whose inputs changed, or whose ``results.json`` is unreadable, is computed again
-with a warning naming the cause; a killed cell (no ``results.json``) is simply rerun.
+readable, records the same inputs (the cell's resolved config and the content hash of
+every file it references: targets, weights, stacks, and the files those reference), and
+every file it lists is still beside it.  A cell whose inputs changed, whose files are not
+all there, or whose ``results.json`` is unreadable, is computed again with a warning
+naming the cause; a killed cell (no ``results.json``) is simply rerun.
 
 ``table.csv`` has one row per cell and chain, one column per swept key and per metric (the
 evidence's restart count as ``restarts_run``: a swept ``restarts`` keeps its own column);
@@ -158,6 +159,10 @@ def _finished(results_file: Path, inputs: dict, label: str) -> dict | None:
         return None
     if recorded != inputs:
         _warn(f"{label}: {_changes(recorded, inputs)}; computing the cell again")
+        return None
+    missing = [name for name in payload.get("files", []) if not (results_file.parent / name).is_file()]
+    if missing:
+        _warn(f"{label}: {', '.join(missing)} of {results_file.parent} missing; computing the cell again")
         return None
     return payload
 
