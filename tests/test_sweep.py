@@ -92,6 +92,19 @@ def test_a_cell_missing_a_file_its_results_list_is_recomputed_with_a_warning(tmp
     assert _table(_directory(second)) == reference and lost.is_file()
 
 
+def test_one_config_text_beside_other_files_is_another_sweep(tmp_path):
+    # before: both wrote sweep-<name>-<one hash>, each replacing the other's finished cells
+    directories = []
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "target.npy", np.random.default_rng(seed).standard_normal((5, 5)))
+        directories.append(_directory(_sweep(_file_target_config(tmp_path / folder), tmp_path / "runs")))
+    assert directories[0] != directories[1]
+    assert (tmp_path / "a" / "sweep.yaml").read_text() == (tmp_path / "b" / "sweep.yaml").read_text()
+    again = _sweep(_file_target_config(tmp_path / "a"), tmp_path / "runs")
+    assert _directory(again) == directories[0] and "computing the cell again" not in again.stderr
+
+
 def _grid_config(tmp_path, cells: int = 6) -> Path:
     config = tmp_path / "grid.yaml"
     sigmas = [round(0.8 + 0.15 * i, 2) for i in range(cells)]
@@ -178,7 +191,7 @@ def test_a_running_cell_is_never_deleted_and_is_waited_for(tmp_path):
 
     config = _grid_config(tmp_path, cells=3)
     runs = tmp_path / "runs"
-    directory = sweep_dir(runs, yaml.safe_load(config.read_text()))
+    directory = sweep_dir(runs, yaml.safe_load(config.read_text()), config.parent)
     (directory / "cells" / "000").mkdir(parents=True)
     partial = directory / "cells" / "000" / "partial.npy"
     partial.write_text("being written by another process")
@@ -206,6 +219,6 @@ def test_a_running_cell_is_never_deleted_and_is_waited_for(tmp_path):
 def test_a_sweeps_directory_stays_one_folder_under_runs_dir_whatever_its_name(tmp_path, name, stem):
     from jfactor.experiment.sweep import sweep_dir
 
-    directory = sweep_dir(tmp_path, {"name": name})
+    directory = sweep_dir(tmp_path, {"name": name}, tmp_path)
     assert directory.parent == tmp_path and directory.name.startswith(stem)
     directory.mkdir()  # a NUL byte would make this raise

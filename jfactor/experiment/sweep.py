@@ -1,7 +1,8 @@
 """Sweeps: a grid (product) and zipped lists over config keys, run by one or several processes.
 
-The sweep directory is named by the config's content (``sweep-<name>-<hash>``), so calling
-``jfactor sweep`` again with the same config finds it and resumes.  Each cell runs under
+The sweep directory is named by the config's content and the paths of the files it names
+(``sweep-<name>-<hash>``), so calling ``jfactor sweep`` again with the same config finds it
+and resumes.  Each cell runs under
 its own file lock (``cells/<i>.lock``), so sweeps of one config started together, or
 the processes of a multi-process sweep, share the cells and never touch one another's
 running cell.  A cell is done when its ``results.json`` (written atomically, last) is
@@ -88,8 +89,12 @@ def _cell_config(raw: dict, assignment: dict, source: str, index: int) -> dict:
     return data
 
 
-def sweep_dir(runs_dir, raw: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def sweep_dir(runs_dir, raw: dict, base: Path) -> Path:
+    """``runs_dir/sweep-<name>-<hash>``, the hash of the config and of where the files it names are
+    (``base``: the config's directory), not of what they hold: one config text beside other files
+    is another sweep, and a changed file is a changed input of the same sweep's cells."""
+    where = sorted(_files(raw, Path(base), {}))
+    digest = hashlib.sha256(json.dumps([raw, where], sort_keys=True, default=str).encode()).hexdigest()[:10]
     return Path(runs_dir) / f"sweep-{rundir.slug(str(raw.get('name', 'experiment')))}-{digest}"
 
 
@@ -230,7 +235,7 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
         cell = validate(ExperimentConfig, data, f"{source} (sweep cell {i}: {assignment})")
         plans.append({"index": i, "assignment": assignment, "plan": plan(cell, base, f"{source} (sweep cell {i})"),
                       "inputs": cell_inputs(data, base), "label": f"sweep cell {i} ({assignment})"})
-    directory = rundir.writable_dir(sweep_dir(runs_dir, raw))
+    directory = rundir.writable_dir(sweep_dir(runs_dir, raw, base))
     (directory / "cells").mkdir(exist_ok=True)
     rundir.write_json(directory / "sweep.json", {"source": source, "keys": keys, "cells": assignments})
 
