@@ -155,6 +155,14 @@ def _cost_axis(ax, macs: list) -> None:
     ax.set_xscale("log" if macs and max(macs) >= 10 * min(macs) else "linear")
 
 
+def _error_axis(ax, errors) -> None:
+    """Errors on a log y axis at least a decade tall around them: errors equal to rounding left
+    matplotlib's log axis a range of zero height, with no tick, no point and a broken layout."""
+    low, high = float(np.min(errors)), float(np.max(errors))
+    if high < 10 * low:
+        ax.set_ylim(low / 10 ** 0.5, high * 10 ** 0.5)
+
+
 def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", title: str = "") -> Path:
     """Relative error (log) against multiply-adds per output (:func:`_cost_axis`), one point per row."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
@@ -169,6 +177,8 @@ def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", titl
         label.set_in_layout(False)
     _cost_axis(ax, [row["macs"] for row in rows])
     ax.margins(x=0.1, y=0.15)
+    if rows:
+        _error_axis(ax, [max(row["rel_error"], 1e-17) for row in rows])
     ax.set_xlabel("multiply-adds per output")
     ax.set_ylabel("relative error")
     ax.set_title(title)
@@ -186,6 +196,8 @@ def plot_sweep(rows: list[dict], keys: list[str], path) -> Path:
     errors = np.array([max(r["rel_error"], 1e-17) for r in rows])
     axes[0].semilogy([r["macs"] for r in rows], errors, "o")
     _cost_axis(axes[0], [r["macs"] for r in rows])
+    for ax in axes[:panels]:
+        _error_axis(ax, errors)
     axes[0].set_xlabel("multiply-adds per output")
     axes[0].set_ylabel("relative error")
     axes[0].set_title("error vs cost")

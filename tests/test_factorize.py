@@ -255,6 +255,25 @@ def test_the_cost_axis_is_logarithmic_only_where_the_costs_span_a_decade():
     assert scales == ["linear", "log", "log"]
 
 
+def test_errors_equal_to_rounding_get_an_error_axis_a_decade_tall_with_their_points_on_it(monkeypatch):
+    # before: a sweep whose cells all ended at 0.2346379487904... drew summary.png with no tick and no point
+    import matplotlib.pyplot as plt
+
+    from jfactor import report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    rows = [{"rel_error": 0.23463794879044401 + i * 1e-17, "macs": 34, "seed": i, "chain": "3x3"} for i in range(4)]
+    report.plot_sweep(rows, ["seed"], "summary.png")
+    report.plot_error_vs_cost(rows, "pareto.png")
+    for ax in [ax for fig in figures for ax in fig.axes]:
+        low, high = ax.get_ylim()
+        ticks = [t for t in ax.get_yticks() if low <= t <= high]
+        assert high >= 10 * low and low < 0.2346 < high and ticks, (ax.get_title(), low, high)
+    for fig in figures:
+        plt.close(fig)
+
+
 SHARDED = """
 import numpy as np, jax
 import jfactor
