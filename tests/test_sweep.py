@@ -105,6 +105,21 @@ def test_one_config_text_beside_other_files_is_another_sweep(tmp_path):
     assert _directory(again) == directories[0] and "computing the cell again" not in again.stderr
 
 
+def test_a_cell_that_fails_as_work_is_named_in_the_error(tmp_path):
+    # before: "error: gaussian5: chain 3x3 -> 3x3 ... needs about ... MB", with no word of the cell or its restarts
+    import os
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "target": {"family": "gaussian", "size": 5},
+                                      "sweep": {"grid": {"restarts": [2, 2_000_000]}}}))
+    result = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir", str(tmp_path / "r"),
+                             "--quiet"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "JFACTOR_MEMORY_BUDGET_GB": "0.1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {config} (sweep cell 1: {{'restarts': 2000000}}): gaussian5: " in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _grid_config(tmp_path, cells: int = 6) -> Path:
     config = tmp_path / "grid.yaml"
     sigmas = [round(0.8 + 0.15 * i, 2) for i in range(cells)]

@@ -35,7 +35,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from jfactor import rundir
-from jfactor.errors import ConfigError
+from jfactor.errors import ConfigError, JFactorError
 from jfactor.experiment.config import ExperimentConfig, overrides_of, set_path
 from jfactor.experiment.processes import Processes
 from jfactor.experiment.run import execute, plan
@@ -192,7 +192,10 @@ def _compute(cell: dict, directory: Path, processes: Processes) -> dict:
     cell_dir.mkdir(parents=True)
     record = {"index": cell["index"], "process": processes.index, "num_processes": processes.count,
               "host": socket.gethostname(), "inputs": cell["inputs"]}
-    return execute(cell["plan"], cell_dir, progress=False, extra={"sweep_cell": record})
+    try:
+        return execute(cell["plan"], cell_dir, progress=False, extra={"sweep_cell": record})
+    except JFactorError as exc:  # a cell valid as a config that fails as work (too much memory, say): name it
+        raise type(exc)(f"{cell['where']}: {exc}") from None
 
 
 def _lock(directory: Path, index: int) -> FileLock:
@@ -232,9 +235,10 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
     plans = []
     for i, assignment in enumerate(assignments):  # validate and plan every cell before computing any
         data = _cell_config(raw, assignment, source, i)
-        cell = validate(ExperimentConfig, data, f"{source} (sweep cell {i}: {assignment})")
+        where = f"{source} (sweep cell {i}: {assignment})"
+        cell = validate(ExperimentConfig, data, where)
         plans.append({"index": i, "assignment": assignment, "plan": plan(cell, base, f"{source} (sweep cell {i})"),
-                      "inputs": cell_inputs(data, base), "label": f"sweep cell {i} ({assignment})"})
+                      "inputs": cell_inputs(data, base), "label": f"sweep cell {i} ({assignment})", "where": where})
     directory = rundir.writable_dir(sweep_dir(runs_dir, raw, base))
     (directory / "cells").mkdir(exist_ok=True)
     rundir.write_json(directory / "sweep.json", {"source": source, "keys": keys, "cells": assignments})
