@@ -64,6 +64,8 @@ def test_every_shipped_config_runs_in_its_tiny_variant(config, tmp_path):
         rows = _rows(directory / "table.csv")
         assert len(rows) >= 1
         assert {"restarts_run", "distinct_minima", "best_hits", "runner_up", "stopped"} <= set(rows[0])  # how sure
+        for row in rows:  # before: no best_error, so an images objective's runner_up read as below its rel_error
+            assert row["runner_up"] == "" or float(row["runner_up"]) >= float(row["best_error"]), row
     else:
         for name in ("config.yaml", "results.json", "metrics.csv", "report.md"):
             assert (directory / name).exists(), name

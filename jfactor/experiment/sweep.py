@@ -45,9 +45,11 @@ from jfactor.schema import validate
 METRICS = ("rel_error", "max_abs_error", "psnr_db", "spectral_error", "output_psnr_db", "params", "macs",
            "dense_macs", "time_s", "compile_s")
 # how sure each result is, as table.csv names it: the restarts run are `restarts_run`, so that a swept
-# `restarts` (the config's restart count) keeps its own column
+# `restarts` (the config's restart count) keeps its own column; `best_error` beside `runner_up`, in its
+# units (the objective's own error: for `images`, the outputs', not the kernel's `rel_error`)
 EVIDENCE = {"restarts_run": "restarts", "distinct_minima": "distinct_minima", "best_hits": "best_hits",
-            "independent_hits": "independent_hits", "runner_up": "runner_up", "stopped": "stopped"}
+            "independent_hits": "independent_hits", "best_error": "best_error", "runner_up": "runner_up",
+            "stopped": "stopped"}
 
 
 def swept_keys(raw: dict) -> list[str]:
