@@ -60,7 +60,8 @@ class Conv(Layer):
       kernel: array of shape (*k, C_in // groups, C_out); 1-D, 2-D or 3-D (any N-d).
       bias: (C_out,) or None.
       strides, dilation: int or one per spatial dim (dilation is the kernel's, ``rhs_dilation``).
-      padding: 'valid', 'same' (TF/Keras rule), an int, or per-dim ints / (low, high) pairs.
+      padding: 'valid', 'same' (TF/Keras rule), an int, or per-dim ints / (low, high) pairs;
+        a negative amount crops the input (as ``lax.conv_general_dilated`` reads it).
       groups: feature groups; ``groups == C_in`` is depthwise.
     """
 

@@ -17,10 +17,14 @@ import numpy as np
 from jfactor.errors import ConfigError
 
 
+SLUG_LENGTH = 100  # characters of a name kept in a directory name (file systems take 255 bytes)
+
+
 def slug(name: str) -> str:
     """``name`` as one safe path component: runs of other characters than letters, digits, ``_``,
-    ``.`` and ``-`` (a ``/``, a NUL byte) become one ``-``; ``run`` where nothing but dots is left."""
-    text = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+    ``.`` and ``-`` (a ``/``, a NUL byte) become one ``-``, and only the first :data:`SLUG_LENGTH`
+    characters are kept; ``run`` where nothing but dots is left."""
+    text = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:SLUG_LENGTH]
     return text if text.strip(".") else "run"
 
 

@@ -230,7 +230,8 @@ def test_a_running_cell_is_never_deleted_and_is_waited_for(tmp_path):
 
 
 @pytest.mark.parametrize("name,stem", [("../../outside", "sweep-..-..-outside-"), ("a/b", "sweep-a-b-"),
-                                       ("a\0b", "sweep-a-b-"), ("plain_name.v2", "sweep-plain_name.v2-")])
+                                       ("a\0b", "sweep-a-b-"), ("plain_name.v2", "sweep-plain_name.v2-"),
+                                       ("y" * 300, "sweep-" + "y" * 100 + "-")])  # before: File name too long
 def test_a_sweeps_directory_stays_one_folder_under_runs_dir_whatever_its_name(tmp_path, name, stem):
     from jfactor.experiment.sweep import sweep_dir
 
