@@ -477,6 +477,13 @@ def test_sample_images_are_decoded_once_then_read_from_the_cache(tmp_path, monke
     objectives._sample_image.cache_clear()
     monkeypatch.setattr(data, "camera", lambda: pytest.fail("decoded again"))
     np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)  # from disk
+    # a copy that reads as an array but cannot be the image (before: "camera: the image is all zero", every run)
+    for copy in (np.zeros((512, 512), np.uint8), np.full((4, 4), np.nan), np.array(["text"])):
+        np.save(kept, copy)
+        objectives._sample_image.cache_clear()
+        monkeypatch.setattr(data, "camera", decode)
+        np.testing.assert_array_equal(objectives.load_images(["camera"], size=16, count=2, seed=3), first)
+        np.testing.assert_array_equal(np.load(kept), decode())
 
 
 def _ring_carry(restarts: int, seed: int, optimizer: str = "lbfgs"):

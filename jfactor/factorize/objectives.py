@@ -190,6 +190,8 @@ def _sample_image(name: str, root: Path | None) -> np.ndarray:
             image = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             pass  # a damaged copy: decode again and replace it
+        if image is not None and not _plausible_image(image):
+            image = None  # a copy overwritten (all zero, say): decode again and replace it
     if image is None:
         image = getattr(data, name)()
         if path is not None:
@@ -200,6 +202,12 @@ def _sample_image(name: str, root: Path | None) -> np.ndarray:
                 pass  # a read-only cache only costs the decoding
     image.flags.writeable = False  # shared by every caller in this process
     return image
+
+
+def _plausible_image(image: np.ndarray) -> bool:
+    """Whether a cached sample image can be one: 2-D or 3-D, real numbers, finite, not constant."""
+    return (image.ndim in (2, 3) and image.size > 0 and image.dtype.kind in "uif" and bool(np.isfinite(image).all())
+            and image.max() > image.min())
 
 
 def is_image_file(name: str) -> bool:
