@@ -244,6 +244,14 @@ def test_unsupported_layers_are_errors_naming_them(make, match):
         from_keras(model)
 
 
+def test_a_nested_model_is_named_as_one():
+    # before: "not linear, or unknown to jfactor", of a Sequential of two convs
+    inner = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(1, 3), L.Conv2D(1, 3)], name="inner")
+    model = keras.Sequential([keras.Input((8, 8, 1)), inner])
+    with pytest.raises(StackError, match=r"layers\[0\] \(inner, Sequential\): a nested model; jfactor reads"):
+        from_keras(model)
+
+
 def test_a_merge_other_than_add_or_concatenate_is_named_as_one():
     inputs = keras.Input((8, 8, 1))
     a, b = L.Conv2D(1, 3, name="a")(inputs), L.Conv2D(1, 3, name="b")(inputs)

@@ -135,6 +135,9 @@ def _node(layer, inputs: tuple[str, ...], output: str, shapes: list[Shape], cons
     kind = type(layer).__name__
     shape = shapes[0] if shapes else None
     try:
+        if isinstance(layer, keras.Model):
+            raise _NotLinear("a nested model; jfactor reads the layers of one flat model (build it from the nested "
+                             "model's layers)")
         if constants:  # before: the constant was dropped, and x + 1.0 read as x
             raise _NotLinear(f"a keras.ops operation with operands that are not tensors of the model "
                              f"({', '.join(constants)}); jfactor reads operations of the model's tensors only")
