@@ -33,6 +33,7 @@ from jfactor.experiment.run import run  # noqa: E402
 from jfactor.experiment.sweep import run_sweep  # noqa: E402
 from jfactor.report import markdown_table  # noqa: E402
 import arguments
+import devices
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "ablations"
@@ -141,6 +142,19 @@ def strides_vs_pooling(runs_dir: Path, tiny: bool):
 
 STUDIES = {"chain_structure": chain_structure, "channel_width": channel_width, "optimizer_init": optimizer_init,
            "strides_vs_pooling": strides_vs_pooling}
+CONFIG_NAMES = {"strides_vs_pooling": ["pooling_as_strides", "strides_as_pooling"]}  # the others: the study's own
+
+
+def settings(study: str) -> dict:
+    """How the study's cells ran: their fixed restart count (None: the default search) and seed."""
+    configs = [load_config(CONFIGS / f"{name}.yaml", [])[0] for name in CONFIG_NAMES.get(study, [study])]
+    return {"restarts": sorted({c.restarts for c in configs}, key=str), "seed": sorted({c.seed for c in configs})}
+
+
+def caption(found: dict, device: str) -> str:
+    """The line under a study's table: how its cells ran, and where (time_s is that machine's)."""
+    restarts = " or ".join("the default search" if r is None else f"{r} restarts" for r in found["restarts"])
+    return f"Each cell: {restarts}, seed {', '.join(map(str, found['seed']))}; run on {device}."
 
 
 def main() -> None:
@@ -152,14 +166,17 @@ def main() -> None:
     for study in STUDIES if args.study == "all" else [args.study]:
         table, columns, fig = STUDIES[study](args.runs_dir, args.tiny)
         text = markdown_table(table, columns)
-        print(f"## {study}\n\n{text}\n")
-        if args.tiny:
+        if args.tiny:  # the tiny variants' settings, not the study's: the table alone
+            print(f"## {study}\n\n{text}\n")
             plt.close(fig)
             continue
+        found, device = settings(study), devices.describe()
+        text = f"{text}\n\n{caption(found, device)}"
+        print(f"## {study}\n\n{text}\n")
         RESULTS.mkdir(parents=True, exist_ok=True)
         fig.savefig(RESULTS / f"{study}.png", dpi=110)
         plt.close(fig)
-        (RESULTS / f"{study}.json").write_text(json.dumps(table, indent=2) + "\n")
+        (RESULTS / f"{study}.json").write_text(json.dumps({"device": device, **found, "rows": table}, indent=2) + "\n")
         (RESULTS / f"{study}.md").write_text(text + "\n")
         replace_block(f"ablation:{study}", f"{text}\n\n![{study}](experiments/results/{study}.png)\n")
 

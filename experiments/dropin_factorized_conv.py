@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 from scipy import ndimage
 
+import devices
 import jfactor as jf
 from jfactor import kernels
 from jfactor.analysis import program_macs
@@ -268,7 +269,7 @@ def main() -> None:
         "settings": {"channels": args.channels, "kernel_size": args.kernel_size, "image_size": args.size,
                      "images": list(IMAGES), "solver": args.solver, "steps": args.steps, "restarts": args.restarts,
                      "repeats": args.repeats, "seed": args.seed, "timing_dtype": "float32",
-                     "device": jax.devices()[0].device_kind, "platform": platform.platform(),
+                     "device": devices.describe(), "platform": platform.platform(),
                      "command": " ".join(["python", *sys.argv])},
         "rows": rows,
     }

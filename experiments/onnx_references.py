@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import jfactor as jf
 from jfactor.errors import JFactorError
 from jfactor.interop.onnx import compare_outputs, fold_model, with_constant_inputs, with_random_weights
 import arguments
+import devices
 
 OPS = {"Conv", "AveragePool", "BatchNormalization", "Pad", "Add", "Sum", "Mul", "Concat", "Identity", "Dropout"}
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -108,7 +108,7 @@ def main() -> None:
     import onnxruntime
 
     result = {
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "machine": devices.describe(),
         "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "jfactor": jf.__version__},
         "node_cases": node_cases(),
         "models": [],

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import onnxruntime as ort
 from jfactor.interop.onnx import compare_outputs, fold_model, with_random_weights
 from jfactor.interop.onnx_examples import repvgg
 import arguments
+import devices
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -125,7 +124,7 @@ def main() -> None:
         model = with_random_weights(onnx.load(str(LIGHT / f"light_{args.model}.onnx")))
     result = {"model": args.model, "size": args.size, "channels": args.channels, "batch": args.batch,
               "repeats": args.repeats, "threads": args.threads, "onnxruntime": ort.__version__,
-              "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores visible)",
+              "machine": devices.describe(),
               **measure(model, batch=args.batch, repeats=args.repeats, threads=args.threads)}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

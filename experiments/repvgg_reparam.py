@@ -42,6 +42,7 @@ from jfactor.factorize.objectives import load_images
 
 sys.path.insert(0, str(Path(__file__).parent))
 from readme_block import replace_block  # noqa: E402
+import devices  # noqa: E402
 import arguments
 
 IMAGES = ("astronaut", "coffee", "chelsea")
@@ -169,7 +170,7 @@ def run(args) -> dict:
         "steps": args.steps, "lr": args.lr, "seed": args.seed, "dtype": "float64",
         "rows": rows,
         "fold_conv_vs_branches_max_loss_diff": same_curve,
-        "machine": {"device": str(jax.devices()[0]), "processor": platform.processor() or platform.machine(),
+        "machine": {"device": devices.describe(), "processor": platform.processor() or platform.machine(),
                     "jax": jax.__version__, "optax": optax.__version__},
     }
 
@@ -183,7 +184,8 @@ def table(result: dict) -> str:
                      f"| {r['test_mse']:.3e} | {r['deployed_test_mse']:.3e} | {r['block_vs_deployed_max_abs']:.1e} "
                      f"| {1e3 * r['s_per_step']:.2f} |")
     lines.append(f"\nnoise floor (MSE) {result['task']['noise_floor_mse']:.1e}; loss curves of fold_conv and "
-                 f"branches differ by at most {result['fold_conv_vs_branches_max_loss_diff']:.1e}")
+                 f"branches differ by at most {result['fold_conv_vs_branches_max_loss_diff']:.1e}; measured on "
+                 f"{result['machine']['device']}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 import jfactor as jf  # noqa: E402
 from jfactor.stack_config import load_stack  # noqa: E402
+import devices  # noqa: E402
 from readme_block import replace_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,12 +96,13 @@ def main() -> None:
     args = parser.parse_args()
     folded_by_name = folds()
     table = rows(folded_by_name)
-    text = markdown(table)
+    device = devices.describe()
+    text = f"{markdown(table)}\n\nFolded and compared in float64 on {device}."
     print(text)
     json_path = args.json or (None if args.print_only else RESULTS / "seed_reproduction.json")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(table, indent=2) + "\n")
+        json_path.write_text(json.dumps({"device": device, "rows": table}, indent=2) + "\n")
     if args.print_only:
         return
     fig = figure(folded_by_name)
