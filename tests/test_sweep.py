@@ -65,31 +65,32 @@ def test_a_changed_target_file_reruns_the_cells_that_read_it(tmp_path):
     assert _table(_directory(third)) == _table(_directory(second))
 
 
-def test_a_corrupt_cell_is_recomputed_with_a_warning(tmp_path):
-    np.save(tmp_path / "target.npy", np.random.default_rng(1).standard_normal((5, 5)))
-    config = _file_target_config(tmp_path)
-    first = _sweep(config, tmp_path / "runs")
-    reference = _table(_directory(first))
-    cell = _directory(first) / "cells" / "001" / "results.json"
-    cell.write_text(cell.read_text()[:100])  # truncated, as by a full disk
-    second = _sweep(config, tmp_path / "runs")
-    assert "cells/001/results.json is unreadable" in second.stderr
-    assert _table(_directory(second)) == reference
-    json.loads(cell.read_text())
+def _truncate(cell: Path) -> str:
+    results = cell / "results.json"
+    results.write_text(results.read_text()[:100])  # as by a full disk
+    return "cells/001/results.json is unreadable"
 
 
-def test_a_cell_missing_a_file_its_results_list_is_recomputed_with_a_warning(tmp_path):
+def _lose_a_file(cell: Path) -> str:
     # before: "2 of 4 cells were finished ... reused", and chain0_factors.npz never came back
+    assert "chain0_factors.npz" in json.loads((cell / "results.json").read_text())["files"]
+    (cell / "chain0_factors.npz").unlink()
+    return f"chain0_factors.npz of {cell} missing; computing the cell again"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _lose_a_file])
+def test_a_damaged_cell_is_recomputed_with_a_warning(tmp_path, damage):
     np.save(tmp_path / "target.npy", np.random.default_rng(1).standard_normal((5, 5)))
     config = _file_target_config(tmp_path)
     first = _sweep(config, tmp_path / "runs")
     reference = _table(_directory(first))
-    lost = _directory(first) / "cells" / "001" / "chain0_factors.npz"
-    assert "chain0_factors.npz" in json.loads((lost.parent / "results.json").read_text())["files"]
-    lost.unlink()
+    cell = _directory(first) / "cells" / "001"
+    warning = damage(cell)
     second = _sweep(config, tmp_path / "runs")
-    assert f"chain0_factors.npz of {lost.parent} missing; computing the cell again" in second.stderr
-    assert _table(_directory(second)) == reference and lost.is_file()
+    assert warning in second.stderr
+    assert _table(_directory(second)) == reference
+    json.loads((cell / "results.json").read_text())
+    assert (cell / "chain0_factors.npz").is_file()
 
 
 def test_one_config_text_beside_other_files_is_another_sweep(tmp_path):
