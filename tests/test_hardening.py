@@ -426,3 +426,27 @@ def test_an_unknown_factorize_option_is_named_with_a_suggestion():
 def test_an_all_zero_frozen_layer_is_refused_by_name():
     with pytest.raises(FactorizationError, match="frozen layer 1: weights are all zero"):
         Chain.build([3, 3], frozen={1: np.zeros((3, 3))})
+
+
+@pytest.mark.parametrize("size,sizes", [(5, [3, 3]), (7, [3, 4]), (3, [3, 3])])
+def test_a_strided_target_in_a_larger_chain_keeps_its_sampling_phase(size, sizes):
+    """The chain computes the target's map: its outputs are the target's strided outputs, shifted
+    by whole outputs.  Before: a 5x5 target at stride 2 in a 7x7 chain sat one pixel in, half an
+    output off, and an 'exact' result (3e-16) computed another filter (output error 1.3)."""
+    from scipy import signal
+
+    from jfactor.factorize import Chain, Target, factorize
+
+    rng = np.random.default_rng(size)
+    chain = Chain.build(sizes, strides=[2, 1])  # extent 7 or 9: 2 or 4 more than the target
+    target = np.zeros((size, size))
+    target[::2, ::2] = rng.standard_normal(((size + 1) // 2,) * 2)  # a stride-2 map the chain can make exactly
+    result = factorize(Target.from_array(target, stride=2), chain, restarts=8, baselines=())
+    x = rng.standard_normal((41, 41))
+    expected = signal.correlate(x, target, mode="valid")[::2, ::2]
+    got = np.asarray(result.to_stack((41, 41, 1))(x[None, ..., None]))[0, ..., 0]
+    low = [lo // 2 for lo, _ in result.padding]  # whole outputs
+    n = min(got.shape[0], expected.shape[0] - max(low))
+    scale = np.abs(expected).max()
+    assert all(lo % 2 == 0 for lo, _ in result.padding), result.padding
+    np.testing.assert_allclose(got[:n, :n], expected[low[0]:low[0] + n, low[1]:low[1] + n], atol=1e-9 * scale)

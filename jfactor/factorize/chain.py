@@ -276,8 +276,10 @@ def check_chain(chain: Chain, target: Target) -> tuple[tuple[int, int], ...]:
     """Raise if ``chain`` cannot produce ``target``'s shape; return the target's zero padding.
 
     A chain whose receptive field exceeds the target approximates the target zero-padded
-    (centred, the odd pixel high); a smaller one, another stride, or frozen weights with the
-    wrong channels are errors that say what would fit; so is a chain with every layer frozen.
+    (centred, the odd pixel high, the low side a multiple of the stride: a strided target moved
+    by less than a stride would sample its input at other places, another map); a smaller one,
+    another stride, or frozen weights with the wrong channels are errors that say what would fit;
+    so is a chain with every layer frozen.
     """
     if all(layer.frozen for layer in chain.layers):
         raise FactorizationError("every layer of the chain is frozen: there is nothing to learn")
@@ -304,7 +306,8 @@ def check_chain(chain: Chain, target: Target) -> tuple[tuple[int, int], ...]:
             raise FactorizationError(
                 f"frozen layer {i}: weights {weights.shape} but the chain needs {shape} here "
                 f"(channels {chain.channels(target.c_in, target.c_out)})")
-    return tuple(((e - n) // 2, e - n - (e - n) // 2) for e, n in zip(extent, target.size))
+    low = [(e - n) // 2 // s * s for e, n, s in zip(extent, target.size, target.stride)]
+    return tuple((lo, e - n - lo) for lo, e, n in zip(low, extent, target.size))
 
 
 def _spectra(factors, chain: Chain) -> list:
