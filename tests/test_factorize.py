@@ -341,6 +341,9 @@ def test_given_starts_are_used_and_checked():
                            ([a, [[1, 2], [3]]], r"starts\[0\]\[0\]: not a list of factor arrays")):
         with pytest.raises(FactorizationError, match=message):
             factorize(target, chain, starts=[start], restarts=1, baselines=())
+    for given in (5, np.stack([a, a])):  # before: TypeError "'int' object is not iterable"; numpy's truth value
+        with pytest.raises(FactorizationError, match=r"starts\[0\]: a list of starting points .*, got "):
+            factorize(target, chain, starts=given, restarts=2, baselines=())
     fast = Solver(optimizer="none", refine_steps=5)
     both = factorize_batch([target, target], chain, starts=[[[a, b]], None], restarts=1, solver=fast)
     one_zero = factorize(target, chain, starts=[[a, 0 * b]], restarts=1, solver=Solver(optimizer="none"), baselines=())

@@ -331,6 +331,9 @@ def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) ->
     real, finite, and at most one free layer's factor all zero (with two, every gradient is zero:
     LM stays at the zero kernel, error 1)."""
     shapes = chain.factor_shapes(target.c_in, target.c_out)
+    if given is not None and not isinstance(given, (list, tuple)):  # before: TypeError, or numpy's truth value
+        raise FactorizationError(f"starts[{b}]: a list of starting points (each a list of factor arrays, one per "
+                                 f"layer), got {type(given).__name__}")
     checked = []
     for r, factors in enumerate(given or []):
         try:
@@ -430,9 +433,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         ``factorize_batch(ts, seed=s)[b]`` starts where ``factorize(ts[b], seed=s + b)`` does;
         the default images (the ``images`` objective's and the output metric's) are drawn with
         ``seed``, one set for the whole batch (``factorize`` with ``images=`` those reproduces it).
-      starts: per target, factor lists (``(*k_i, C_{i-1}, C_i)``, frozen layers included)
-        to use as its first restarts (warm starts, or another tool's starting points; None: none
-        for that target); the rest of the first wave is drawn by ``init``.
+      starts: per target, factor lists (``(*k_i, C_{i-1}, C_i)``, frozen layers included: their
+        slot holds any array of their shape, and their weights are used) to use as its first
+        restarts (warm starts, or another tool's starting points; None: none for that target);
+        the rest of the first wave is drawn by ``init``.
       images: (B, *spatial, C_in) for the ``images`` objective and the output-space metric
         (default: crops of skimage's camera, astronaut and coins).
       baselines: names from :data:`jfactor.factorize.baselines.BASELINES`.
