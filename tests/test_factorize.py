@@ -403,8 +403,11 @@ def test_numpy_dtypes_are_taken_and_a_target_whose_norm_overflows_is_named():
         result = factorize(np.ones((5, 5)), Chain.build([3, 3]), dtype=dtype, restarts=1, solver=fast, baselines=())
         assert result.settings["dtype"] == "float32"
     # before: "all restarts diverged ... lower the learning rate"; 1e300 is fine (README: any finite scale)
-    with pytest.raises(FactorizationError, match=r"the target's norm overflows float64 \(largest \|tap\| 1\.5e\+308\)"):
+    with pytest.raises(FactorizationError, match=r"the target's norm is past 1e\+306 \(largest \|tap\| 1\.5e\+308\)"):
         factorize(np.full((5, 5), 1.5e308), Chain.build([3, 3]), restarts=1)
+    log = kernels.make("log", 7)  # a finite norm, 1.1e308: before, numpy's LinAlgError from an overflowing spectrum
+    with pytest.raises(FactorizationError, match=r"the target's norm is past 1e\+306 .* overflow float64: scale it"):
+        factorize(log * 1e308 / np.abs(log).max(), Chain.build([3, 5]), restarts=2)
     assert Target.from_array(np.full((5, 5), 1e300)).kernel.max() == 1e300
 
 

@@ -28,6 +28,9 @@ from jfactor.ops import dilate
 from jfactor.stack import Stack
 
 
+MAX_NORM = 1e306  # a target's largest norm: at 1.1e308 (a finite norm) the chain's spectra overflowed float64
+
+
 class FactorizationError(JFactorError):
     """A chain that cannot match its target, or a factorization that cannot be trusted."""
 
@@ -250,9 +253,10 @@ class Target:
         if not np.any(kernel):
             raise FactorizationError(f"{name}: the target is all zeros; there is nothing to approximate")
         with np.errstate(over="ignore"):
-            if not np.isfinite(norm(kernel)):  # every error is relative to it
-                raise FactorizationError(f"{name}: the target's norm overflows float64 (largest |tap| "
-                                         f"{np.abs(kernel).max():.3g}): scale it down")
+            if not norm(kernel) <= MAX_NORM:  # every error is relative to it
+                raise FactorizationError(f"{name}: the target's norm is past {MAX_NORM:g} (largest |tap| "
+                                         f"{np.abs(kernel).max():.3g}), where the chain's spectra and errors "
+                                         "overflow float64: scale it down")
         return cls(kernel, _per_dim(stride, spatial_dims, "target stride"), name, spatial_only)
 
     @property
