@@ -67,6 +67,8 @@ def test_an_objective_given_as_factored_is_decided_again_and_its_stride_must_fit
               restarts=2, baselines=())  # runs on the images themselves
     with pytest.raises(ConfigError, match=r"objective stride \(2,\) has 1 entries for a 2-D target"):
         factorize(np.ones((5, 5)), Chain.build([3, 3]), objective=Objective("images", stride=(2,)), restarts=2)
+    with pytest.raises(ConfigError, match=r"objective stride \(2, 2\) is not the target's \(1, 1\)"):
+        factorize(np.ones((5, 5)), Chain.build([3, 3]), objective=Objective("images", stride=(2, 2)), restarts=2)
 
 
 def test_the_factored_images_objective_finds_what_the_filtered_images_find(monkeypatch):

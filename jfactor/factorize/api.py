@@ -485,6 +485,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     if len(objective.stride) != first.ndim:
         raise ConfigError(f"objective stride {objective.stride} has {len(objective.stride)} entries for a "
                           f"{first.ndim}-D target")
+    if tuple(objective.stride) != tuple(first.stride):  # before: the images were filtered at the objective's
+        raise ConfigError(f"objective stride {tuple(objective.stride)} is not the target's {first.stride}: the "
+                          "objective measures the target's map; leave its stride out (it is the target's)")
     padding = check_chain(chain, first)
     np_dtype = np.dtype(dtype)
     size = policy.wave_size
