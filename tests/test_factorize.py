@@ -238,6 +238,10 @@ def test_exact_candidates_tie_on_the_front_and_the_cheaper_one_dominates():
     marked = pareto([candidate(2.3e-16, 20), candidate(3.2e-16, 10), candidate(1e-3, 5), candidate(2e-7, 30, "float32"),
                      candidate(1e-9, 40)])
     assert [(c.macs, c.on_front) for c in marked] == [(10, True), (5, True), (20, False), (30, False), (40, False)]
+    from jfactor.factorize import cheapest_under
+
+    # the exact chain fits a budget of 0 as the front compares it (before: None below 3.2e-16)
+    assert [cheapest_under(marked, budget).macs for budget in (0.0, 1e-16, 1e-3)] == [10, 10, 5]
 
 
 def test_the_cost_axis_is_logarithmic_only_where_the_costs_span_a_decade():

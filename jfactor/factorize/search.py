@@ -133,10 +133,11 @@ def search(target, *, sizes=(3, 5, 9), dilations=(1,), widths=(1,), layers=(1, 2
 
 
 def cheapest_under(front: list[Candidate], max_error: float) -> Candidate | None:
-    """The front's cheapest chain with ``rel_error <= max_error`` (None if none is that good)."""
+    """The front's cheapest chain with ``rel_error <= max_error`` (None if none is that good); an
+    exact one (at the rounding floor, as the front compares it) fits any budget, 0 included."""
     if not is_real(max_error) or not max_error >= 0:
         raise ConfigError(f"max_error must be a relative error >= 0, got {max_error!r}")
     if not isinstance(front, (list, tuple)) or not all(isinstance(c, Candidate) for c in front):
         raise ConfigError(f"cheapest_under takes the list of Candidates search() returns, got {front!r:.80}")
-    fitting = [c for c in front if c.on_front and c.rel_error <= max_error]
+    fitting = [c for c in front if c.on_front and _compared_error(c) <= max_error]
     return min(fitting, key=lambda c: c.macs) if fitting else None
