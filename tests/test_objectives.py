@@ -71,6 +71,15 @@ def test_an_objective_given_as_factored_is_decided_again_and_its_stride_must_fit
         factorize(np.ones((5, 5)), Chain.build([3, 3]), objective=Objective("images", stride=(2, 2)), restarts=2)
 
 
+@pytest.mark.parametrize("objective", ["kernel", "images"])
+def test_all_zero_images_are_refused_whatever_the_objective(objective):
+    from jfactor import ConfigError
+
+    with pytest.raises(ConfigError, match=r"images are all zero: the output metric \(and the images objective\)"):
+        factorize(np.ones((5, 5)), Chain.build([3, 3]), objective=objective, images=np.zeros((1, 32, 32, 1)),
+                  restarts=2, baselines=())
+
+
 def test_the_factored_images_objective_finds_what_the_filtered_images_find(monkeypatch):
     # 5x5 taps into 3x3 -> 3x3: 25 factored residuals >= 18 parameters, so both take the same (primal) LM steps
     rng = np.random.default_rng(3)

@@ -495,9 +495,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     side = max(64 if first.ndim < 3 else 16, 4 * max(extent))  # the default images'
     if images is not None:
         images = _checked_images(images, first, extent)
-        if objective.name == "images" and not images.any():
-            raise ConfigError("the images objective compares the kernels' outputs on the images, and they are all "
-                              "zero: give images with content")
+        if not images.any():  # before, with the kernel objective: an output PSNR of None, "agree bit for bit"
+            raise ConfigError("images are all zero: the output metric (and the images objective) compares the "
+                              "kernels' outputs on them; give images with content")
     # the whole cost from shapes, before any array is made (a huge chain once ran out of memory padding its target)
     image_shape = images.shape if images is not None else (2 * len(DEFAULT_IMAGES),) + (side,) * first.ndim + (
         first.c_in,)
