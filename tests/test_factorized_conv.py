@@ -79,6 +79,20 @@ def test_strided_same_padding_resolves_per_input_like_nnx(shape):
 # -- from_conv: exact where the kernel factorizes, and an honest error where it does not --
 
 
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+def test_a_strided_conv_in_a_larger_chain_is_replaced_exactly(padding):
+    """A 5x5 conv at stride 2 whose taps sit on even places is a 3x3 s2 impulse then a 3x3, a chain
+    of extent 7: the layer computes the conv (before, check_chain placed the kernel a multiple of
+    the stride in and the layer padded the input half of that: one pixel off, output error ~1)."""
+    kernel = np.zeros((5, 5, 1, 1))
+    kernel[::2, ::2] = RNG.normal(size=(3, 3, 1, 1))
+    conv = nnx_conv(kernel, [0.5], strides=2, padding=padding)
+    layer = FactorizedConv.from_conv(conv, (3, 3), strides=(2, 1), solver=FAST, restarts=8)
+    assert layer.init_error < 1e-10
+    x = RNG.normal(size=(2, 21, 19, 1))
+    _close(layer(x), conv(x), tol=1e-9)
+
+
 @pytest.mark.parametrize("size", [16, 15])
 def test_a_separable_kernel_is_replaced_exactly(size, images):
     conv = nnx_conv(kernels.gaussian(size)[..., None, None], [0.25], padding="SAME")

@@ -276,14 +276,20 @@ class Target:
         return self.kernel.shape[-1]
 
 
+def target_padding(extent, size, stride) -> tuple[tuple[int, int], ...]:
+    """The zeros around a ``size`` kernel applied at ``stride`` that fill ``extent``, per dim
+    ``(low, high)``: centred, the odd one high, and the low side a multiple of the stride (a
+    strided kernel moved by less than a stride samples its input at other places: another map)."""
+    low = [(e - n) // 2 // s * s for e, n, s in zip(extent, size, stride)]
+    return tuple((lo, e - n - lo) for lo, e, n in zip(low, extent, size))
+
+
 def check_chain(chain: Chain, target: Target) -> tuple[tuple[int, int], ...]:
     """Raise if ``chain`` cannot produce ``target``'s shape; return the target's zero padding.
 
-    A chain whose receptive field exceeds the target approximates the target zero-padded
-    (centred, the odd pixel high, the low side a multiple of the stride: a strided target moved
-    by less than a stride would sample its input at other places, another map); a smaller one,
-    another stride, or frozen weights with the wrong channels are errors that say what would fit;
-    so is a chain with every layer frozen.
+    A chain whose receptive field exceeds the target approximates the target zero-padded as
+    :func:`target_padding` places it; a smaller one, another stride, or frozen weights with the
+    wrong channels are errors that say what would fit; so is a chain with every layer frozen.
     """
     if all(layer.frozen for layer in chain.layers):
         raise FactorizationError("every layer of the chain is frozen: there is nothing to learn")
@@ -310,8 +316,7 @@ def check_chain(chain: Chain, target: Target) -> tuple[tuple[int, int], ...]:
             raise FactorizationError(
                 f"frozen layer {i}: weights {weights.shape} but the chain needs {shape} here "
                 f"(channels {chain.channels(target.c_in, target.c_out)})")
-    low = [(e - n) // 2 // s * s for e, n, s in zip(extent, target.size, target.stride)]
-    return tuple((lo, e - n - lo) for lo, e, n in zip(low, extent, target.size))
+    return target_padding(extent, target.size, target.stride)
 
 
 def _spectra(factors, chain: Chain) -> list:

@@ -4,11 +4,12 @@
 ``(*k, C_in, C_out)`` with :func:`jfactor.factorize.factorize` and returns a module with
 the conv's input/output shapes: layer i of the chain has kernel ``(*k_i, C_{i-1}, C_i)``,
 its own dilation and stride, and valid padding, except the first layer, which takes the
-conv's padding plus the zeros that centre the conv's kernel in the chain's receptive
-field ``E >= k`` (the odd one high, as :func:`jfactor.factorize.check_chain` pads the
-target).  The chain therefore computes exactly the convolution of the padded input by its
-folded kernel, ``Factorization.approx``: the only difference from the original conv is
-the kernel's approximation error.  The conv's bias is added after the last layer.
+conv's padding plus the zeros that place the conv's kernel in the chain's receptive
+field ``E >= k`` as :func:`jfactor.factorize.chain.target_padding` places the target
+(centred, the odd one high, the low side a multiple of the stride).  The chain therefore
+computes exactly the convolution of the padded input by its folded kernel,
+``Factorization.approx``: the only difference from the original conv is the kernel's
+approximation error.  The conv's bias is added after the last layer.
 
 Kernels and bias are ``nnx.Param``s (frozen chain layers are :class:`FrozenKernel`), so
 ``nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)`` fine-tunes the chain in place.
@@ -28,7 +29,7 @@ from jfactor import _checks
 from jfactor.analysis import program_macs
 from jfactor.errors import StackError
 from jfactor.factorize.api import factorize
-from jfactor.factorize.chain import Chain, FactorizationError, Target, check_chain
+from jfactor.factorize.chain import Chain, FactorizationError, Target, check_chain, target_padding
 from jfactor.factorize.solve import Solver
 from jfactor.interop.nnx import conv_from_nnx
 from jfactor.layers import Conv
@@ -42,11 +43,6 @@ Pads = tuple[tuple[int, int], ...]
 
 class FrozenKernel(nnx.Variable):
     """The kernel of a frozen chain layer: not an ``nnx.Param``, so ``wrt=nnx.Param`` skips it."""
-
-
-def _centring(extent: Shape, kernel_size: Shape) -> Pads:
-    """Zeros around a ``kernel_size`` kernel to fill ``extent``: ``(e - k) // 2`` low, the rest high."""
-    return tuple(((e - k) // 2, e - k - (e - k) // 2) for e, k in zip(extent, kernel_size))
 
 
 def _check_factors(factors, chain: Chain) -> tuple[int, int]:
@@ -185,7 +181,7 @@ class FactorizedConv(nnx.Module):
         if len(spatial) != self.chain.ndim:
             raise StackError(f"{where}: a {self.chain.ndim}-D chain cannot apply to a {len(spatial)}-D input")
         conv_pads = _checks.resolve_padding(self.padding, tuple(spatial), self.kernel_size, self.chain.stride, where)
-        centre = _centring(self.chain.extent, self.kernel_size)
+        centre = target_padding(self.chain.extent, self.kernel_size, self.chain.stride)
         return tuple((lo + a, hi + b) for (lo, hi), (a, b) in zip(conv_pads, centre))
 
     def to_stack(self, input_shape) -> Stack:
