@@ -38,6 +38,7 @@ import devices
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "ablations"
 RESULTS = ROOT / "experiments" / "results"
+CONFIG_NAMES = {"strides_vs_pooling": ["pooling_as_strides", "strides_as_pooling"]}  # the others: the study's own
 
 
 def _sweep_rows(name: str, runs_dir: Path, tiny: bool) -> list[dict]:
@@ -120,8 +121,8 @@ def optimizer_init(runs_dir: Path, tiny: bool):
 
 def strides_vs_pooling(runs_dir: Path, tiny: bool):
     table = []
-    for name, target in (("pooling_as_strides", "pooled stack (78x78 s16)"),
-                         ("strides_as_pooling", "strided stack (63x63 s16)")):
+    for name, target in zip(CONFIG_NAMES["strides_vs_pooling"], ("pooled stack (78x78 s16)",
+                                                                 "strided stack (63x63 s16)")):
         path = CONFIGS / f"{name}.yaml"
         config, _, base = load_config(path, ["tiny=true"] if tiny else [])
         directory = run(config, base, str(path), runs_dir, progress=not tiny)
@@ -142,7 +143,6 @@ def strides_vs_pooling(runs_dir: Path, tiny: bool):
 
 STUDIES = {"chain_structure": chain_structure, "channel_width": channel_width, "optimizer_init": optimizer_init,
            "strides_vs_pooling": strides_vs_pooling}
-CONFIG_NAMES = {"strides_vs_pooling": ["pooling_as_strides", "strides_as_pooling"]}  # the others: the study's own
 
 
 def settings(study: str) -> dict:

@@ -104,6 +104,9 @@ def staged(directory: Path, replaces: Iterable[str] = ()):
     try:
         yield staging
         written = sorted(path.name for path in staging.iterdir())
+        blocked = [name for name in written if (directory / name).is_dir()]
+        if blocked:  # checked before any file moves: a rename failing half-way would mix two results
+            raise ConfigError(f"{directory / blocked[0]}: is a folder, where this command writes a file")
         for name in written:
             os.replace(staging / name, directory / name)
         for name in set(replaces) - set(written):

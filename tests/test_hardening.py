@@ -223,7 +223,7 @@ def test_the_memory_estimate_counts_the_least_squares_baselines_that_run():
 def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkeypatch):
     target = kernels.make("gaussian", 7, sigma=1.0)  # before the budget shrinks (making a family checks it too)
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1e-6")
-    images = np.zeros((1, 8, 8, 1))  # the user's: not counted (the default ones would be the largest part)
+    images = np.ones((1, 8, 8, 1))  # the user's: not counted (the default ones would be the largest part)
     with pytest.raises(ConfigError, match=r"past the memory budget .*JFACTOR_MEMORY_BUDGET_GB.*restarts"):
         factorize(target, Chain.build([3, 5]), restarts=4, solver=FAST, baselines=(),
                   images=images)
@@ -279,7 +279,8 @@ def test_huge_chains_stop_at_the_memory_budget_before_any_array_is_made():
     ({"seed": 1.5}, "seed must be a non-negative integer"),
     ({"images": np.full((2, 16, 16, 1), np.nan)}, "images have non-finite values"),
     ({"images": np.ones((2, 4, 4, 1))}, r"images \(4, 4\) are smaller than the kernel .* \(5, 5\)"),
-    ({"images": np.zeros((2, 16, 16, 1)), "objective": "images"}, "images objective .* all zero"),
+    ({"images": np.zeros((2, 16, 16, 1)), "objective": "images"},
+     r"images are all zero: the output metric \(and the images objective\)"),
     ({"images": np.zeros((0, 16, 16, 1))}, r"images hold no image \(B = 0"),  # before: taken, no output metric
     ({"images": np.ones((2, 16, 16, 1)) * 1j}, "images are complex"),  # before: cast to real with a warning
     ({"budget_s": "1"}, "budget_s must be a positive number of seconds"),  # before: a TypeError from math
@@ -389,6 +390,13 @@ def test_staged_files_replace_a_directorys_files_all_at_once_or_not_at_all(tmp_p
         rundir.write_json(files / "result.json", {"new": 1})
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["notes.txt", "result.json"]  # no picture of the old one
     assert json.loads((tmp_path / "result.json").read_text()) == {"new": 1}
+    (tmp_path / "factors.npz").mkdir()  # a folder where a file goes: refused before any file moves
+    with pytest.raises(ConfigError, match=r"factors.npz: is a folder, where this command writes a file"):
+        with rundir.staged(tmp_path) as files:
+            rundir.write_json(files / "result.json", {"newer": 1})
+            rundir.write_json(files / "factors.npz", {})
+    assert json.loads((tmp_path / "result.json").read_text()) == {"new": 1}
+    assert not list(tmp_path.glob(".staging-*"))
 
 
 def test_an_interrupted_factorize_leaves_the_earlier_result_in_its_directory_whole(tmp_path, monkeypatch):

@@ -42,7 +42,8 @@ class Processes:
                 multihost_utils.sync_global_devices(name)
             except AssertionError:  # jax compares the names the processes reached
                 raise ConfigError(f"the {self.count} processes reached different barriers ({name} here): start "
-                                  "every process with the same config and --set values") from None
+                                  "every process with the same config and --set values, its files at the same "
+                                  "paths") from None
 
 
 def _check(coordinator: str, num_processes: int, process_id: int) -> None:

@@ -208,14 +208,12 @@ def write_factorization(result: Factorization, directory: Path, stem: str = "", 
     """``<stem>_factors.npz`` (layer0, layer1, ... in chain order), ``<stem>_approx.npy`` (the
     folded chain in the target's layout, its whole extent: the target sits at ``padding`` inside
     it where the chain's extent is larger) and, with ``plots``, the PNGs (:data:`PLOTS`); returns
-    the PNG names.  Without ``plots`` it removes those PNGs where an earlier result in the same
-    directory left them, so no picture in it shows another result."""
+    the PNG names.  ``directory`` is a new one (a run's, a sweep cell's, a command's staging
+    folder: :func:`jfactor.rundir.staged` removes an earlier result's pictures)."""
     prefix = f"{stem}_" if stem else ""
     rundir.write_npz(directory / f"{prefix}factors.npz", **{f"layer{j}": f for j, f in enumerate(result.factors)})
     rundir.write_npy(directory / f"{prefix}approx.npy", result.approx_like_target(crop=False))
     if not plots:
-        for name in PLOTS:
-            (directory / f"{prefix}{name}.png").unlink(missing_ok=True)
         return []
     from jfactor.report import factorization_plots
 

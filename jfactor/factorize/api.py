@@ -434,7 +434,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         the default images (the ``images`` objective's and the output metric's) are drawn with
         ``seed``, one set for the whole batch (``factorize`` with ``images=`` those reproduces it).
       starts: per target, factor lists (``(*k_i, C_{i-1}, C_i)``, frozen layers included: their
-        slot holds any array of their shape, and their weights are used) to use as its first
+        slot holds any finite real array of their shape, and their weights are used) to use as its first
         restarts (warm starts, or another tool's starting points; None: none for that target);
         the rest of the first wave is drawn by ``init``.
       images: (B, *spatial, C_in) for the ``images`` objective and the output-space metric
@@ -527,9 +527,12 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     if images is None:
         images = load_images(DEFAULT_IMAGES, size=side, count=2, c_in=first.c_in, seed=seed, ndim=first.ndim)
 
+    if starts is not None and not isinstance(starts, (list, tuple)):
+        raise ConfigError(f"starts: one list of starting points per target, got {type(starts).__name__}")
     if starts is not None and len(starts) != len(targets):
         raise ConfigError(f"starts has {len(starts)} entries for {len(targets)} targets (one list per target)")
-    given = [_given_starts(g, chain, first, size, b) for b, g in enumerate(starts or [[]] * len(targets))]
+    given = [_given_starts(g, chain, first, size, b)
+             for b, g in enumerate(starts if starts is not None else [None] * len(targets))]
     rngs = [np.random.default_rng(seed + b) for b in range(len(targets))]
     units = [dataclasses.replace(t, kernel=t.kernel / n) for t, n in zip(targets, norms)]  # starts are scale-free
     groups = [symmetry.start_group(k, chain) for k in normalised]

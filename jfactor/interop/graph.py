@@ -45,7 +45,8 @@ class Node:
 class Segment:
     """A maximal linear segment: ``nodes`` (names, in graph order) map tensor ``source`` to ``sink``.
 
-    ``positions``: where the reader knows them, the nodes' indices in the model's layer list.
+    ``positions``: where the reader knows them, the indices in the model's layer list of the
+    nodes that are in it, in order (a Keras ``keras.ops`` call is a node but not a layer).
     """
 
     nodes: tuple[str, ...]

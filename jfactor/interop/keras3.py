@@ -138,13 +138,13 @@ def _node(layer, inputs: tuple[str, ...], output: str, shapes: list[Shape], cons
         if isinstance(layer, keras.Model):
             raise _NotLinear("a nested model; jfactor reads the layers of one flat model (build it from the nested "
                              "model's layers)")
-        if constants:  # before: the constant was dropped, and x + 1.0 read as x
-            raise _NotLinear(f"a keras.ops operation with operands that are not tensors of the model "
-                             f"({', '.join(constants)}); jfactor reads operations of the model's tensors only")
         if kind in ("InputLayer", "Identity", "Dropout") or (kind == "Activation"
                                                              and layer.activation is keras.activations.linear):
             return Node(layer.name, inputs, output, Identity())
         if kind in ("Add", "Concatenate"):
+            if constants:  # before: the constant was dropped, and x + 1.0 read as x
+                raise _NotLinear(f"a keras.ops operation with operands that are not tensors of the model "
+                                 f"({', '.join(constants)}); jfactor reads operations of the model's tensors only")
             if kind == "Concatenate" and not _concat_axis_ok(layer, len(shape) + 1):
                 raise _NotLinear(f"concatenates axis {layer.axis}, not the channels (last) axis")
             if kind == "Add" and len(set(shapes)) > 1:

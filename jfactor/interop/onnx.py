@@ -201,9 +201,10 @@ def _layer_of(node, values: dict, shapes: dict):
     if op in ("Add", "Sum") and len(data) > 1:
         if len(data) != len([i for i in node.input if i]):
             raise _NotLinear("adds data tensors and constants together")
-        if len({shapes.get(t) for t in data}) > 1:
-            raise _NotLinear(f"adds tensors of shapes {', '.join(str(shapes.get(t)) for t in data)} (broadcast); "
-                             "jfactor adds tensors of one shape")
+        known = [shapes[t] for t in data if shapes.get(t) is not None]
+        if len(set(known)) > 1:
+            raise _NotLinear(f"adds tensors of shapes {', '.join(map(str, known))} (broadcast); jfactor adds "
+                             "tensors of one shape")
         return None, "sum"
     if op == "Concat":
         if len(data) != len([i for i in node.input if i]):
