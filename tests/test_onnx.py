@@ -332,30 +332,31 @@ def _weight(name, rng, *shape):
 
 
 def _unusual_models():
-    """Valid models onnxruntime runs, each once broken by fold_model (named in the comments)."""
+    """(name, segments folded, model): valid models onnxruntime runs, each once broken by fold_model
+    (named in the comments)."""
     rng, node = np.random.default_rng(0), helper.make_node
     weights = [_weight(f"w{i}", rng, 2, 2, 3, 3) for i in (1, 2, 3)]
-    yield "a node named like an unnamed one", _graph_model(  # before: the folded graph lost a tensor (invalid ONNX)
+    yield "a node named like an unnamed one", 1, _graph_model(  # before: the folded graph lost a tensor (invalid ONNX)
         [node("Conv", ["input", "w1"], ["t1"]), node("Conv", ["t1", "w2"], ["t2"]),
          node("Relu", ["t2"], ["t3"], name="Conv_0"), node("Conv", ["t3", "w3"], ["output"])], weights)
-    yield "a Dropout's mask read", _graph_model(  # before: FoldError "Graph output 'mask' is not an output of any node"
+    yield "a Dropout's mask read", 0, _graph_model(  # before: FoldError "Graph output 'mask' is not an output"
         [node("Conv", ["input", "w1"], ["t1"]), node("Dropout", ["t1"], ["t2", "mask"]),
          node("Conv", ["t2", "w2"], ["output"])], weights[:2],
         outputs=[helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", "C", "H", "W"]),
                  helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "C", "H", "W"])])
-    yield "float16 pad and pool", _graph_model(  # before: a float32 Conv in a float16 graph
+    yield "float16 pad and pool", 1, _graph_model(  # before: a float32 Conv in a float16 graph
         [node("Pad", ["input", "pads"], ["t1"]), node("AveragePool", ["t1"], ["output"], kernel_shape=[2, 2])],
         [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")], elem=TensorProto.FLOAT16)
-    yield "a broadcast Add", _graph_model(  # before: StackError "branch output shapes ... differ"
+    yield "a broadcast Add", 0, _graph_model(  # before: StackError "branch output shapes ... differ"
         [node("Conv", ["input", "w1"], ["t1"]), node("AveragePool", ["t1"], ["t2"], kernel_shape=[8, 8]),
          node("Add", ["t1", "t2"], ["t3"]), node("Relu", ["t3"], ["output"])], weights[:1], shape=(1, 2, 10, 10))
-    yield "a Mul that adds axes", _graph_model(  # before: folded to a 4-D output, and compare_outputs broadcast it
+    yield "a Mul that adds axes", 0, _graph_model(  # before: folded to a 4-D output, and compare_outputs broadcast it
         [node("Conv", ["input", "w1"], ["t1"]), node("Mul", ["t1", "k"], ["output"])],
         [weights[0], _weight("k", rng, 1, 1, 2, 1, 1)],
         outputs=[helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 2, 10, 10])])
     statistics = [numpy_helper.from_array(rng.uniform(0.5, 2.0, (2, 10, 10)).astype(np.float32), name)
                   for name in ("gamma", "beta", "mean", "var")]
-    yield "opset 7's BatchNormalization per position", _graph_model(  # before: StackError "gamma must have 1 dims"
+    yield "opset 7's BatchNormalization per position", 0, _graph_model(  # before: StackError "gamma must have 1 dims"
         [node("Conv", ["input", "w1"], ["t1"]), node("BatchNormalization", ["t1", "gamma", "beta", "mean", "var"],
                                                        ["t2"], spatial=0), node("Conv", ["t2", "w2"], ["output"])],
         weights[:2] + statistics, opset=7)
@@ -363,8 +364,9 @@ def _unusual_models():
 
 @pytest.mark.parametrize("index", range(6))
 def test_unusual_valid_models_fold_to_what_onnxruntime_computes(index):
-    name, model = list(_unusual_models())[index]
-    folded, _ = fold_model(model)
+    name, expected, model = list(_unusual_models())[index]
+    folded, reports = fold_model(model)
+    assert sum(r.folded for r in reports) == expected, (name, reports)
     check = compare_outputs(model, folded, strict=True)  # a FoldError where the outputs' shapes differ
     x = np.ones(check["input_shape"], check["dtype"])
     assert _run(folded, x).shape == _run(model, x).shape, name
