@@ -151,12 +151,14 @@ def _constant_operand_models():
                             ("ops.add", lambda c: keras.ops.add(c, np.array([10.0, 20.0])), constant),
                             ("ops.concatenate", lambda c: keras.ops.concatenate([c, np.ones((1, 4, 4, 1))], axis=-1),
                              constant),
-                            ("x * 2.0", lambda c: c * 2.0, "not linear, or unknown to jfactor")):
+                            ("x * 2.0", lambda c: c * 2.0, "not linear, or unknown to jfactor"),
+                            # not read whatever its operands: not linear, not "constant operands"
+                            ("ops.clip", lambda c: keras.ops.clip(c, 0.0, 1.0), "not linear, or unknown to jfactor")):
         inputs = keras.Input((6, 6, 1))
         yield name, keras.Model(inputs, L.Identity(name="after")(make(conv(inputs)))), why
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_keras_ops_with_a_constant_operand_are_named_and_split_around(index):
     # before: x + 1.0 read as x (the constant dropped, folded bias None), ops.concatenate with a constant gave 2
     # channels where Keras gives 3, and x * 2.0 raised Keras' "No such layer: multiply"
