@@ -73,14 +73,17 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """NCHW shape of every tensor shape inference can follow (None for unknown sizes)."""
+def _tensor_types(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, np.dtype]]:
+    """From one shape inference: the NCHW shape of every tensor it can follow (None for unknown
+    sizes), and the element dtype of every tensor whose type it knows."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
+    shapes, dtypes = {}, {}
     for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         dims = info.type.tensor_type.shape.dim
         shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
-    return shapes
+        if info.type.tensor_type.elem_type:
+            dtypes[info.name] = np.dtype(helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type))
+    return shapes, dtypes
 
 
 def _pairs(pads, ndim: int) -> tuple[tuple[int, int], ...]:
@@ -309,6 +312,7 @@ class _Graph:
     nodes: list
     values: dict
     shapes: dict
+    dtypes: dict
 
     def stack(self, segment: Segment) -> Stack:
         members = [n for n in self.nodes if n.name in segment.nodes]
@@ -318,8 +322,8 @@ class _Graph:
 def _graph(model) -> _Graph:
     model = _named(_load(model))
     values = _constants(model)
-    shapes = _shapes(model)
-    return _Graph(model, _nodes(model, values, shapes), values, shapes)
+    shapes, dtypes = _tensor_types(model)
+    return _Graph(model, _nodes(model, values, shapes), values, shapes, dtypes)
 
 
 def _data_io(graph: _Graph) -> tuple[str, str]:
@@ -437,19 +441,15 @@ def _fold_segment(graph: _Graph, segment: Segment, cheaper_only: bool) -> tuple[
     return _report(segment, ops, stack, folded, True, "folded"), folded
 
 
-def _weights_dtype(model: onnx.ModelProto, segment: Segment, values: dict):
+def _weights_dtype(graph: _Graph, segment: Segment):
     """The dtype of the segment's first float weight; with none (pads and pools), its input's
     (float32 where shape inference does not say)."""
-    for node in model.graph.node:
+    for node in graph.model.graph.node:
         if node.name in segment.nodes:
             for name in node.input:
-                if name in values and values[name].dtype.kind == "f":
-                    return values[name].dtype
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    for info in (*inferred.input, *inferred.value_info):
-        if info.name == segment.source and info.type.tensor_type.elem_type:
-            return np.dtype(helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type))
-    return np.dtype(np.float32)
+                if name in graph.values and graph.values[name].dtype.kind == "f":
+                    return graph.values[name].dtype
+    return graph.dtypes.get(segment.source, np.dtype(np.float32))
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -491,7 +491,7 @@ def fold_model(model, *, cheaper_only: bool = False) -> tuple[onnx.ModelProto, l
                          "with fixed ones")
     reports, replace = [], {}
     for segment in segments(graph.nodes, [o.name for o in model.graph.output]):
-        dtype = _weights_dtype(model, segment, graph.values)
+        dtype = _weights_dtype(graph, segment)
         report, folded = _fold_segment(graph, segment, cheaper_only)
         reports.append(report)
         if report.folded:
