@@ -95,7 +95,7 @@ def sweep_dir(runs_dir, raw: dict, base: Path) -> Path:
     """``runs_dir/sweep-<name>-<hash>``, the hash of the config and of where the files it names are
     (``base``: the config's directory), not of what they hold: one config text beside other files
     is another sweep, and a changed file is a changed input of the same sweep's cells."""
-    where = sorted(_files(raw, Path(base), {}))
+    where = sorted(_file_paths(raw, Path(base), {}))
     digest = hashlib.sha256(json.dumps([raw, where], sort_keys=True, default=str).encode()).hexdigest()[:10]
     return Path(runs_dir) / f"sweep-{rundir.slug(str(raw.get('name', 'experiment')))}-{digest}"
 
@@ -104,15 +104,15 @@ def _label(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def _files(data, base: Path, found: dict) -> dict:
-    """``{resolved path: sha256}`` of every existing file a config mapping names (recursively
-    into the YAML files it names, relative to each file's directory)."""
+def _file_paths(data, base: Path, found: dict) -> dict:
+    """``{resolved path: path}`` of every existing file a config mapping names (recursively into
+    the YAML files it names, relative to each file's directory), in the order met."""
     if isinstance(data, dict):
         for value in data.values():
-            _files(value, base, found)
+            _file_paths(value, base, found)
     elif isinstance(data, list):
         for value in data:
-            _files(value, base, found)
+            _file_paths(value, base, found)
     elif isinstance(data, str) and len(data) < 4096:
         path = Path(data) if Path(data).is_absolute() else base / data
         try:
@@ -121,21 +121,26 @@ def _files(data, base: Path, found: dict) -> dict:
             is_file = False
         key = str(path.resolve()) if is_file else None
         if key is not None and key not in found:
-            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[key] = path
             if path.suffix in (".yaml", ".yml"):
                 import yaml
 
                 try:
-                    _files(yaml.safe_load(path.read_text()), path.parent, found)
+                    _file_paths(yaml.safe_load(path.read_text()), path.parent, found)
                 except yaml.YAMLError:
                     pass  # the cell's own validation reports it
     return found
 
 
+def _files(data, base: Path) -> dict:
+    """``{resolved path: sha256}`` of every file :func:`_file_paths` finds."""
+    return {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in _file_paths(data, base, {}).items()}
+
+
 def cell_inputs(data: dict, base: Path) -> dict:
     """What a cell's result depends on: its resolved config and the hash of every file it names."""
     text = json.dumps(data, sort_keys=True, default=str)
-    return {"config": hashlib.sha256(text.encode()).hexdigest(), "files": _files(data, base, {})}
+    return {"config": hashlib.sha256(text.encode()).hexdigest(), "files": _files(data, base)}
 
 
 def _changes(old: dict, new: dict) -> str:
