@@ -167,8 +167,8 @@ def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", titl
     """Relative error (log) against multiply-adds per output (:func:`_cost_axis`), one point per row."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
     middle = np.sqrt(min(row["macs"] for row in rows) * max(row["macs"] for row in rows)) if rows else 0
-    for i, row in enumerate(rows):
-        error = max(row["rel_error"], 1e-17)
+    errors = [max(row["rel_error"], 1e-17) for row in rows]  # exact ones drawn at the axis's floor
+    for i, (row, error) in enumerate(zip(rows, errors)):
         ax.semilogy(row["macs"], error, "o", color=f"C{i % 10}")
         right_half = row["macs"] > middle  # labels point inwards, so they stay inside the axes
         label = ax.annotate(textwrap.fill(str(row.get(label_key, i)), 36), (row["macs"], error), fontsize=7,
@@ -178,7 +178,7 @@ def plot_error_vs_cost(rows: list[dict], path, *, label_key: str = "chain", titl
     _cost_axis(ax, [row["macs"] for row in rows])
     ax.margins(x=0.1, y=0.15)
     if rows:
-        _error_axis(ax, [max(row["rel_error"], 1e-17) for row in rows])
+        _error_axis(ax, errors)
     ax.set_xlabel("multiply-adds per output")
     ax.set_ylabel("relative error")
     ax.set_title(title)
