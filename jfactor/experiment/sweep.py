@@ -183,6 +183,11 @@ def _cell_dir(directory: Path, index: int) -> Path:
     return directory / "cells" / f"{index:03d}"
 
 
+def _cell_results(directory: Path, index: int) -> Path:
+    """The cell's ``results.json``, written last: the cell is done when it is there."""
+    return _cell_dir(directory, index) / "results.json"
+
+
 def _written(path: Path) -> int | None:
     """When ``path`` was last written (ns; None: it is not there)."""
     try:
@@ -218,8 +223,7 @@ def _run_cell(cell: dict, directory: Path, processes: Processes, lock: FileLock,
     except Timeout:
         return None, False
     try:
-        results = _finished(_cell_dir(directory, cell["index"]) / "results.json", cell["inputs"],
-                            cell["label"])
+        results = _finished(_cell_results(directory, cell["index"]), cell["inputs"], cell["label"])
         return (results, True) if results is not None else (_compute(cell, directory, processes), False)
     finally:
         lock.release()
@@ -252,7 +256,7 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
 
     # the cells it reuses are those whose results.json an earlier run wrote: still the file this run
     # found at its start, not one another process of this run wrote (or rewrote) while it waited
-    earlier = {cell["index"]: _written(_cell_dir(directory, cell["index"]) / "results.json") for cell in plans}
+    earlier = {cell["index"]: _written(_cell_results(directory, cell["index"])) for cell in plans}
     mine = [cell for cell in plans if processes.owns(cell["index"])]
     locks = {cell["index"]: _lock(directory, cell["index"]) for cell in plans}
     if processes.count > 1:  # claimed before the barrier: process 0 waits for these rather than taking them
@@ -276,7 +280,7 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
                 lock.release()
         if result is not None:
             payloads[cell["index"]] = result
-            written = _written(_cell_dir(directory, cell["index"]) / "results.json")
+            written = _written(_cell_results(directory, cell["index"]))
             reused.extend([cell["index"]] if finished and written == earlier[cell["index"]] else [])
             bar.advance()
         return result is not None
