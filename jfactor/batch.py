@@ -193,14 +193,21 @@ def compose_shift(a, b, step):
     return out
 
 
+def _transform_dtype(*arrays):
+    """The dtype FFTs of ``arrays`` run in: theirs, at least float32 (XLA's FFT takes no half precision)."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
 def compose_fft(a, b, step):
-    """Batched FFT: pad both to the full size, ``rfftn``, channel matmul per frequency, ``irfftn``."""
+    """Batched FFT: pad both to the full size, ``rfftn``, channel matmul per frequency, ``irfftn``.
+    Half-precision kernels are transformed in float32 and the result cast back."""
     nd = len(step)
     size = _full_size(a, b, step)
     axes = tuple(range(1, nd + 1))
-    fa = jnp.fft.rfftn(a, s=size, axes=axes)
-    fb = jnp.fft.rfftn(_dilate(b, step), s=size, axes=axes)
-    return jnp.fft.irfftn(_matmul(fa, fb), s=size, axes=axes)
+    work = _transform_dtype(a, b)
+    fa = jnp.fft.rfftn(a.astype(work), s=size, axes=axes)
+    fb = jnp.fft.rfftn(_dilate(b, step).astype(work), s=size, axes=axes)
+    return jnp.fft.irfftn(_matmul(fa, fb), s=size, axes=axes).astype(jnp.result_type(a, b))
 
 
 @functools.lru_cache(maxsize=256)
@@ -283,18 +290,20 @@ def compose_chain(kernels: Sequence, steps: Sequence[tuple[int, ...]]):
     holds the full linear convolution, so nothing wraps around: exact to float64 rounding
     (errors grow like log(K) * eps * prod |k_i|).  Bytes per item: the kernels, the first
     axes' partial DFTs of each kernel (``F_1 ... F_{d-1} k_d`` values), one spectrum and the
-    result; the product runs in one fused loop.  Memory linear in N.
+    result; the product runs in one fused loop.  Memory linear in N.  Half-precision kernels
+    are transformed in float32 and the result cast back to their dtype.
     """
     nd = len(steps[0])
     size = chain_size([_spatial(k, nd) for k in kernels], steps)
+    work = _transform_dtype(*kernels)
     spectrum = None
     for kernel, step in zip(kernels, steps):
-        x = kernel
+        x = kernel.astype(work)
         for axis in range(nd):
             w = dft_matrix(size[axis], x.shape[1 + axis], step[axis], half=axis == nd - 1)
             x = _dft_axis(x, w, 1 + axis, fuse=axis == nd - 1)
         spectrum = x if spectrum is None else _matmul(spectrum, x)
-    return jnp.fft.irfftn(spectrum, s=size, axes=tuple(range(1, nd + 1)))
+    return jnp.fft.irfftn(spectrum, s=size, axes=tuple(range(1, nd + 1))).astype(jnp.result_type(*kernels))
 
 
 # Crossover, measured with ``python experiments/bench_fold.py --crossover`` (N = 256, float64,

@@ -344,6 +344,21 @@ def test_fold_batch_still_traces_under_jit_and_bfloat16_is_a_floating_dtype():
     assert one.astype(jnp.bfloat16).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float16, 2e-3), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("method", ["auto", "chain", "fft", "shift", "gather"])
+def test_half_precision_batches_keep_their_dtype_with_every_method(dtype, tolerance, method):
+    """XLA's FFT takes no half precision: the transform methods run in float32 and cast back (the
+    chain method returned float32, the FFT method raised jax's error; auto picks FFT here)."""
+    rng = np.random.default_rng(0)
+    items = [jf.Stack([jf.Conv(rng.standard_normal((7, 7, 1, 2))), jf.Conv(rng.standard_normal((15, 15, 2, 1)))],
+                      input_shape=(32, 32, 1)) for _ in range(2)]
+    folded = jf.batch.fold_batch(jf.batch.stack_batch([item.astype(dtype) for item in items]), method=method)
+    assert folded.kernel.dtype == dtype
+    for item, kernel in zip(items, folded.kernel):
+        exact = np.asarray(jf.fold(item.astype(dtype).astype(jnp.float64)).conv.kernel)
+        assert np.abs(np.asarray(kernel, np.float64) - exact).max() <= tolerance * np.abs(exact).max()
+
+
 def test_fold_plan_of_an_unbatched_stack_says_what_a_batch_is():
     unbatched = jf.Stack([jf.Conv(np.ones((3, 3, 1, 2))), jf.Conv(np.ones((3, 3, 2, 1)))], input_shape=(8, 8, 1))
     with pytest.raises(jf.StackError, match="one item of the batch .* is not a valid stack"):
