@@ -638,7 +638,8 @@ def fold_batch(stacks: Stack, *, method: str = "auto", dtype=None, mesh=None, sh
     bad = np.flatnonzero(np.asarray(_non_finite_items(folded.kernel, folded.bias)))  # a pass on its device
     if bad.size:
         raise StackError(f"fold_batch: the folds of {bad.size} of {n} items are not finite (the first: item {bad[0]}): "
-                         "their weights hold NaN or inf, or overflow when composed")
+                         "their weights hold NaN or inf, overflow when composed, or give a BatchNorm a var + "
+                         "epsilon that is not > 0")
     return folded
 
 

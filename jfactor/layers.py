@@ -343,6 +343,9 @@ class BatchNorm(Layer):
     def lower(self, in_shape: Shape, dtype) -> tuple:
         ndim = len(in_shape) - 1
         gamma, beta, mean, var = (a.astype(dtype) for a in (self.gamma, self.beta, self.mean, self.var))
+        if _checks.is_concrete(var) and bool((var + self.epsilon <= 0).any()):  # set past __post_init__ (tree.map)
+            bad = [int(c) for c in jnp.flatnonzero(var + self.epsilon <= 0)[:5]]
+            raise StackError(f"{self.kind}: var + epsilon must be > 0 in every channel, not in channel(s) {bad}")
         scale = gamma / jnp.sqrt(var + self.epsilon)
         if _checks.is_concrete(scale) and not bool(jnp.isfinite(scale).all()):
             bad = [int(c) for c in jnp.flatnonzero(~jnp.isfinite(scale))[:5]]
@@ -381,12 +384,19 @@ def sequence_out_shape(layers, in_shape: Shape, path: str) -> Shape:
     return shape
 
 
-def lower_sequence(layers, in_shape: Shape, dtype) -> tuple:
-    """The program of ``layers`` applied in order to an input of ``in_shape``."""
+def lower_sequence(layers, in_shape: Shape, dtype, path: str | None = None) -> tuple:
+    """The program of ``layers`` applied in order to an input of ``in_shape``; with ``path``,
+    a layer's refusal names it (``path[i] (kind)``)."""
     items = []
     shape = in_shape
-    for layer in layers:
-        items.extend(layer.lower(shape, dtype))
+    for i, layer in enumerate(layers):
+        try:
+            items.extend(layer.lower(shape, dtype))
+        except StackError as exc:
+            if path is None:
+                raise
+            message = str(exc).removeprefix(f"{layer.kind}: ")
+            raise StackError(f"{_where(f'{path}[{i}]', layer.kind)}: {message}") from None
         shape = layer.out_shape(shape)
     return tuple(items)
 

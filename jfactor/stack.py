@@ -20,7 +20,7 @@ class Stack:
 
     Args:
       layers: a sequence of :class:`~jfactor.layers.Layer`.
-      input_shape: ``(*spatial, C)``, e.g. ``(28, 28, 1)``; 1, 2 or 3 spatial dims.
+      input_shape: ``(*spatial, C)``, e.g. ``(28, 28, 1)``; any number of spatial dims.
 
     Construction checks every layer against the shape reaching it and raises
     :class:`StackError` naming the first bad layer (``layers[i]``, or a nested path).
@@ -78,7 +78,7 @@ class Stack:
 
         ``dtype`` defaults to the weights' dtype, float64 for a stack without weights.
         """
-        return lower_sequence(self.layers, self.input_shape, dtype or self.dtype or jnp.float64)
+        return lower_sequence(self.layers, self.input_shape, dtype or self.dtype or jnp.float64, "layers")
 
     def num_params(self) -> int:
         return sum(layer.num_params(shape) for layer, (shape, _) in zip(self.layers, self.shapes()))

@@ -54,8 +54,8 @@ def test_batch_norm_takes_numpy_epsilons_and_names_its_overflow():
     assert norm.epsilon == float(np.float32(1e-5))
     stack = jf.Stack([jf.Conv(np.ones((3, 1, 2))), jf.BatchNorm([1e200, 1.0], [0.0] * 2, [0.0] * 2, [1e-300, 1.0],
                                                               0.0)], (8, 1))
-    with pytest.raises(jf.StackError, match=r"batch_norm: gamma / sqrt\(var \+ epsilon\) overflows float64 in "
-                                            r"channel\(s\) \[0\]"):
+    with pytest.raises(jf.StackError, match=r"layers\[1\] \(batch_norm\): gamma / sqrt\(var \+ epsilon\) overflows "
+                                            r"float64 in channel\(s\) \[0\]"):
         jf.fold(stack)
 
 

@@ -209,3 +209,29 @@ def test_the_exact_region_of_a_long_input_takes_memory_of_its_length_not_times_t
     tracemalloc.stop()
     assert region == ((127, n - 254 - 127),)
     assert peak < 100 * n  # a few arrays of n entries (about 70 bytes each); (n x 255) int64 alone is 204 MB
+
+
+def _with_variance(var):
+    """A conv, a BatchNorm and a branch holding another, whose variances are then replaced by
+    ``jax.tree.map`` (as the README's batch recipe replaces weights), which builds no layer and so runs
+    none of their checks."""
+    import jax
+
+    bn = lambda: jf.BatchNorm(np.ones(2), np.zeros(2), np.zeros(2), np.ones(2), 1e-3)  # noqa: E731
+    stack = jf.Stack([jf.Conv(np.ones((3, 3, 1, 2))), bn(), jf.Branches([[bn()], [jf.Identity()]])], (8, 8, 1))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, w: np.asarray(var, np.float64) if jax.tree_util.keystr(path).endswith(".var") else w, stack)
+
+
+def test_a_batchnorm_variance_set_past_its_checks_is_refused_by_name():
+    """A negative variance read "gamma / sqrt(var + epsilon) overflows float64", no layer named."""
+    bad = _with_variance([1.0, -1.0])
+    with pytest.raises(jf.StackError, match=r"^layers\[1\] \(batch_norm\): var \+ epsilon must be > 0 in every "
+                                            r"channel, not in channel\(s\) \[1\]$"):
+        jf.fold(bad)
+    with pytest.raises(jf.StackError, match=r"^layers\[2\] \(branches\): batch_norm: var \+ epsilon must be > 0"):
+        jf.fold(bad.__class__([bad.layers[0], jf.BatchNorm(*(np.ones(2),) * 4), bad.layers[2]], bad.input_shape))
+    with pytest.raises(jf.StackError, match=r"give a BatchNorm a var \+ epsilon that is not > 0"):
+        jf.batch.fold_batch(jf.batch.stack_batch([bad, bad]))
+    good = _with_variance([1.0, 2.0])
+    assert np.isfinite(np.asarray(jf.fold(good).conv.kernel)).all()
