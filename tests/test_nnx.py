@@ -173,6 +173,8 @@ TWO_D = (8, 8, 2)
         (conv(2, 2, (3, 3), padding="CIRCULAR"), r"\(Conv\): not one convolution: padding 'CIRCULAR' is not zero"),
         (conv(2, 2, (3, 3), padding="full"), r"\(Conv\): not one convolution: padding 'full' is not zero"),
         (conv(2, 2, (3, 3), padding="CAUSAL"), r"\(Conv\): padding 'CAUSAL' is only defined for 1-D"),
+        (conv(2, 2, (2, 2), padding="SAME_LOWER"), r"\(Conv\): padding 'SAME_LOWER' .* is not read; give the "
+                                                   r"pads as \(low, high\) pairs"),  # was "is not zero padding"
         (conv(2, 2, (3, 3), input_dilation=2), r"\(Conv\): not one convolution: input_dilation 2"),
         (conv(2, 2, (3, 3), conv_general_dilated=lambda *a, **k: None), r"custom conv_general_dilated"),
         (avg_pool((2, 2), padding="SAME", count_include_pad=False),
