@@ -1,4 +1,4 @@
-"""A factorization draws its starts with numpy's and scipy's BLAS at one thread (jfactor.host_blas)."""
+"""A factorization runs with numpy's and scipy's BLAS at one thread (jfactor.host_blas)."""
 
 import os
 import subprocess
@@ -36,9 +36,11 @@ def two_threads():
         assert _blas_threads() == before  # restored
 
 
-def test_a_factorization_draws_its_starts_with_one_blas_thread(two_threads, monkeypatch):
-    seen = {"draw": [], "solve": []}
-    draw, optimise = api._draw, api.optimise
+def test_a_factorization_runs_with_one_blas_thread(two_threads, monkeypatch):
+    """The draws, LM (jax's CPU Cholesky calls scipy's LAPACK) and the baselines, each at one
+    thread; two again after."""
+    seen = {"draw": [], "solve": [], "baselines": []}
+    draw, optimise, baselines = api._draw, api.optimise, api.baseline_lib.run_baselines
 
     def recording(name, function):
         def record(*args, **kwargs):
@@ -48,9 +50,11 @@ def test_a_factorization_draws_its_starts_with_one_blas_thread(two_threads, monk
 
     monkeypatch.setattr(api, "_draw", recording("draw", draw))
     monkeypatch.setattr(api, "optimise", recording("solve", optimise))
-    factorize(TARGET, Chain.build([3, 3]), restarts=4, baselines=())
-    assert seen["draw"] and all(threads == {path: 1 for path in two_threads} for threads in seen["draw"])
-    assert seen["solve"] and all(threads == two_threads for threads in seen["solve"])  # XLA's keep theirs
+    monkeypatch.setattr(api.baseline_lib, "run_baselines", recording("baselines", baselines))
+    factorize(TARGET, Chain.build([3, 3]), restarts=4, baselines=("als",))
+    one = {path: 1 for path in two_threads}
+    assert all(seen.values()) and all(threads == one for calls in seen.values() for threads in calls), seen
+    assert _blas_threads() == two_threads
 
 
 def test_the_thread_counts_come_back_when_a_draw_raises(two_threads, monkeypatch):

@@ -45,7 +45,7 @@ CORE_TESTS = [
     "tests/test_install.py::test_version_option_prints_the_versions",
     "tests/test_sweep.py::test_a_running_cell_is_never_deleted_and_is_waited_for",
     # threadpoolctl's lower bound: the oldest that finds the oldest numpy's and scipy's OpenBLAS
-    "tests/test_host_blas.py::test_a_factorization_draws_its_starts_with_one_blas_thread",
+    "tests/test_host_blas.py::test_a_factorization_runs_with_one_blas_thread",
     "tests/test_host_blas.py::test_scipys_blas_is_limited_too_where_scipy_linalg_was_not_imported_before",
 ]
 

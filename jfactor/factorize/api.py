@@ -587,63 +587,66 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     cap = policy.max_restarts if policy.adaptive else size
     label = f"factorizing {len(targets)} target(s) ({cost.describe()})"
     total_steps = solver.steps * (solver.optimizer != "none") + solver.refine_steps * (solver.refine == "lm")
-    with ProgressBar(progress, cap if policy.adaptive else total_steps, label) as bar:
-        wave = 0
-        while live:
-            with serial_blas():  # host linear algebra, then XLA on the same cores (jfactor.host_blas)
+    # the host's draws and jax's CPU LAPACK kernels (LM's Cholesky, the baselines' solves) on one BLAS
+    # thread: beside XLA's own threads, OpenBLAS's made LM on large chains many times slower (jfactor.host_blas)
+    with serial_blas():
+        with ProgressBar(progress, cap if policy.adaptive else total_steps, label) as bar:
+            wave = 0
+            while live:
                 drawn = [draw(b, wave) for b in live]
-            if wave == 0:
-                records = [_Record(first_starts=s) for s, *_ in drawn]
-            size_now = bucket(len(live), len(targets))
-            rows = live + live[:1] * (size_now - len(live))
-            padded_rows = drawn + drawn[:1] * (size_now - len(live))
-            free = tuple(jnp.asarray(np.stack([[s[i] for s in starts] for starts, *_ in padded_rows]), np_dtype)
-                         for i in problem.free)
-            wave_targets = jnp.asarray(normalised[rows], np_dtype)
-            graces = np.stack([row[3] for row in padded_rows])
-            exact = np.stack([row[4] for row in padded_rows])
-            best_before = np.array([records[b].best_loss for b in rows])
-            free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
-                lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
-                                       quiet if policy.adaptive else bar, policy.prune(), exact_loss,
-                                       min(int(fresh.sum()) for _, fresh, *_ in drawn), policy.first_order(wave),
-                                       batch[2], batch[3], batch[4] if exact_blurs else None),
-                (wave_targets, free, graces, best_before, exact), mesh=mesh, shard=shard)
-            free = [np.asarray(f, np.float64) for f in free]
-            if np_dtype != np.float64:  # float32's rounding would split minima and rank them (_float64_results)
-                errors, losses = _float64_results(free, chain, normalised[rows], errors, losses, objective,
-                                                  objective_images)
-            elapsed = time.perf_counter() - start
-            for j, b in enumerate(live):
-                records[b].add([f[j] for f in free], history[j], losses[j], errors[j], diverged[j], pruned[j],
-                               drawn[j][2], solver.refine == "lm")
-                records[b].found.append(multistart.evidence(records[b].ranked_errors(objective),
-                                                            records[b].joined("pruned"),
-                                                            records[b].joined("independent"), dtype))
-                records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed)
-            if policy.adaptive:
-                lead = records[live[0]].found[-1]
-                bar.advance(size, f"{label}: wave {wave + 1}, {lead['restarts']} restarts, best hit "
-                                  f"{lead['best_hits']}x")
-            live = [b for b in live if records[b].stopped is None]
-            wave += 1
-    elapsed = time.perf_counter() - start
-    compiled = {k: v - compile_before[k] for k, v in compile_stats().items()}
+                if wave == 0:
+                    records = [_Record(first_starts=s) for s, *_ in drawn]
+                size_now = bucket(len(live), len(targets))
+                rows = live + live[:1] * (size_now - len(live))
+                padded_rows = drawn + drawn[:1] * (size_now - len(live))
+                free = tuple(jnp.asarray(np.stack([[s[i] for s in starts] for starts, *_ in padded_rows]), np_dtype)
+                             for i in problem.free)
+                wave_targets = jnp.asarray(normalised[rows], np_dtype)
+                graces = np.stack([row[3] for row in padded_rows])
+                exact = np.stack([row[4] for row in padded_rows])
+                best_before = np.array([records[b].best_loss for b in rows])
+                free, history, losses, errors, diverged, pruned = sharded_call(  # targets over devices and processes
+                    lambda batch: optimise(problem, batch[1], frozen, batch[0], objective_images,
+                                           quiet if policy.adaptive else bar, policy.prune(), exact_loss,
+                                           min(int(fresh.sum()) for _, fresh, *_ in drawn), policy.first_order(wave),
+                                           batch[2], batch[3], batch[4] if exact_blurs else None),
+                    (wave_targets, free, graces, best_before, exact), mesh=mesh, shard=shard)
+                free = [np.asarray(f, np.float64) for f in free]
+                if np_dtype != np.float64:  # float32's rounding would split minima and rank them (_float64_results)
+                    errors, losses = _float64_results(free, chain, normalised[rows], errors, losses, objective,
+                                                      objective_images)
+                elapsed = time.perf_counter() - start
+                for j, b in enumerate(live):
+                    records[b].add([f[j] for f in free], history[j], losses[j], errors[j], diverged[j], pruned[j],
+                                   drawn[j][2], solver.refine == "lm")
+                    records[b].found.append(multistart.evidence(records[b].ranked_errors(objective),
+                                                                records[b].joined("pruned"),
+                                                                records[b].joined("independent"), dtype))
+                    records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed)
+                if policy.adaptive:
+                    lead = records[live[0]].found[-1]
+                    bar.advance(size, f"{label}: wave {wave + 1}, {lead['restarts']} restarts, best hit "
+                                      f"{lead['best_hits']}x")
+                live = [b for b in live if records[b].stopped is None]
+                wave += 1
+        elapsed = time.perf_counter() - start
+        compiled = {k: v - compile_before[k] for k, v in compile_stats().items()}
 
-    results = []
-    for b, (target, record) in enumerate(zip(targets, records)):
-        if record.best_free is None:
-            raise FactorizationError(
-                f"{target.name}: all {record.found[-1]['restarts']} restarts diverged (non-finite loss); lower the "
-                "learning rate, use optimizer lbfgs, or check the target's scale")
-        found = {**record.found[-1], "stopped": record.stopped, "waves": len(record.losses),
-                 "warning": multistart.warning(record.found[-1], record.stopped, elapsed, objective.name == "kernel")}
-        results.append(_result(target, chain, problem, record.best_free, norms[b], padded[b], padding,
-                               record.joined("errors"), record.joined("diverged"), record.joined("pruned"), found,
-                               record.best_history, record.best_index, elapsed / len(targets),
-                               compiled["seconds"] / len(targets), compiled["programs"] - compiled["cache_hits"],
-                               _settings(objective, solver, init, dtype, policy, seed, target),
-                               images, baselines, record.first_starts, seed))
+        results = []
+        for b, (target, record) in enumerate(zip(targets, records)):
+            if record.best_free is None:
+                raise FactorizationError(
+                    f"{target.name}: all {record.found[-1]['restarts']} restarts diverged (non-finite loss); lower the "
+                    "learning rate, use optimizer lbfgs, or check the target's scale")
+            found = {**record.found[-1], "stopped": record.stopped, "waves": len(record.losses),
+                     "warning": multistart.warning(record.found[-1], record.stopped, elapsed,
+                                                   objective.name == "kernel")}
+            results.append(_result(target, chain, problem, record.best_free, norms[b], padded[b], padding,
+                                   record.joined("errors"), record.joined("diverged"), record.joined("pruned"), found,
+                                   record.best_history, record.best_index, elapsed / len(targets),
+                                   compiled["seconds"] / len(targets), compiled["programs"] - compiled["cache_hits"],
+                                   _settings(objective, solver, init, dtype, policy, seed, target),
+                                   images, baselines, record.first_starts, seed))
     return results
 
 
