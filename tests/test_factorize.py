@@ -192,6 +192,21 @@ def test_non_finite_settings_are_refused(make, match):
         make()
 
 
+@pytest.mark.parametrize("solver", [Solver(refine_steps=0), Solver(refine="none")])
+def test_without_lm_every_restart_takes_the_first_order_phase(solver):
+    """With refine_steps 0 half the restarts (first_order_share 0.5) kept their starts and still
+    counted as refined minima; refine none gave them all the phase already."""
+    rng = np.random.default_rng(0)
+    target = rng.standard_normal((5, 5))
+    starts = [[rng.standard_normal((3, 3, 1, 1)) for _ in range(2)] for _ in range(4)]
+    result = factorize(target, Chain.build([3, 3]), starts=starts, restarts=4, solver=solver, init="random",
+                       baselines=())
+    for start, error in zip(starts, result.restart_errors):
+        kernel = sp.convolve2d(start[0][..., 0, 0], start[1][..., 0, 0])
+        scaled = np.linalg.norm(target - kernel * np.vdot(kernel, target) / np.vdot(kernel, kernel))
+        assert error < 0.99 * scaled / np.linalg.norm(target)  # below the start at its best scale: it moved
+
+
 def test_divergence_is_dropped_or_reported_never_returned():
     solver = Solver(optimizer="adam", learning_rate=1e12, steps=30, refine="none", chunk=30)
     with pytest.raises(FactorizationError, match="all 2 restarts diverged"):

@@ -50,7 +50,8 @@ class Solver:
       refine: ``lm`` (Levenberg-Marquardt on the residual) or ``none``.
       refine_steps: the most LM iterations (it stops earlier once converged).
       first_order_share: the fraction of restarts that run the first-order phase; the
-        others go straight to LM.  The two reach different minima, and a portfolio of
+        others go straight to LM (all take it where LM does not refine: ``refine`` none or
+        ``refine_steps`` 0).  The two reach different minima, and a portfolio of
         both finds the best one more often than either alone.  (The adaptive search gives
         the phase to none of its waves by default: :attr:`SearchPolicy.first_order_waves`.)
       linear_solver: how LM solves for its step: ``dense`` (the Jacobian built, a direct
@@ -96,7 +97,7 @@ class Solver:
         if not self.refines and (self.optimizer == "none" or self.steps == 0):
             raise ConfigError("solver: nothing would optimise the starts (optimizer none or steps 0, and refine none "
                               "or refine_steps 0); give steps or refine_steps")
-        if self.refine == "none" and self.optimizer != "none":
+        if not self.refines and self.optimizer != "none":  # refine none, or refine_steps 0
             object.__setattr__(self, "first_order_share", 1.0)  # nothing else would optimise the rest
 
     @property
