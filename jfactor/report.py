@@ -103,7 +103,7 @@ def found_minima(result: Factorization) -> tuple[np.ndarray, np.ndarray]:
     groups them (:func:`jfactor.factorize.multistart.refined_minima`): each one's relative error (M,)
     and how many restarts reached it (M,)."""
     errors = result.restart_errors
-    groups = multistart.refined_minima(errors, result.pruned, multistart.EXACT[result.settings["dtype"]])
+    groups = multistart.refined_minima(errors, result.pruned, result.settings["dtype"])
     return np.array([errors[g[0]] for g in groups], float), np.array([g.size for g in groups], int)
 
 

@@ -55,8 +55,27 @@ def test_evidence_counts_minima_hits_and_runner_up(rows):
 
 
 def test_minima_treat_errors_at_the_rounding_floor_as_one():
-    groups = minima(np.array([3e-16, 1e-13, 2e-16, 0.5]), 1e-12)
+    groups = minima(np.array([3e-16, 1e-13, 2e-16, 0.5]), 1e-12, 1e-6)
     assert [sorted(g.tolist()) for g in groups] == [[0, 1, 2], [3]]
+
+
+def test_float32_restarts_of_one_minimum_count_as_one():
+    """LM stops a float32 restart once a step gains less than 1.2e-3 of its cost: restarts of one
+    minimum ended up to 7e-4 apart, and at a tolerance of 1e-6 one minimum read as several (the
+    best reached once, with a warning) where float64 counts one."""
+    target = np.random.default_rng(0).standard_normal((5, 5))
+    found = {dtype: factorize(target, Chain.build([3, 3]), restarts=6, dtype=dtype, baselines=())
+             for dtype in ("float64", "float32")}
+    single, double = found["float32"].evidence, found["float64"].evidence
+    spread = found["float32"].restart_errors[found["float64"].restart_errors <= double["best_error"] * (1 + 1e-6)]
+    assert spread.max() > spread.min() * (1 + 1e-6)  # float32's restarts of the best minimum do differ
+    for key in ("distinct_minima", "best_hits"):
+        assert single[key] == double[key], key
+    assert single["warning"] is None
+    # and a float32 best that moved by rounding alone has not improved: the search has stalled
+    history = _history([0.1, 0.1 * (1 - 1e-4), 0.1 * (1 - 2e-4)], 5, 3, [64, 128, 192])
+    assert stop_reason(history, SearchPolicy(wave=64, hits=3, patience=2), 1.0, "float32") == "repeated"
+    assert stop_reason(history, SearchPolicy(wave=64, hits=3, patience=2), 1.0, "float64") is None
 
 
 def _history(best_errors, best_hits, independent_hits, restarts):
@@ -67,18 +86,19 @@ def _history(best_errors, best_hits, independent_hits, restarts):
 def test_stop_rule_cases():
     policy = SearchPolicy(wave=64, hits=3, patience=2, min_restarts=512, max_restarts=1024)
     # still improving: go on
-    assert stop_reason(_history([0.3, 0.2, 0.1], 10, 5, [64, 128, 192]), policy, 1.0) is None
+    assert stop_reason(_history([0.3, 0.2, 0.1], 10, 5, [64, 128, 192]), policy, 1.0, "float64") is None
     # stalled for two waves and three fresh restarts at the best: repeated
-    assert stop_reason(_history([0.1, 0.1, 0.1], 5, 3, [64, 128, 192]), policy, 1.0) == "repeated"
+    assert stop_reason(_history([0.1, 0.1, 0.1], 5, 3, [64, 128, 192]), policy, 1.0, "float64") == "repeated"
     # stalled, found only by perturbations: go on until min_restarts, then stop
-    assert stop_reason(_history([0.1, 0.1, 0.1], 40, 0, [64, 128, 192]), policy, 1.0) is None
-    assert stop_reason(_history([0.1, 0.1, 0.1], 40, 0, [384, 448, 512]), policy, 1.0) == "stalled"
+    assert stop_reason(_history([0.1, 0.1, 0.1], 40, 0, [64, 128, 192]), policy, 1.0, "float64") is None
+    assert stop_reason(_history([0.1, 0.1, 0.1], 40, 0, [384, 448, 512]), policy, 1.0, "float64") == "stalled"
     # the budget and the cap
-    assert stop_reason(_history([0.3, 0.2], 1, 1, [64, 128]), SearchPolicy(budget_s=1.0), 1.5) == "budget"
-    assert stop_reason(_history([0.3, 0.2], 1, 1, [960, 1024]), policy, 1.0) == "max_restarts"
+    assert stop_reason(_history([0.3, 0.2], 1, 1, [64, 128]), SearchPolicy(budget_s=1.0), 1.5,
+                       "float64") == "budget"
+    assert stop_reason(_history([0.3, 0.2], 1, 1, [960, 1024]), policy, 1.0, "float64") == "max_restarts"
     exact = [{"best_error": 1e-16, "best_hits": 1, "independent_hits": 1, "restarts": 64, "exact": True}]
-    assert stop_reason(exact, policy, 1.0) == "exact"
-    assert stop_reason(exact, SearchPolicy(restarts=8), 1.0) == "restarts"
+    assert stop_reason(exact, policy, 1.0, "float64") == "exact"
+    assert stop_reason(exact, SearchPolicy(restarts=8), 1.0, "float64") == "restarts"
 
 
 def test_the_warning_says_what_to_rerun():

@@ -374,6 +374,7 @@ class _Record:
     best_history: np.ndarray | None = None
     best_index: int = -1
     elite: list = dataclasses.field(default_factory=list)
+    tolerance: float = multistart.HIT_TOLERANCE["float64"]  # the run's dtype's: one minimum's spread
     stopped: str | None = None
     found: list = dataclasses.field(default_factory=list)
 
@@ -385,7 +386,7 @@ class _Record:
                             ("pruned", pruned), ("independent", independent)):
             getattr(self, name).append(np.asarray(value))
         candidates = [(float(losses[r]), [f[r] for f in free]) for r in np.flatnonzero(ok & ~pruned)]
-        self.elite = multistart.elite(self.elite + candidates, ELITE)
+        self.elite = multistart.elite(self.elite + candidates, ELITE, self.tolerance)
         if ok.any():
             best = int(np.argmin(np.where(ok, losses, np.inf)))
             if losses[best] < self.best_loss:
@@ -595,7 +596,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
             while live:
                 drawn = [draw(b, wave) for b in live]
                 if wave == 0:
-                    records = [_Record(first_starts=s) for s, *_ in drawn]
+                    records = [_Record(first_starts=s, tolerance=multistart.HIT_TOLERANCE[dtype]) for s, *_ in drawn]
                 size_now = bucket(len(live), len(targets))
                 rows = live + live[:1] * (size_now - len(live))
                 padded_rows = drawn + drawn[:1] * (size_now - len(live))
@@ -622,7 +623,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                     records[b].found.append(multistart.evidence(records[b].ranked_errors(objective),
                                                                 records[b].joined("pruned"),
                                                                 records[b].joined("independent"), dtype))
-                    records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed)
+                    records[b].stopped = multistart.stop_reason(records[b].found, policy, elapsed, dtype)
                 if policy.adaptive:
                     lead = records[live[0]].found[-1]
                     bar.advance(size, f"{label}: wave {wave + 1}, {lead['restarts']} restarts, best hit "

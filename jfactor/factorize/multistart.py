@@ -15,7 +15,7 @@ and after every wave asks
   without regard to the minima found so far, random or structured, not perturbations of
   them; impulse and comb starts excepted, and starts that share the target's grid
   symmetries, which reach only minima that share them) reached the best error within a relative
-  :data:`HIT_TOLERANCE`, and the last :attr:`SearchPolicy.patience` waves found nothing better;
+  :data:`HIT_TOLERANCE` (of the run's dtype), and the last :attr:`SearchPolicy.patience` waves found nothing better;
 - ``stalled``: :attr:`SearchPolicy.min_restarts` restarts have run, at least
   :attr:`SearchPolicy.hits` of them (perturbations included) reached the best, and the last
   :attr:`SearchPolicy.patience` waves, half of whose starts perturb the best factors (basin
@@ -98,7 +98,10 @@ from jfactor.factorize.solve import Screening
 
 RESTARTS_OR_BUDGET = ("restarts and budget_s: give one. restarts=N runs exactly N restarts in one wave, "
                       "budget_s bounds the default search's waves (with restarts it would never apply)")
-HIT_TOLERANCE = 1e-6  # two restarts found the same minimum if their errors agree to this
+# two restarts found the same minimum if their relative errors agree to this, per dtype: LM stops a float32
+# restart once a step lowers its cost by less than 1e4 eps (1.2e-3 relative), so restarts of one float32 minimum
+# end up to about 7e-4 apart in error (at 1e-6 one minimum read as six, and the result warned)
+HIT_TOLERANCE = {"float64": 1e-6, "float32": 1e-3}
 EXACT = {"float64": 1e-12, "float32": 1e-6}  # relative errors at the rounding floor
 
 
@@ -279,10 +282,10 @@ class SearchPolicy:
         return graces
 
 
-def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
+def minima(errors: np.ndarray, floor: float, tolerance: float) -> list[np.ndarray]:
     """Group refined restarts' relative errors into distinct minima, best first.
 
-    A restart joins a minimum if its error is within a relative :data:`HIT_TOLERANCE` of the
+    A restart joins a minimum if its error is within a relative ``tolerance`` of the
     minimum's lowest (or both are below ``floor``).  Returns the indices into ``errors`` of
     each minimum's restarts.
     """
@@ -292,7 +295,7 @@ def minima(errors: np.ndarray, floor: float) -> list[np.ndarray]:
         if not np.isfinite(errors[i]):
             break
         lowest = errors[groups[-1][0]] if groups else None
-        if lowest is not None and errors[i] <= max(lowest * (1 + HIT_TOLERANCE), floor):
+        if lowest is not None and errors[i] <= max(lowest * (1 + tolerance), floor):
             groups[-1].append(int(i))
         else:
             groups.append([int(i)])
@@ -305,11 +308,11 @@ def refined(errors: np.ndarray, pruned: np.ndarray) -> np.ndarray:
     return ~pruned & np.isfinite(errors)
 
 
-def refined_minima(errors: np.ndarray, pruned: np.ndarray, floor: float) -> list[np.ndarray]:
-    """The distinct minima (:func:`minima`) of the :func:`refined` restarts among ``errors``
-    (R,), best first: each one's restarts as indices into ``errors``."""
+def refined_minima(errors: np.ndarray, pruned: np.ndarray, dtype: str) -> list[np.ndarray]:
+    """The distinct minima (:func:`minima`, at ``dtype``'s floor and tolerance) of the :func:`refined`
+    restarts among ``errors`` (R,), best first: each one's restarts as indices into ``errors``."""
     index = np.flatnonzero(refined(errors, pruned))
-    return [index[group] for group in minima(errors[index], floor)]
+    return [index[group] for group in minima(errors[index], EXACT[dtype], HIT_TOLERANCE[dtype])]
 
 
 def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dtype: str) -> dict:
@@ -321,7 +324,7 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
       independent: (R,) restarts that are independent evidence: fresh starts (not derived
         from an earlier restart's result) other than impulse and comb starts and starts that
         share the target's grid symmetries (:func:`jfactor.factorize.symmetry.shares`).
-      dtype: the run's dtype (sets the rounding floor).
+      dtype: the run's dtype (sets the rounding floor and :data:`HIT_TOLERANCE`).
     Returns:
       restarts, refined (restarts run to convergence), distinct_minima, best_error,
       best_hits (refined restarts at the best), independent_hits (those of them from
@@ -329,7 +332,7 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
       rounding floor).
     """
     floor = EXACT[dtype]
-    groups = refined_minima(errors, pruned, floor)
+    groups = refined_minima(errors, pruned, dtype)
     best = groups[0] if groups else np.zeros(0, int)
     return {
         "restarts": int(errors.size),
@@ -343,10 +346,10 @@ def evidence(errors: np.ndarray, pruned: np.ndarray, independent: np.ndarray, dt
     }
 
 
-def stop_reason(history: list[dict], policy: SearchPolicy, elapsed: float) -> str | None:
+def stop_reason(history: list[dict], policy: SearchPolicy, elapsed: float, dtype: str) -> str | None:
     """Why the search of one target stops after a wave (None: run another wave).
 
-    ``history``: the :func:`evidence` after every wave so far, last one last.
+    ``history``: the :func:`evidence` after every wave so far, last one last; ``dtype``: the run's.
     """
     found = history[-1]
     if not policy.adaptive:
@@ -355,7 +358,7 @@ def stop_reason(history: list[dict], policy: SearchPolicy, elapsed: float) -> st
         return "exact"
     if len(history) > policy.patience:
         before = history[-1 - policy.patience]["best_error"]
-        stalled = before is not None and found["best_error"] >= before * (1 - HIT_TOLERANCE)
+        stalled = before is not None and found["best_error"] >= before * (1 - HIT_TOLERANCE[dtype])
         if stalled and found["independent_hits"] >= policy.hits:
             return "repeated"
         if stalled and found["best_hits"] >= policy.hits and found["restarts"] >= policy.min_restarts:
@@ -409,11 +412,12 @@ def _few_hits(found: dict, stopped: str, elapsed: float) -> str | None:
             f"{found['refined']} refined restarts (search stopped: {stopped}); {hint}")
 
 
-def elite(candidates: list[tuple[float, list]], count: int) -> list[tuple[float, list]]:
-    """The ``count`` lowest-loss (loss, factors) pairs, one per distinct minimum."""
+def elite(candidates: list[tuple[float, list]], count: int, tolerance: float) -> list[tuple[float, list]]:
+    """The ``count`` lowest-loss (loss, factors) pairs, one per distinct minimum (losses within a
+    relative ``tolerance``)."""
     kept: list[tuple[float, list]] = []
     for loss, factors in sorted(candidates, key=lambda c: c[0]):
-        if not any(abs(loss - other) <= HIT_TOLERANCE * abs(other) for other, _ in kept):
+        if not any(abs(loss - other) <= tolerance * abs(other) for other, _ in kept):
             kept.append((loss, factors))
         if len(kept) == count:
             break
