@@ -1,3 +1,3 @@
-from jfactor.cli import app
+from jfactor.cli import main
 
-app(prog_name="jfactor")
+main()

@@ -477,3 +477,56 @@ def search(
         console.print(f"cheapest within {budget:g}: " + (f"{pick.chain.describe()} ({pick.macs} MACs, error "
                                                           f"{pick.rel_error:.2e})" if pick else "none"))
     print(out_dir)
+
+
+def _options(params) -> dict:
+    """Each spelling of an option among click ``params`` -> (the option, how many values follow it)."""
+    return {spelling: (param, 0 if param.is_flag or param.count else param.nargs)
+            for param in params if param.param_type_name == "option"
+            for spelling in (*param.opts, *param.secondary_opts)}
+
+
+def _given(params, args: list[str], *, to_first_positional: bool) -> tuple[dict[str, list[str]], list[str]]:
+    """The single-valued options among ``params`` that ``args`` give (option name -> each time as
+    written), and, with ``to_first_positional``, the args from the first positional one on (a
+    group's: its command and that command's args).  Unknown options are left to typer."""
+    options = _options(params)
+    given: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args) and args[i] != "--":
+        token = args[i]
+        name = token.split("=", 1)[0]
+        if name not in options:
+            if to_first_positional and not token.startswith("-"):
+                return given, args[i:]
+            i += 1
+            continue
+        param, values = options[name]
+        follows = 0 if "=" in token else values
+        if not (param.multiple or param.count):
+            given.setdefault(param.name, []).append(" ".join(args[i:i + 1 + follows]))
+        i += 1 + follows
+    return given, []
+
+
+def repeated_options(args: list[str]) -> list[list[str]]:
+    """The options that ``args`` (a ``jfactor`` command line) give more than once where they take
+    one value or are one flag: typer would keep the last without a word.  ``--set`` and
+    ``--param`` may repeat (each names its own key).  Each as written, in order."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    given, rest = _given(group.params, args, to_first_positional=True)
+    if rest and rest[0] in group.commands:
+        given |= _given(group.commands[rest[0]].params, rest[1:], to_first_positional=False)[0]
+    return [times for times in given.values() if len(times) > 1]
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``jfactor`` command: an option given twice is refused before typer reads the command
+    line (it would keep the last); then the command runs."""
+    args = sys.argv[1:] if args is None else list(args)
+    if not {"--help", "--version"} & set(args) and (twice := repeated_options(args)):
+        print(f"error: {', '.join(twice[0])}: one option given {len(twice[0])} times; give it once", file=sys.stderr)
+        raise SystemExit(2)
+    app(args=args, prog_name="jfactor")

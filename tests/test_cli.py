@@ -301,3 +301,39 @@ def test_an_empty_directory_option_is_refused_not_read_as_the_current_directory(
         result = runner.invoke(app, [command, str(tmp_path / "missing.yaml")])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         assert "missing.yaml" in result.output
+
+
+@pytest.mark.parametrize("args, named", [
+    (["factorize", "--family", "gaussian", "--size", "5", "--size", "7", "--chain", "3,3"], "--size 5, --size 7"),
+    (["factorize", "--family=gaussian", "--size", "5", "--chain", "3,3", "--chain=5"], "--chain 3,3, --chain=5"),
+    (["factorize", "--family", "gaussian", "--size", "5", "--chain", "3,3", "--plots", "--no-plots"],
+     "--plots, --no-plots"),
+    (["--no-compile-cache", "--compile-cache-on", "fold", "x.yaml"], "--no-compile-cache, --compile-cache-on"),
+    (["fold", "x.yaml", "--out", "a", "--json", "--out", "b"], "--out a, --out b"),
+])
+def test_an_option_given_twice_is_refused_naming_both(args, named, capsys, tmp_path, monkeypatch):
+    """typer keeps the last of an option given twice: the command ran gaussian7 from --size 5 --size 7."""
+    from jfactor.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {named}: one option given 2 times; give it once\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_options_that_may_repeat_and_a_repeated_value_are_not_refused():
+    from jfactor.cli import repeated_options
+
+    assert repeated_options(["factorize", "--family", "gaussian", "--param", "sigma=1", "--param", "truncate=3",
+                             "--set", "restarts=4", "--set", "seed=1", "--size", "5", "--chain", "3,3"]) == []
+    assert repeated_options(["fold", "--out", "--out"]) == []  # "--out" the value of --out: typer's to judge
+    assert repeated_options(["fold", "x.yaml", "--", "--out", "a", "--out", "b"]) == []  # after --: positional
+
+
+def test_the_jfactor_command_refuses_an_option_given_twice():
+    done = subprocess.run([sys.executable, "-m", "jfactor", "factorize", "--family", "box", "--size", "5",
+                           "--family", "gaussian", "--chain", "3,3"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "error: --family box, --family gaussian: one option given 2 times; give it once\n"
