@@ -223,7 +223,7 @@ def test_the_memory_estimate_counts_the_least_squares_baselines_that_run():
 def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkeypatch):
     target = kernels.make("gaussian", 7, sigma=1.0)  # before the budget shrinks (making a family checks it too)
     monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1e-6")
-    images = np.ones((1, 8, 8, 1))  # the user's: not counted (the default ones would be the largest part)
+    images = np.arange(64.0).reshape(1, 8, 8, 1)  # the user's: not counted (the default ones would be the largest)
     with pytest.raises(ConfigError, match=r"past the memory budget .*JFACTOR_MEMORY_BUDGET_GB.*restarts"):
         factorize(target, Chain.build([3, 5]), restarts=4, solver=FAST, baselines=(),
                   images=images)

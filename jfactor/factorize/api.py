@@ -499,6 +499,9 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         if not images.any():  # before, with the kernel objective: an output PSNR of None, "agree bit for bit"
             raise ConfigError("images are all zero: the output metric (and the images objective) compares the "
                               "kernels' outputs on them; give images with content")
+        if not np.ptp(images, axis=tuple(range(1, images.ndim - 1))).any():  # before: 302 dB at a kernel error of 0.83
+            raise ConfigError("images are constant (each channel of each image one value): the output metric (and "
+                              "the images objective) would see only each kernel's sum; give images with content")
     # the whole cost from shapes, before any array is made (a huge chain once ran out of memory padding its target)
     image_shape = images.shape if images is not None else (2 * len(DEFAULT_IMAGES),) + (side,) * first.ndim + (
         first.c_in,)
