@@ -128,6 +128,15 @@ def test_receptive_field_and_stride_errors_say_what_would_fit():
         factorize(np.ones((5, 5)), Chain.build([3, 3], frozen={0: np.ones((3, 3)), 1: np.ones((3, 3))}))
 
 
+def test_frozen_weights_that_overflow_the_dtype_are_named():
+    """Cast to float32, 1e40 became inf: "all 2 restarts diverged ... use optimizer lbfgs"."""
+    chain = Chain.build([5, 3], frozen={1: np.full((3, 3), 1e40)})
+    with pytest.raises(jf.ConfigError, match=r"^frozen layer 1: its weights \(largest \|w\| 1e\+40\) overflow "
+                                             r"float32; scale them down or factorize in float64$"):
+        factorize(np.ones((7, 7)), chain, dtype="float32", restarts=2, baselines=())
+    assert np.isfinite(factorize(np.ones((7, 7)), chain, restarts=2, baselines=()).rel_error)
+
+
 def test_a_larger_chain_approximates_the_zero_padded_target():
     result = factorize(kernels.make("gaussian", 13), Chain.build([3, 5, 9]), solver=FAST, restarts=4, baselines=())
     assert result.padding == ((1, 1), (1, 1))

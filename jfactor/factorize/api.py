@@ -544,6 +544,10 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     moves = [_blur_hops(u, chain, g) for u, g in zip(units, groups)]
     refits = [_refits(u, chain) for u in units]
     redraws = [_redraw_hops(u, chain, g) for u, g in zip(units, groups)]
+    for i, w in enumerate(chain.weights):  # before: float32 overflow read "all restarts diverged ... lbfgs"
+        if w is not None and np.abs(w).max() > np.finfo(np_dtype).max:
+            raise ConfigError(f"frozen layer {i}: its weights (largest |w| {np.abs(w).max():.3g}) overflow {dtype}; "
+                              "scale them down or factorize in float64")
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     # blur starts and hops of a two-layer chain take the exact Hessian (SearchPolicy.exact_hessian); a block of LM
     # rows computes its second-order term where any of its running rows is one of them, the others not using it
