@@ -242,7 +242,9 @@ def factorize(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Argument(help="experiment config (YAML) instead of the flags")] = None,
     target: Annotated[Path | None,
-                      typer.Option(help="target kernel .npy: (k, k), (k, k, C_in, C_out), 1-D, 3-D")] = None,
+                      typer.Option(help="target kernel .npy: (k, k), (k, k, C_in, C_out), 1-D, 3-D (3 axes "
+                                        "read as 3-D: a 1-D (k, C_in, C_out) target needs --set "
+                                        "target.spatial_dims=1)")] = None,
     family: Annotated[str | None, typer.Option(help="target family: gaussian, log, dog, gabor, disk, ring, box, "
                                                     "motion_blur, random_normal, randint")] = None,
     size: Annotated[int | None, typer.Option(help="size of a family target")] = None,
