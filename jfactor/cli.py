@@ -519,9 +519,10 @@ def repeated_options(args: list[str]) -> list[list[str]]:
 
     group = typer.main.get_command(app)
     given, rest = _given(group.params, args, to_first_positional=True)
+    times = list(given.values())
     if rest and rest[0] in group.commands:
-        given |= _given(group.commands[rest[0]].params, rest[1:], to_first_positional=False)[0]
-    return [times for times in given.values() if len(times) > 1]
+        times += _given(group.commands[rest[0]].params, rest[1:], to_first_positional=False)[0].values()
+    return [each for each in times if len(each) > 1]
 
 
 def main(args: list[str] | None = None) -> None:

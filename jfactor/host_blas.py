@@ -23,10 +23,12 @@ each other whenever a core is busy elsewhere.
 
 So :func:`serial_blas` holds for the whole factorization (draws, LM, baselines); what comes
 before it, a large images objective's Gram matrix (numpy products of many windows), keeps
-every thread.
+every thread.  Not measured on a CPU with many cores, where OpenBLAS's threads might pay on
+Cholesky factorizations of several hundred parameters if XLA leaves cores idle.
 
-:func:`serial_blas` is that limit (threadpoolctl), process-wide: nested or concurrent uses
-(several threads drawing at once) share one, restored when the last of them ends.
+:func:`serial_blas` is that limit (threadpoolctl), process-wide (the caller's other threads'
+numpy and scipy run on one BLAS thread too while a factorization runs): nested or concurrent uses
+(several threads factorizing at once) share one, restored when the last of them ends.
 """
 
 from __future__ import annotations

@@ -302,6 +302,14 @@ class Identity(Layer):
         return (_depthwise(1.0, in_shape[-1], len(in_shape) - 1, dtype),)
 
 
+def _check_variance(var, epsilon: float, where: str) -> None:
+    """A :class:`StackError` naming the channels (the first five) where ``var + epsilon`` (C,) is not
+    positive; nothing for traced values."""
+    if _checks.is_concrete(var) and bool((var + epsilon <= 0).any()):
+        bad = [int(c) for c in jnp.flatnonzero(var + epsilon <= 0)[:5]]
+        raise StackError(f"{where}: var + epsilon must be > 0 in every channel, not in channel(s) {bad}")
+
+
 @pytree_dataclass
 class BatchNorm(Layer):
     """Inference-mode BatchNorm: ``gamma (x - mean) / sqrt(var + epsilon) + beta``, all (C,)."""
@@ -325,9 +333,7 @@ class BatchNorm(Layer):
         if not _checks.is_real(self.epsilon) or not math.isfinite(self.epsilon) or self.epsilon < 0:
             raise StackError(f"{where}: epsilon must be a finite number >= 0, got {self.epsilon!r}")
         set_field(self, "epsilon", float(self.epsilon))
-        var = arrays["var"]
-        if _checks.is_concrete(var) and bool((var + self.epsilon <= 0).any()):
-            raise StackError(f"{where}: var + epsilon must be > 0 in every channel")
+        _check_variance(arrays["var"], self.epsilon, where)
 
     @property
     def channels(self) -> int:
@@ -343,9 +349,7 @@ class BatchNorm(Layer):
     def lower(self, in_shape: Shape, dtype) -> tuple:
         ndim = len(in_shape) - 1
         gamma, beta, mean, var = (a.astype(dtype) for a in (self.gamma, self.beta, self.mean, self.var))
-        if _checks.is_concrete(var) and bool((var + self.epsilon <= 0).any()):  # set past __post_init__ (tree.map)
-            bad = [int(c) for c in jnp.flatnonzero(var + self.epsilon <= 0)[:5]]
-            raise StackError(f"{self.kind}: var + epsilon must be > 0 in every channel, not in channel(s) {bad}")
+        _check_variance(var, self.epsilon, self.kind)  # again: weights set past __post_init__ (jax.tree.map)
         scale = gamma / jnp.sqrt(var + self.epsilon)
         if _checks.is_concrete(scale) and not bool(jnp.isfinite(scale).all()):
             bad = [int(c) for c in jnp.flatnonzero(~jnp.isfinite(scale))[:5]]

@@ -332,8 +332,13 @@ def test_options_that_may_repeat_and_a_repeated_value_are_not_refused():
     assert repeated_options(["fold", "x.yaml", "--", "--out", "a", "--out", "b"]) == []  # after --: positional
 
 
-def test_the_jfactor_command_refuses_an_option_given_twice():
-    done = subprocess.run([sys.executable, "-m", "jfactor", "factorize", "--family", "box", "--size", "5",
-                           "--family", "gaussian", "--chain", "3,3"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "jfactor"], [str(Path(sys.executable).parent / "jfactor")]])
+def test_the_jfactor_command_refuses_an_option_given_twice(command):
+    """Both ways in (the installed script is pyproject's [project.scripts] entry) go through cli.main."""
+    done = subprocess.run([*command, "factorize", "--family", "box", "--size", "5", "--family", "gaussian",
+                           "--chain", "3,3"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr == "error: --family box, --family gaussian: one option given 2 times; give it once\n"
+    helped = subprocess.run([*command, "factorize", "--size", "5", "--size", "7", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert helped.returncode == 0 and "--target" in helped.stdout  # help is help, whatever else is given

@@ -62,7 +62,8 @@ def test_minima_treat_errors_at_the_rounding_floor_as_one():
 def test_float32_restarts_of_one_minimum_count_as_one():
     """LM stops a float32 restart once a step gains less than 1.2e-3 of its cost: restarts of one
     minimum ended up to 7e-4 apart, and at a tolerance of 1e-6 one minimum read as several (the
-    best reached once, with a warning) where float64 counts one."""
+    best reached once, with a warning) where float64 counts one.  (Each restart is drawn alike in
+    both dtypes; that each reaches the same minimum in both holds for this target and seed.)"""
     target = np.random.default_rng(0).standard_normal((5, 5))
     found = {dtype: factorize(target, Chain.build([3, 3]), restarts=6, dtype=dtype, baselines=())
              for dtype in ("float64", "float32")}
@@ -72,6 +73,9 @@ def test_float32_restarts_of_one_minimum_count_as_one():
     for key in ("distinct_minima", "best_hits"):
         assert single[key] == double[key], key
     assert single["warning"] is None
+    # the hop sources: one float32 minimum's losses (half squared errors) are one source, two minima two
+    one = [(0.5 * e**2, [e]) for e in (0.2088, 0.2088 * (1 + 7e-4), 0.3135)]
+    assert [f for _, f in multistart.elite(one, 8, multistart.LOSS_TOLERANCE["float32"])] == [[0.2088], [0.3135]]
     # and a float32 best that moved by rounding alone has not improved: the search has stalled
     history = _history([0.1, 0.1 * (1 - 1e-4), 0.1 * (1 - 2e-4)], 5, 3, [64, 128, 192])
     assert stop_reason(history, SearchPolicy(wave=64, hits=3, patience=2), 1.0, "float32") == "repeated"

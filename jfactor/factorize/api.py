@@ -323,7 +323,25 @@ def _checked_images(images, target: Target, extent: tuple[int, ...]) -> np.ndarr
                           f"{extent} (the chain's extent or the target's): give larger images")
     if not np.isfinite(images).all():
         raise ConfigError("images have non-finite values (NaN or inf)")
+    if not images.any():  # before, with the kernel objective: an output PSNR of None, "agree bit for bit"
+        raise ConfigError("images are all zero: the output metric (and the images objective) compares the "
+                          "kernels' outputs on them; give images with content")
+    flat = np.flatnonzero(~np.ptp(images, axis=tuple(range(1, images.ndim - 1))).any(axis=0))
+    if flat.size:  # before: 302 dB at a kernel error of 0.83, where every channel was constant
+        raise ConfigError(f"images are constant in input channel(s) {flat.tolist()} (one value per image): the output "
+                          "metric (and the images objective) would see only the sum of the kernel's taps there; give "
+                          "images with content in every channel")
     return images
+
+
+def _check_frozen_range(chain: Chain, dtype: np.dtype) -> None:
+    """A :class:`ConfigError` where a frozen layer's weights overflow ``dtype`` (float32: the restarts
+    diverged, and the message blamed the optimizer)."""
+    for i, weights in enumerate(chain.weights):
+        largest = 0.0 if weights is None else float(np.abs(weights).max())
+        if largest > np.finfo(dtype).max:
+            raise ConfigError(f"frozen layer {i}: its weights (largest |w| {largest:.3g}) overflow {dtype.name}; "
+                              "scale them down or factorize in float64")
 
 
 def _given_starts(given, chain: Chain, target: Target, restarts: int, b: int) -> list[list]:
@@ -364,6 +382,7 @@ class _Record:
     """Every restart of one target so far, across waves (numpy, restart axis first)."""
 
     first_starts: list
+    tolerance: float  # relative, between the losses of one minimum (multistart.LOSS_TOLERANCE of the run's dtype)
     losses: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)
     diverged: list = dataclasses.field(default_factory=list)
@@ -374,7 +393,6 @@ class _Record:
     best_history: np.ndarray | None = None
     best_index: int = -1
     elite: list = dataclasses.field(default_factory=list)
-    tolerance: float = multistart.HIT_TOLERANCE["float64"]  # the run's dtype's: one minimum's spread
     stopped: str | None = None
     found: list = dataclasses.field(default_factory=list)
 
@@ -491,17 +509,12 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
                           "objective measures the target's map; leave its stride out (it is the target's)")
     padding = check_chain(chain, first)
     np_dtype = np.dtype(dtype)
+    _check_frozen_range(chain, np_dtype)
     size = policy.wave_size
     extent = tuple(chain.extent)  # the target zero-padded to it
     side = max(64 if first.ndim < 3 else 16, 4 * max(extent))  # the default images'
     if images is not None:
         images = _checked_images(images, first, extent)
-        if not images.any():  # before, with the kernel objective: an output PSNR of None, "agree bit for bit"
-            raise ConfigError("images are all zero: the output metric (and the images objective) compares the "
-                              "kernels' outputs on them; give images with content")
-        if not np.ptp(images, axis=tuple(range(1, images.ndim - 1))).any():  # before: 302 dB at a kernel error of 0.83
-            raise ConfigError("images are constant (each channel of each image one value): the output metric (and "
-                              "the images objective) would see only each kernel's sum; give images with content")
     # the whole cost from shapes, before any array is made (a huge chain once ran out of memory padding its target)
     image_shape = images.shape if images is not None else (2 * len(DEFAULT_IMAGES),) + (side,) * first.ndim + (
         first.c_in,)
@@ -544,10 +557,6 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
     moves = [_blur_hops(u, chain, g) for u, g in zip(units, groups)]
     refits = [_refits(u, chain) for u in units]
     redraws = [_redraw_hops(u, chain, g) for u, g in zip(units, groups)]
-    for i, w in enumerate(chain.weights):  # before: float32 overflow read "all restarts diverged ... lbfgs"
-        if w is not None and np.abs(w).max() > np.finfo(np_dtype).max:
-            raise ConfigError(f"frozen layer {i}: its weights (largest |w| {np.abs(w).max():.3g}) overflow {dtype}; "
-                              "scale them down or factorize in float64")
     frozen = [None if w is None else jnp.asarray(w, np_dtype) for w in chain.weights]
     # blur starts and hops of a two-layer chain take the exact Hessian (SearchPolicy.exact_hessian); a block of LM
     # rows computes its second-order term where any of its running rows is one of them, the others not using it
@@ -603,7 +612,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
             while live:
                 drawn = [draw(b, wave) for b in live]
                 if wave == 0:
-                    records = [_Record(first_starts=s, tolerance=multistart.HIT_TOLERANCE[dtype]) for s, *_ in drawn]
+                    records = [_Record(s, multistart.LOSS_TOLERANCE[dtype]) for s, *_ in drawn]
                 size_now = bucket(len(live), len(targets))
                 rows = live + live[:1] * (size_now - len(live))
                 padded_rows = drawn + drawn[:1] * (size_now - len(live))

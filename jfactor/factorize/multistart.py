@@ -99,9 +99,13 @@ from jfactor.factorize.solve import Screening
 RESTARTS_OR_BUDGET = ("restarts and budget_s: give one. restarts=N runs exactly N restarts in one wave, "
                       "budget_s bounds the default search's waves (with restarts it would never apply)")
 # two restarts found the same minimum if their relative errors agree to this, per dtype: LM stops a float32
-# restart once a step lowers its cost by less than 1e4 eps (1.2e-3 relative), so restarts of one float32 minimum
-# end up to about 7e-4 apart in error (at 1e-6 one minimum read as six, and the result warned)
+# restart once a step lowers its cost by less than 1e4 eps (1.2e-3 relative; ``ftol`` in
+# jfactor.factorize.solve._lm_iterate), so restarts of one float32 minimum end up to about 7e-4 apart in error (at
+# 1e-6 one minimum read as six, and the result warned)
 HIT_TOLERANCE = {"float64": 1e-6, "float32": 1e-3}
+# the same for the losses (half squared errors) :func:`elite` compares: float32's twice its errors'; float64's the
+# 1e-6 the search was tuned with
+LOSS_TOLERANCE = {"float64": 1e-6, "float32": 2e-3}
 EXACT = {"float64": 1e-12, "float32": 1e-6}  # relative errors at the rounding floor
 
 

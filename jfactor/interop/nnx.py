@@ -89,7 +89,7 @@ def _conv_padding(padding, size: Shape, dilation: Shape):
         return (((size[0] - 1) * dilation[0], 0),)
     if mode == "CAUSAL":
         raise _NotFoldable("padding 'CAUSAL' is only defined for 1-D convolutions")
-    if mode == "SAME_LOWER":  # zero padding, but its pads depend on the input's size, which this layer is not given
+    if mode == "SAME_LOWER":  # zero padding, whose pads depend on the input's size at strides > 1 (not given here)
         raise _NotFoldable("padding 'SAME_LOWER' (the odd pad before, not after) is not read; give the pads as "
                            "(low, high) pairs")
     raise _NotFoldable(f"not one convolution: padding {padding!r} is not zero padding")
