@@ -128,6 +128,7 @@ def test_receptive_field_and_stride_errors_say_what_would_fit():
         factorize(np.ones((5, 5)), Chain.build([3, 3], frozen={0: np.ones((3, 3)), 1: np.ones((3, 3))}))
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the check itself once warned "overflow in cast"
 def test_frozen_weights_that_overflow_the_dtype_are_named():
     """Cast to float32, 1e40 became inf: "all 2 restarts diverged ... use optimizer lbfgs"."""
     chain = Chain.build([5, 3], frozen={1: np.full((3, 3), 1e40)})

@@ -339,7 +339,7 @@ def _check_frozen_range(chain: Chain, dtype: np.dtype) -> None:
     diverged, and the message blamed the optimizer)."""
     for i, weights in enumerate(chain.weights):
         largest = 0.0 if weights is None else float(np.abs(weights).max())
-        if largest > np.finfo(dtype).max:
+        if largest > float(np.finfo(dtype).max):  # as Python floats: no cast to dtype, no overflow warning
             raise ConfigError(f"frozen layer {i}: its weights (largest |w| {largest:.3g}) overflow {dtype.name}; "
                               "scale them down or factorize in float64")
 
