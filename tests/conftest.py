@@ -10,7 +10,7 @@ from jfactor import cache
 
 settings.register_profile(
     "default",
-    max_examples=int(os.environ.get("JFACTOR_EXAMPLES", "25")),
+    max_examples=int(os.environ.get("JFACTOR_EXAMPLES", "15")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,

@@ -13,7 +13,7 @@ import jfactor as jf
 from jfactor.fold import fold_affine
 from tests.strategies import redraw, weighted_stacks
 
-EXAMPLES = int(os.environ.get("JFACTOR_GRAD_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("JFACTOR_GRAD_EXAMPLES", "6"))
 
 
 def _projection(conv, rng):
