@@ -78,6 +78,18 @@ def test_width_equal_to_rank_is_exact():
     assert narrow.rel_error <= narrow.baselines["svd"]["rel_error"] * (1 + 1e-6)
 
 
+def test_the_svd_baseline_counts_the_macs_of_its_separable_passes_over_the_target_alone():
+    """A 9x9 Gaussian in a 3-5-5 chain (the target zero-padded to the chain's 11x11): one 9-tap row
+    and one 9-tap column pass, 18 MACs (22 before: the padding was counted); a width past the
+    target's rank needs no more terms than the target has rows."""
+    svd = factorize(kernels.gaussian(9), Chain.build([3, 5, 5]), solver=FAST, restarts=1, baselines=("svd",))
+    assert svd.baselines["svd"]["macs"] == 18 and svd.baselines["svd"]["rel_error"] < 1e-12
+    target = np.random.default_rng(0).normal(size=(3, 3))
+    wide = factorize(target, Chain.build([2, 2], channels=5), solver=FAST, restarts=1, baselines=("svd",))
+    assert wide.baselines["svd"]["macs"] == 3 * 6 and wide.baselines["svd"]["note"].startswith("rank 3")
+    assert wide.baselines["svd"]["rel_error"] < 1e-12
+
+
 def test_multichannel_and_float32():
     rng = np.random.default_rng(1)
     target = rng.normal(size=(5, 5, 2, 3))

@@ -47,13 +47,22 @@ def _free_indices(chain: Chain) -> list[int]:
     return [i for i, layer in enumerate(chain.layers) if not layer.frozen]
 
 
+def _support(matrix: np.ndarray) -> np.ndarray:
+    """The smallest box ``(h, w)`` of a 2-D array holding all its nonzeros (a padded target's own extent)."""
+    rows, cols = np.nonzero(matrix)
+    return matrix[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if rows.size else matrix
+
+
 def svd_truncation(target: np.ndarray, chain: Chain) -> dict:
+    """Rank-R truncation of a 2-D single-channel target ``(h, w, 1, 1)``; its MACs are R 1-D passes
+    over the target's nonzero extent (the zero border a larger chain pads it with costs nothing)."""
     if target.ndim != 4 or target.shape[-2:] != (1, 1):
         return _not_applicable("needs a 2-D single-channel target")
-    rank = min(chain.widths or (1,))
-    sigma = np.linalg.svd(target[..., 0, 0], compute_uv=False)
+    support = _support(target[..., 0, 0])
+    rank = min(min(chain.widths or (1,)), *support.shape)
+    sigma = np.linalg.svd(support, compute_uv=False)
     entry = _timed(lambda: np.sqrt(np.sum(sigma[rank:] ** 2)) / np.linalg.norm(sigma))
-    return {**entry, "macs": rank * sum(target.shape[:2]), "note": f"rank {rank}: sum of {rank} separable"}
+    return {**entry, "macs": rank * sum(support.shape), "note": f"rank {rank}: sum of {rank} separable"}
 
 
 def _als_one(chain: Chain, free: tuple[int, ...], factors, target, sweeps: int):
