@@ -498,15 +498,10 @@ def _compose(first: ops.Affine, second: ops.Affine, method: str, kernel_fn) -> o
     return jax.vmap(ops.composed_affine)(first, second, kernel)
 
 
-def _lower(stack: Stack, dtype) -> list:
-    """Per top-level layer, its program (for one item; vmapped by the caller)."""
-    return [layer.lower(shape, dtype) for layer, (shape, _) in zip(stack.layers, stack.shapes())]
-
-
 def _fold_affine(stack: Stack, dtype, method: str, kernel_fn=_kernel) -> tuple[ops.Affine, bool]:
     """The batched fold (``method``: a composer, ``"chain"``, or ``"auto"`` = per composition,
     :func:`choose_method`), and whether any layer has a bias."""
-    programs = jax.vmap(lambda s: _lower(s, dtype))(stack)
+    programs = jax.vmap(lambda s: s.layer_programs(dtype))(stack)
     if method == "chain":
         close = functools.partial(_close, kernel_fn=kernel_fn)
 

@@ -73,8 +73,7 @@ def fold_affine(stack: Stack, dtype=None) -> Affine:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _fold_affine(stack: Stack, dtype) -> Affine:
-    programs = [layer.lower(shape, dtype) for layer, (shape, _) in zip(stack.layers, stack.shapes())]
-    return fold_layers(stack.layers, programs)
+    return fold_layers(stack.layers, stack.layer_programs(dtype))
 
 
 def conv_from_affine(affine: Affine, in_shape, out_shape, *, bias: bool = True) -> Conv:

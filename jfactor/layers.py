@@ -4,8 +4,9 @@ Every layer is a pytree (weights are leaves, settings are static) with three met
 
 - ``out_shape(in_shape, path)`` checks the layer against its input ``(*spatial, C)``
   and returns the output shape, raising :class:`StackError` naming ``path``;
-- ``lower(in_shape, dtype)`` returns a *program*: a tuple of :class:`Conv` with explicit
-  padding and :class:`Parallel` nodes, which is what gets applied and folded;
+- ``lower(in_shape, dtype, path)`` returns a *program*: a tuple of :class:`Conv` with explicit
+  padding and :class:`Parallel` nodes, which is what gets applied and folded (a refusal
+  names ``path``: weights set past the checks, as ``jax.tree.map`` does, are checked again);
 - ``num_params(in_shape)`` counts its inference-time parameters.
 
 Pools, subsampling, BatchNorm and identity lower to depthwise convolutions (a box, a
@@ -39,7 +40,7 @@ class Layer:
     def out_shape(self, in_shape: Shape, path: str = "") -> Shape:
         raise NotImplementedError
 
-    def lower(self, in_shape: Shape, dtype) -> tuple:
+    def lower(self, in_shape: Shape, dtype, path: str = "") -> tuple:
         raise NotImplementedError
 
     def num_params(self, in_shape: Shape) -> int:
@@ -144,15 +145,15 @@ class Conv(Layer):
         spatial = _checks.window_out_spatial(in_shape[:-1], self.extent, self.strides, pads, where)
         return spatial + (self.out_channels,)
 
-    def resolved(self, in_shape: Shape, dtype=None) -> Conv:
+    def resolved(self, in_shape: Shape, dtype=None, path: str = "") -> Conv:
         """This conv with explicit (low, high) padding for ``in_shape`` (and weights cast to ``dtype``)."""
-        pads = self._check_input(in_shape, self.kind)
+        pads = self._check_input(in_shape, _where(path, self.kind))
         cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
         bias = None if self.bias is None else cast(self.bias)
         return Conv(cast(self.kernel), bias, self.strides, self.dilation, pads, self.groups)
 
-    def lower(self, in_shape: Shape, dtype) -> tuple:
-        return (self.resolved(in_shape, dtype),)
+    def lower(self, in_shape: Shape, dtype, path: str = "") -> tuple:
+        return (self.resolved(in_shape, dtype, path),)
 
     def __call__(self, x):
         """Apply to ``x`` (N, *spatial, C_in); padding is resolved for ``x``'s shape."""
@@ -244,8 +245,8 @@ class AvgPool(_Window):
     def _strides(self):
         return self.strides
 
-    def lower(self, in_shape: Shape, dtype) -> tuple:
-        _, size, strides = self._window(in_shape, "")
+    def lower(self, in_shape: Shape, dtype, path: str = "") -> tuple:
+        _, size, strides = self._window(in_shape, path)
         value = 1.0 / _checks.prod(size) if self._scale_by_size else 1.0
         return (_depthwise(value, in_shape[-1], len(size), dtype, strides, size),)
 
@@ -281,8 +282,8 @@ class Subsample(_Window):
     def _strides(self):
         return self.strides
 
-    def lower(self, in_shape: Shape, dtype) -> tuple:
-        _, _, strides = self._window(in_shape, "")
+    def lower(self, in_shape: Shape, dtype, path: str = "") -> tuple:
+        _, _, strides = self._window(in_shape, path)
         return (_depthwise(1.0, in_shape[-1], len(strides), dtype, strides),)
 
     def describe(self) -> str:
@@ -298,7 +299,7 @@ class Identity(Layer):
     def out_shape(self, in_shape: Shape, path: str = "") -> Shape:
         return in_shape
 
-    def lower(self, in_shape: Shape, dtype) -> tuple:
+    def lower(self, in_shape: Shape, dtype, path: str = "") -> tuple:
         return (_depthwise(1.0, in_shape[-1], len(in_shape) - 1, dtype),)
 
 
@@ -346,14 +347,15 @@ class BatchNorm(Layer):
             )
         return in_shape
 
-    def lower(self, in_shape: Shape, dtype) -> tuple:
+    def lower(self, in_shape: Shape, dtype, path: str = "") -> tuple:
+        where = _where(path, self.kind)
         ndim = len(in_shape) - 1
         gamma, beta, mean, var = (a.astype(dtype) for a in (self.gamma, self.beta, self.mean, self.var))
-        _check_variance(var, self.epsilon, self.kind)  # again: weights set past __post_init__ (jax.tree.map)
+        _check_variance(var, self.epsilon, where)  # again: weights set past __post_init__ (jax.tree.map)
         scale = gamma / jnp.sqrt(var + self.epsilon)
         if _checks.is_concrete(scale) and not bool(jnp.isfinite(scale).all()):
             bad = [int(c) for c in jnp.flatnonzero(~jnp.isfinite(scale))[:5]]
-            raise StackError(f"{self.kind}: gamma / sqrt(var + epsilon) overflows {jnp.dtype(dtype).name} in "
+            raise StackError(f"{where}: gamma / sqrt(var + epsilon) overflows {jnp.dtype(dtype).name} in "
                              f"channel(s) {bad}")
         shift = beta - mean * scale
         kernel = scale.reshape((1,) * ndim + (1, self.channels))
@@ -388,19 +390,13 @@ def sequence_out_shape(layers, in_shape: Shape, path: str) -> Shape:
     return shape
 
 
-def lower_sequence(layers, in_shape: Shape, dtype, path: str | None = None) -> tuple:
-    """The program of ``layers`` applied in order to an input of ``in_shape``; with ``path``,
-    a layer's refusal names it (``path[i] (kind)``)."""
+def lower_sequence(layers, in_shape: Shape, dtype, path: str) -> tuple:
+    """The program of ``layers`` applied in order to an input of ``in_shape``; a layer's refusal
+    names it ``path[i] (kind)``."""
     items = []
     shape = in_shape
     for i, layer in enumerate(layers):
-        try:
-            items.extend(layer.lower(shape, dtype))
-        except StackError as exc:
-            if path is None:
-                raise
-            message = str(exc).removeprefix(f"{layer.kind}: ")
-            raise StackError(f"{_where(f'{path}[{i}]', layer.kind)}: {message}") from None
+        items.extend(layer.lower(shape, dtype, f"{path}[{i}]"))
         shape = layer.out_shape(shape)
     return tuple(items)
 
@@ -433,9 +429,10 @@ class Residual(Layer):
             )
         return in_shape
 
-    def lower(self, in_shape: Shape, dtype) -> tuple:
+    def lower(self, in_shape: Shape, dtype, path: str = "") -> tuple:
         identity = Identity().lower(in_shape, dtype)
-        return (Parallel((identity, lower_sequence(self.layers, in_shape, dtype)), "sum"),)
+        layers = lower_sequence(self.layers, in_shape, dtype, f"{path}.layers" if path else "residual.layers")
+        return (Parallel((identity, layers), "sum"),)
 
     def num_params(self, in_shape: Shape) -> int:
         return _sequence_params(self.layers, in_shape)
@@ -477,8 +474,9 @@ class Branches(Layer):
             )
         return outs[0][:-1] + (sum(o[-1] for o in outs),)
 
-    def lower(self, in_shape: Shape, dtype) -> tuple:
-        programs = tuple(lower_sequence(b, in_shape, dtype) for b in self.branches)
+    def lower(self, in_shape: Shape, dtype, path: str = "") -> tuple:
+        prefix = f"{path}.branches" if path else "branches"
+        programs = tuple(lower_sequence(b, in_shape, dtype, f"{prefix}[{i}]") for i, b in enumerate(self.branches))
         return (Parallel(programs, self.merge),)
 
     def num_params(self, in_shape: Shape) -> int:

@@ -80,6 +80,12 @@ class Stack:
         """
         return lower_sequence(self.layers, self.input_shape, dtype or self.dtype or jnp.float64, "layers")
 
+    def layer_programs(self, dtype) -> list[tuple]:
+        """Each top-level layer's own program, in order (what :meth:`lower` joins); a refusal names
+        ``layers[i] (kind)``."""
+        return [layer.lower(shape, dtype, f"layers[{i}]") for i, (layer, (shape, _)) in
+                enumerate(zip(self.layers, self.shapes()))]
+
     def num_params(self) -> int:
         return sum(layer.num_params(shape) for layer, (shape, _) in zip(self.layers, self.shapes()))
 

@@ -225,12 +225,20 @@ def _with_variance(var):
 
 def test_a_batchnorm_variance_set_past_its_checks_is_refused_by_name():
     """A negative variance read "gamma / sqrt(var + epsilon) overflows float64", no layer named."""
+    import jax
+
     bad = _with_variance([1.0, -1.0])
     with pytest.raises(jf.StackError, match=r"^layers\[1\] \(batch_norm\): var \+ epsilon must be > 0 in every "
                                             r"channel, not in channel\(s\) \[1\]$"):
         jf.fold(bad)
-    with pytest.raises(jf.StackError, match=r"^layers\[2\] \(branches\): batch_norm: var \+ epsilon must be > 0"):
+    # named as construction names it (it read "layers[2] (branches): batch_norm: ...")
+    with pytest.raises(jf.StackError, match=r"^layers\[2\]\.branches\[0\]\[0\] \(batch_norm\): var \+ epsilon must "):
         jf.fold(bad.__class__([bad.layers[0], jf.BatchNorm(*(np.ones(2),) * 4), bad.layers[2]], bad.input_shape))
+    inside = jf.Stack([jf.Residual([jf.BatchNorm(*(np.ones(2),) * 4)])], (8, 8, 2))
+    inside = jax.tree_util.tree_map_with_path(lambda path, w: -w if jax.tree_util.keystr(path).endswith(".var") else w,
+                                              inside)
+    with pytest.raises(jf.StackError, match=r"^layers\[0\]\.layers\[0\] \(batch_norm\): var \+ epsilon must "):
+        jf.fold(inside)
     with pytest.raises(jf.StackError, match=r"give a BatchNorm a var \+ epsilon that is not > 0"):
         jf.batch.fold_batch(jf.batch.stack_batch([bad, bad]))
     good = _with_variance([1.0, 2.0])
