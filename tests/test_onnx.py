@@ -360,9 +360,21 @@ def _unusual_models():
         [node("Conv", ["input", "w1"], ["t1"]), node("BatchNormalization", ["t1", "gamma", "beta", "mean", "var"],
                                                        ["t2"], spatial=0), node("Conv", ["t2", "w2"], ["output"])],
         weights[:2] + statistics, opset=7)
+    half = [numpy_helper.from_array(w.astype(np.float16), f"h{i}") for i, w in enumerate(
+        (rng.standard_normal((2, 2, 3, 3)), rng.standard_normal((2, 2, 3, 3))))]
+    single = [numpy_helper.from_array(rng.uniform(0.5, 2.0, 2).astype(np.float32), name)
+              for name in ("gamma", "beta", "mean", "var")]
+    yield "float32 BatchNormalization statistics on float16 data", 1, _graph_model(  # before: float32 weights on
+        [node("BatchNormalization", ["input", "gamma", "beta", "mean", "var"], ["t1"]),  # float16 data: invalid
+         node("Conv", ["t1", "h0"], ["t2"]), node("Conv", ["t2", "h1"], ["output"])], half + single,
+        elem=TensorProto.FLOAT16)
+    unordered = _graph_model([node("Conv", ["input", "w1"], ["t1"]), node("Conv", ["t1", "w2"], ["t2"]),
+                              node("Relu", ["t2"], ["output"])], weights[:2])
+    unordered.graph.node.reverse()  # onnxruntime runs it, onnx.checker would not
+    yield "nodes out of topological order", 1, unordered  # before: KeyError 't1'
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(len(list(_unusual_models()))))
 def test_unusual_valid_models_fold_to_what_onnxruntime_computes(index):
     name, expected, model = list(_unusual_models())[index]
     folded, reports = fold_model(model)
@@ -380,6 +392,11 @@ def test_nodes_sharing_a_name_are_refused_and_compare_outputs_checks_shapes():
                                                                                 name="c")], weights)
     with pytest.raises(StackError, match=r"node name 'c' is given to 2 nodes; ONNX needs each node's name unique"):
         fold_model(model)  # before: KeyError 't1'
+    cycle = _graph_model([node("Conv", ["input", "w1"], ["t1"], name="a"), node("Conv", ["t1", "w2"], ["output"],
+                                                                                name="b")], weights)
+    cycle.graph.node[0].input[0] = "output"
+    with pytest.raises(StackError, match=r"nodes \['(a|b)', '(a|b)', '(a|b)'\] read each other's outputs in a cycle"):
+        fold_model(cycle)
     wider = _graph_model([node("Conv", ["input", "w1"], ["t1"]), node("Unsqueeze", ["t1", "axes"], ["output"])],
                          [weights[0], numpy_helper.from_array(np.array([0], np.int64), "axes")],
                          outputs=[helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 2, 10, 10])])
@@ -387,6 +404,18 @@ def test_nodes_sharing_a_name_are_refused_and_compare_outputs_checks_shapes():
     with pytest.raises(jf.FoldError, match=r"the folded model's output has shape \(1, 2, 10, 10\), the model's "
                                         r"\(1, 1, 2, 10, 10\)"):
         compare_outputs(wider, single)  # before: numpy broadcast the difference, and the check passed
+
+
+def test_fold_file_makes_its_output_directory_and_refuses_a_file_in_its_place(tmp_path):
+    from jfactor.interop.onnx import fold_file
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_two_convs(np.ones((1, 1, 3, 3))), str(path))
+    summary = fold_file(path, tmp_path / "new" / "out")  # before: FileNotFoundError on a temporary file
+    assert Path(summary["folded_model"]).is_file() and (tmp_path / "new" / "out" / "summary.json").is_file()
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(jf.ConfigError, match=r"taken: is a file, not an output directory"):
+        fold_file(path, tmp_path / "taken")
 
 
 def test_compare_outputs_feeds_every_input_of_a_two_input_model():

@@ -24,6 +24,7 @@ why it keeps the others.
 from __future__ import annotations
 
 import dataclasses
+import graphlib
 import itertools
 import os
 from pathlib import Path
@@ -320,7 +321,7 @@ class _Graph:
 
 
 def _graph(model) -> _Graph:
-    model = _named(_load(model))
+    model = _in_order(_named(_load(model)))
     values = _constants(model)
     shapes, dtypes = _tensor_types(model)
     return _Graph(model, _nodes(model, values, shapes), values, shapes, dtypes)
@@ -442,14 +443,17 @@ def _fold_segment(graph: _Graph, segment: Segment, cheaper_only: bool) -> tuple[
 
 
 def _weights_dtype(graph: _Graph, segment: Segment):
-    """The dtype of the segment's first float weight; with none (pads and pools), its input's
-    (float32 where shape inference does not say)."""
+    """The dtype of the segment's input, in which ONNX's ``Conv`` takes its weights (a
+    BatchNormalization's parameters may be float32 on float16 data from opset 15); where shape
+    inference does not say, the segment's first float weight's, else float32."""
+    if segment.source in graph.dtypes:
+        return graph.dtypes[segment.source]
     for node in graph.model.graph.node:
         if node.name in segment.nodes:
             for name in node.input:
                 if name in graph.values and graph.values[name].dtype.kind == "f":
                     return graph.values[name].dtype
-    return graph.dtypes.get(segment.source, np.dtype(np.float32))
+    return np.dtype(np.float32)
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -469,6 +473,30 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
             candidates = itertools.chain([base], (f"{base}_{k}" for k in itertools.count(2)))
             node.name = next(name for name in candidates if name not in taken)
             taken.add(node.name)
+    return model
+
+
+def _in_order(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its nodes in an order where each comes after the nodes making its inputs (ONNX
+    asks for it; onnxruntime and graph-editing tools do not); as it was where they already are.
+    A cycle is a :class:`StackError` naming its nodes."""
+    made_by = {out: node.name for node in model.graph.node for out in node.output if out}
+    ready: set[str] = set()
+    in_order = True
+    for node in model.graph.node:
+        in_order &= all(name in ready for name in node.input if name in made_by)
+        ready.update(node.output)
+    if in_order:
+        return model
+    needs = {node.name: {made_by[name] for name in node.input if name in made_by} for node in model.graph.node}
+    try:
+        order = list(graphlib.TopologicalSorter(needs).static_order())
+    except graphlib.CycleError as exc:
+        raise StackError(f"nodes {exc.args[1]} read each other's outputs in a cycle; an ONNX graph has none") from None
+    by_name = {node.name: node for node in model.graph.node}
+    nodes = [by_name[name] for name in order]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     return model
 
 
@@ -661,14 +689,15 @@ def compare_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, *, seed:
 
 
 def fold_file(path, out_dir, *, cheaper_only: bool = False) -> dict:
-    """Fold the ONNX model at ``path``; write ``out_dir/<model>.folded.onnx`` and ``summary.json``.
+    """Fold the ONNX model at ``path``; write ``out_dir/<model>.folded.onnx`` and ``summary.json``
+    (``out_dir`` and its parents made where missing).
 
     Returns the summary: every segment's :class:`SegmentReport`, the MAC and parameter totals
     of the folded segments, and the onnxruntime comparison of both models on a random input.
     """
     from jfactor import rundir
 
-    path, out_dir = Path(path), Path(out_dir)
+    path, out_dir = Path(path), rundir.check_writable(out_dir)
     original = _load(path)
     try:
         folded, reports = fold_model(original, cheaper_only=cheaper_only)
@@ -676,6 +705,7 @@ def fold_file(path, out_dir, *, cheaper_only: bool = False) -> dict:
         raise StackError(f"{path}: {exc}") from None
     target = out_dir / f"{path.stem}.folded.onnx"
     checked = _compared(path, original, folded)  # before anything is written: a failed check leaves nothing
+    rundir.writable_dir(out_dir)
     rundir.write_with(target, lambda handle: handle.write(folded.SerializeToString()))
     done = [r for r in reports if r.folded]
     summary = {
