@@ -65,6 +65,35 @@ def test_a_changed_target_file_reruns_the_cells_that_read_it(tmp_path):
     assert _table(_directory(third)) == _table(_directory(second))
 
 
+def test_a_cell_computed_by_other_versions_or_defaults_is_computed_again(tmp_path):
+    """A cell's inputs are its resolved config (a default spelt out hashes as left out, so a changed
+    default is a changed input) and the versions that computed it; before, the config as written
+    and no versions, so a sweep resumed after an upgrade reused the old numbers."""
+    from jfactor.experiment.config import ExperimentConfig
+    from jfactor.experiment.sweep import cell_inputs
+    from jfactor.schema import validate
+
+    def inputs(data):
+        return cell_inputs(validate(ExperimentConfig, data, "test"), data, tmp_path)
+
+    small = {**SMALL, "target": {"family": "gaussian", "size": 5}}
+    spelt = {**small, "solver": {**small["solver"], "steps": 200, "schedule": "cosine"}}
+    assert inputs(spelt) == inputs(small) != inputs({**spelt, "solver": {**spelt["solver"], "steps": 201}})
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**small, "sweep": {"grid": {"seed": [0, 1]}}}))
+    first = _sweep(config, tmp_path / "runs")
+    results = _directory(first) / "cells" / "000" / "results.json"
+    payload = json.loads(results.read_text())
+    jax_version = payload["sweep_cell"]["inputs"]["versions"]["jax"]
+    payload["sweep_cell"]["inputs"]["versions"]["jax"] = "0.0.1"
+    results.write_text(json.dumps(payload))
+    second = _sweep(config, tmp_path / "runs")
+    assert f"sweep cell 0 ({{'seed': 0}}): it was computed with other versions (jax 0.0.1 -> {jax_version}); " \
+           "computing the cell again" in second.stderr
+    assert "1 of 2 cells were finished with the same inputs" in second.stderr
+    assert json.loads(results.read_text())["sweep_cell"]["inputs"]["versions"]["jax"] == jax_version
+
+
 def _truncate(cell: Path) -> str:
     results = cell / "results.json"
     results.write_text(results.read_text()[:100])  # as by a full disk

@@ -6,7 +6,7 @@ and resumes.  Each cell runs under
 its own file lock (``cells/<i>.lock``), so sweeps of one config started together, or
 the processes of a multi-process sweep, share the cells and never touch one another's
 running cell.  A cell is done when its ``results.json`` (written atomically, last) is
-readable, records the same inputs (the cell's resolved config and the content hash of
+readable, records the same inputs (the cell's resolved config, the versions that compute it, and the content hash of
 every file it references: targets, weights, stacks, and the files those reference), and
 every file it lists is still beside it.  A cell whose inputs changed, whose files are not
 all there, or whose ``results.json`` is unreadable, is computed again with a warning
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.metadata
 import io
 import itertools
 import json
@@ -137,15 +138,36 @@ def _files(data, base: Path) -> dict:
     return {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in _file_paths(data, base, {}).items()}
 
 
-def cell_inputs(data: dict, base: Path) -> dict:
-    """What a cell's result depends on: its resolved config and the hash of every file it names."""
-    text = json.dumps(data, sort_keys=True, default=str)
-    return {"config": hashlib.sha256(text.encode()).hexdigest(), "files": _files(data, base)}
+COMPUTED_BY = ("jfactor", "jax", "jaxlib", "optax", "numpy", "scipy")  # the packages a cell's numbers come from
+
+
+def _version(name: str) -> str:
+    """``name``'s version (jfactor's own from the code that runs, installed or not)."""
+    if name == "jfactor":
+        import jfactor
+
+        return jfactor.__version__
+    return importlib.metadata.version(name)
+
+
+def cell_inputs(cell: ExperimentConfig, data: dict, base: Path) -> dict:
+    """What a cell's result depends on: its resolved config (every default filled in, so a changed
+    default is a changed input), the versions of :data:`COMPUTED_BY`, and the hash of every file
+    its config mapping ``data`` names."""
+    text = json.dumps(cell.model_dump(mode="json"), sort_keys=True)
+    return {"config": hashlib.sha256(text.encode()).hexdigest(),
+            "versions": {name: _version(name) for name in COMPUTED_BY},
+            "files": _files(data, base)}
 
 
 def _changes(old: dict, new: dict) -> str:
     if old.get("config") != new["config"]:
-        return "its config changed"
+        return "its config changed (or its defaults, or it was recorded by an older jfactor)"
+    versions = old.get("versions", {})
+    if versions != new["versions"]:
+        moved = [f"{name} {versions.get(name)} -> {new['versions'][name]}" for name in COMPUTED_BY
+                 if versions.get(name) != new["versions"][name]]
+        return f"it was computed with other versions ({', '.join(moved)})"
     files = old.get("files", {})
     changed = [p for p in new["files"] if files.get(p) != new["files"][p]] + [p for p in files if p not in new["files"]]
     return "changed since it was computed: " + ", ".join(changed)
@@ -249,7 +271,8 @@ def run_sweep(config: ExperimentConfig, raw: dict, base: Path, source: str, runs
         where = f"{source} (sweep cell {i}: {assignment})"
         cell = validate(ExperimentConfig, data, where)
         plans.append({"index": i, "assignment": assignment, "plan": plan(cell, base, f"{source} (sweep cell {i})"),
-                      "inputs": cell_inputs(data, base), "label": f"sweep cell {i} ({assignment})", "where": where})
+                      "inputs": cell_inputs(cell, data, base), "label": f"sweep cell {i} ({assignment})",
+                      "where": where})
     directory = rundir.writable_dir(sweep_dir(runs_dir, raw, base))
     (directory / "cells").mkdir(exist_ok=True)
     rundir.write_json(directory / "sweep.json", {"source": source, "keys": keys, "cells": assignments})
