@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -525,11 +526,21 @@ def repeated_options(args: list[str]) -> list[list[str]]:
     return [each for each in times if len(each) > 1]
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(args: list[str] | None = None) -> None:
     """The ``jfactor`` command: an option given twice is refused before typer reads the command
-    line (it would keep the last); then the command runs."""
+    line (it would keep the last); then the command runs, ending on SIGTERM (``kill``, a batch
+    scheduler, ``timeout``) as on Ctrl-C: what it made and had not finished is removed, finished
+    work is kept and named."""
     args = sys.argv[1:] if args is None else list(args)
     if not {"--help", "--version"} & set(args) and (twice := repeated_options(args)):
         print(f"error: {', '.join(twice[0])}: one option given {len(twice[0])} times; give it once", file=sys.stderr)
         raise SystemExit(2)
-    app(args=args, prog_name="jfactor")
+    before = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        app(args=args, prog_name="jfactor")
+    finally:
+        signal.signal(signal.SIGTERM, before)

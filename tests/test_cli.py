@@ -342,3 +342,24 @@ def test_the_jfactor_command_refuses_an_option_given_twice(command):
     helped = subprocess.run([*command, "factorize", "--size", "5", "--size", "7", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert helped.returncode == 0 and "--target" in helped.stdout  # help is help, whatever else is given
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """``kill``, a batch scheduler or ``timeout`` send SIGTERM: before, the process died on the spot and
+    left its run directory holding config.yaml alone; now nothing had finished, so nothing is kept."""
+    import signal
+    import time
+
+    config = tmp_path / "long.yaml"
+    config.write_text("target: {family: log, size: 31}\nchain: {sizes: [3, 5, 9, 17]}\nrestarts: 256\n")
+    runs = tmp_path / "runs"
+    process = subprocess.Popen([sys.executable, "-m", "jfactor", "run", str(config), "--runs-dir", str(runs),
+                                "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (started := list(runs.glob("*/config.yaml"))):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert started and process.returncode == 130, stderr[-2000:]
+    assert "interrupted: nothing had finished; no run directory kept" in stderr
+    assert not runs.exists()  # the run directory went, and the runs folder it had made
