@@ -99,20 +99,24 @@ def _alternatives(errors: list[dict]) -> list[str]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a mapping key written twice (plain YAML keeps the last silently)."""
+    """A safe loader that refuses a mapping key written twice (plain YAML keeps the last silently);
+    a key that overrides one merged in (``<<: *defaults``) is not written twice."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:
                 continue  # an unhashable key: the base loader reports it
-            if first != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is written twice (lines {first} and {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
+            if first is not None:
+                where = f"lines {first} and {line}" if first != line else f"line {line}"
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice ({where})",
+                                                        key_node.start_mark)
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 

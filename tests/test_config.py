@@ -135,6 +135,26 @@ def test_floats_written_without_a_dot_are_numbers():
     assert load_yaml_text(dump_yaml(data)) == data
 
 
+def test_merge_keys_merge_and_a_key_written_twice_is_still_refused(tmp_path):
+    """``<<: *anchor`` read "could not determine a constructor for the tag 'tag:yaml.org,2002:merge'"."""
+    import pytest
+
+    from jfactor.errors import ConfigError
+    from jfactor.experiment.config import load_config
+    from jfactor.schema import load_yaml_text
+
+    text = "base: &b {sizes: [3, 5], channels: 1}\nwide: {<<: *b, channels: 2}\nboth: {<<: [*b, {name: n}]}\n"
+    assert load_yaml_text(text)["wide"] == {"sizes": [3, 5], "channels": 2}
+    assert load_yaml_text(text)["both"] == {"sizes": [3, 5], "channels": 1, "name": "n"}
+    (tmp_path / "c.yaml").write_text("target: {family: log, size: 7}\n"
+                                     "chains:\n  - &b {sizes: [3, 5]}\n  - {<<: *b, channels: 2}\n")
+    config, _, _ = load_config(tmp_path / "c.yaml")
+    assert [(c.sizes, c.channels) for c in config.chains] == [([3, 5], 1), ([3, 5], 2)]
+    (tmp_path / "twice.yaml").write_text("chain: {<<: {sizes: [3]}, channels: 1, channels: 2}\n")
+    with pytest.raises(ConfigError, match=r"key 'channels' is written twice \(line 1\)"):  # before: not seen
+        load_config(tmp_path / "twice.yaml")
+
+
 def test_family_parameters_are_checked_without_refusing_valid_ones():
     import jax.numpy as jnp
 
