@@ -227,6 +227,11 @@ def test_work_past_the_memory_budget_stops_before_compute_naming_the_knob(monkey
     with pytest.raises(ConfigError, match=r"past the memory budget .*JFACTOR_MEMORY_BUDGET_GB.*restarts"):
         factorize(target, Chain.build([3, 5]), restarts=4, solver=FAST, baselines=(),
                   images=images)
+    monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1")
+    with pytest.raises(ConfigError, match=r"\(first-order\).*each of solver\.steps"):  # before: restarts or channels
+        factorize(target, Chain.build([3, 5]), restarts=4, solver=Solver(optimizer="adam", steps=10**12,
+                                                                         refine="none"), baselines=())
+    monkeypatch.setenv("JFACTOR_MEMORY_BUDGET_GB", "1e-6")
     with pytest.raises(ConfigError, match=r"\(als\).*drop the als"):
         factorize(target, Chain.build([3, 5]), restarts=4,
                   solver=Solver(optimizer="adam", steps=1, refine="none"), baselines=("als",), images=images)

@@ -105,8 +105,9 @@ def arrays(targets: tuple[int, ...], count: int, image_values: int = 0, objectiv
 
 # what to change where each part of an estimate passes the budget
 KNOBS = {
-    "lm": "use fewer restarts, fewer channels or smaller chain sizes, or set solver.linear_solver: cg",
-    "first-order": "use fewer restarts or channels",
+    "lm": "use fewer restarts, fewer channels or smaller chain sizes, or set solver.linear_solver: cg (every "
+          "restart also keeps its loss at each of solver.refine_steps)",
+    "first-order": "use fewer restarts or channels (every restart also keeps its loss at each of solver.steps)",
     "als": "drop the als baseline (and lstsq: baselines: [svd]) or use fewer restarts",
     "lstsq": "drop the lstsq baseline (baselines: [svd])",
     "targets": "use smaller chain sizes or dilations (the target is zero-padded to the chain's extent)",
