@@ -256,6 +256,24 @@ def test_a_nested_model_is_named_as_one():
         from_keras(model)
 
 
+def test_layers_also_called_in_other_models_are_read_by_this_models_calls():
+    """A functional model built from a Sequential's layers: before, "conv2d: is used 2 times in the
+    model" (every call of the layer, in any model, was counted); a layer called twice in the model is
+    still refused."""
+    rng = np.random.default_rng(0)
+    first, second = L.Conv2D(4, 3), L.Conv2D(2, 3)
+    sequential = keras.Sequential([keras.Input((10, 10, 3)), first, second])
+    inputs = keras.Input((10, 10, 3))
+    functional = keras.Model(inputs, second(first(inputs)))
+    x = rng.standard_normal((2, 10, 10, 3))
+    for model in (functional, sequential, keras.Model(sequential.inputs, first.output)):
+        np.testing.assert_allclose(np.asarray(from_keras(model)(x)), np.asarray(model.predict(x, verbose=0)),
+                                   atol=1e-10)
+    shared = L.Conv2D(3, 1, name="shared")
+    with pytest.raises(StackError, match=r"shared: is used 2 times in the model"):
+        from_keras(keras.Model(inputs, shared(shared(inputs))))
+
+
 def test_a_merge_other_than_add_or_concatenate_is_named_as_one():
     inputs = keras.Input((8, 8, 1))
     a, b = L.Conv2D(1, 3, name="a")(inputs), L.Conv2D(1, 3, name="b")(inputs)

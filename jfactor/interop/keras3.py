@@ -26,6 +26,7 @@ imported with another backend is an error: its layers compute with another frame
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -205,11 +206,15 @@ def _graph(model) -> tuple[list[Node], str, str, dict, dict]:
             raise StackError(f"{model.name}: has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
                              "jfactor reads models with one of each")
         entries, shapes = [], {}
+        # the model's own calls of each layer (a layer may also be called in other models built from it)
+        calls = {}
+        for node in itertools.chain.from_iterable(model._nodes_by_depth.values()):
+            calls.setdefault(id(node.operation), []).append(node)
         for op in model.operations:
-            if len(op._inbound_nodes) != 1:
-                raise StackError(f"{op.name}: is used {len(op._inbound_nodes)} times in the model; jfactor reads "
+            if len(calls[id(op)]) != 1:
+                raise StackError(f"{op.name}: is used {len(calls[id(op)])} times in the model; jfactor reads "
                                  "each layer applied once")
-            call = op._inbound_nodes[0]
+            (call,) = calls[id(op)]
             inputs = tuple(str(id(t)) for t in call.input_tensors)
             if len(call.output_tensors) != 1:
                 raise StackError(f"{op.name}: makes {len(call.output_tensors)} tensors; jfactor reads one per layer")
