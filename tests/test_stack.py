@@ -80,6 +80,20 @@ def test_conv_call_resolves_padding_for_the_input():
     np.testing.assert_allclose(conv(x), reference.conv(x, np.ones((3, 1, 1)), None, 2, 1, "same"))
 
 
+def test_a_conv_applies_to_inputs_of_another_dtype_as_a_stack_does():
+    """A float32 conv (a folded float32 model) on numpy's float64: before, jax's "lax.conv_general_dilated
+    requires arguments to have the same dtypes"."""
+    rng = np.random.default_rng(4)
+    kernel, bias = rng.normal(size=(3, 3, 2, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    conv = jf.Conv(kernel, bias, padding="same")
+    x = rng.normal(size=(2, 6, 6, 2))
+    for inputs, dtype in ((x, jnp.float64), (x.astype(np.float16), jnp.float32), (x.round().astype(int), jnp.float32)):
+        out = conv(inputs)
+        assert out.dtype == dtype == jf.Stack([conv], (6, 6, 2))(inputs).dtype
+        expected = reference.conv(np.asarray(inputs, np.float64), kernel, bias, 1, 1, "same")
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_norm_and_residual_match_reference():
     rng = np.random.default_rng(5)
     bn = jf.BatchNorm(rng.normal(size=3), rng.normal(size=3), rng.normal(size=3), rng.uniform(1, 2, 3), 1e-5)
