@@ -280,6 +280,13 @@ def test_segments_end_where_a_tensor_is_also_read_outside_and_skip_merges_of_two
     shared = _nodes(("a", "lin", ["x"]), ("r", "relu", ["a"]), ("b", "lin", ["a"]))
     assert [(s.nodes, s.source, s.sink) for s in segments(shared, ["b", "r"])] == [(("a",), "x", "a"),
                                                                                (("b",), "a", "b")]
+    # two-node runs on each side of a tensor also read outside: before, both cones met in the first run,
+    # which was cut into one-node segments ("c1" and "n1" each left unfused)
+    runs = _nodes(("c1", "lin", ["x"]), ("n1", "lin", ["c1"]), ("r", "relu", ["n1"]), ("c2", "lin", ["n1"]),
+                  ("n2", "lin", ["c2"]))
+    assert [(s.nodes, s.source, s.sink) for s in segments(runs, ["n2", "r"])] == [(("c1", "n1"), "x", "n1"),
+                                                                              (("c2", "n2"), "n1", "n2")]
+    assert [s.nodes for s in segments(runs, ["n2", "n1"])] == [("c1", "n1"), ("c2", "n2")]  # n1 an output
     residual = _nodes(("c1", "lin", ["x"]), ("n1", "lin", ["c1"]), ("c2", "lin", ["y"]), ("n2", "lin", ["c2"]),
                       ("add", "add", ["n1", "n2"]), ("r", "relu", ["add"]))
     assert [s.nodes for s in segments(residual, ["r"])] == [("c1", "n1"), ("c2", "n2")]

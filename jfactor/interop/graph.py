@@ -83,6 +83,12 @@ def segments(nodes: list[Node], outputs) -> list[Segment]:
             continue
         exits = [t for t, s in sources.items() if t not in mixed and (
             t in outputs or t in boundary or any(not u.linear or u.output in mixed for u in users[t]))]
+        # an exit that linear nodes read on: the segment after it starts there, rather than both
+        # segments' nodes before it being cut apart as shared
+        inner = {t for t in exits if t not in boundary and any(u.linear and u.output not in mixed for u in users[t])}
+        if inner:
+            boundary |= inner
+            continue
         cones, owner, shared = {}, {}, set()
         for e in exits:
             cone, todo = [], [e]
