@@ -274,6 +274,12 @@ def test_layers_also_called_in_other_models_are_read_by_this_models_calls():
         from_keras(keras.Model(inputs, shared(shared(inputs))))
 
 
+def test_a_sequential_without_layers_says_so():
+    # before: "the model is not built ... start it with keras.Input(shape=...)", which it was
+    with pytest.raises(StackError, match=r"^sequential\w*: has no layers to read$"):
+        from_keras(keras.Sequential([keras.Input((8, 8, 1))]))
+
+
 def test_a_merge_other_than_add_or_concatenate_is_named_as_one():
     inputs = keras.Input((8, 8, 1))
     a, b = L.Conv2D(1, 3, name="a")(inputs), L.Conv2D(1, 3, name="b")(inputs)

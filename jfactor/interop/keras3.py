@@ -191,6 +191,8 @@ def _where(model, op) -> str:
 def _graph(model) -> tuple[list[Node], str, str, dict, dict]:
     """Nodes of ``model`` in order, its input and output tensor names, every tensor's shape, and
     each node's Keras layer or operation by name."""
+    if isinstance(model, keras.Sequential) and not model.layers:
+        raise StackError(f"{model.name}: has no layers to read")
     if isinstance(model, keras.Model) and not model.built:
         raise StackError(f"{model.name}: the model is not built, so its input shape is unknown; start it with "
                          "keras.Input(shape=...) or call model.build((None, *spatial, C))")
