@@ -179,6 +179,12 @@ def window_out_spatial(
     return tuple(out)
 
 
+def floating_result(*dtypes):
+    """The dtype arrays of ``dtypes`` compute in together: their promotion, float64 where that is not floating."""
+    dtype = jnp.result_type(*dtypes)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float64)
+
+
 def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 

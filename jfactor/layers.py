@@ -159,8 +159,7 @@ class Conv(Layer):
         """Apply to ``x`` (N, *spatial, C_in); padding is resolved for ``x``'s shape, and ``x`` and the
         weights meet in their common floating dtype (as a :class:`~jfactor.Stack` applies)."""
         x = jnp.asarray(x)
-        dtype = jnp.result_type(x.dtype, self.kernel.dtype)
-        dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float64)
+        dtype = _checks.floating_result(x.dtype, self.kernel.dtype)
         op = self.resolved(tuple(x.shape[1:]), dtype)
         return _conv(x.astype(dtype), op.kernel, op.bias, strides=op.strides, dilation=op.dilation,
                      pads=op.padding, groups=op.groups)

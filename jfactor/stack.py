@@ -112,8 +112,7 @@ def run_program(program, x):
 
 def compute_dtype(stack: Stack, x):
     """Floating dtype to run ``stack`` on ``x`` in: the promotion of both (ints become float64)."""
-    dtype = x.dtype if stack.dtype is None else jnp.result_type(x.dtype, stack.dtype)
-    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float64)
+    return _checks.floating_result(x.dtype, *(() if stack.dtype is None else (stack.dtype,)))
 
 
 def check_input(stack: Stack, x) -> None:
