@@ -92,10 +92,11 @@ def markdown(result: dict) -> str:
              f"(max abs diff {max((r['max_abs_diff'] for r in used), default=0):.1e}): "
              + ", ".join(f"`{r['case'].removeprefix('test_')}`" for r in used) + "."), "",
              ("| model | nodes | linear segments | folded | MACs before -> after (folded segments) | "
-             "onnxruntime max abs diff |"), "|---|---|---|---|---|---|"]
+             "params before -> after | onnxruntime max abs diff |"), "|---|---|---|---|---|---|---|"]
     for m in result["models"]:
         lines.append(f"| {m['model']} | {m['nodes']} | {m['segments']} | {m['folded']} | "
-                     f"{m['macs_before']:,} -> {m['macs_after']:,} | {m['onnxruntime']['max_abs_diff']:.1e} |")
+                     f"{m['macs_before']:,} -> {m['macs_after']:,} | {m['params_before']:,} -> {m['params_after']:,} | "
+                     f"{m['onnxruntime']['max_abs_diff']:.1e} |")
     return "\n".join(lines)
 
 
