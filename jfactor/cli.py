@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -539,6 +540,9 @@ def main(args: list[str] | None = None) -> None:
     if not {"--help", "--version"} & set(args) and (twice := repeated_options(args)):
         print(f"error: {', '.join(twice[0])}: one option given {len(twice[0])} times; give it once", file=sys.stderr)
         raise SystemExit(2)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        app(args=args, prog_name="jfactor")
+        return
     before = signal.signal(signal.SIGTERM, _terminated)
     try:
         app(args=args, prog_name="jfactor")

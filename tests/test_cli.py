@@ -363,3 +363,23 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     assert started and process.returncode == 130, stderr[-2000:]
     assert "interrupted: nothing had finished; no run directory kept" in stderr
     assert not runs.exists()  # the run directory went, and the runs folder it had made
+
+
+def test_main_runs_from_another_thread_without_its_sigterm_handler():
+    """Only the main thread may set signal handlers (``signal.signal`` raises ValueError elsewhere)."""
+    import threading
+
+    from jfactor.cli import main
+
+    codes = []
+
+    def run():
+        try:
+            main(["--version"])
+        except SystemExit as exc:
+            codes.append(exc.code)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=60)
+    assert codes == [0]
