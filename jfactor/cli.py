@@ -547,4 +547,4 @@ def main(args: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="jfactor")
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)  # None: set outside Python

@@ -102,9 +102,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """A safe loader that refuses a mapping key written twice (plain YAML keeps the last silently);
     a key that overrides one merged in (``<<: *defaults``) is not written twice."""
 
-    def construct_mapping(self, node, deep=False):
+    def flatten_mapping(self, node):
+        # every mapping passes here before it is built, merged ones too; the first pass rewrites
+        # node.value to the merged pairs followed by its own, so only the first pass checks them
+        if not getattr(node, "_keys_checked", False):
+            self._refuse_repeated_keys(node.value)
+            node._keys_checked = True
+        super().flatten_mapping(node)
+
+    def _refuse_repeated_keys(self, pairs) -> None:
         seen = {}
-        for key_node, _ in node.value:
+        for key_node, _ in pairs:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
@@ -117,7 +125,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice ({where})",
                                                         key_node.start_mark)
             seen[key] = line
-        return super().construct_mapping(node, deep=deep)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -358,8 +358,16 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (started := list(runs.glob("*/config.yaml"))):
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    for _ in range(12):  # a signal that lands in jax's garbage-collection callback is lost (as Ctrl-C can be)
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = process.communicate(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        process.kill()
+        _, stderr = process.communicate()
     assert started and process.returncode == 130, stderr[-2000:]
     assert "interrupted: nothing had finished; no run directory kept" in stderr
     assert not runs.exists()  # the run directory went, and the runs folder it had made

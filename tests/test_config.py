@@ -141,6 +141,8 @@ def test_merge_keys_merge_and_a_key_written_twice_is_still_refused(tmp_path):
 
     from jfactor.errors import ConfigError
     from jfactor.experiment.config import load_config
+    import yaml
+
     from jfactor.schema import load_yaml_text
 
     text = "base: &b {sizes: [3, 5], channels: 1}\nwide: {<<: *b, channels: 2}\nboth: {<<: [*b, {name: n}]}\n"
@@ -150,6 +152,11 @@ def test_merge_keys_merge_and_a_key_written_twice_is_still_refused(tmp_path):
                                      "chains:\n  - &b {sizes: [3, 5]}\n  - {<<: *b, channels: 2}\n")
     config, _, _ = load_config(tmp_path / "c.yaml")
     assert [(c.sizes, c.channels) for c in config.chains] == [([3, 5], 1), ([3, 5], 2)]
+    # an anchored mapping that overrides a merged key, merged again before it is built itself
+    nested = "d: &d {channels: 1}\ng:\n  w: &w {<<: *d, channels: 2}\no: {<<: *w}\n"
+    assert load_yaml_text(nested)["o"] == {"channels": 2}
+    with pytest.raises(yaml.constructor.ConstructorError, match=r"key 'a' is written twice"):
+        load_yaml_text("x: {<<: {a: 1, a: 2}}\n")  # inside a merged mapping
     (tmp_path / "twice.yaml").write_text("chain: {<<: {sizes: [3]}, channels: 1, channels: 2}\n")
     with pytest.raises(ConfigError, match=r"key 'channels' is written twice \(line 1\)"):  # before: not seen
         load_config(tmp_path / "twice.yaml")
