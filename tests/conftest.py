@@ -1,4 +1,6 @@
+import gc
 import os
+from pathlib import Path
 
 import jax
 import pytest
@@ -21,6 +23,24 @@ settings.load_profile("default")
 _USER_CACHE = cache.default_directory()  # None: the user switched the compile cache off
 _RESOLVED = None if _USER_CACHE is None else _USER_CACHE.expanduser().resolve()
 _SUITE_CACHE = None if _RESOLVED is None else _RESOLVED.with_name(_RESOLVED.name + "-tests")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_code_dropped_before_mappings_run_out():
+    """Every compiled XLA program holds memory mappings of its machine code until jax's caches drop
+    it, and Linux allows a process 65,530 (``vm.max_map_count``): three test files left a process
+    with 13,852, and a suite worker, some 490 tests in, crashed inside XLA's compiler (SIGSEGV in
+    ``backend_compile_and_load``) in three fresh-clone suites in a row.  Dropping jax's compiled
+    caches after a test file once the worker holds half the limit keeps it well below."""
+    yield
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        held = sum(1 for _ in open("/proc/self/maps"))
+    except OSError:  # not Linux
+        return
+    if held > limit // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(autouse=True)
