@@ -30,7 +30,7 @@ def _compiled_code_dropped_before_mappings_run_out():
     """Every compiled XLA program holds memory mappings of its machine code until jax's caches drop
     it, and Linux allows a process 65,530 (``vm.max_map_count``): three test files left a process
     with 13,852, and a suite worker, some 490 tests in, crashed inside XLA's compiler (SIGSEGV in
-    ``backend_compile_and_load``) in three fresh-clone suites in a row.  Dropping jax's compiled
+    ``backend_compile_and_load``) in three of four fresh-clone suites.  Dropping jax's compiled
     caches after a test file once the worker holds half the limit keeps it well below."""
     yield
     try:
