@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -531,6 +532,20 @@ def _terminated(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM raises KeyboardInterrupt inside the block (only the main thread may set handlers;
+    elsewhere nothing changes); the previous handler comes back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)  # None: set outside Python
+
+
 def main(args: list[str] | None = None) -> None:
     """The ``jfactor`` command: an option given twice is refused before typer reads the command
     line (it would keep the last); then the command runs, ending on SIGTERM (``kill``, a batch
@@ -540,11 +555,5 @@ def main(args: list[str] | None = None) -> None:
     if not {"--help", "--version"} & set(args) and (twice := repeated_options(args)):
         print(f"error: {', '.join(twice[0])}: one option given {len(twice[0])} times; give it once", file=sys.stderr)
         raise SystemExit(2)
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    with _sigterm_as_ctrl_c():
         app(args=args, prog_name="jfactor")
-        return
-    before = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        app(args=args, prog_name="jfactor")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)  # None: set outside Python

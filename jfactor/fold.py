@@ -324,8 +324,7 @@ def canonical_form(stack: Stack, pads, dtype) -> tuple[list, str | None, tuple[i
     ndim = stack.ndim
     accumulated = (1,) * ndim
     elements, strides = [], []
-    for layer, (shape, _) in zip(stack.layers, stack.shapes()):
-        program = layer.lower(shape, dtype)
+    for layer, (shape, _), program in zip(stack.layers, stack.shapes(), stack.layer_programs(dtype)):
         if len(program) == 1 and not isinstance(program[0], Parallel):
             c = program[0]
             stride = c.strides
@@ -357,7 +356,7 @@ def canonical_form(stack: Stack, pads, dtype) -> tuple[list, str | None, tuple[i
 
 def _layer_rows(stack: Stack, dtype) -> list[dict]:
     rows = []
-    for i, (layer, (shape, out)) in enumerate(zip(stack.layers, stack.shapes())):
+    for i, (layer, (shape, out), program) in enumerate(zip(stack.layers, stack.shapes(), stack.layer_programs(dtype))):
         rows.append({
             "index": i,
             "kind": layer.kind,
@@ -365,7 +364,7 @@ def _layer_rows(stack: Stack, dtype) -> list[dict]:
             "in_shape": list(shape),
             "out_shape": list(out),
             "params": layer.num_params(shape),
-            "macs": analysis.program_macs(layer.lower(shape, dtype), shape[:-1]),
+            "macs": analysis.program_macs(program, shape[:-1]),
         })
     return rows
 

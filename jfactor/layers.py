@@ -393,15 +393,19 @@ def sequence_out_shape(layers, in_shape: Shape, path: str) -> Shape:
     return shape
 
 
-def lower_sequence(layers, in_shape: Shape, dtype, path: str) -> tuple:
-    """The program of ``layers`` applied in order to an input of ``in_shape``; a layer's refusal
-    names it ``path[i] (kind)``."""
-    items = []
-    shape = in_shape
+def layer_programs(layers, in_shape: Shape, dtype, path: str) -> list[tuple]:
+    """Each of ``layers``' own program, applied in order to an input of ``in_shape``; a layer's
+    refusal names it ``path[i] (kind)``."""
+    programs, shape = [], in_shape
     for i, layer in enumerate(layers):
-        items.extend(layer.lower(shape, dtype, f"{path}[{i}]"))
+        programs.append(layer.lower(shape, dtype, f"{path}[{i}]"))
         shape = layer.out_shape(shape)
-    return tuple(items)
+    return programs
+
+
+def lower_sequence(layers, in_shape: Shape, dtype, path: str) -> tuple:
+    """The program of ``layers`` applied in order (:func:`layer_programs`, joined)."""
+    return tuple(item for program in layer_programs(layers, in_shape, dtype, path) for item in program)
 
 
 def _layer_tuple(layers, where: str) -> tuple:

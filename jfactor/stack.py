@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jfactor import _checks
 from jfactor._pytree import pytree_dataclass, set_field, static
 from jfactor.errors import StackError
-from jfactor.layers import Layer, Parallel, _layer_tuple, lower_sequence, sequence_out_shape
+from jfactor.layers import Layer, Parallel, _layer_tuple, layer_programs, lower_sequence, sequence_out_shape
 from jfactor.ops import conv
 
 Shape = tuple[int, ...]
@@ -83,8 +83,7 @@ class Stack:
     def layer_programs(self, dtype) -> list[tuple]:
         """Each top-level layer's own program, in order (what :meth:`lower` joins); a refusal names
         ``layers[i] (kind)``."""
-        return [layer.lower(shape, dtype, f"layers[{i}]") for i, (layer, (shape, _)) in
-                enumerate(zip(self.layers, self.shapes()))]
+        return layer_programs(self.layers, self.input_shape, dtype, "layers")
 
     def num_params(self) -> int:
         return sum(layer.num_params(shape) for layer, (shape, _) in zip(self.layers, self.shapes()))
