@@ -146,16 +146,21 @@ def _jaxlib_version() -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def _release() -> str:
-    """What a kept program depends on besides its arguments: the versions of jax, jaxlib
-    and optax and the source of this package (any edit makes the kept programs stale)."""
+def source_digest() -> str:
+    """sha256 (hex) of this package's Python source, as it runs: any edit changes it."""
     digest = hashlib.sha256()
-    for name in ("jax", "jaxlib", "optax"):
-        digest.update(f"{name}=={importlib.metadata.version(name)};".encode())
     root = Path(__file__).parent
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _release() -> str:
+    """What a kept program depends on besides its arguments: the versions of jax, jaxlib
+    and optax and the source of this package (any edit makes the kept programs stale)."""
+    versions = "".join(f"{name}=={importlib.metadata.version(name)};" for name in ("jax", "jaxlib", "optax"))
+    return hashlib.sha256(versions.encode() + source_digest().encode()).hexdigest()
 
 
 def _spec(leaf) -> jax.ShapeDtypeStruct | None:

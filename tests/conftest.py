@@ -1,6 +1,4 @@
-import gc
 import os
-from pathlib import Path
 
 import jax
 import pytest
@@ -8,7 +6,7 @@ from hypothesis import HealthCheck, settings
 from jax.experimental.compilation_cache import compilation_cache
 
 import jfactor  # noqa: F401  (switches on float64 before any array is made)
-from jfactor import cache
+from jfactor import cache, code_mappings
 
 settings.register_profile(
     "default",
@@ -23,39 +21,38 @@ settings.load_profile("default")
 _USER_CACHE = cache.default_directory()  # None: the user switched the compile cache off
 _RESOLVED = None if _USER_CACHE is None else _USER_CACHE.expanduser().resolve()
 _SUITE_CACHE = None if _RESOLVED is None else _RESOLVED.with_name(_RESOLVED.name + "-tests")
+# the tests themselves keep compiled code too, except with a jaxlib that crashes running some programs
+# it reads back (cache.KEEPS_FROM: the oldest versions' job compiles every time)
+_IN_PROCESS = _SUITE_CACHE is not None and cache._jaxlib_version() >= cache.KEEPS_FROM
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _compiled_code_dropped_before_mappings_run_out():
-    """Every compiled XLA program holds memory mappings of its machine code until jax's caches drop
-    it, and Linux allows a process 65,530 (``vm.max_map_count``): three test files left a process
-    with 13,852, and a suite worker, some 490 tests in, crashed inside XLA's compiler (SIGSEGV in
-    ``backend_compile_and_load``) in three of four fresh-clone suites.  Dropping jax's compiled
-    caches after a test file once the worker holds half the limit keeps it well below."""
-    yield
-    try:
-        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
-        held = sum(1 for _ in open("/proc/self/maps"))
-    except OSError:  # not Linux
-        return
-    if held > limit // 2:
-        jax.clear_caches()
-        gc.collect()
+def _file_compile_cache(request):
+    """This test file's folder of compiled code, ``~/.cache/jfactor/xla-tests/<file>``, kept from run
+    to run: compiling is most of the suite's time (test_multistart.py and test_exact_hessian.py took
+    172 s on two workers with an empty folder, 36 s with a full one).  One folder per file, not per
+    worker, as pytest-xdist runs each file on one worker (``--dist loadfile``, pyproject.toml) but not
+    always on the same one; so no two workers write one folder either.  After the file, a worker
+    that holds half its limit of memory mappings drops jax's compiled programs (it crashed inside
+    XLA's compiler, SIGSEGV in ``backend_compile_and_load``, in three of four fresh-clone suites
+    before that: :mod:`jfactor.code_mappings`)."""
+    folder = None if _SUITE_CACHE is None else _SUITE_CACHE / request.module.__name__.rsplit(".", 1)[-1]
+    if _IN_PROCESS:
+        cache.enable_compilation_cache(folder)
+    yield folder
+    code_mappings.drop_when_crowded()
 
 
 @pytest.fixture(autouse=True)
-def _own_compile_cache(monkeypatch):
-    """Commands a test runs (in this process or a child) keep compiled code in a folder of this
-    pytest-xdist worker's own beside the user's (``~/.cache/jfactor/xla-tests/<worker>``, kept from run
-    to run), never in the user's, nor in one another worker writes to: two workers sharing the
-    user's cache crashed one of them twice in four runs, reading a compiled program back (jax 0.10.2)."""
-    if _SUITE_CACHE is not None:
-        monkeypatch.setenv(cache.ENV, str(_SUITE_CACHE / os.environ.get("PYTEST_XDIST_WORKER", "main")))
+def _own_compile_cache(monkeypatch, _file_compile_cache):
+    """Commands a test runs (in this process or a child) keep compiled code in its file's folder,
+    never in the user's: two workers sharing the user's cache crashed one of them twice in four runs
+    reading a compiled program back (jax 0.10.2; perhaps the memory mappings above, not proven).  A
+    test that moves jax's cache elsewhere (or a command that switches it on) is undone after it."""
+    if _file_compile_cache is not None:
+        monkeypatch.setenv(cache.ENV, str(_file_compile_cache))
     before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     yield
-    # a command run in this process turned jax's persistent cache on for the worker: off again, so
-    # that only the tests of commands read compiled programs back (jax 0.10.2 crashed a worker once
-    # reading one back in the L-BFGS test that followed a command's test)
     if (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) != before:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

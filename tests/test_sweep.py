@@ -2,6 +2,9 @@
 
 import csv
 import json
+import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -268,3 +271,30 @@ def test_a_sweeps_directory_stays_one_folder_under_runs_dir_whatever_its_name(tm
     directory = sweep_dir(tmp_path, {"name": name}, tmp_path)
     assert directory.parent == tmp_path and directory.name.startswith(stem)
     directory.mkdir()  # a NUL byte would make this raise
+
+
+def test_a_cell_computed_by_an_edited_jfactor_is_computed_again(tmp_path):
+    """jfactor's recorded version carries a digest of its source: before, it was the fixed
+    ``__version__``, so an edited jfactor whose defaults were the same reused the old numbers."""
+    import jfactor
+
+    copy = tmp_path / "edited" / "jfactor"
+    shutil.copytree(Path(jfactor.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "factorize" / "solve.py", "a") as handle:
+        handle.write("\n# an edit that changes no default\n")
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "target": {"family": "gaussian", "size": 5},
+                                      "sweep": {"grid": {"seed": [0]}}}))
+    first = _sweep(config, tmp_path / "runs")
+    recorded = json.loads((_directory(first) / "cells" / "000" / "results.json").read_text())
+    version = recorded["sweep_cell"]["inputs"]["versions"]["jfactor"]
+    assert version.startswith(f"{jfactor.__version__}+")
+    edited = subprocess.run([sys.executable, "-m", "jfactor", "sweep", str(config), "--runs-dir",
+                             str(tmp_path / "runs"), "--quiet"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(copy.parent)}, cwd=tmp_path)  # not the repo's
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    moved = re.search(r"it was computed with other versions \(jfactor (\S+) -> (\S+)\); computing the cell again",
+                      edited.stderr)
+    assert moved is not None, edited.stderr[-3000:]
+    assert moved[1] == version != moved[2]
+    assert _sweep(config, tmp_path / "runs").stderr.count("computing the cell again") == 1  # back to the original

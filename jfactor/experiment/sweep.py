@@ -36,6 +36,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from jfactor import rundir
+from jfactor.cache import source_digest
 from jfactor.errors import ConfigError, JFactorError
 from jfactor.experiment.config import ExperimentConfig, overrides_of, set_path
 from jfactor.experiment.processes import Processes
@@ -141,12 +142,16 @@ def _files(data, base: Path) -> dict:
 COMPUTED_BY = ("jfactor", "jax", "jaxlib", "optax", "numpy", "scipy")  # the packages a cell's numbers come from
 
 
+SOURCE_DIGITS = 12  # of jfactor's source digest in its recorded version
+
+
 def _version(name: str) -> str:
-    """``name``'s version (jfactor's own from the code that runs, installed or not)."""
+    """``name``'s version; jfactor's own is the code that runs, installed or not: its version and
+    a digest of its source (``0.1.0+3f2a...``), so an edited jfactor computes the cells again."""
     if name == "jfactor":
         import jfactor
 
-        return jfactor.__version__
+        return f"{jfactor.__version__}+{source_digest()[:SOURCE_DIGITS]}"
     return importlib.metadata.version(name)
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfactor import code_mappings
 from jfactor._checks import is_int
 from jfactor.cache import compile_stats
 from jfactor.errors import ConfigError
@@ -508,6 +509,7 @@ def factorize_batch(targets, chain: Chain, *, objective: Objective | str = "kern
         raise ConfigError(f"objective stride {tuple(objective.stride)} is not the target's {first.stride}: the "
                           "objective measures the target's map; leave its stride out (it is the target's)")
     padding = check_chain(chain, first)
+    code_mappings.drop_when_crowded()  # a long sweep or search compiles many chains' programs in one process
     np_dtype = np.dtype(dtype)
     _check_frozen_range(chain, np_dtype)
     size = policy.wave_size
