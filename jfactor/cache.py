@@ -147,7 +147,8 @@ def _jaxlib_version() -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """sha256 (hex) of this package's Python source, as it runs: any edit changes it."""
+    """sha256 (hex) of this package's Python files on disk, read at the first call of the
+    process: any edit, even of a comment, changes it."""
     digest = hashlib.sha256()
     root = Path(__file__).parent
     for path in sorted(root.rglob("*.py")):

@@ -2,12 +2,11 @@
 
 Every program XLA compiles for the CPU keeps its machine code in memory mappings of its own
 until jax's caches drop it, and Linux allows a process ``vm.max_map_count`` of them (65,530 by
-default).  An mmap that fails inside XLA's compiler is a segfault, not an error: three test
-files of this project left a process with 13,852 mappings, and a test worker some 490 tests
-in crashed that way.  A process that compiles many distinct programs (a sweep over many
-chains and targets, a search over chains, a test worker) calls :func:`drop_when_crowded`
-between units of work; with the persistent compile cache on (:mod:`jfactor.cache`), a dropped
-program that is needed again is loaded back from disk rather than compiled.
+default).  An mmap that fails inside XLA's compiler is a segfault, not an error.  A process that
+compiles many distinct programs (a sweep over many chains and targets, a search over chains)
+calls :func:`drop_when_crowded` between units of work: every jitted function of the process
+compiles again when next called (loaded from disk instead where the persistent compile cache is
+on, :mod:`jfactor.cache`, as it is for every command).
 """
 
 from __future__ import annotations
@@ -33,12 +32,21 @@ def mappings() -> tuple[int, int] | None:
     return held, limit
 
 
-def drop_when_crowded(fraction: float = 0.5) -> bool:
+_held_after_drop = [0]  # mappings held right after the last drop (others than jax's stay)
+
+
+def drop_when_crowded(fraction: float = 0.5, growth: float = 0.1) -> bool:
     """Drop jax's compiled programs (``jax.clear_caches``) when this process holds more than
-    ``fraction`` of its limit of memory mappings; returns whether it did."""
+    ``fraction`` of its limit of memory mappings and ``growth`` of the limit more than right after
+    the last drop (so mappings held by others than jax, a memory-mapped dataset say, do not make
+    every call drop them again); returns whether it did."""
     counts = mappings()
-    if counts is None or counts[0] <= fraction * counts[1]:
+    if counts is None:
+        return False
+    held, limit = counts
+    if held <= fraction * limit or held <= _held_after_drop[0] + growth * limit:
         return False
     jax.clear_caches()
     gc.collect()
+    _held_after_drop[0] = mappings()[0]
     return True

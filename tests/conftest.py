@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import jax
 import pytest
@@ -7,6 +9,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 import jfactor  # noqa: F401  (switches on float64 before any array is made)
 from jfactor import cache, code_mappings
+from jfactor.errors import ConfigError
 
 settings.register_profile(
     "default",
@@ -24,21 +27,44 @@ _SUITE_CACHE = None if _RESOLVED is None else _RESOLVED.with_name(_RESOLVED.name
 # the tests themselves keep compiled code too, except with a jaxlib that crashes running some programs
 # it reads back (cache.KEEPS_FROM: the oldest versions' job compiles every time)
 _IN_PROCESS = _SUITE_CACHE is not None and cache._jaxlib_version() >= cache.KEEPS_FROM
+_TESTS = Path(__file__).parent
+
+
+def pytest_sessionstart(session):
+    """The folders of compiled code of test files gone or renamed, and of the per-worker layout
+    before, are removed (by the controller, or the one process without pytest-xdist)."""
+    if _SUITE_CACHE is None or not _SUITE_CACHE.is_dir() or hasattr(session.config, "workerinput"):
+        return
+    files = {path.stem for path in _TESTS.glob("test_*.py")}
+    for folder in _SUITE_CACHE.iterdir():
+        if folder.is_dir() and folder.name.split("-")[0] not in files:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _file_compile_cache(request):
     """This test file's folder of compiled code, ``~/.cache/jfactor/xla-tests/<file>``, kept from run
     to run: compiling is most of the suite's time (test_multistart.py and test_exact_hessian.py took
-    172 s on two workers with an empty folder, 36 s with a full one).  One folder per file, not per
-    worker, as pytest-xdist runs each file on one worker (``--dist loadfile``, pyproject.toml) but not
-    always on the same one; so no two workers write one folder either.  After the file, a worker
-    that holds half its limit of memory mappings drops jax's compiled programs (it crashed inside
-    XLA's compiler, SIGSEGV in ``backend_compile_and_load``, in three of four fresh-clone suites
-    before that: :mod:`jfactor.code_mappings`)."""
-    folder = None if _SUITE_CACHE is None else _SUITE_CACHE / request.module.__name__.rsplit(".", 1)[-1]
+    172 s on two workers with an empty folder, 36 s with a full one).  One folder per file, as
+    pytest-xdist runs each file on one worker (``--dist loadfile``, pyproject.toml), but not always on
+    the same one; another ``--dist`` gets one per file and worker, so that no two workers write one
+    folder.  An unwritable folder leaves the tests without one.
+
+    After the file, a worker that holds half its limit of memory mappings drops jax's compiled
+    programs (:mod:`jfactor.code_mappings`): a worker runs some 490 tests, and a process that had run
+    three test files held 13,852 mappings; before this, a worker crashed inside XLA's compiler
+    (SIGSEGV in ``backend_compile_and_load``) in three of four fresh-clone suites."""
+    folder = None
+    if _SUITE_CACHE is not None:
+        name = request.module.__name__.rsplit(".", 1)[-1]
+        if request.config.getoption("dist", "no") not in ("no", "loadfile"):
+            name += "-" + os.environ.get("PYTEST_XDIST_WORKER", "main")
+        folder = _SUITE_CACHE / name
     if _IN_PROCESS:
-        cache.enable_compilation_cache(folder)
+        try:
+            cache.enable_compilation_cache(folder)
+        except ConfigError:  # unwritable: the tests compile every time (the commands' tests will say why)
+            pass
     yield folder
     code_mappings.drop_when_crowded()
 
