@@ -78,7 +78,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run it, log it, keep its exit status a
   echo "== $name: exit $code after $((SECONDS - start)) s" | tee -a "$log"
 }
 
-step tests 110 "$py" -m pytest -q -p no:cacheprovider tests/test_batch.py tests/test_factorize.py \
+# -o addopts: pyproject's --dist loadfile needs pytest-xdist, which such a machine lacks
+step tests 110 "$py" -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_batch.py tests/test_factorize.py \
   --junitxml="$out/tests.xml" "${select[@]}"
 step fold 75 "$py" experiments/bench_fold.py --sweep "$ns" --baseline-n 50 --out-dir "$out" "${tiny[@]}"
 step fold_methods 55 "$py" experiments/bench_fold.py --sweep "$n_big" --methods chain,fft,shift --baseline-n 50 \
