@@ -115,10 +115,15 @@ RELEASE_DIGITS = 16  # of the release digest, naming its folder of kept programs
 KEPT_RELEASES = 2  # folders of kept programs left after pruning: this release's and the newest other
 
 
+def runs_programs_read_back() -> bool:
+    """Whether this jaxlib runs programs read back from disk safely (:data:`KEEPS_FROM` or newer)."""
+    return _jaxlib_version() >= KEEPS_FROM
+
+
 def programs_directory() -> Path | None:
     """``programs/<release>/`` beside the compile cache in use, one folder per :func:`_release`
     (None: no cache, or a jaxlib older than :data:`KEEPS_FROM`, so nothing is kept)."""
-    root = None if _jaxlib_version() < KEEPS_FROM else beside("programs")
+    root = beside("programs") if runs_programs_read_back() else None
     return None if root is None else root / _release()[:RELEASE_DIGITS]
 
 

@@ -25,8 +25,8 @@ _USER_CACHE = cache.default_directory()  # None: the user switched the compile c
 _RESOLVED = None if _USER_CACHE is None else _USER_CACHE.expanduser().resolve()
 _SUITE_CACHE = None if _RESOLVED is None else _RESOLVED.with_name(_RESOLVED.name + "-tests")
 # the tests themselves keep compiled code too, except with a jaxlib that crashes running some programs
-# it reads back (cache.KEEPS_FROM: the oldest versions' job compiles every time)
-_IN_PROCESS = _SUITE_CACHE is not None and cache._jaxlib_version() >= cache.KEEPS_FROM
+# it reads back (the oldest versions' job compiles every time)
+_IN_PROCESS = _SUITE_CACHE is not None and cache.runs_programs_read_back()
 _TESTS = Path(__file__).parent
 
 

@@ -138,11 +138,10 @@ def test_floats_written_without_a_dot_are_numbers():
 def test_merge_keys_merge_and_a_key_written_twice_is_still_refused(tmp_path):
     """``<<: *anchor`` read "could not determine a constructor for the tag 'tag:yaml.org,2002:merge'"."""
     import pytest
+    import yaml
 
     from jfactor.errors import ConfigError
     from jfactor.experiment.config import load_config
-    import yaml
-
     from jfactor.schema import load_yaml_text
 
     text = "base: &b {sizes: [3, 5], channels: 1}\nwide: {<<: *b, channels: 2}\nboth: {<<: [*b, {name: n}]}\n"
