@@ -14,7 +14,8 @@ from jfactor.factorize.api import _draw
 from jfactor.factorize.chain import chain_kernel_numpy, check_chain
 from jfactor.factorize.api import _blur_hops, _redraw_hops, _refits
 from jfactor.factorize.init import (BLUR_HOP_SHIFT, _along, band_pass, blur_hop, blur_init, blur_target, comb_spacings,
-                                    fit_target, has_line_axis, impulse_start, line_init, principal_angle, random_init)
+                                    fit_target, has_line_axis, impulse_start, line_init, principal_angle,
+                                    projection_starts, random_init)
 from jfactor.factorize.symmetry import grid_symmetries, start_group, symmetric_start
 
 
@@ -530,3 +531,78 @@ def test_a_one_layer_chain_has_no_blur_hops():
     """A hop replaces one factor and refits another: a single layer has nothing to keep."""
     assert blur_init(Target.from_array(kernels.gabor(9)), Chain.build([9]), np.random.default_rng(0)) is not None
     assert _blur_hops(Target.from_array(kernels.gabor(9)), Chain.build([9]), []) is None
+
+
+def _d4_maps(a: np.ndarray) -> list[np.ndarray]:
+    """The eight flips and transposes of the square (numpy, apart from jfactor.factorize.symmetry)."""
+    return [np.rot90(a, turns) for turns in range(4)] + [np.rot90(a.T, turns) for turns in range(4)]
+
+
+def _column_sum_groupings(kernel: np.ndarray, sizes: list[int]) -> int:
+    """How many ways the roots of ``kernel``'s column sums split into the degrees ``sizes`` - 1
+    with conjugate pairs together: brute force over every owner of every root unit."""
+    import itertools
+
+    roots = np.roots(kernel.sum(axis=0))
+    units = [1 if abs(r.imag) < 1e-9 else 2 for r in roots if r.imag >= -1e-9]
+    return sum(all(sum(u for u, o in zip(units, owners) if o == i) == k - 1 for i, k in enumerate(sizes))
+               for owners in itertools.product(range(len(sizes)), repeat=len(units)))
+
+
+@given(st.sampled_from([[3, 3], [3, 5], [3, 3, 3]]), st.integers(0, 2 ** 31))
+def test_projection_starts_are_symmetric_one_pair_per_root_grouping_and_best_first(sizes, seed):
+    """For a D4-symmetric target: two starts per grouping of its column sums' roots (counted by brute
+    force), every factor invariant under the square's eight maps, sorted by their chain's error
+    (scipy's convolve2d), each chain scaled to the target (no scalar multiple fits it better)."""
+    from scipy.signal import convolve2d
+
+    rng = np.random.default_rng(seed)
+    extent = sum(sizes) - len(sizes) + 1
+    kernel = np.mean(_d4_maps(rng.standard_normal((extent, extent))), axis=0)
+    starts = projection_starts(Target.from_array(kernel), Chain.build(sizes), np.random.default_rng(0))
+    assert len(starts) == 2 * _column_sum_groupings(kernel, sizes)
+    errors = []
+    for factors in starts:
+        for f in factors:
+            assert f.shape[-2:] == (1, 1)
+            for image in _d4_maps(f[..., 0, 0]):
+                np.testing.assert_allclose(image, f[..., 0, 0], atol=1e-12 * np.abs(f).max())
+        chain = functools.reduce(convolve2d, [f[..., 0, 0] for f in factors])
+        assert abs(np.vdot(chain, kernel) / np.vdot(chain, chain) - 1) < 1e-6
+        errors.append(np.linalg.norm(chain - kernel))
+    assert errors == sorted(errors) or np.allclose(errors, sorted(errors), rtol=1e-9)
+
+
+def test_a_limit_draws_that_many_root_groupings():
+    kernel = kernels.ring(15)
+    all_starts = projection_starts(Target.from_array(kernel), Chain.build([3, 5, 9]), np.random.default_rng(0),
+                                   limit=1000)
+    assert len(all_starts) == 2 * _column_sum_groupings(kernel, [3, 5, 9]) == 210
+    few = projection_starts(Target.from_array(kernel), Chain.build([3, 5, 9]), np.random.default_rng(0), limit=3)
+    assert len(few) == 6
+
+
+@pytest.mark.parametrize("target, chain", [
+    (kernels.ring(9), Chain.build([5, 5], channels=2)),  # two channels
+    (kernels.ring(9), Chain.build([3, 3], dilations=[1, 2])),  # dilated
+    (kernels.ring(9), Chain.build([5, 5], frozen={0: np.ones((5, 5))})),  # frozen
+    (np.outer([1.0, 2, 0, -2, -1], [1.0, 4, 6, 4, 1]), Chain.build([3, 3])),  # odd under a mirror: changes sign
+    (kernels.ring(7), Chain.build([3, 5, 3])),  # smaller than the chain: its column sums end in zeros
+    (np.array([1.0, 2, 3, 2, 1]), Chain.build([3, 3], ndim=1)),  # 1-D
+])
+def test_projection_starts_where_they_do_not_apply(target, chain):
+    assert projection_starts(Target.from_array(target), chain, np.random.default_rng(0)) == []
+
+
+@pytest.mark.parametrize("size, sizes, best", [
+    # about one plain restart in 1,000 reaches this basin, and one 1.09x above it draws most; only the
+    # orbit-weighted least-norm pinned kernels lead there
+    (15, [3, 5, 9], 2.2762e-2),
+    (11, [3, 5, 5], 1.4539e-2),  # only the tap-weighted ones lead there
+])
+def test_the_first_projection_start_reaches_the_best_known_basin_of_a_ring(size, sizes, best):
+    """The best known errors are those of experiments/results/cpu/bench_optimality.json."""
+    chain = Chain.build(sizes)
+    starts = projection_starts(Target.from_array(kernels.ring(size)), chain, np.random.default_rng(0))
+    result = factorize(kernels.ring(size), chain, starts=starts[:1], restarts=1, baselines=())
+    assert result.rel_error <= best

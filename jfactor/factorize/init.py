@@ -238,6 +238,152 @@ def separable_init(target: Target, chain: Chain, method: str, rng: np.random.Gen
     return factors
 
 
+PROJECTION_STARTS = 256  # the most root groupings :func:`projection_starts` turns into starts
+_GROUPINGS_SEEN = 20_000  # the most it enumerates before drawing that many among them
+PINNED_EVALUATIONS = 200  # residual evaluations of each pinned fit (scipy's least_squares max_nfev)
+
+
+def _groupings(sizes: list[int], slots: list[int]) -> list[tuple[int, ...]]:
+    """Every way to deal units of ``sizes`` roots (1: a real root, 2: a conjugate pair) to
+    factors with ``slots`` roots each, filling every factor exactly: a factor index per unit
+    (at most :data:`_GROUPINGS_SEEN` of them, in lexicographic order)."""
+    found: list[tuple[int, ...]] = []
+
+    def deal(unit: int, dealt: list[int], left: list[int]) -> None:
+        if len(found) >= _GROUPINGS_SEEN:
+            return
+        if unit == len(sizes):
+            if not any(left):
+                found.append(tuple(dealt))
+            return
+        for factor, room in enumerate(left):
+            if sizes[unit] <= room:
+                left[factor] -= sizes[unit]
+                deal(unit + 1, dealt + [factor], left)
+                left[factor] += sizes[unit]
+
+    deal(0, [], list(slots))
+    return found
+
+
+def _orbits(size: tuple[int, ...], group: list[tuple]) -> np.ndarray:
+    """The orbits of a ``size`` kernel's taps under ``group`` (each tap its own where it is
+    empty), as indicator rows (n, prod(size)): the kernels every map of ``group`` leaves
+    unchanged are their combinations."""
+    if not group:
+        return np.eye(math.prod(size))
+    units = np.eye(math.prod(size)).reshape((-1,) + size)
+    averaged = np.stack([symmetry.project(u, group, signed=False).ravel() for u in units])
+    return np.unique(averaged > 0, axis=0).astype(float)
+
+
+def _pinned_fit(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndarray,
+                chain: Chain) -> tuple[list[np.ndarray], float]:
+    """The chain scaled by ``s`` that fits ``kernel`` (*extent,) best, each factor ``taps[i]``
+    (k_i^2,) plus a combination ``q_i`` of the rows of ``free[i]`` (m_i, k_i^2): scipy's
+    Levenberg-Marquardt on ``(s, q_1, ..., q_L)`` from ``q = 0``, with the exact Jacobian (the
+    chain is linear in each factor: its columns for ``q_i`` are shifted copies of the other
+    factors' chain), then ``s`` set to the least-squares scale of the chain it reached.  Returns the
+    factors (*k_i, 1, 1), ``s`` spread evenly over them, and the fit's error."""
+    from scipy.optimize import least_squares
+
+    layers = chain.layers
+    bounds = np.cumsum([1] + [f.shape[0] for f in free])
+
+    def unpack(x):
+        return [(t + x[a:b] @ f).reshape(layer.size + (1, 1))
+                for t, f, a, b, layer in zip(taps, free, bounds[:-1], bounds[1:], layers)]
+
+    def residual(x):
+        return x[0] * chain_kernel_numpy(unpack(x), chain)[..., 0, 0].ravel() - kernel.ravel()
+
+    def jacobian(x):
+        factors = unpack(x)
+        blocks = [chain_kernel_numpy(factors, chain)[..., 0, 0].reshape(-1, 1)]
+        for i, layer in enumerate(layers):
+            unit = list(factors)
+            unit[i] = np.zeros(layer.size + (1, 1))
+            unit[i][(0,) * len(layer.size)] = 1.0
+            at_origin = chain_kernel_numpy(unit, chain)[..., 0, 0]
+            columns = at_origin.ravel()[_shift_index(layer.size, (1,) * len(layer.size), at_origin.shape)]
+            blocks.append(x[0] * columns.T @ free[i].T)
+        return np.hstack(blocks)
+
+    x = np.zeros(bounds[-1])
+    approx = chain_kernel_numpy(unpack(x), chain)[..., 0, 0]
+    x[0] = np.vdot(approx, kernel) / max(np.vdot(approx, approx), np.finfo(float).tiny)
+    if x.size > 1 and x[0] != 0:
+        x = least_squares(residual, x, jac=jacobian, method="lm", max_nfev=PINNED_EVALUATIONS).x
+        approx = chain_kernel_numpy(unpack(x), chain)[..., 0, 0]
+        x[0] = np.vdot(approx, kernel) / max(np.vdot(approx, approx), np.finfo(float).tiny)  # the best scale for q
+    factors = [f * abs(x[0]) ** (1 / len(layers)) for f in unpack(x)]
+    factors[0] = factors[0] * np.sign(x[0])
+    return factors, float(np.linalg.norm(residual(x)))
+
+
+def projection_starts(target: Target, chain: Chain, rng: np.random.Generator,
+                      limit: int = PROJECTION_STARTS) -> list[list[np.ndarray]]:
+    """Starts from the root groupings of the target's projection along its first axis, best
+    first; [] where they do not apply.
+
+    Summing a 2-D kernel over its first axis maps a chain to the 1-D chain of its factors' sums:
+    the projection of ``f_1 * ... * f_L`` is the convolution of the ``f_i``'s.  So a chain that
+    fits the target well shares the roots of the target's projection out among its factors (the
+    15x15 ring into 3-5-9's best chain and its minimum 1.09x above the best in two different
+    ways).  Each grouping of those roots into the factors' degrees (conjugate pairs together; at
+    most ``limit`` groupings, drawn with ``rng`` where there are more) pins each factor's
+    projection to its roots' polynomial.  Two starts per grouping (one where every tap orbit below
+    has one tap): each factor invariant under
+    the target's mirror symmetries (:func:`jfactor.factorize.symmetry.start_group`; no symmetry:
+    any kernel), its projection pinned, the rest fitted to the target with the chain's scale
+    (:func:`_pinned_fit`, which keeps the projections) from the pinned kernels of least norm in
+    two senses, the taps' and the tap orbits' values' (the pinned fit has minima of its own, and
+    on the 15x15 ring only the second, on the 11x11 ring only the first, reaches the best basin;
+    ``docs/search.md``).  Sorted by the pinned fit's error.  On the 15x15 ring, the 11x11 ring, the
+    15x15 DoG and the 9x9 and 13x13 disks of ``experiments/bench_optimality.py``, LM from the
+    first few reaches the best known; the 15x15 LoG's best chain is not symmetric, and these
+    starts stay 1.065x above it.  The pinned fits cost about 0.05 s each (scipy, 2-core CPU).
+
+    Applies to a single-channel 2-D target whose projection's end taps are not zero and whose
+    symmetries, where it has mirror ones, keep its sign, and a chain of width 1 with no frozen,
+    dilated or strided layer.  Returns: starts, each a list of factors (*k_i, 1, 1).
+    """
+    if (target.ndim != 2 or target.c_in != 1 or target.c_out != 1 or any(w != 1 for w in chain.widths)
+            or any(layer.frozen for layer in chain.layers) or any(s != 1 for s in target.stride)
+            or any(d != 1 for dilation in chain.effective_dilations for d in dilation)):
+        return []
+    kernel = _in_extent(target, chain)
+    group = symmetry.start_group(kernel[..., None, None], chain)
+    if any(sign != 1 for _, sign in group):
+        return []
+    projection = kernel.sum(axis=0)
+    if not projection[0] or not projection[-1]:  # a root at 0 or infinity: no polynomial of the factors' degrees
+        return []
+    units = _units(np.roots(projection))
+    groupings = _groupings([len(unit) for unit in units], [layer.size[1] - 1 for layer in chain.layers])
+    if len(groupings) > limit:
+        groupings = [groupings[i] for i in np.sort(rng.choice(len(groupings), limit, replace=False))]
+    orbits = [_orbits(layer.size, group) for layer in chain.layers]
+    # least norm in the tap orbits' values differs from the taps' only where orbits differ in size
+    senses = (True, False) if any(len(set(o.sum(axis=1))) > 1 for o in orbits) else (True,)
+    starts, errors = [], []
+    for taps_norm in senses:
+        bases = [o / np.sqrt(o.sum(axis=1, keepdims=True)) if taps_norm else o for o in orbits]
+        # each basis kernel's sums over the first axis (k_i, n_i): a factor's projection is linear in its coefficients
+        sums = [basis.reshape((-1,) + layer.size).sum(axis=1).T for basis, layer in zip(bases, chain.layers)]
+        free = [np.linalg.svd(summed)[2][np.linalg.matrix_rank(summed):] @ basis for basis, summed in zip(bases, sums)]
+        for grouping in groupings:
+            taps = []
+            for i, (basis, summed) in enumerate(zip(bases, sums)):
+                roots = [root for unit, owner in zip(units, grouping) if owner == i for root in unit]
+                wanted = np.real(np.poly(roots)) if roots else np.ones(1)
+                taps.append(np.linalg.lstsq(summed, wanted, rcond=None)[0] @ basis)  # least-norm coefficients
+            factors, error = _pinned_fit(taps, free, kernel, chain)
+            starts.append(factors)
+            errors.append(error)
+    return [starts[i] for i in np.argsort(errors, kind="stable")]
+
+
 def principal_angle(kernel: np.ndarray) -> float | None:
     """The angle (radians, of the (dy, dx) unit vector ``(-sin, cos)``) of a 2-D kernel's long
     axis: the main eigenvector of the second moments of ``|kernel|`` about its centroid.
