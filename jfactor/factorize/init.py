@@ -238,15 +238,40 @@ def separable_init(target: Target, chain: Chain, method: str, rng: np.random.Gen
     return factors
 
 
-PROJECTION_STARTS = 256  # the most root groupings :func:`projection_starts` turns into starts
+PROJECTION_GROUPINGS = 256  # the most root groupings :func:`projection_starts` fits (two starts each)
 _GROUPINGS_SEEN = 20_000  # the most it enumerates before drawing that many among them
 PINNED_EVALUATIONS = 200  # residual evaluations of each pinned fit (scipy's least_squares max_nfev)
+RECIPROCAL_TOLERANCE = 1e-3  # relative: roots this close to each other's reciprocal belong together
 
 
-def _groupings(sizes: list[int], slots: list[int]) -> list[tuple[int, ...]]:
-    """Every way to deal units of ``sizes`` roots (1: a real root, 2: a conjugate pair) to
-    factors with ``slots`` roots each, filling every factor exactly: a factor index per unit
-    (at most :data:`_GROUPINGS_SEEN` of them, in lexicographic order)."""
+def _reciprocal_units(units: list[np.ndarray]) -> list[np.ndarray]:
+    """``units`` (real roots and conjugate pairs, :func:`_units`) merged with their reciprocals'
+    units: the roots of a palindromic polynomial (a mirror-symmetric factor's sums) come in sets
+    closed under ``r -> 1/r``, so no such factor takes a root without its reciprocal.  A unit
+    on the unit circle (or at +-1) is its own; one with no reciprocal within
+    :data:`RECIPROCAL_TOLERANCE` stays alone."""
+    left, merged = list(units), []
+    while left:
+        unit = left.pop(0)
+        inverse = 1 / unit[0] if unit[0] != 0 else np.inf
+        if abs(abs(unit[0]) - 1) <= RECIPROCAL_TOLERANCE or not left:
+            merged.append(unit)
+            continue
+        distances = [np.min(np.abs(other - inverse)) for other in left]
+        nearest = int(np.argmin(distances))
+        if distances[nearest] <= RECIPROCAL_TOLERANCE * abs(inverse):
+            merged.append(np.concatenate([unit, left.pop(nearest)]))
+        else:
+            merged.append(unit)
+    return merged
+
+
+def _groupings(sizes: list[int], slots: list[int], alike: list) -> list[tuple[int, ...]]:
+    """Every way to deal units of ``sizes`` roots to factors with ``slots`` roots each, filling
+    every factor exactly: a factor index per unit.  Factors with equal ``alike`` labels (layers
+    of one shape, which a chain of width 1 may swap) are dealt in order (the first unit of the
+    earlier factor before the later one's), so no chain is listed twice.  At most
+    :data:`_GROUPINGS_SEEN` of them, the first in lexicographic order."""
     found: list[tuple[int, ...]] = []
 
     def deal(unit: int, dealt: list[int], left: list[int]) -> None:
@@ -257,7 +282,9 @@ def _groupings(sizes: list[int], slots: list[int]) -> list[tuple[int, ...]]:
                 found.append(tuple(dealt))
             return
         for factor, room in enumerate(left):
-            if sizes[unit] <= room:
+            # an untouched factor of a shape whose earlier factor is untouched too would repeat a chain
+            repeats = any(alike[other] == alike[factor] and other not in dealt for other in range(factor))
+            if sizes[unit] <= room and (factor in dealt or not repeats):
                 left[factor] -= sizes[unit]
                 deal(unit + 1, dealt + [factor], left)
                 left[factor] += sizes[unit]
@@ -272,79 +299,83 @@ def _orbits(size: tuple[int, ...], group: list[tuple]) -> np.ndarray:
     unchanged are their combinations."""
     if not group:
         return np.eye(math.prod(size))
-    units = np.eye(math.prod(size)).reshape((-1,) + size)
-    averaged = np.stack([symmetry.project(u, group, signed=False).ravel() for u in units])
+    impulses = np.eye(math.prod(size)).reshape((-1,) + size)
+    averaged = np.stack([symmetry.project(tap, group, signed=False).ravel() for tap in impulses])
     return np.unique(averaged > 0, axis=0).astype(float)
+
+
+def _best_scale(approx: np.ndarray, kernel: np.ndarray) -> float:
+    """The ``s`` that minimises ``|s approx - kernel|`` (0 for a zero ``approx``)."""
+    return float(np.vdot(approx, kernel) / max(np.vdot(approx, approx), np.finfo(float).tiny))
 
 
 def _pinned_fit(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndarray,
                 chain: Chain) -> tuple[list[np.ndarray], float]:
     """The chain scaled by ``s`` that fits ``kernel`` (*extent,) best, each factor ``taps[i]``
-    (k_i^2,) plus a combination ``q_i`` of the rows of ``free[i]`` (m_i, k_i^2): scipy's
+    (prod(k_i),) plus a combination ``q_i`` of the rows of ``free[i]`` (m_i, prod(k_i)): scipy's
     Levenberg-Marquardt on ``(s, q_1, ..., q_L)`` from ``q = 0``, with the exact Jacobian (the
-    chain is linear in each factor: its columns for ``q_i`` are shifted copies of the other
-    factors' chain), then ``s`` set to the least-squares scale of the chain it reached.  Returns the
-    factors (*k_i, 1, 1), ``s`` spread evenly over them, and the fit's error."""
+    chain is linear in each factor, :func:`_factor_columns`), then ``s`` set to the best scale
+    of the chain it reached.  Returns the factors (*k_i, 1, 1), ``s`` spread evenly over them,
+    and the fit's error (inf where it is not finite)."""
     from scipy.optimize import least_squares
 
-    layers = chain.layers
     bounds = np.cumsum([1] + [f.shape[0] for f in free])
 
     def unpack(x):
         return [(t + x[a:b] @ f).reshape(layer.size + (1, 1))
-                for t, f, a, b, layer in zip(taps, free, bounds[:-1], bounds[1:], layers)]
+                for t, f, a, b, layer in zip(taps, free, bounds[:-1], bounds[1:], chain.layers)]
+
+    def approx(x):
+        return chain_kernel_numpy(unpack(x), chain)[..., 0, 0]
 
     def residual(x):
-        return x[0] * chain_kernel_numpy(unpack(x), chain)[..., 0, 0].ravel() - kernel.ravel()
+        return (x[0] * approx(x) - kernel).ravel()
 
     def jacobian(x):
         factors = unpack(x)
-        blocks = [chain_kernel_numpy(factors, chain)[..., 0, 0].reshape(-1, 1)]
-        for i, layer in enumerate(layers):
-            unit = list(factors)
-            unit[i] = np.zeros(layer.size + (1, 1))
-            unit[i][(0,) * len(layer.size)] = 1.0
-            at_origin = chain_kernel_numpy(unit, chain)[..., 0, 0]
-            columns = at_origin.ravel()[_shift_index(layer.size, (1,) * len(layer.size), at_origin.shape)]
-            blocks.append(x[0] * columns.T @ free[i].T)
-        return np.hstack(blocks)
+        columns = [x[0] * _factor_columns(factors, i, chain).T @ f.T for i, f in enumerate(free)]
+        return np.hstack([approx(x).reshape(-1, 1)] + columns)
 
     x = np.zeros(bounds[-1])
-    approx = chain_kernel_numpy(unpack(x), chain)[..., 0, 0]
-    x[0] = np.vdot(approx, kernel) / max(np.vdot(approx, approx), np.finfo(float).tiny)
+    x[0] = _best_scale(approx(x), kernel)
     if x.size > 1 and x[0] != 0:
         x = least_squares(residual, x, jac=jacobian, method="lm", max_nfev=PINNED_EVALUATIONS).x
-        approx = chain_kernel_numpy(unpack(x), chain)[..., 0, 0]
-        x[0] = np.vdot(approx, kernel) / max(np.vdot(approx, approx), np.finfo(float).tiny)  # the best scale for q
-    factors = [f * abs(x[0]) ** (1 / len(layers)) for f in unpack(x)]
+        x[0] = _best_scale(approx(x), kernel)
+    factors = [f * abs(x[0]) ** (1 / len(taps)) for f in unpack(x)]
     factors[0] = factors[0] * np.sign(x[0])
-    return factors, float(np.linalg.norm(residual(x)))
+    error = float(np.linalg.norm(residual(x)))
+    return factors, error if np.isfinite(error) else np.inf
+
+
+def _pinned_taps(bases: list[np.ndarray], sums: list[np.ndarray], roots: list[list[complex]]) -> list[np.ndarray]:
+    """Per factor, the kernel (prod(k_i),) of least coefficients in its basis (n_i, prod(k_i))
+    whose first-axis sums are the monic polynomial of its ``roots``, ``sums`` (k_i[1], n_i) the
+    basis kernels' sums."""
+    return [np.linalg.lstsq(summed, np.real(np.poly(mine)) if mine else np.ones(1), rcond=None)[0] @ basis
+            for basis, summed, mine in zip(bases, sums, roots)]
 
 
 def projection_starts(target: Target, chain: Chain, rng: np.random.Generator,
-                      limit: int = PROJECTION_STARTS) -> list[list[np.ndarray]]:
-    """Starts from the root groupings of the target's projection along its first axis, best
-    first; [] where they do not apply.
+                      limit: int = PROJECTION_GROUPINGS) -> list[list[np.ndarray]]:
+    """Starts from the root groupings of the target's sums over its first axis, best first; []
+    where they do not apply.
 
-    Summing a 2-D kernel over its first axis maps a chain to the 1-D chain of its factors' sums:
-    the projection of ``f_1 * ... * f_L`` is the convolution of the ``f_i``'s.  So a chain that
-    fits the target well shares the roots of the target's projection out among its factors (the
-    15x15 ring into 3-5-9's best chain and its minimum 1.09x above the best in two different
-    ways).  Each grouping of those roots into the factors' degrees (conjugate pairs together; at
-    most ``limit`` groupings, drawn with ``rng`` where there are more) pins each factor's
-    projection to its roots' polynomial.  Two starts per grouping (one where every tap orbit below
-    has one tap): each factor invariant under
-    the target's mirror symmetries (:func:`jfactor.factorize.symmetry.start_group`; no symmetry:
-    any kernel), its projection pinned, the rest fitted to the target with the chain's scale
-    (:func:`_pinned_fit`, which keeps the projections) from the pinned kernels of least norm in
-    two senses, the taps' and the tap orbits' values' (the pinned fit has minima of its own, and
-    on the 15x15 ring only the second, on the 11x11 ring only the first, reaches the best basin;
-    ``docs/search.md``).  Sorted by the pinned fit's error.  On the 15x15 ring, the 11x11 ring, the
-    15x15 DoG and the 9x9 and 13x13 disks of ``experiments/bench_optimality.py``, LM from the
-    first few reaches the best known; the 15x15 LoG's best chain is not symmetric, and these
-    starts stay 1.065x above it.  The pinned fits cost about 0.05 s each (scipy, 2-core CPU).
+    Summing a 2-D chain over its first axis gives the 1-D chain of its factors' sums, so a chain
+    that fits the target shares the roots of the target's sums out among its factors (the 15x15
+    ring's best chain into 3-5-9 and its minimum 1.09x above it in two different ways;
+    ``docs/search.md``).  Every grouping of those roots into the factors' degrees (conjugates
+    together, and reciprocals where the target's mirrors make every factor's sums palindromic,
+    :func:`_reciprocal_units`; at most ``limit`` groupings, drawn with ``rng`` among the first
+    :data:`_GROUPINGS_SEEN` where there are more) pins each factor's sums to its roots'
+    polynomial.  Each factor is invariant under the target's mirror symmetries
+    (:func:`jfactor.factorize.symmetry.start_group`; none: any kernel) and the rest of it is
+    fitted to the target with the chain's scale (:func:`_pinned_fit`, which keeps the sums),
+    from the pinned kernel of least norm in two senses: the taps' and the tap orbits' values'
+    (the fit has minima of its own, and on the two rings of ``experiments/bench_optimality.py``
+    a different one leads to the best basin); one sense where the orbits are all of one size.
+    Sorted by the fit's error.  Each fit takes about 0.05 s (scipy).
 
-    Applies to a single-channel 2-D target whose projection's end taps are not zero and whose
+    Applies to a single-channel 2-D target whose sums' end taps are not (nearly) zero and whose
     symmetries, where it has mirror ones, keep its sign, and a chain of width 1 with no frozen,
     dilated or strided layer.  Returns: starts, each a list of factors (*k_i, 1, 1).
     """
@@ -356,33 +387,32 @@ def projection_starts(target: Target, chain: Chain, rng: np.random.Generator,
     group = symmetry.start_group(kernel[..., None, None], chain)
     if any(sign != 1 for _, sign in group):
         return []
-    projection = kernel.sum(axis=0)
-    if not projection[0] or not projection[-1]:  # a root at 0 or infinity: no polynomial of the factors' degrees
+    sums = kernel.sum(axis=0)
+    if min(abs(sums[0]), abs(sums[-1])) <= 1e-8 * np.abs(sums).max():  # roots lost to infinity or crowding 0
         return []
-    units = _units(np.roots(projection))
-    groupings = _groupings([len(unit) for unit in units], [layer.size[1] - 1 for layer in chain.layers])
+    units = _units(np.roots(sums))
+    if any(perm == (0, 1) and flips[1] for (perm, flips), _ in group):  # every factor's sums palindromic
+        units = _reciprocal_units(units)
+    layers = chain.layers
+    groupings = _groupings([len(unit) for unit in units], [layer.size[1] - 1 for layer in layers],
+                           [layer.size for layer in layers])
     if len(groupings) > limit:
         groupings = [groupings[i] for i in np.sort(rng.choice(len(groupings), limit, replace=False))]
-    orbits = [_orbits(layer.size, group) for layer in chain.layers]
-    # least norm in the tap orbits' values differs from the taps' only where orbits differ in size
+    orbits = [_orbits(layer.size, group) for layer in layers]
     senses = (True, False) if any(len(set(o.sum(axis=1))) > 1 for o in orbits) else (True,)
     starts, errors = [], []
-    for taps_norm in senses:
-        bases = [o / np.sqrt(o.sum(axis=1, keepdims=True)) if taps_norm else o for o in orbits]
-        # each basis kernel's sums over the first axis (k_i, n_i): a factor's projection is linear in its coefficients
-        sums = [basis.reshape((-1,) + layer.size).sum(axis=1).T for basis, layer in zip(bases, chain.layers)]
-        free = [np.linalg.svd(summed)[2][np.linalg.matrix_rank(summed):] @ basis for basis, summed in zip(bases, sums)]
+    for least_norm_in_taps in senses:
+        bases = [o / np.sqrt(o.sum(axis=1, keepdims=True)) if least_norm_in_taps else o for o in orbits]
+        summed = [basis.reshape((-1,) + layer.size).sum(axis=1).T for basis, layer in zip(bases, layers)]
+        free = [np.linalg.svd(m)[2][np.linalg.matrix_rank(m):] @ basis for basis, m in zip(bases, summed)]
         for grouping in groupings:
-            taps = []
-            for i, (basis, summed) in enumerate(zip(bases, sums)):
-                roots = [root for unit, owner in zip(units, grouping) if owner == i for root in unit]
-                wanted = np.real(np.poly(roots)) if roots else np.ones(1)
-                taps.append(np.linalg.lstsq(summed, wanted, rcond=None)[0] @ basis)  # least-norm coefficients
-            factors, error = _pinned_fit(taps, free, kernel, chain)
-            starts.append(factors)
-            errors.append(error)
+            roots = [[root for unit, owner in zip(units, grouping) if owner == i for root in unit]
+                     for i in range(len(layers))]
+            factors, error = _pinned_fit(_pinned_taps(bases, summed, roots), free, kernel, chain)
+            if np.isfinite(error):
+                starts.append(factors)
+                errors.append(error)
     return [starts[i] for i in np.argsort(errors, kind="stable")]
-
 
 def principal_angle(kernel: np.ndarray) -> float | None:
     """The angle (radians, of the (dy, dx) unit vector ``(-sin, cos)``) of a 2-D kernel's long
@@ -627,6 +657,18 @@ def _shift_index(size: tuple[int, ...], dilation: tuple[int, ...], extent: tuple
     return index
 
 
+def _factor_columns(factors: list[np.ndarray], fitted: int, chain: Chain) -> np.ndarray:
+    """The chain kernel (width 1) as a linear map of factor ``fitted``'s taps, the others
+    ``factors`` (*k_i, 1, 1): (prod(k_fitted), prod(extent)), row ``tap`` the chain kernel of the
+    others (factor ``fitted`` a unit tap at its origin) shifted by the tap's offset times the
+    layer's effective dilation."""
+    size = chain.layers[fitted].size
+    impulse = np.zeros(size + (1, 1))
+    impulse[(0,) * len(size)] = 1.0
+    at_origin = chain_kernel_numpy(factors[:fitted] + [impulse] + factors[fitted + 1:], chain)[..., 0, 0]
+    return at_origin.ravel()[_shift_index(size, tuple(chain.effective_dilations[fitted]), at_origin.shape)]
+
+
 def _fit_factor(factors: list[np.ndarray], fitted: int, kernel: np.ndarray, chain: Chain) -> list[np.ndarray]:
     """``factors`` (width 1, (*k_i, 1, 1)) with factor ``fitted`` replaced by the least-squares
     fit of ``kernel`` (*extent,) given the others, which the chain is linear in.
@@ -637,10 +679,7 @@ def _fit_factor(factors: list[np.ndarray], fitted: int, kernel: np.ndarray, chai
     """
     size = chain.layers[fitted].size
     factors = list(factors)
-    factors[fitted] = np.zeros(size + (1, 1))
-    factors[fitted][(0,) * len(size)] = 1.0
-    at_origin = chain_kernel_numpy(factors, chain)[..., 0, 0]
-    columns = at_origin.ravel()[_shift_index(size, tuple(chain.effective_dilations[fitted]), at_origin.shape)]
+    columns = _factor_columns(factors, fitted, chain)
     # QR with column pivoting (LAPACK gelsy), its rank cut where numpy's SVD-based lstsq cuts: the
     # same solution (full column rank: a nonzero kernel's shifts) 2.2x faster for a 9x9 factor
     # (81 columns), which blur hops refit by the hundred
