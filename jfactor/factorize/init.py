@@ -414,6 +414,7 @@ def projection_starts(target: Target, chain: Chain, rng: np.random.Generator,
                 errors.append(error)
     return [starts[i] for i in np.argsort(errors, kind="stable")]
 
+
 def principal_angle(kernel: np.ndarray) -> float | None:
     """The angle (radians, of the (dy, dx) unit vector ``(-sin, cos)``) of a 2-D kernel's long
     axis: the main eigenvector of the second moments of ``|kernel|`` about its centroid.
