@@ -316,7 +316,7 @@ def _pinned_fit(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndarr
     Levenberg-Marquardt on ``(s, q_1, ..., q_L)`` from ``q = 0``, with the exact Jacobian (the
     chain is linear in each factor, :func:`_factor_columns`), then ``s`` set to the best scale
     of the chain it reached.  Returns the factors (*k_i, 1, 1), ``s`` spread evenly over them,
-    and the fit's error (inf where it is not finite)."""
+    and the fit's error."""
     from scipy.optimize import least_squares
 
     bounds = np.cumsum([1] + [f.shape[0] for f in free])
@@ -343,8 +343,7 @@ def _pinned_fit(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndarr
         x[0] = _best_scale(approx(x), kernel)
     factors = [f * abs(x[0]) ** (1 / len(taps)) for f in unpack(x)]
     factors[0] = factors[0] * np.sign(x[0])
-    error = float(np.linalg.norm(residual(x)))
-    return factors, error if np.isfinite(error) else np.inf
+    return factors, float(np.linalg.norm(residual(x)))
 
 
 def _pinned_taps(bases: list[np.ndarray], sums: list[np.ndarray], roots: list[list[complex]]) -> list[np.ndarray]:
@@ -409,7 +408,7 @@ def projection_starts(target: Target, chain: Chain, rng: np.random.Generator,
             roots = [[root for unit, owner in zip(units, grouping) if owner == i for root in unit]
                      for i in range(len(layers))]
             factors, error = _pinned_fit(_pinned_taps(bases, summed, roots), free, kernel, chain)
-            if np.isfinite(error):
+            if np.isfinite(error):  # a fit that overflowed or went NaN gives no start
                 starts.append(factors)
                 errors.append(error)
     return [starts[i] for i in np.argsort(errors, kind="stable")]
