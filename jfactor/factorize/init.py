@@ -238,9 +238,9 @@ def separable_init(target: Target, chain: Chain, method: str, rng: np.random.Gen
     return factors
 
 
-PROJECTION_GROUPINGS = 256  # the most root groupings :func:`projection_starts` fits (two starts each)
+PROJECTION_GROUPINGS = 256  # the most root groupings :func:`projection_starts` fits (a start each)
 _GROUPINGS_SEEN = 20_000  # the most it enumerates before drawing that many among them
-PINNED_EVALUATIONS = 200  # residual evaluations of each pinned fit (scipy's least_squares max_nfev)
+PINNED_ITERATIONS = 40  # Levenberg-Marquardt steps of the pinned fits (:func:`_pinned_fits`)
 RECIPROCAL_TOLERANCE = 1e-3  # relative: roots this close to each other's reciprocal belong together
 
 
@@ -304,46 +304,95 @@ def _orbits(size: tuple[int, ...], group: list[tuple]) -> np.ndarray:
     return np.unique(averaged > 0, axis=0).astype(float)
 
 
-def _best_scale(approx: np.ndarray, kernel: np.ndarray) -> float:
-    """The ``s`` that minimises ``|s approx - kernel|`` (0 for a zero ``approx``)."""
-    return float(np.vdot(approx, kernel) / max(np.vdot(approx, approx), np.finfo(float).tiny))
+def _pinned_fits(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndarray,
+                 chain: Chain) -> tuple[list[np.ndarray], np.ndarray]:
+    """For each of G pinned chains at once, the chain scaled by ``s`` that fits ``kernel``
+    (*extent,) best, each factor ``taps[i][g]`` (prod(k_i),) plus a combination ``q_i`` of the
+    rows of ``free[i]`` (m_i, prod(k_i)): Levenberg-Marquardt (Marquardt's diagonal damping) on
+    ``(s, q_1, ..., q_L)`` from ``q = 0`` and the best ``s``, :data:`PINNED_ITERATIONS` steps,
+    every row its own damping, then ``s`` set to the best scale of the chain each reached.
 
+    It works in the spectrum: a chain of width 1 without dilations is the product of its
+    factors' spectra on the ``extent`` grid (its full convolution fits there exactly), each
+    factor's spectrum is linear in its ``q_i``, and the first factor's carries the weights
+    that keep inner products (:func:`_spectral_weights`), so a step costs a few batched
+    products and no inverse transform.
+    Args: ``taps``, per factor (G, prod(k_i)).  Returns the factors, per factor
+    (G, *k_i, 1, 1) with ``s`` spread evenly over them, and the fits' errors (G,).
+    """
+    sizes = [layer.size for layer in chain.layers]
+    root = np.sqrt(_spectral_weights(kernel.shape)).ravel()
 
-def _pinned_fit(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndarray,
-                chain: Chain) -> tuple[list[np.ndarray], float]:
-    """The chain scaled by ``s`` that fits ``kernel`` (*extent,) best, each factor ``taps[i]``
-    (prod(k_i),) plus a combination ``q_i`` of the rows of ``free[i]`` (m_i, prod(k_i)): scipy's
-    Levenberg-Marquardt on ``(s, q_1, ..., q_L)`` from ``q = 0``, with the exact Jacobian (the
-    chain is linear in each factor, :func:`_factor_columns`), then ``s`` set to the best scale
-    of the chain it reached.  Returns the factors (*k_i, 1, 1), ``s`` spread evenly over them,
-    and the fit's error."""
-    from scipy.optimize import least_squares
+    def spectrum(a, size, weighted=False):
+        """(n, F): the flat real FFT on the ``extent`` grid of ``a`` (n, prod(size)), times ``root``
+        where ``weighted``."""
+        flat = np.fft.rfftn(a.reshape((-1,) + size), kernel.shape, axes=range(-kernel.ndim, 0)).reshape(len(a), -1)
+        return flat * root if weighted else flat
 
+    base = [spectrum(t, size, i == 0) for i, (t, size) in enumerate(zip(taps, sizes))]  # (G, F) each
+    moves = [spectrum(f, size, i == 0) for i, (f, size) in enumerate(zip(free, sizes))]  # (m_i, F) each
     bounds = np.cumsum([1] + [f.shape[0] for f in free])
+    target = spectrum(kernel.reshape(1, -1), kernel.shape, True)[0]
 
-    def unpack(x):
-        return [(t + x[a:b] @ f).reshape(layer.size + (1, 1))
-                for t, f, a, b, layer in zip(taps, free, bounds[:-1], bounds[1:], chain.layers)]
+    def evaluate(x, jacobian: bool):
+        """The unscaled chains' weighted spectra (G, F) at ``x`` (G, P) and, with ``jacobian``,
+        the residuals' (G, P, F)."""
+        spectra = [b + x[:, lo:hi] @ m for b, m, lo, hi in zip(base, moves, bounds, bounds[1:])]
+        chain_kernel = np.prod(spectra, axis=0)
+        if not jacobian:
+            return chain_kernel, None
+        columns = [chain_kernel[:, None]]
+        for i, m in enumerate(moves):
+            others = np.prod(spectra[:i] + spectra[i + 1:] + [np.ones_like(chain_kernel)], axis=0)
+            columns.append((x[:, :1] * others)[:, None] * m)
+        return chain_kernel, np.concatenate(columns, axis=1)
 
-    def approx(x):
-        return chain_kernel_numpy(unpack(x), chain)[..., 0, 0]
+    def inner(a, b):
+        """The real inner products of weighted spectra: ``a`` (..., F) and ``b`` (..., F, k)."""
+        return np.real(a.conj() @ b)
 
-    def residual(x):
-        return (x[0] * approx(x) - kernel).ravel()
+    def residual(x, chain_kernel):
+        return x[:, :1] * chain_kernel - target
 
-    def jacobian(x):
-        factors = unpack(x)
-        columns = [x[0] * _factor_columns(factors, i, chain).T @ f.T for i, f in enumerate(free)]
-        return np.hstack([approx(x).reshape(-1, 1)] + columns)
+    def best_scale(chain_kernel):
+        return (inner(chain_kernel[:, None], target[:, None])[:, 0, 0]
+                / np.maximum(np.sum(np.abs(chain_kernel) ** 2, axis=1), np.finfo(float).tiny))
 
-    x = np.zeros(bounds[-1])
-    x[0] = _best_scale(approx(x), kernel)
-    if x.size > 1 and x[0] != 0:
-        x = least_squares(residual, x, jac=jacobian, method="lm", max_nfev=PINNED_EVALUATIONS).x
-        x[0] = _best_scale(approx(x), kernel)
-    factors = [f * abs(x[0]) ** (1 / len(taps)) for f in unpack(x)]
-    factors[0] = factors[0] * np.sign(x[0])
-    return factors, float(np.linalg.norm(residual(x)))
+    x = np.zeros((len(taps[0]), bounds[-1]))
+    x[:, 0] = best_scale(evaluate(x, False)[0])
+    damping = np.full(len(x), 1e-3)
+    for _ in range(PINNED_ITERATIONS if x.shape[1] > 1 else 0):
+        chain_kernel, jac = evaluate(x, True)
+        now = residual(x, chain_kernel)
+        normal = inner(jac, jac.transpose(0, 2, 1))
+        diagonal = np.einsum("gpp->gp", normal)
+        floor = 1e-12 * diagonal.max(axis=1, keepdims=True) + np.finfo(float).tiny
+        damped = normal + (damping[:, None] * np.maximum(diagonal, floor))[..., None] * np.eye(x.shape[1])
+        trial = x - np.linalg.solve(damped, inner(jac, now[..., None]))[..., 0]
+        better = (np.sum(np.abs(residual(trial, evaluate(trial, False)[0])) ** 2, axis=1)
+                  < np.sum(np.abs(now) ** 2, axis=1))  # a NaN trial fails this
+        x = np.where(better[:, None], trial, x)
+        damping = np.clip(np.where(better, damping / 3, damping * 2), 1e-12, 1e12)
+    chain_kernel = evaluate(x, False)[0]
+    x[:, 0] = best_scale(chain_kernel)
+    errors = np.sqrt(np.sum(np.abs(residual(x, chain_kernel)) ** 2, axis=1))
+    spread = np.abs(x[:, 0]) ** (1 / len(taps))
+    factors = [((t + x[:, lo:hi] @ f) * spread[:, None]).reshape((-1,) + size + (1, 1))
+               for t, f, lo, hi, size in zip(taps, free, bounds, bounds[1:], sizes)]
+    factors[0] = factors[0] * np.sign(x[:, 0]).reshape((-1,) + (1,) * (factors[0].ndim - 1))
+    return factors, errors
+
+
+def _spectral_weights(extent: tuple[int, ...]) -> np.ndarray:
+    """(*extent[:-1], extent[-1] // 2 + 1): weights ``w`` that make the real FFTs ``A`` and ``B``
+    on the ``extent`` grid of real ``a`` and ``b`` keep their inner product,
+    ``sum(w * real(conj(A) * B)) == sum(a * b)`` (Parseval: a frequency the real FFT holds for
+    itself and its mirror counts twice)."""
+    weight = np.full(extent[-1] // 2 + 1, 2.0)
+    weight[0] = 1.0
+    if extent[-1] % 2 == 0:
+        weight[-1] = 1.0
+    return np.broadcast_to(weight / math.prod(extent), tuple(extent[:-1]) + weight.shape)
 
 
 def _pinned_taps(bases: list[np.ndarray], sums: list[np.ndarray], roots: list[list[complex]]) -> list[np.ndarray]:
@@ -368,11 +417,12 @@ def projection_starts(target: Target, chain: Chain, rng: np.random.Generator,
     :data:`_GROUPINGS_SEEN` where there are more) pins each factor's sums to its roots'
     polynomial.  Each factor is invariant under the target's mirror symmetries
     (:func:`jfactor.factorize.symmetry.start_group`; none: any kernel) and the rest of it is
-    fitted to the target with the chain's scale (:func:`_pinned_fit`, which keeps the sums),
-    from the pinned kernel of least norm in two senses: the taps' and the tap orbits' values'
-    (the fit has minima of its own, and on the two rings of ``experiments/bench_optimality.py``
-    a different one leads to the best basin); one sense where the orbits are all of one size.
-    Sorted by the fit's error.  Each fit takes about 0.05 s (scipy).
+    fitted to the target with the chain's scale (:func:`_pinned_fits`, which keeps the sums),
+    from the pinned kernel of least taps' norm (the fit has minima of its own: with scipy's LM,
+    one fit at a time, only the kernel of least norm in the tap orbits' values led the 15x15
+    ring to its best basin, and only this one the 11x11 ring; with these fits this one leads
+    both).  Sorted by the fit's error.  The fits run as one batch: the 15x15 ring's 105 into
+    3-5-9 took 0.2 s on a 2-core CPU (scipy's LM, one at a time, 5 s).
 
     Applies to a single-channel 2-D target whose sums' end taps are not (nearly) zero and whose
     symmetries, where it has mirror ones, keep its sign, and a chain of width 1 with no frozen,
@@ -395,23 +445,20 @@ def projection_starts(target: Target, chain: Chain, rng: np.random.Generator,
     layers = chain.layers
     groupings = _groupings([len(unit) for unit in units], [layer.size[1] - 1 for layer in layers],
                            [layer.size for layer in layers])
+    if not groupings:  # no sharing fills every factor (reciprocal sets wider than a factor's degree)
+        return []
     if len(groupings) > limit:
         groupings = [groupings[i] for i in np.sort(rng.choice(len(groupings), limit, replace=False))]
-    orbits = [_orbits(layer.size, group) for layer in layers]
-    senses = (True, False) if any(len(set(o.sum(axis=1))) > 1 for o in orbits) else (True,)
-    starts, errors = [], []
-    for least_norm_in_taps in senses:
-        bases = [o / np.sqrt(o.sum(axis=1, keepdims=True)) if least_norm_in_taps else o for o in orbits]
-        summed = [basis.reshape((-1,) + layer.size).sum(axis=1).T for basis, layer in zip(bases, layers)]
-        free = [np.linalg.svd(m)[2][np.linalg.matrix_rank(m):] @ basis for basis, m in zip(bases, summed)]
-        for grouping in groupings:
-            roots = [[root for unit, owner in zip(units, grouping) if owner == i for root in unit]
-                     for i in range(len(layers))]
-            factors, error = _pinned_fit(_pinned_taps(bases, summed, roots), free, kernel, chain)
-            if np.isfinite(error):  # a fit that overflowed or went NaN gives no start
-                starts.append(factors)
-                errors.append(error)
-    return [starts[i] for i in np.argsort(errors, kind="stable")]
+    # the orbits scaled to unit norm: least coefficients in them are least taps' norm
+    bases = [o / np.sqrt(o.sum(axis=1, keepdims=True)) for o in (_orbits(layer.size, group) for layer in layers)]
+    summed = [basis.reshape((-1,) + layer.size).sum(axis=1).T for basis, layer in zip(bases, layers)]
+    free = [np.linalg.svd(m)[2][np.linalg.matrix_rank(m):] @ basis for basis, m in zip(bases, summed)]
+    pinned = [_pinned_taps(bases, summed, [[root for unit, owner in zip(units, grouping) if owner == i
+                                             for root in unit] for i in range(len(layers))])
+              for grouping in groupings]
+    factors, errors = _pinned_fits([np.stack(taps) for taps in zip(*pinned)], free, kernel, chain)
+    kept = [g for g in np.argsort(errors, kind="stable") if np.isfinite(errors[g])]  # NaN or overflow: no start
+    return [[f[g] for f in factors] for g in kept]
 
 
 def principal_angle(kernel: np.ndarray) -> float | None:
