@@ -408,14 +408,15 @@ def test_a_batch_of_mixed_shapes_names_the_target_that_differs():
 
 def test_a_target_exact_at_its_starts_keeps_its_own_evidence_in_a_batch():
     # before: the exact stop applied only when every target of the batch was exact at its starts, so a
-    # gaussian beside a LoG ran LM on all 64 restarts (refined 10, hits 10) where alone it stood at 1
+    # gaussian beside a LoG ran LM on all 64 restarts (refined 10, hits 10) where alone it stood at 2 (the
+    # root grouping and the projection start, each exact as drawn)
     chain = Chain.build([3, 5])
     targets = [kernels.make("gaussian", 7), kernels.make("log", 7)]
     batched = factorize_batch(targets, chain, seed=0, search=SearchPolicy(max_restarts=64))
     single = factorize(targets[0], chain, seed=0, baselines=())
     keys = ("restarts", "refined", "best_hits", "independent_hits", "distinct_minima", "stopped")
     assert {k: batched[0].evidence[k] for k in keys} == {k: single.evidence[k] for k in keys}
-    assert batched[0].evidence["stopped"] == "exact" and batched[0].evidence["refined"] == 1
+    assert batched[0].evidence["stopped"] == "exact" and batched[0].evidence["refined"] == 2
     assert batched[0].rel_error < 1e-14 and batched[1].rel_error > 1e-5
     np.testing.assert_array_equal(batched[0].pruned, single.pruned)
 

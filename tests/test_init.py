@@ -654,20 +654,61 @@ def test_the_pinned_fits_lower_the_error_and_report_it():
 
 
 def test_the_first_wave_of_a_mirrored_target_holds_its_best_projection_starts():
-    """The ring's first wave draws its best projection start right after the root and SVD
-    starts; a target without mirrors (a line at 30 degrees) and the random init draw none."""
+    """The ring's first wave draws its best projection start in place of one other start and
+    leaves every other start as it was drawn without it; a target without mirrors (a line at 30
+    degrees), one where line starts apply (a line at 45 degrees, which has mirrors) and the
+    random init draw none."""
     chain = Chain.build([3, 5, 9])
     ring = Target.from_array(kernels.ring(15) / np.linalg.norm(kernels.ring(15)))
     group = start_group(ring.kernel, chain)
     best = projection_starts(ring, chain, np.random.default_rng(0))[:PROJECTED]
     projected = _projected(ring, chain, "auto", group, np.random.default_rng(0))
     assert len(projected) == PROJECTED
-    assert all(np.array_equal(a, b) for mine, theirs in zip(projected, best) for a, b in zip(mine, theirs))
-    starts, independent, _ = _draw(ring, chain, "auto", 64, np.random.default_rng(0), 0, group,
-                                   grid_symmetries(ring.kernel, chain), projected)
-    drawn = starts[2:2 + PROJECTED]
-    assert all(np.array_equal(a, b) for mine, theirs in zip(drawn, best) for a, b in zip(mine, theirs))
-    assert not independent[2:2 + PROJECTED].any()  # they share the ring's mirrors
-    line = Target.from_array(kernels.motion_blur(15, angle=30.0))
-    assert _projected(line, chain, "auto", start_group(line.kernel, chain), np.random.default_rng(0)) == []
+    symmetries = grid_symmetries(ring.kernel, chain)
+    with_them, independent, _ = _draw(ring, chain, "auto", 64, np.random.default_rng(0), 0, group, symmetries,
+                                      projected)
+    without, *_ = _draw(ring, chain, "auto", 64, np.random.default_rng(0), 0, group, symmetries)
+    changed = [r for r, (a, b) in enumerate(zip(with_them, without))
+               if not all(np.array_equal(x, y) for x, y in zip(a, b))]
+    assert len(changed) == PROJECTED
+    assert all(np.array_equal(a, b) for r, theirs in zip(changed, best) for a, b in zip(with_them[r], theirs))
+    assert not independent[changed].any()  # they share the ring's mirrors
+    for angle in (30.0, 45.0):
+        line = Target.from_array(kernels.motion_blur(15, angle=angle))
+        assert _projected(line, chain, "auto", start_group(line.kernel, chain), np.random.default_rng(0)) == []
     assert _projected(ring, chain, "random", group, np.random.default_rng(0)) == []
+
+
+def test_a_factor_its_column_sums_pin_whole_gets_projection_starts():
+    """A 1x1 layer has nothing left to fit once its sums are pinned: the others are fitted."""
+    starts = projection_starts(Target.from_array(kernels.disk(7)), Chain.build([1, 3, 5]), np.random.default_rng(0))
+    assert starts and all(np.all(np.isfinite(f)) for factors in starts for f in factors)
+
+
+def test_the_pinned_fits_end_where_no_free_direction_lowers_the_error(monkeypatch):
+    """Run long enough, each fit ends at a stationary point of the error over its free
+    directions: central differences (scipy's convolve2d) along every row of ``free``, at the
+    factors it returns, are zero to rounding."""
+    from scipy.signal import convolve2d
+
+    from jfactor.factorize import init
+
+    monkeypatch.setattr(init, "PINNED_ITERATIONS", 300)
+    rng = np.random.default_rng(1)
+    kernel = kernels.disk(7)
+    taps = [rng.standard_normal((3, 9)), rng.standard_normal((3, 25))]
+    free = [np.linalg.qr(rng.standard_normal((9, 2)))[0].T, np.linalg.qr(rng.standard_normal((25, 6)))[0].T]
+    factors, errors = _pinned_fits(taps, free, kernel, Chain.build([3, 5]))
+
+    def cost(a, b):
+        return np.sum((convolve2d(a, b) - kernel) ** 2)
+
+    step = 1e-6
+    for g in range(3):
+        a, b = factors[0][g, ..., 0, 0], factors[1][g, ..., 0, 0]
+        for which, rows in enumerate(free):
+            for row in rows:
+                move = step * row.reshape(a.shape if which == 0 else b.shape)
+                moved = [(a + move, b), (a - move, b)] if which == 0 else [(a, b + move), (a, b - move)]
+                slope = (cost(*moved[0]) - cost(*moved[1])) / (2 * step)
+                assert abs(slope) < 1e-4  # the error itself is about 0.1 (its square, the cost, 1e-2)

@@ -304,11 +304,13 @@ def _projected(target: Target, chain: Chain, init: str, group: list, rng: np.ran
     all reached it); on the 11x11 ring, the DoG and the 9x9 disk too.  Only the best: with the
     four best the LoG, whose best chain is not symmetric, stopped in its best symmetric minimum
     (1.065x) at held-out seed 101, with the best alone none of its seeds 0-9 and 100-109 did.
-    They share the target's mirrors, so their hits are not independent evidence.  Without
-    mirrors (lines, Gabors, random kernels) they were not measured."""
-    if init != "auto" or not group:
+    They share the target's mirrors, so their hits are not independent evidence.  Not where
+    line starts apply (:func:`jfactor.factorize.init.has_line_axis`: the first line start keeps
+    its slot), nor without mirrors (lines, Gabors, random kernels): there they were not
+    measured.  They draw from a child of ``rng``, which leaves its stream as it was."""
+    if init != "auto" or not group or has_line_axis(target, chain):
         return []
-    return [_with_weights(factors, chain) for factors in projection_starts(target, chain, rng)[:PROJECTED]]
+    return [_with_weights(factors, chain) for factors in projection_starts(target, chain, rng.spawn(1)[0])[:PROJECTED]]
 
 
 def _refits(target: Target, chain: Chain):

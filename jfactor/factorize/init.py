@@ -326,7 +326,8 @@ def _pinned_fits(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndar
     def spectrum(a, size, weighted=False):
         """(n, F): the flat real FFT on the ``extent`` grid of ``a`` (n, prod(size)), times ``root``
         where ``weighted``."""
-        flat = np.fft.rfftn(a.reshape((-1,) + size), kernel.shape, axes=range(-kernel.ndim, 0)).reshape(len(a), -1)
+        flat = np.fft.rfftn(a.reshape((-1,) + size), kernel.shape, axes=range(-kernel.ndim, 0))
+        flat = flat.reshape(len(a), root.size)  # (0, F) for a factor its sums pin whole (a 1x1)
         return flat * root if weighted else flat
 
     base = [spectrum(t, size, i == 0) for i, (t, size) in enumerate(zip(taps, sizes))]  # (G, F) each
@@ -361,21 +362,22 @@ def _pinned_fits(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndar
     x = np.zeros((len(taps[0]), bounds[-1]))
     x[:, 0] = best_scale(evaluate(x, False)[0])
     damping = np.full(len(x), 1e-3)
-    for _ in range(PINNED_ITERATIONS if x.shape[1] > 1 else 0):
-        chain_kernel, jac = evaluate(x, True)
-        now = residual(x, chain_kernel)
-        normal = inner(jac, jac.transpose(0, 2, 1))
-        diagonal = np.einsum("gpp->gp", normal)
-        floor = 1e-12 * diagonal.max(axis=1, keepdims=True) + np.finfo(float).tiny
-        damped = normal + (damping[:, None] * np.maximum(diagonal, floor))[..., None] * np.eye(x.shape[1])
-        trial = x - np.linalg.solve(damped, inner(jac, now[..., None]))[..., 0]
-        better = (np.sum(np.abs(residual(trial, evaluate(trial, False)[0])) ** 2, axis=1)
-                  < np.sum(np.abs(now) ** 2, axis=1))  # a NaN trial fails this
-        x = np.where(better[:, None], trial, x)
-        damping = np.clip(np.where(better, damping / 3, damping * 2), 1e-12, 1e12)
-    chain_kernel = evaluate(x, False)[0]
-    x[:, 0] = best_scale(chain_kernel)
-    errors = np.sqrt(np.sum(np.abs(residual(x, chain_kernel)) ** 2, axis=1))
+    with np.errstate(over="ignore", invalid="ignore"):  # a fit that overflows ends non-finite: no start
+        for _ in range(PINNED_ITERATIONS if x.shape[1] > 1 else 0):
+            chain_kernel, jac = evaluate(x, True)
+            now = residual(x, chain_kernel)
+            normal = inner(jac, jac.transpose(0, 2, 1))
+            diagonal = np.einsum("gpp->gp", normal)
+            floor = 1e-12 * diagonal.max(axis=1, keepdims=True) + np.finfo(float).tiny
+            damped = normal + (damping[:, None] * np.maximum(diagonal, floor))[..., None] * np.eye(x.shape[1])
+            trial = x - np.linalg.solve(damped, inner(jac, now[..., None]))[..., 0]
+            better = (np.sum(np.abs(residual(trial, evaluate(trial, False)[0])) ** 2, axis=1)
+                      < np.sum(np.abs(now) ** 2, axis=1))  # a NaN trial fails this
+            x = np.where(better[:, None], trial, x)
+            damping = np.clip(np.where(better, damping / 3, damping * 2), 1e-12, 1e12)
+        chain_kernel = evaluate(x, False)[0]
+        x[:, 0] = best_scale(chain_kernel)
+        errors = np.sqrt(np.sum(np.abs(residual(x, chain_kernel)) ** 2, axis=1))
     spread = np.abs(x[:, 0]) ** (1 / len(taps))
     factors = [((t + x[:, lo:hi] @ f) * spread[:, None]).reshape((-1,) + size + (1, 1))
                for t, f, lo, hi, size in zip(taps, free, bounds, bounds[1:], sizes)]

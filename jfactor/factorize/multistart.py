@@ -50,8 +50,8 @@ search early there, while the line, ring and camera-patch targets, whose best ba
 symmetric and blur starts find again and again, stopped after 192-512 restarts instead of 512
 (the 11x11 ring no longer does, below).  (One exception, found later: on the 15x15 ring into
 3-5-9 a basin 1.09x above the best draws 5-13 fresh restarts in every run, and the best one, 2
-of 10 runs of 1,024 restarts found, none of them fresh; the first wave's projection starts,
-:func:`jfactor.factorize.api._projected`, now start in it.) Without the symmetric starts' hits the
+of 10 runs of 1,024 restarts found, none of them fresh; the first wave's projection start,
+:func:`jfactor.factorize.api._projected`, now starts in it.) Without the symmetric starts' hits the
 11x11 ring and the two disks, whose best basins symmetric starts found again and again, run on
 to 512 restarts (replayed over seeds 400-409 and 470-479: a mean of 512 instead of 333-374),
 every run where it was; excluding the even (point-symmetric) blur starts of the Gabors, and the
