@@ -634,6 +634,14 @@ def test_spectral_weights_keep_inner_products(extent, seed):
         float(a.ravel() @ b.ravel()), rel=1e-10, abs=1e-10)
 
 
+def _random_pins(rng: np.random.Generator, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``count`` random pinned kernels of a 3-5 chain (per factor (count, 9) and (count, 25)) and
+    orthonormal free directions (2 and 6 of them) for :func:`_pinned_fits`."""
+    taps = [rng.standard_normal((count, 9)), rng.standard_normal((count, 25))]
+    free = [np.linalg.qr(rng.standard_normal((9, 2)))[0].T, np.linalg.qr(rng.standard_normal((25, 6)))[0].T]
+    return taps, free
+
+
 def test_the_pinned_fits_lower_the_error_and_report_it():
     """Each batched fit ends no worse than its pinned start at its best scale, and the error it
     reports is that of its factors' chain (scipy's convolve2d)."""
@@ -641,9 +649,7 @@ def test_the_pinned_fits_lower_the_error_and_report_it():
 
     chain = Chain.build([3, 5])
     kernel = kernels.ring(7)
-    rng = np.random.default_rng(0)
-    taps = [rng.standard_normal((4, 9)), rng.standard_normal((4, 25))]
-    free = [np.linalg.qr(rng.standard_normal((9, 2)))[0].T, np.linalg.qr(rng.standard_normal((25, 6)))[0].T]
+    taps, free = _random_pins(np.random.default_rng(0), 4)
     factors, errors = _pinned_fits(taps, free, kernel, chain)
     for g in range(4):
         chained = convolve2d(factors[0][g, ..., 0, 0], factors[1][g, ..., 0, 0])
@@ -694,10 +700,8 @@ def test_the_pinned_fits_end_where_no_free_direction_lowers_the_error(monkeypatc
     from jfactor.factorize import init
 
     monkeypatch.setattr(init, "PINNED_ITERATIONS", 300)
-    rng = np.random.default_rng(1)
     kernel = kernels.disk(7)
-    taps = [rng.standard_normal((3, 9)), rng.standard_normal((3, 25))]
-    free = [np.linalg.qr(rng.standard_normal((9, 2)))[0].T, np.linalg.qr(rng.standard_normal((25, 6)))[0].T]
+    taps, free = _random_pins(np.random.default_rng(1), 3)
     factors, errors = _pinned_fits(taps, free, kernel, Chain.build([3, 5]))
 
     def cost(a, b):

@@ -352,12 +352,16 @@ def _pinned_fits(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndar
         """The real inner products of weighted spectra: ``a`` (..., F) and ``b`` (..., F, k)."""
         return np.real(a.conj() @ b)
 
+    def power(spectra):
+        """The squared norms (G,) of the kernels whose weighted spectra are ``spectra`` (G, F)."""
+        return np.sum(np.abs(spectra) ** 2, axis=1)
+
     def residual(x, chain_kernel):
         return x[:, :1] * chain_kernel - target
 
     def best_scale(chain_kernel):
         return (inner(chain_kernel[:, None], target[:, None])[:, 0, 0]
-                / np.maximum(np.sum(np.abs(chain_kernel) ** 2, axis=1), np.finfo(float).tiny))
+                / np.maximum(power(chain_kernel), np.finfo(float).tiny))
 
     x = np.zeros((len(taps[0]), bounds[-1]))
     x[:, 0] = best_scale(evaluate(x, False)[0])
@@ -371,13 +375,12 @@ def _pinned_fits(taps: list[np.ndarray], free: list[np.ndarray], kernel: np.ndar
             floor = 1e-12 * diagonal.max(axis=1, keepdims=True) + np.finfo(float).tiny
             damped = normal + (damping[:, None] * np.maximum(diagonal, floor))[..., None] * np.eye(x.shape[1])
             trial = x - np.linalg.solve(damped, inner(jac, now[..., None]))[..., 0]
-            better = (np.sum(np.abs(residual(trial, evaluate(trial, False)[0])) ** 2, axis=1)
-                      < np.sum(np.abs(now) ** 2, axis=1))  # a NaN trial fails this
+            better = power(residual(trial, evaluate(trial, False)[0])) < power(now)  # a NaN trial fails this
             x = np.where(better[:, None], trial, x)
             damping = np.clip(np.where(better, damping / 3, damping * 2), 1e-12, 1e12)
         chain_kernel = evaluate(x, False)[0]
         x[:, 0] = best_scale(chain_kernel)
-        errors = np.sqrt(np.sum(np.abs(residual(x, chain_kernel)) ** 2, axis=1))
+        errors = np.sqrt(power(residual(x, chain_kernel)))
     spread = np.abs(x[:, 0]) ** (1 / len(taps))
     factors = [((t + x[:, lo:hi] @ f) * spread[:, None]).reshape((-1,) + size + (1, 1))
                for t, f, lo, hi, size in zip(taps, free, bounds, bounds[1:], sizes)]
