@@ -71,6 +71,7 @@ import numpy as np
 
 from jfactor.factorize import symmetry
 from jfactor.factorize.chain import Chain, Target, chain_kernel_numpy, check_chain
+from jfactor.factorize.objectives import half_spectrum_weights
 
 INITS = ("auto", "roots", "svd", "lines", "blurs", "random")
 ANISOTROPY = 4.0  # the least ratio of a target's second moments along and across its axis for line starts
@@ -392,12 +393,9 @@ def _spectral_weights(extent: tuple[int, ...]) -> np.ndarray:
     """(*extent[:-1], extent[-1] // 2 + 1): weights ``w`` that make the real FFTs ``A`` and ``B``
     on the ``extent`` grid of real ``a`` and ``b`` keep their inner product,
     ``sum(w * real(conj(A) * B)) == sum(a * b)`` (Parseval: a frequency the real FFT holds for
-    itself and its mirror counts twice)."""
-    weight = np.full(extent[-1] // 2 + 1, 2.0)
-    weight[0] = 1.0
-    if extent[-1] % 2 == 0:
-        weight[-1] = 1.0
-    return np.broadcast_to(weight / math.prod(extent), tuple(extent[:-1]) + weight.shape)
+    itself and its mirror counts twice: :func:`jfactor.factorize.objectives.half_spectrum_weights`)."""
+    weight = half_spectrum_weights(extent[-1], 0) / math.prod(extent)
+    return np.broadcast_to(weight, tuple(extent[:-1]) + weight.shape)
 
 
 def _pinned_taps(bases: list[np.ndarray], sums: list[np.ndarray], roots: list[list[complex]]) -> list[np.ndarray]:

@@ -83,7 +83,7 @@ class Objective:
             size = tuple(self.pad * n for n in approx.shape[:ndim])
             spectrum = jnp.fft.rfftn(error, s=size, axes=tuple(range(ndim)))
             power = spectrum.real**2 + spectrum.imag**2
-            weights = jnp.asarray(np.sqrt(_half_spectrum_weights(size[-1], power.ndim - ndim)), power.dtype)
+            weights = jnp.asarray(np.sqrt(half_spectrum_weights(size[-1], power.ndim - ndim)), power.dtype)
             return (weights * power ** (self.p / 4)).ravel()
         if images is None:
             raise ConfigError("objective images needs images (B, *spatial, C_in)")
@@ -109,7 +109,7 @@ class Objective:
 FACTOR_BYTES = 2**26  # the most the Gram matrix (:func:`gram_factor`), or one chunk of windows, may take
 
 
-def _half_spectrum_weights(n: int, trailing: int):
+def half_spectrum_weights(n: int, trailing: int):
     """How many frequencies each bin of a real FFT's last axis (length ``n``, ``n // 2 + 1`` bins)
     stands for, shaped to broadcast over ``trailing`` axes after it: 1 for the zero frequency and
     (``n`` even) the Nyquist one, 2 for every other (it and its mirror, of equal modulus for a real
